@@ -1,0 +1,1 @@
+"""Reading and writing volumes, points and tables in open formats."""
