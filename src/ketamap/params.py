@@ -112,6 +112,8 @@ def _check_bounds(name: str, value: Any, meta: Mapping, owner: str) -> None:
     for v in values:
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
+        if v != v:  # NaN
+            raise ParameterError(f"{owner}.{name} must be a number, got NaN.")
         checks = [
             ("gt", lambda b: v > b, "greater than"),
             ("ge", lambda b: v >= b, "at least"),
@@ -122,8 +124,6 @@ def _check_bounds(name: str, value: Any, meta: Mapping, owner: str) -> None:
             bound = meta.get(key)
             if bound is not None and not ok(bound):
                 raise ParameterError(f"{owner}.{name} must be {words} {bound}, got {value!r}.")
-        if v != v:  # NaN
-            raise ParameterError(f"{owner}.{name} must be a number, got NaN.")
 
 
 def validate(obj: Any) -> None:

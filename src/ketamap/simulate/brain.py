@@ -1,0 +1,406 @@
+"""Simulate one cleared, immunolabelled mouse brain imaged by light-sheet microscopy.
+
+The brain is an atlas brain moved into the sample's own frame by a random
+pose (rotation, translation, isotropic scale) and a smooth nonlinear
+deformation, then imaged in two channels:
+
+* **background** (autofluorescence): the atlas reference (tissue contrast)
+  with per-region intensity jitter;
+* **signal** (e.g. TH): marker-positive somata as Gaussian blobs (soma size
+  convolved with the point-spread function) plus a little autofluorescence
+  bleed-through.
+
+Both channels get uneven illumination (a gradient along the light-sheet
+propagation axis x), light-sheet stripes (shadows constant along x), Poisson
+shot noise (Gaussian approximation, variance = mean) and Gaussian read noise,
+and are stored as uint16 in the sample's orientation. Every cell's true
+position in sample voxels and in atlas voxels, its region and hemisphere are
+returned, with the true transform.
+
+Coordinate frames (all arrays are (axis0, axis1, axis2)):
+
+``raw``
+    the sample volume as written, in orientation ``params.orientation``;
+``frame``
+    the same volume reoriented to the atlas orientation (via brainglobe-space);
+    a point ``q`` (µm, voxel ``i`` centred at ``i * voxel``) maps to the atlas
+    point ``p = M @ (q + d(q) - c_frame) + c_atlas + t`` where ``M`` is
+    rotation × scale and ``d`` the smooth displacement field;
+``atlas``
+    atlas voxel indices (voxel ``i`` centred at ``i * resolution``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from brainglobe_space import AnatomicalSpace
+from scipy import ndimage as ndi
+from scipy.spatial.transform import Rotation
+
+from ketamap.params import bounds, validate
+from ketamap.study import check_orientation
+
+__all__ = ["BrainParams", "SimulatedBrain", "simulate_brain", "region_fold_and_density"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BrainParams:
+    """Imaging and anatomy parameters of one simulated brain (units in names)."""
+
+    voxel_size_um: tuple[float, float, float] = field(
+        default=(25.0, 25.0, 25.0), metadata=bounds(gt=0, le=1000, doc="raw voxel size (z, y, x)")
+    )
+    orientation: str = field(default="psl", metadata=bounds(doc="orientation code of the raw volume"))
+    soma_diameter_um: float = field(default=15.0, metadata=bounds(gt=0, le=100))
+    psf_sigma_um: tuple[float, float, float] = field(
+        default=(4.0, 1.5, 1.5), metadata=bounds(ge=0, doc="point-spread function sigma (z, y, x)")
+    )
+    cell_brightness: float = field(default=500.0, metadata=bounds(gt=0, doc="mean peak photons"))
+    cell_brightness_cv: float = field(default=0.25, metadata=bounds(ge=0, le=2))
+    autofluorescence_photons: float = field(default=300.0, metadata=bounds(ge=0))
+    bleed_through: float = field(default=0.2, metadata=bounds(ge=0, le=1))
+    region_contrast_cv: float = field(default=0.08, metadata=bounds(ge=0, le=1))
+    read_noise: float = field(default=6.0, metadata=bounds(ge=0, doc="read noise SD (counts)"))
+    camera_offset: float = field(default=100.0, metadata=bounds(ge=0, le=10000))
+    illumination_gradient: float = field(
+        default=0.3, metadata=bounds(ge=0, lt=1, doc="relative intensity loss across x")
+    )
+    stripe_amplitude: float = field(default=0.1, metadata=bounds(ge=0, lt=1))
+    max_rotation_deg: float = field(default=10.0, metadata=bounds(ge=0, le=180))
+    max_translation_um: float = field(default=400.0, metadata=bounds(ge=0))
+    scale_range: tuple[float, float] = field(default=(0.94, 1.06), metadata=bounds(gt=0))
+    deformation_um: float = field(default=100.0, metadata=bounds(ge=0, doc="max displacement"))
+    deformation_scale_um: float = field(
+        default=2000.0, metadata=bounds(gt=0, doc="spacing of the deformation's control grid")
+    )
+    mouse_cv: float = field(default=0.05, metadata=bounds(ge=0, le=2, doc="whole-brain count CV"))
+    region_cv: float = field(default=0.13, metadata=bounds(ge=0, le=2, doc="per-region count CV"))
+
+    def __post_init__(self):
+        validate(self)
+        check_orientation(self.orientation, where="BrainParams.orientation")
+
+
+@dataclass(frozen=True, eq=False)
+class SimulatedBrain:
+    """One simulated brain: volumes in the raw orientation, truth tables.
+
+    Attributes
+    ----------
+    signal, background : ndarray of uint16, shape (Z, Y, X)
+        Marker and autofluorescence channels (raw orientation).
+    cells : DataFrame
+        One row per true cell: ``z_vox, y_vox, x_vox`` (raw sample voxels),
+        ``z_um, y_um, x_um``, ``atlas_z_vox, atlas_y_vox, atlas_x_vox``
+        (atlas voxel indices), ``region_id``, ``hemisphere`` (1 left, 2 right),
+        ``brightness``.
+    expected_counts : DataFrame
+        Per leaf region: ``region_id``, ``expected_count`` (after fold change and
+        mouse variability, before Poisson), ``count`` (cells placed).
+    transform : dict
+        The true sample→atlas transform: ``matrix`` (3×3, frame µm → atlas µm),
+        ``frame_center_um``, ``atlas_center_um``, ``translation_um``,
+        ``displacement_um`` (control-grid displacements, shape (3, *grid)),
+        ``control_spacing_um``, ``frame_shape``, ``frame_voxel_um``,
+        ``raw_shape``, ``orientation``, ``atlas_orientation``.
+    voxel_size_um : tuple of float
+        Raw voxel size.
+    orientation : str
+        Raw orientation code.
+    """
+
+    signal: np.ndarray
+    background: np.ndarray
+    cells: pd.DataFrame
+    expected_counts: pd.DataFrame
+    transform: dict
+    voxel_size_um: tuple[float, float, float]
+    orientation: str
+
+
+def region_fold_and_density(
+    ontology, labels: np.ndarray, *, densities: Mapping[str, float], default_density: float,
+    zero_density: tuple[str, ...], fold_changes: Mapping[str, float],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label density (cells/mm³) and fold change from acronym tables.
+
+    Each label takes the value of its nearest listed ancestor (or itself).
+
+    Parameters
+    ----------
+    ontology : Ontology
+    labels : ndarray of int
+        Region ids (leaves of the annotation).
+    densities, fold_changes : mapping of acronym to float
+    default_density : float
+        For labels with no listed ancestor.
+    zero_density : tuple of str
+        Acronyms whose subtree has no cells.
+
+    Returns
+    -------
+    density, fold : ndarray of float64, shape (len(labels),)
+    """
+    by_id_density = {ontology.lookup(a): float(v) for a, v in densities.items()}
+    by_id_zero = {ontology.lookup(a) for a in zero_density if _has(ontology, a)}
+    by_id_fold = {ontology.lookup(a): float(v) for a, v in fold_changes.items()}
+    density = np.empty(len(labels))
+    fold = np.ones(len(labels))
+    for i, lab in enumerate(labels):
+        chain = ontology.ancestors(int(lab), include_self=True)[::-1]  # self first
+        d = default_density
+        for rid in chain:
+            if rid in by_id_zero:
+                d = 0.0
+                break
+            if rid in by_id_density:
+                d = by_id_density[rid]
+                break
+        density[i] = d
+        for rid in chain:
+            if rid in by_id_fold:
+                fold[i] = by_id_fold[rid]
+                break
+    return density, fold
+
+
+def _has(ontology, acronym: str) -> bool:
+    try:
+        ontology.lookup(acronym)
+    except Exception:  # noqa: BLE001 - an atlas may lack a filler acronym
+        return False
+    return True
+
+
+def _frame_geometry(atlas_orientation: str, raw_orientation: str, voxel_raw, frame_extent_um):
+    """Axis bookkeeping between the raw sample orientation and the atlas-oriented frame."""
+    probe = AnatomicalSpace(raw_orientation, shape=(2, 3, 4))
+    mat = probe.transformation_matrix_to(AnatomicalSpace(atlas_orientation, shape=(2, 3, 4)))
+    perm = np.abs(np.asarray(mat)[:3, :3]).argmax(axis=1)  # frame axis i <- raw axis perm[i]
+    voxel_frame = tuple(float(voxel_raw[p]) for p in perm)
+    frame_shape = tuple(int(np.ceil(e / v)) for e, v in zip(frame_extent_um, voxel_frame))
+    return voxel_frame, frame_shape
+
+
+def _displacement(points_um: np.ndarray, grid: np.ndarray, spacing_um: np.ndarray) -> np.ndarray:
+    """Smooth displacement (µm) at frame points by cubic interpolation of the control grid."""
+    coords = (points_um / spacing_um).T
+    return np.stack(
+        [ndi.map_coordinates(grid[k], coords, order=3, mode="nearest") for k in range(3)], axis=1
+    )
+
+
+def _frame_to_atlas_um(q_um: np.ndarray, tf: dict) -> np.ndarray:
+    d = _displacement(q_um, tf["displacement_um"], np.asarray(tf["control_spacing_um"]))
+    centred = q_um + d - np.asarray(tf["frame_center_um"])
+    return centred @ np.asarray(tf["matrix"]).T + np.asarray(tf["atlas_center_um"]) + np.asarray(
+        tf["translation_um"]
+    )
+
+
+def simulate_brain(
+    atlas, *, fold_changes: Mapping[str, float], densities: Mapping[str, float],
+    default_density: float = 3.0, zero_density: tuple[str, ...] = ("fiber tracts", "VS"),
+    params: BrainParams = BrainParams(), seed: int = 0,
+) -> SimulatedBrain:
+    """Simulate one two-channel light-sheet volume with known cells and transform.
+
+    Parameters
+    ----------
+    atlas : Atlas
+        The anatomy; must have a reference image (tissue contrast).
+    fold_changes : mapping of acronym to float
+        The group's effect on cell counts per region (descendants inherit).
+    densities : mapping of acronym to float
+        Baseline marker-positive densities in cells/mm³.
+    default_density : float
+        Density (cells/mm³) of regions with no listed ancestor.
+    zero_density : tuple of str
+        Acronyms whose subtree holds no cells.
+    params : BrainParams
+    seed : int
+        Seed of every random draw.
+
+    Returns
+    -------
+    SimulatedBrain
+    """
+    if atlas.reference is None:
+        from ketamap.errors import AtlasError
+
+        raise AtlasError(f'Atlas "{atlas.name}" has no reference image to simulate tissue contrast.')
+    rng = np.random.default_rng(seed)
+    res = np.asarray(atlas.resolution_um, float)
+    extent = np.asarray(atlas.shape) * res
+    voxel_frame, frame_shape = _frame_geometry(
+        atlas.orientation, params.orientation, params.voxel_size_um, extent
+    )
+    vf = np.asarray(voxel_frame)
+
+    # ---- the true transform
+    angles = rng.uniform(-params.max_rotation_deg, params.max_rotation_deg, 3)
+    scale = rng.uniform(*params.scale_range)
+    matrix = scale * Rotation.from_euler("xyz", angles, degrees=True).as_matrix()
+    translation = rng.uniform(-params.max_translation_um, params.max_translation_um, 3)
+    brain = atlas.annotation > 0
+    atlas_center = np.array(ndi.center_of_mass(brain)) * res
+    frame_center = (np.asarray(frame_shape) - 1) * vf / 2
+    spacing = np.full(3, params.deformation_scale_um)
+    grid_shape = tuple(int(np.ceil(e / params.deformation_scale_um)) + 2 for e in extent)
+    disp = ndi.gaussian_filter(rng.standard_normal((3, *grid_shape)), (0, 1, 1, 1))
+    if params.deformation_um > 0:
+        disp *= params.deformation_um / np.abs(disp).max()
+    else:
+        disp[:] = 0
+    tf = {
+        "matrix": matrix, "frame_center_um": frame_center, "atlas_center_um": atlas_center,
+        "translation_um": translation, "displacement_um": disp, "control_spacing_um": spacing,
+        "frame_shape": frame_shape, "frame_voxel_um": vf, "orientation": params.orientation,
+        "atlas_orientation": atlas.orientation, "rotation_deg": angles, "scale": scale,
+    }
+
+    # ---- coarse rendering grid (about the atlas resolution), aligned with the frame grid
+    n_coarse = np.maximum(np.round(np.asarray(frame_shape) * vf / res).astype(int), 2)
+    coarse_step = np.asarray(frame_shape) * vf / n_coarse  # µm per coarse voxel
+    idx = np.indices(tuple(n_coarse), dtype=np.float32).reshape(3, -1).T
+    q = (idx + 0.5) * coarse_step - 0.5 * vf  # coarse voxel centres in frame µm
+    p_vox = _frame_to_atlas_um(q, tf) / res
+    labels = np.zeros(len(p_vox), np.uint32)
+    inside = np.all((p_vox > -0.5) & (p_vox < np.asarray(atlas.shape) - 0.5), axis=1)
+    r = np.rint(p_vox[inside]).astype(np.intp)
+    labels[inside] = atlas.annotation[r[:, 0], r[:, 1], r[:, 2]]
+    ref = ndi.map_coordinates(
+        atlas.reference.astype(np.float32), p_vox.T, order=1, mode="constant", cval=0.0
+    )
+    labels = labels.reshape(tuple(n_coarse))
+    ref = ref.reshape(tuple(n_coarse))
+    del idx, q, p_vox
+
+    # ---- per-region contrast jitter of the autofluorescence
+    present, inverse = np.unique(labels, return_inverse=True)
+    jitter = np.exp(rng.normal(0, params.region_contrast_cv, len(present)))
+    jitter[present == 0] = 1.0
+    ref_max = float(np.percentile(atlas.reference[brain], 99)) or 1.0
+    auto_coarse = (ref / ref_max) * jitter[inverse.reshape(labels.shape)] * params.autofluorescence_photons
+
+    # ---- cells: counts per leaf region in the sample's own space
+    voxel_mm3 = float(np.prod(coarse_step)) * 1e-9
+    counts_vox = np.bincount(inverse.ravel(), minlength=len(present))
+    leaf = present != 0
+    density, fold = region_fold_and_density(
+        atlas.ontology, present[leaf], densities=densities, default_density=default_density,
+        zero_density=zero_density, fold_changes=fold_changes,
+    )
+    mouse = np.exp(rng.normal(0, params.mouse_cv))
+    region_mult = np.exp(rng.normal(0, params.region_cv, leaf.sum()))
+    expected = density * fold * counts_vox[leaf] * voxel_mm3 * mouse * region_mult
+    n_cells = rng.poisson(expected)
+    order = np.argsort(inverse.ravel(), kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts_vox)])
+    chosen = []
+    for k, n in zip(np.flatnonzero(leaf), n_cells):
+        if n:
+            pool = order[starts[k]:starts[k + 1]]
+            chosen.append(pool[rng.integers(0, len(pool), n)])
+    chosen = np.concatenate(chosen) if chosen else np.zeros(0, np.intp)
+    cidx = np.stack(np.unravel_index(chosen, labels.shape), axis=1).astype(float)
+    q_cells = (cidx + rng.uniform(0, 1, cidx.shape)) * coarse_step - 0.5 * vf
+    # keep cells inside the frame volume
+    keep = np.all((q_cells >= 0) & (q_cells <= (np.asarray(frame_shape) - 1) * vf), axis=1)
+    q_cells = q_cells[keep]
+    atlas_vox = _frame_to_atlas_um(q_cells, tf) / res
+    cell_labels, cell_hemi = atlas.labels_at(atlas_vox)
+    brightness = params.cell_brightness * np.exp(
+        rng.normal(-0.5 * np.log1p(params.cell_brightness_cv**2),
+                   np.sqrt(np.log1p(params.cell_brightness_cv**2)), len(q_cells))
+    )
+
+    # ---- render the frame volumes
+    auto = ndi.zoom(auto_coarse.astype(np.float32), np.asarray(frame_shape) / n_coarse,
+                    order=1, grid_mode=True, mode="grid-constant", cval=0.0)
+    auto = auto[: frame_shape[0], : frame_shape[1], : frame_shape[2]]
+    psf_frame = np.asarray(params.psf_sigma_um)[_perm_raw_to_frame(atlas.orientation, params.orientation)]
+    sigma_vox = np.sqrt((params.soma_diameter_um / 4) ** 2 + psf_frame**2) / vf
+    cells_img = np.zeros(frame_shape, np.float32)
+    _splat(cells_img, q_cells / vf, brightness * (2 * np.pi) ** 1.5 * np.prod(sigma_vox))
+    cells_img = ndi.gaussian_filter(cells_img, sigma_vox, truncate=3.0)
+
+    illum = _illumination(frame_shape, params, rng)
+    signal = (cells_img + params.bleed_through * auto) * illum
+    background = auto * illum
+    del cells_img, auto
+    signal = _camera(signal, params, rng)
+    background = _camera(background, params, rng)
+
+    # ---- back to the raw orientation (through brainglobe-space)
+    space = AnatomicalSpace(atlas.orientation, shape=frame_shape)
+    signal = np.ascontiguousarray(space.map_stack_to(params.orientation, signal))
+    background = np.ascontiguousarray(space.map_stack_to(params.orientation, background))
+    raw_vox = space.map_points_to(params.orientation, q_cells / vf + 0.5) - 0.5
+    vraw = np.asarray(params.voxel_size_um)
+
+    cells = pd.DataFrame({
+        "z_vox": raw_vox[:, 0], "y_vox": raw_vox[:, 1], "x_vox": raw_vox[:, 2],
+        "z_um": raw_vox[:, 0] * vraw[0], "y_um": raw_vox[:, 1] * vraw[1],
+        "x_um": raw_vox[:, 2] * vraw[2],
+        "atlas_z_vox": atlas_vox[:, 0], "atlas_y_vox": atlas_vox[:, 1],
+        "atlas_x_vox": atlas_vox[:, 2],
+        "region_id": cell_labels.astype(np.int64), "hemisphere": cell_hemi.astype(np.int8),
+        "brightness": brightness,
+    })
+    expected_counts = pd.DataFrame({
+        "region_id": present[leaf].astype(np.int64), "expected_count": expected,
+        "count": n_cells, "volume_mm3": counts_vox[leaf] * voxel_mm3,
+        "density_per_mm3": density, "fold_change": fold,
+    })
+    tf["raw_shape"] = signal.shape
+    log.info("simulated brain: %d cells, raw shape %s", len(cells), signal.shape)
+    return SimulatedBrain(signal, background, cells, expected_counts, tf,
+                          tuple(float(v) for v in vraw), params.orientation)
+
+
+def _perm_raw_to_frame(atlas_orientation: str, raw_orientation: str) -> np.ndarray:
+    probe = AnatomicalSpace(raw_orientation, shape=(2, 3, 4))
+    mat = probe.transformation_matrix_to(AnatomicalSpace(atlas_orientation, shape=(2, 3, 4)))
+    return np.abs(np.asarray(mat)[:3, :3]).argmax(axis=1)
+
+
+def _splat(volume: np.ndarray, points_vox: np.ndarray, weights: np.ndarray) -> None:
+    """Add ``weights`` at sub-voxel points by trilinear splatting (in place)."""
+    base = np.floor(points_vox).astype(np.intp)
+    frac = points_vox - base
+    shape = np.asarray(volume.shape)
+    for corner in np.ndindex(2, 2, 2):
+        c = np.asarray(corner)
+        w = weights * np.prod(np.where(c, frac, 1 - frac), axis=1)
+        pos = base + c
+        ok = np.all((pos >= 0) & (pos < shape), axis=1)
+        np.add.at(volume, tuple(pos[ok].T), w[ok].astype(volume.dtype))
+
+
+def _illumination(shape, params: BrainParams, rng) -> np.ndarray:
+    """Multiplicative illumination: gradient along axis 2, stripes constant along axis 2."""
+    x = np.linspace(0, 1, shape[2], dtype=np.float32)
+    gradient = 1 - params.illumination_gradient * x
+    stripes = rng.standard_normal((shape[0], shape[1])).astype(np.float32)
+    stripes = ndi.gaussian_filter1d(stripes, 0.7, axis=1)
+    stripes = ndi.gaussian_filter1d(stripes, 3.0, axis=0)
+    stripes = 1 + params.stripe_amplitude * stripes / (stripes.std() or 1)
+    return np.clip(stripes, 0.2, None)[:, :, None] * gradient[None, None, :]
+
+
+def _camera(photons: np.ndarray, params: BrainParams, rng) -> np.ndarray:
+    """Shot noise (Gaussian approximation of Poisson) + read noise + offset, to uint16."""
+    photons = np.maximum(photons, 0, out=photons)
+    noise = rng.standard_normal(photons.shape, dtype=np.float32)
+    photons += np.sqrt(photons) * noise
+    rng.standard_normal(photons.shape, dtype=np.float32, out=noise)
+    photons += params.read_noise * noise + params.camera_offset
+    return np.clip(np.rint(photons), 0, 65535).astype(np.uint16)
