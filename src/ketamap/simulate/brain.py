@@ -55,7 +55,7 @@ class BrainParams:
     """Imaging and anatomy parameters of one simulated brain (units in names)."""
 
     voxel_size_um: tuple[float, float, float] = field(
-        default=(25.0, 25.0, 25.0), metadata=bounds(gt=0, le=1000, doc="raw voxel size (z, y, x)")
+        default=(30.0, 30.0, 30.0), metadata=bounds(gt=0, le=1000, doc="raw voxel size (z, y, x)")
     )
     orientation: str = field(default="psl", metadata=bounds(doc="orientation code of the raw volume"))
     soma_diameter_um: float = field(default=15.0, metadata=bounds(gt=0, le=100))
@@ -73,9 +73,12 @@ class BrainParams:
         default=0.3, metadata=bounds(ge=0, lt=1, doc="relative intensity loss across x")
     )
     stripe_amplitude: float = field(default=0.1, metadata=bounds(ge=0, lt=1))
-    max_rotation_deg: float = field(default=10.0, metadata=bounds(ge=0, le=180))
-    max_translation_um: float = field(default=400.0, metadata=bounds(ge=0))
-    scale_range: tuple[float, float] = field(default=(0.94, 1.06), metadata=bounds(gt=0))
+    max_rotation_deg: float = field(default=8.0, metadata=bounds(ge=0, le=180))
+    max_translation_um: float = field(default=200.0, metadata=bounds(ge=0))
+    scale_range: tuple[float, float] = field(default=(0.97, 1.06), metadata=bounds(gt=0))
+    margin_um: float = field(
+        default=300.0, metadata=bounds(ge=0, doc="empty space imaged around the atlas box")
+    )
     deformation_um: float = field(default=100.0, metadata=bounds(ge=0, doc="max displacement"))
     deformation_scale_um: float = field(
         default=2000.0, metadata=bounds(gt=0, doc="spacing of the deformation's control grid")
@@ -103,7 +106,9 @@ class SimulatedBrain:
         ``brightness``.
     expected_counts : DataFrame
         Per leaf region: ``region_id``, ``expected_count`` (after fold change and
-        mouse variability, before Poisson), ``count`` (cells placed).
+        mouse variability, before Poisson), ``count`` (cells whose true position
+        lies in the region), ``volume_mm3`` (in the sample), ``density_per_mm3``
+        (baseline) and ``fold_change``.
     transform : dict
         The true sample→atlas transform: ``matrix`` (3×3, frame µm → atlas µm),
         ``frame_center_um``, ``atlas_center_um``, ``translation_um``,
@@ -190,10 +195,10 @@ def _frame_geometry(atlas_orientation: str, raw_orientation: str, voxel_raw, fra
 
 
 def _displacement(points_um: np.ndarray, grid: np.ndarray, spacing_um: np.ndarray) -> np.ndarray:
-    """Smooth displacement (µm) at frame points by cubic interpolation of the control grid."""
+    """Displacement (µm) at frame points: trilinear interpolation of a dense, smooth grid."""
     coords = (points_um / spacing_um).T
     return np.stack(
-        [ndi.map_coordinates(grid[k], coords, order=3, mode="nearest") for k in range(3)], axis=1
+        [ndi.map_coordinates(grid[k], coords, order=1, mode="nearest") for k in range(3)], axis=1
     )
 
 
@@ -238,7 +243,7 @@ def simulate_brain(
         raise AtlasError(f'Atlas "{atlas.name}" has no reference image to simulate tissue contrast.')
     rng = np.random.default_rng(seed)
     res = np.asarray(atlas.resolution_um, float)
-    extent = np.asarray(atlas.shape) * res
+    extent = np.asarray(atlas.shape) * res + 2 * params.margin_um
     voxel_frame, frame_shape = _frame_geometry(
         atlas.orientation, params.orientation, params.voxel_size_um, extent
     )
@@ -252,9 +257,12 @@ def simulate_brain(
     brain = atlas.annotation > 0
     atlas_center = np.array(ndi.center_of_mass(brain)) * res
     frame_center = (np.asarray(frame_shape) - 1) * vf / 2
-    spacing = np.full(3, params.deformation_scale_um)
-    grid_shape = tuple(int(np.ceil(e / params.deformation_scale_um)) + 2 for e in extent)
-    disp = ndi.gaussian_filter(rng.standard_normal((3, *grid_shape)), (0, 1, 1, 1))
+    # smooth deformation: random control points every deformation_scale_um, refined 4x by
+    # cubic splines into a dense grid that is then interpolated linearly (fast, still smooth)
+    grid_shape = np.array([int(np.ceil(e / params.deformation_scale_um)) + 2 for e in extent])
+    control = ndi.gaussian_filter(rng.standard_normal((3, *grid_shape)), (0, 1, 1, 1))
+    disp = np.stack([ndi.zoom(c, 4, order=3) for c in control])
+    spacing = params.deformation_scale_um * (grid_shape - 1) / (np.asarray(disp.shape[1:]) - 1)
     if params.deformation_um > 0:
         disp *= params.deformation_um / np.abs(disp).max()
     else:
@@ -317,19 +325,26 @@ def simulate_brain(
     q_cells = q_cells[keep]
     atlas_vox = _frame_to_atlas_um(q_cells, tf) / res
     cell_labels, cell_hemi = atlas.labels_at(atlas_vox)
+    # a cell drawn in a boundary voxel whose exact position falls outside the brain is dropped
+    in_brain = cell_labels > 0
+    q_cells, atlas_vox = q_cells[in_brain], atlas_vox[in_brain]
+    cell_labels, cell_hemi = cell_labels[in_brain], cell_hemi[in_brain]
     brightness = params.cell_brightness * np.exp(
         rng.normal(-0.5 * np.log1p(params.cell_brightness_cv**2),
                    np.sqrt(np.log1p(params.cell_brightness_cv**2)), len(q_cells))
     )
 
     # ---- render the frame volumes
-    auto = ndi.zoom(auto_coarse.astype(np.float32), np.asarray(frame_shape) / n_coarse,
-                    order=1, grid_mode=True, mode="grid-constant", cval=0.0)
-    auto = auto[: frame_shape[0], : frame_shape[1], : frame_shape[2]]
+    ratio = np.asarray(frame_shape) / n_coarse
+    auto = ndi.zoom(auto_coarse.astype(np.float32), ratio, order=0, grid_mode=True,
+                    mode="grid-constant", cval=0.0)
+    auto = ndi.gaussian_filter(auto[: frame_shape[0], : frame_shape[1], : frame_shape[2]],
+                               np.maximum(ratio / 2, 0.3), truncate=2.5)
     psf_frame = np.asarray(params.psf_sigma_um)[_perm_raw_to_frame(atlas.orientation, params.orientation)]
     sigma_vox = np.sqrt((params.soma_diameter_um / 4) ** 2 + psf_frame**2) / vf
     cells_img = np.zeros(frame_shape, np.float32)
-    _splat(cells_img, q_cells / vf, brightness * (2 * np.pi) ** 1.5 * np.prod(sigma_vox))
+    # peak ≈ brightness whether a soma spans many voxels or sits inside one
+    _splat(cells_img, q_cells / vf, brightness * max(1.0, (2 * np.pi) ** 1.5 * np.prod(sigma_vox)))
     cells_img = ndi.gaussian_filter(cells_img, sigma_vox, truncate=3.0)
 
     illum = _illumination(frame_shape, params, rng)
@@ -355,9 +370,11 @@ def simulate_brain(
         "region_id": cell_labels.astype(np.int64), "hemisphere": cell_hemi.astype(np.int8),
         "brightness": brightness,
     })
+    placed = pd.Series(cell_labels.astype(np.int64)).value_counts()
     expected_counts = pd.DataFrame({
         "region_id": present[leaf].astype(np.int64), "expected_count": expected,
-        "count": n_cells, "volume_mm3": counts_vox[leaf] * voxel_mm3,
+        "count": placed.reindex(present[leaf].astype(np.int64), fill_value=0).to_numpy(),
+        "volume_mm3": counts_vox[leaf] * voxel_mm3,
         "density_per_mm3": density, "fold_change": fold,
     })
     tf["raw_shape"] = signal.shape
@@ -397,10 +414,13 @@ def _illumination(shape, params: BrainParams, rng) -> np.ndarray:
 
 
 def _camera(photons: np.ndarray, params: BrainParams, rng) -> np.ndarray:
-    """Shot noise (Gaussian approximation of Poisson) + read noise + offset, to uint16."""
+    """Shot + read noise, offset, to uint16.
+
+    Shot noise uses the Gaussian approximation of Poisson (variance = mean), so
+    shot and read noise combine into one draw of variance ``photons + read²``.
+    """
     photons = np.maximum(photons, 0, out=photons)
-    noise = rng.standard_normal(photons.shape, dtype=np.float32)
-    photons += np.sqrt(photons) * noise
-    rng.standard_normal(photons.shape, dtype=np.float32, out=noise)
-    photons += params.read_noise * noise + params.camera_offset
-    return np.clip(np.rint(photons), 0, 65535).astype(np.uint16)
+    sd = np.sqrt(photons + np.float32(params.read_noise**2))
+    photons += sd * rng.standard_normal(photons.shape, dtype=np.float32)
+    photons += np.float32(params.camera_offset)
+    return np.clip(np.rint(photons, out=photons), 0, 65535).astype(np.uint16)

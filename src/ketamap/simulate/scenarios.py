@@ -64,21 +64,21 @@ class Scenario:
 
 
 # Baseline TH+ densities. Real densities in VTA/SNc reach ~10^4 cells/mm³; the
-# demo images whole brains at 25 µm voxels, where somata closer than ~2 voxels
+# demo images whole brains at 30 µm voxels, where somata closer than ~2 voxels
 # merge, so the densities below keep the real *ranking* (dense dopaminergic
 # groups A8–A14 in midbrain and hypothalamus, sparse elsewhere) at a scale a
-# 25 µm grid resolves. Pass your own table for other scales.
+# 30 µm grid resolves. Pass your own table for other scales.
 TH_DENSITIES_PER_MM3 = {
-    "VTA": 180.0,
-    "SNc": 180.0,
-    "ARH": 170.0,
-    "DR": 150.0,
-    "DMH": 140.0,
+    "VTA": 200.0,
+    "SNc": 200.0,
+    "DR": 200.0,
+    "PVH": 180.0,
+    "ARH": 150.0,
+    "DMH": 120.0,
     "MPN": 120.0,
-    "PVH": 140.0,
-    "ZI": 70.0,
+    "ZI": 60.0,
+    "VMH": 60.0,
     "SNr": 50.0,
-    "VMH": 50.0,
     "LHA": 40.0,
     "HY": 15.0,
     "MB": 8.0,

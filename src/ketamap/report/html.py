@@ -1,0 +1,251 @@
+"""One self-contained HTML report of a whole-brain census study.
+
+Figures are embedded as base64 PNG, the region table carries its own CSV as a
+``data:`` URI, and the sorting/filtering script is inline: the file opens
+offline, needs no server, and references nothing outside itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ketamap.io.atomic import atomic_path
+from ketamap.report.figures import figure_bytes, make_figures
+
+__all__ = ["render_report", "write_report"]
+
+logger = logging.getLogger(__name__)
+
+_REGION_COLUMNS = (
+    "acronym", "region_id", "level", "contrast", "fold_change", "log2_fold_change",
+    "ci_low_log2", "ci_high_log2", "p", "q", "mean_density_ref_per_mm3",
+    "mean_density_group_per_mm3", "n_ref", "n_group", "welch_p", "mannwhitney_p",
+    "spearman_p", "method", "converged", "reason",
+)  # fmt: skip
+_ALPHA = 0.05
+
+
+def _fmt(value) -> str:
+    """Short text for a table cell: 3 significant digits, blanks for missing."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _rows(df: pd.DataFrame, columns) -> list[list[str]]:
+    return [[_fmt(v) for v in rec] for rec in df[list(columns)].itertuples(index=False)]
+
+
+def _png_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _flatten(obj, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(obj, dict):
+        out = []
+        for k, v in obj.items():
+            out += _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [(prefix, ", ".join(_fmt(v) for v in obj))]
+    return [(prefix, _fmt(obj))]
+
+
+def _find(methods: dict, key: str):
+    """The first value stored under ``key`` at any depth of ``methods``."""
+    for k, v in methods.items():
+        if k == key:
+            return v
+        if isinstance(v, dict):
+            found = _find(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+def _methods_text(methods: dict, study: dict) -> str:
+    alpha = _find(methods, "alpha") or _ALPHA
+    family = _find(methods, "fdr_family") or "contrast_level"
+    prior_df = _find(methods, "dispersion_prior_df")
+    unit = _find(methods, "dose_trend_unit_mg_per_kg")
+    fam = {"contrast_level": "each contrast and hierarchy level", "contrast": "each contrast",
+           "all": "all tests together"}.get(family, str(family))  # fmt: skip
+    marker = study.get("marker", "marker")
+    atlas = study.get("atlas", "the atlas")
+    return (
+        f"{marker}+ cells were counted in every region of {atlas} in each mouse. For each "
+        "region, counts were modelled with a negative-binomial generalised linear model "
+        "with the log of the region's volume in that mouse as offset and group as a "
+        f"categorical factor with {study.get('reference_group', 'the reference group')} as "
+        "reference (plus covariates, if any); a second model with dose as a number gave a "
+        "log-linear dose trend"
+        + (f" reported per {unit:g} mg/kg" if isinstance(unit, (int, float)) else
+           " reported over the full dose range")
+        + ". Each region's dispersion was estimated by Cox-Reid adjusted profile likelihood "
+        "and shrunk toward an abundance trend across regions"
+        + (f" with {prior_df:g} prior degrees of freedom" if prior_df is not None else "")
+        + ". P-values come from likelihood-ratio tests (F-referred, accounting for the "
+        "uncertainty of the dispersion) and 95% intervals from Wald standard errors; "
+        f"q-values are Benjamini-Hochberg adjusted within {fam}, and regions with "
+        f"q < {alpha:g} are called. Welch t and Mann-Whitney tests on densities are shown "
+        "as simple checks."
+    )  # fmt: skip
+
+
+def _truth_table(truth: pd.DataFrame, regions: pd.DataFrame, alpha: float):
+    t = truth.assign(acronym=truth["acronym"].astype(str), contrast=truth["contrast"].astype(str))
+    r = regions.assign(acronym=regions["acronym"].astype(str))
+    m = t.merge(r, on=["acronym", "contrast"], how="left")
+    m["called"] = m["q"] < alpha
+    m["direction_correct"] = np.sign(np.log(m["true_fold_change"])) == np.sign(
+        m["log2_fold_change"]
+    )
+    m["ci_fold_change"] = [
+        "" if np.isnan(lo) else f"{2**lo:.3g} to {2**hi:.3g}"
+        for lo, hi in zip(m["ci_low_log2"].astype(float), m["ci_high_log2"].astype(float))
+    ]
+    cols = ["acronym", "contrast", "true_fold_change", "fold_change", "ci_fold_change", "q",
+            "called", "direction_correct"]  # fmt: skip
+    planted = set(zip(t["acronym"], t["contrast"]))
+    calls = r[(r["q"] < alpha) & (r["contrast"] != "dose_trend")]
+    extra = sum((a, c) not in planted for a, c in zip(calls["acronym"], calls["contrast"]))
+    summary = (
+        f"{int(m['called'].sum())} of {len(m)} planted effects were called at q < {alpha:g} "
+        f"({int((m['called'] & m['direction_correct']).sum())} with the right direction); "
+        f"{extra} group-contrast calls were not planted (these include parents of planted "
+        "regions, which change too)."
+    )
+    return ["planted region", "contrast", "true fold change", "estimated fold change",
+            "95% CI", "q", "called", "direction correct"], _rows(m, cols), summary  # fmt: skip
+
+
+def render_report(
+    *,
+    study: dict,
+    subjects: pd.DataFrame,
+    qc: pd.DataFrame,
+    regions: pd.DataFrame,
+    counts: pd.DataFrame,
+    truth: pd.DataFrame | None = None,
+    key_regions: tuple[str, ...] = (),
+    images: dict[str, bytes] | None = None,
+    methods: dict | None = None,
+) -> str:
+    """Render the study report as one self-contained HTML document.
+
+    Parameters
+    ----------
+    study : dict
+        ``name``, ``marker``, ``atlas``, ``reference_group`` and ``groups`` (a
+        list of ``{"name", "dose_mg_per_kg", "schedule"}``).
+    subjects : DataFrame
+        ``subject``, ``group``, ``dose_mg_per_kg`` and any covariates.
+    qc : DataFrame
+        One row per subject (``subject``, ``n_cells``, ``registration_correlation``,
+        ``registration_flagged``, ``registration_reasons`` ...); every column is shown
+        and flagged rows are highlighted.
+    regions : DataFrame
+        Output of :func:`ketamap.stats.compare_regions`; every row is listed.
+    counts : DataFrame
+        The long counts table, with ``density_per_mm3``.
+    truth : DataFrame, optional
+        ``acronym, contrast, true_fold_change`` of a simulation: adds a
+        planted-versus-recovered table and rings planted regions in the volcano.
+    key_regions : tuple of str
+        Acronyms shown in the dot and dose-response plots.
+    images : dict of str to bytes, optional
+        PNG images (e.g. ``"registration/<subject>"``) for the per-mouse QC section.
+    methods : dict, optional
+        Parameters and package versions, rendered as a paragraph and a table.
+
+    Returns
+    -------
+    str
+        The HTML document.
+    """
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    methods = dict(methods or {})
+    alpha = float(_find(methods, "alpha") or _ALPHA)
+    figs = make_figures(regions, counts, subjects, key_regions=tuple(key_regions), truth=truth,
+                        alpha=alpha)  # fmt: skip
+    captions = {
+        "volcano": "Volcano plots: log2 fold change against -log10 p per contrast; red: "
+                   f"q < {alpha:g}" + ("; rings: planted effects" if truth is not None else ""),
+        "dots_top_hits": "Density in every mouse for the top hits (bar: group mean).",
+        "dots_key_regions": "Density in every mouse for the key regions (bar: group mean).",
+        "dose_response": "Density against dose for the key regions (line: mean per dose).",
+    }  # fmt: skip
+    figures = [{"name": k, "caption": captions.get(k, k), "src": _png_uri(figure_bytes(f))}
+               for k, f in figs.items()]  # fmt: skip
+    n_by_group = subjects["group"].astype(str).value_counts()
+    design = [[_fmt(g.get("name")), _fmt(g.get("dose_mg_per_kg")), _fmt(g.get("schedule", "")),
+               str(int(n_by_group.get(str(g.get("name")), 0)))]
+              for g in study.get("groups", [])]  # fmt: skip
+    flagged = qc["registration_flagged"].astype(bool).tolist() if "registration_flagged" in qc \
+        else [False] * len(qc)  # fmt: skip
+    region_cols = [c for c in _REGION_COLUMNS if c in regions.columns]
+    csv = regions.to_csv(index=False).encode("utf-8")
+    context = {
+        "study": study,
+        "n_subjects": len(subjects),
+        "design": design,
+        "subject_columns": list(subjects.columns),
+        "subject_rows": _rows(subjects, subjects.columns),
+        "qc_columns": list(qc.columns),
+        "qc_rows": list(zip(_rows(qc, qc.columns), flagged)),
+        "n_flagged": int(sum(flagged)),
+        "region_columns": region_cols,
+        "region_rows": _rows(regions, region_cols),
+        "n_called": int((regions["q"] < alpha).sum()),
+        "alpha": alpha,
+        "csv_uri": "data:text/csv;base64," + base64.b64encode(csv).decode("ascii"),
+        "csv_name": f"{study.get('name', 'study')}_regions.csv".replace(" ", "_"),
+        "figures": figures,
+        "images": [{"name": k, "src": _png_uri(v)} for k, v in sorted((images or {}).items())],
+        "truth": _truth_table(truth, regions, alpha) if truth is not None else None,
+        "methods_text": _methods_text(methods, study),
+        "methods_rows": _flatten(methods),
+        "missing_key_regions": [
+            a for a in key_regions if a not in set(counts["acronym"].astype(str))
+        ],
+    }
+    env = Environment(
+        loader=PackageLoader("ketamap.report", "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+    )
+    html = env.get_template("report.html").render(**context)
+    logger.info("Rendered report: %d region rows, %d figures.", len(regions), len(figures))
+    return html
+
+
+def write_report(html: str, path: str | os.PathLike) -> Path:
+    """Write the report atomically; return its path.
+
+    Parameters
+    ----------
+    html : str
+        The document from :func:`render_report`.
+    path : path-like
+        Destination ``.html`` file; its folder is created if needed.
+
+    Returns
+    -------
+    Path
+    """
+    path = Path(os.fspath(path))
+    with atomic_path(path) as tmp:
+        tmp.write_text(html, encoding="utf-8")
+    return path

@@ -1,0 +1,599 @@
+"""Compare cell densities between groups, region by region.
+
+Negative-binomial GLMs with a log-volume offset; each region's dispersion is
+shrunk toward an abundance trend across regions (edgeR-style weighted
+likelihood). All regions are fitted at once by a vectorised, penalised IRLS on
+one numpy design matrix. See ``docs/statistics.md`` for the model and the
+measured calibration.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike
+from scipy import special, stats
+
+from ketamap.errors import InputError, StatsError
+from ketamap.params import bounds, did_you_mean, validate
+
+__all__ = ["StatsParams", "compare_regions", "benjamini_hochberg", "OUTPUT_COLUMNS"]
+
+logger = logging.getLogger(__name__)
+
+_LN2 = float(np.log(2.0))
+_ETA_MAX = 30.0  # exp(30) ~ 1e13 cells: a bound that only stops overflow
+_DISP_GRID = np.exp(np.linspace(np.log(1e-5), np.log(10.0), 41))
+_COUNT_COLUMNS = ("subject", "region_id", "acronym", "level", "count", "volume_mm3")
+
+OUTPUT_COLUMNS = (
+    "region_id", "acronym", "level", "contrast", "log2_fold_change", "ci_low_log2",
+    "ci_high_log2", "fold_change", "p", "q", "mean_density_ref_per_mm3",
+    "mean_density_group_per_mm3", "n_ref", "n_group", "welch_p", "mannwhitney_p",
+    "spearman_p", "dose_unit_mg_per_kg", "dispersion", "method", "converged", "reason",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StatsParams:
+    """Parameters of the region-level comparison.
+
+    Attributes
+    ----------
+    alpha : float
+        False discovery rate at which a region is called (``q < alpha``).
+    fdr_family : {"contrast_level", "contrast", "all"}
+        Which p-values are adjusted together by Benjamini-Hochberg:
+        ``"contrast_level"`` adjusts within each (contrast, hierarchy level),
+        ``"contrast"`` within each contrast across levels, ``"all"`` once.
+    test : {"lr-f", "lr", "wald"}
+        ``"lr-f"`` (default): likelihood-ratio statistic referred to an F
+        distribution whose denominator df accounts for the uncertainty of the
+        estimated dispersion (Satterthwaite); ``"lr"``: the same statistic
+        referred to chi-square(1); ``"wald"``: Wald z-test.
+    min_total_count : int
+        Regions whose total count over all mice is below this are not tested
+        (``p`` is NaN, ``reason`` says why). All-zero regions are never tested.
+    min_subjects_per_group : int
+        A contrast is tested only if both groups have at least this many mice
+        with data for the region.
+    dispersion_prior_df : float
+        Weight of the across-region trend when shrinking each region's
+        dispersion, in residual degrees of freedom (edgeR's ``prior.df``);
+        0 uses each region's own estimate.
+    dispersion_trend_span : float
+        Fraction of regions, ranked by abundance, averaged to form the trend.
+    dose_trend_unit_mg_per_kg : float or None
+        The dose step over which the ``dose_trend`` fold change is reported.
+        None (default) means the span from the lowest to the highest dose in
+        the study, so that the trend is on the same scale as a group contrast.
+    coef_prior_sd_log2 : float
+        Standard deviation (in log2 fold change) of a weak normal prior on
+        every coefficient but the intercept; it keeps estimates finite when a
+        group has only zeros and is negligible otherwise.
+    max_iter : int
+        Maximum IRLS iterations per fit.
+    """
+
+    alpha: float = field(default=0.05, metadata=bounds(gt=0, lt=1, doc="FDR level"))
+    fdr_family: str = field(
+        default="contrast_level",
+        metadata=bounds(choices=("contrast_level", "contrast", "all"), doc="BH family"),
+    )
+    test: str = field(default="lr-f", metadata=bounds(choices=("lr-f", "lr", "wald"), doc="test"))
+    min_total_count: int = field(default=0, metadata=bounds(ge=0, doc="minimum total count"))
+    min_subjects_per_group: int = field(default=2, metadata=bounds(ge=1, doc="minimum mice"))
+    dispersion_prior_df: float = field(default=10.0, metadata=bounds(ge=0, doc="prior df"))
+    dispersion_trend_span: float = field(default=0.3, metadata=bounds(gt=0, le=1, doc="span"))
+    dose_trend_unit_mg_per_kg: float | None = field(
+        default=None, metadata=bounds(gt=0, doc="dose step of the dose-trend fold change")
+    )
+    coef_prior_sd_log2: float = field(default=10.0, metadata=bounds(gt=0, doc="prior sd"))
+    max_iter: int = field(default=100, metadata=bounds(ge=1, doc="IRLS iterations"))
+
+    def __post_init__(self):
+        validate(self)
+
+
+def benjamini_hochberg(p: ArrayLike) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q-values), ignoring NaN.
+
+    Parameters
+    ----------
+    p : array_like of float
+        P-values in [0, 1], any shape; NaN entries are left out of the family
+        and stay NaN.
+
+    Returns
+    -------
+    ndarray of float64
+        Same shape as ``p``.
+
+    Raises
+    ------
+    InputError
+        If a p-value lies outside [0, 1].
+
+    References
+    ----------
+    Benjamini Y, Hochberg Y (1995). J R Stat Soc B 57:289-300.
+    doi:10.1111/j.2517-6161.1995.tb02031.x
+
+    Examples
+    --------
+    >>> benjamini_hochberg([0.01, 0.04, np.nan, 0.03]).round(3)
+    array([0.03, 0.04,  nan, 0.04])
+    """
+    arr = np.asarray(p, dtype=float)
+    flat = arr.ravel()
+    out = np.full(flat.shape, np.nan)
+    ok = ~np.isnan(flat)
+    values = flat[ok]
+    if np.any((values < 0) | (values > 1)):
+        raise InputError("P-values passed to benjamini_hochberg must lie in [0, 1].")
+    m = values.size
+    if m:
+        order = np.argsort(values, kind="stable")
+        scaled = values[order] * m / np.arange(1, m + 1)
+        q = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+        res = np.empty(m)
+        res[order] = q
+        out[ok] = res
+    return out.reshape(arr.shape)
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def _fit_nb(X, Y, O, W0, disp, lam, beta0, max_iter):
+    """Penalised IRLS for negative-binomial GLMs with fixed dispersions, all regions at once.
+
+    ``X`` is (n, p); ``Y``, ``O``, ``W0`` (counts, offsets, 1/0 observed) are
+    (R, n); ``disp`` is (R,); ``lam`` the ridge precision per coefficient (p,).
+    Returns beta (R, p), mu (R, n), the penalised information (R, p, p) and a
+    converged flag (R,).
+    """
+    beta = beta0.copy()
+    pen = np.diag(lam)
+    converged = np.zeros(Y.shape[0], dtype=bool)
+    d = disp[:, None]
+    with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+        for _ in range(max_iter):
+            eta = np.clip(beta @ X.T + O, -_ETA_MAX, _ETA_MAX)
+            mu = np.exp(eta)
+            w = W0 * mu / (1.0 + d * mu)
+            wz = w * (eta - O) + W0 * (Y - mu) / (1.0 + d * mu)
+            info = np.einsum("ni,rn,nj->rij", X, w, X) + pen
+            new = np.linalg.solve(info, np.einsum("ni,rn->ri", X, wz)[..., None])[..., 0]
+            step = np.max(np.abs(new - beta), axis=1)
+            beta = np.where(np.isfinite(new), new, beta)
+            converged = step < 1e-7
+            if converged.all():
+                break
+        eta = np.clip(beta @ X.T + O, -_ETA_MAX, _ETA_MAX)
+        mu = np.exp(eta)
+        info = np.einsum("ni,rn,nj->rij", X, W0 * mu / (1.0 + d * mu), X) + pen
+    return beta, mu, info, converged
+
+
+def _nb_loglik(Y, mu, disp, W0):
+    """Negative-binomial (NB2) log-likelihood per region, observed entries only."""
+    r = 1.0 / disp[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ll = (
+            special.gammaln(Y + r) - special.gammaln(r) - special.gammaln(Y + 1.0)
+            - r * np.log1p(mu / r) + Y * (np.log(mu) - np.log(mu + r))
+        )  # fmt: skip
+    return np.sum(np.where(W0 > 0, ll, 0.0), axis=1)
+
+
+def _start(X, Y, O, W0):
+    """Starting coefficients: intercept at the log pooled density, others zero."""
+    beta = np.zeros((Y.shape[0], X.shape[1]))
+    beta[:, 0] = np.log(np.maximum(np.sum(Y * W0, axis=1), 0.5) / np.sum(np.exp(O) * W0, axis=1))
+    return beta
+
+
+def _estimate_dispersion(X, Y, O, W0, lam, params):
+    """Per-region dispersion: Cox-Reid profile likelihood shrunk toward an abundance trend.
+
+    Returns the dispersion (R,) and a method label per region.
+    """
+    n_regions = Y.shape[0]
+    df = W0.sum(axis=1) - X.shape[1]
+    apl = np.empty((n_regions, _DISP_GRID.size))
+    beta = _start(X, Y, O, W0)
+    for k, d in enumerate(_DISP_GRID):
+        disp = np.full(n_regions, d)
+        beta, mu, info, _ = _fit_nb(X, Y, O, W0, disp, lam, beta, params.max_iter)
+        logdet = np.linalg.slogdet(info)[1]
+        apl[:, k] = _nb_loglik(Y, mu, disp, W0) - 0.5 * logdet
+    method = np.where(df > 0, "negbin", "negbin-trend-dispersion").astype(object)
+    has_df = df > 0
+    if not has_df.any():
+        logger.warning("No region has replicate mice to estimate dispersion; using Poisson.")
+        return np.full(n_regions, _DISP_GRID[0]), np.full(n_regions, "poisson-fallback", object)
+    with np.errstate(divide="ignore"):
+        abundance = np.log(np.sum(Y * W0, axis=1) / np.maximum(W0.sum(axis=1), 1) + 0.5)
+    # trend: moving average of the profile curves of regions ranked by abundance
+    contrib = np.flatnonzero(has_df)
+    order = contrib[np.argsort(abundance[contrib], kind="stable")]
+    n_c = order.size
+    half = max(5, int(np.ceil(params.dispersion_trend_span * n_c / 2)))
+    csum = np.vstack([np.zeros(_DISP_GRID.size), np.cumsum(apl[order], axis=0)])
+    pos = np.searchsorted(abundance[order], abundance)
+    lo = np.clip(pos - half, 0, max(n_c - 2 * half, 0))
+    hi = np.minimum(lo + 2 * half, n_c)
+    trend = (csum[hi] - csum[lo]) / (hi - lo)[:, None]
+    prior_n = params.dispersion_prior_df / np.maximum(df, 1e-9)
+    # weighted likelihood; regions without residual df take the trend alone
+    shrunk = np.where(has_df[:, None], apl + prior_n[:, None] * trend, trend)
+    k = np.argmax(shrunk, axis=1)
+    logd = np.log(_DISP_GRID)
+    step = logd[1] - logd[0]
+    inner = (k > 0) & (k < _DISP_GRID.size - 1)
+    kk = np.clip(k, 1, _DISP_GRID.size - 2)
+    rows = np.arange(n_regions)
+    y0, y1, y2 = shrunk[rows, kk - 1], shrunk[rows, kk], shrunk[rows, kk + 1]
+    curv = y0 - 2 * y1 + y2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        offset = np.where(curv < 0, 0.5 * (y0 - y2) / curv, 0.0)
+    best = logd[k] + np.where(inner, np.clip(offset, -0.5, 0.5) * step, 0.0)
+    return np.exp(best), method
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _check_inputs(counts, subjects, reference_group, covariates):
+    missing = [c for c in _COUNT_COLUMNS if c not in counts.columns]
+    if missing:
+        raise InputError(f"The counts table lacks column(s) {', '.join(missing)}.")
+    for c in ("subject", "group", "dose_mg_per_kg", *covariates):
+        if c not in subjects.columns:
+            near = did_you_mean(c, subjects.columns)
+            raise InputError(f'The subjects table lacks column "{c}"{near}.')
+    if subjects["subject"].duplicated().any():
+        dup = subjects.loc[subjects["subject"].duplicated(), "subject"].iloc[0]
+        raise InputError(f'Subject "{dup}" appears more than once in the subjects table.')
+    for c in covariates:
+        if c in ("group", "dose_mg_per_kg", "subject"):
+            raise StatsError(f'"{c}" is part of the model already and cannot be a covariate.')
+        if subjects[c].isna().any():
+            raise InputError(f'Covariate "{c}" is missing for some subjects.')
+    if subjects["dose_mg_per_kg"].isna().any():
+        raise InputError("dose_mg_per_kg is missing for some subjects.")
+    groups = pd.unique(subjects["group"].astype(str))
+    if len(groups) < 2:
+        raise StatsError(f"Comparing groups needs at least two groups, got only {groups[0]!r}.")
+    if reference_group not in groups:
+        raise StatsError(
+            f'Reference group "{reference_group}" is not among the groups '
+            f"{', '.join(groups)}{did_you_mean(reference_group, groups)}."
+        )
+    unknown = sorted(set(counts["subject"].astype(str)) - set(subjects["subject"].astype(str)))
+    if unknown:
+        raise InputError(f"Subject(s) {', '.join(unknown[:5])} in counts are not in subjects.")
+    if counts.duplicated(["subject", "region_id"]).any():
+        raise InputError("The counts table has more than one row for some (subject, region_id).")
+    cnt = counts["count"].to_numpy(dtype=float)
+    if np.any(~np.isfinite(cnt) | (cnt < 0) | (cnt != np.round(cnt))):
+        raise InputError("Counts must be whole numbers >= 0.")
+    vol = counts["volume_mm3"].to_numpy(dtype=float)
+    if np.any(~np.isfinite(vol) | (vol <= 0)):
+        raise InputError(f"volume_mm3 must be > 0; {int(np.sum(~(vol > 0)))} row(s) are not.")
+
+
+def _covariate_matrix(subjects, covariates):
+    cols = []
+    for c in covariates:
+        s = subjects[c]
+        if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+            v = s.to_numpy(dtype=float)
+            if np.std(v) == 0:
+                raise StatsError(f'Covariate "{c}" has the same value in every subject.')
+            cols.append((v - v.mean()) / np.std(v))
+        else:
+            levels = sorted(s.astype(str).unique())
+            if len(levels) < 2:
+                raise StatsError(f'Covariate "{c}" has the same value in every subject.')
+            cols += [(s.astype(str) == lev).to_numpy(dtype=float) for lev in levels[1:]]
+    return np.column_stack(cols) if cols else np.empty((len(subjects), 0))
+
+
+def _wide(counts, subject_ids):
+    """Counts, log-volumes and observed mask as (regions, subjects) arrays."""
+    c = counts.copy()
+    c["subject"] = c["subject"].astype(str)
+    meta = c.groupby("region_id", sort=True)[["acronym", "level"]].first().reset_index()
+    wide = {v: c.pivot(index="region_id", columns="subject", values=v).reindex(
+        index=meta["region_id"], columns=subject_ids) for v in ("count", "volume_mm3")}
+    ycnt, vol = wide["count"], wide["volume_mm3"]
+    W0 = ycnt.notna().to_numpy().astype(float)
+    Y = np.nan_to_num(ycnt.to_numpy(dtype=float))
+    V = vol.to_numpy(dtype=float)
+    O = np.where(W0 > 0, np.log(np.where(W0 > 0, V, 1.0)), 0.0)
+    return meta, Y, O, W0, np.where(W0 > 0, Y / np.where(W0 > 0, V, 1.0), np.nan)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _welch(dens, a, b):
+    """Welch t-test p-values of density, group mask ``b`` vs ``a``, per region."""
+
+    def moments(mask):
+        x = np.where(mask[None, :] & ~np.isnan(dens), dens, np.nan)
+        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(x, 1), np.nanvar(x, 1, ddof=1), np.sum(~np.isnan(x), 1)
+
+    (m0, v0, n0), (m1, v1, n1) = moments(a), moments(b)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        se2 = v0 / n0 + v1 / n1
+        t = (m1 - m0) / np.sqrt(se2)
+        dof = se2**2 / ((v0 / n0) ** 2 / (n0 - 1) + (v1 / n1) ** 2 / (n1 - 1))
+        p = 2 * stats.t.sf(np.abs(t), dof)
+    ok = (n0 >= 2) & (n1 >= 2) & (se2 > 0)
+    return np.where(ok, p, np.nan), m0, m1, n0, n1
+
+
+def _rank_test(dens, a=None, b=None, dose=None):
+    """Per-region Mann-Whitney U (``b`` vs ``a``) or, given ``dose``, Spearman p-values.
+
+    NaN where the data are all tied or too few; scipy's warnings stay inside.
+    """
+    out = np.full(dens.shape[0], np.nan)
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        for r, row in enumerate(dens):
+            ok = ~np.isnan(row)
+            if dose is not None:
+                x, y = dose[ok], row[ok]
+                if x.size >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
+                    out[r] = stats.spearmanr(x, y).pvalue
+            else:
+                x, y = row[a & ok], row[b & ok]
+                if x.size and y.size and np.ptp(np.r_[x, y]) > 0:
+                    out[r] = stats.mannwhitneyu(x, y, alternative="two-sided").pvalue
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def compare_regions(
+    counts: pd.DataFrame,
+    subjects: pd.DataFrame,
+    *,
+    reference_group: str,
+    covariates: tuple[str, ...] = (),
+    params: StatsParams = StatsParams(),  # noqa: B008 (frozen, immutable default)
+) -> pd.DataFrame:
+    """Compare cell densities between groups in every region, with a dose trend.
+
+    Per region, ``count ~ NB(mu, dispersion)`` with
+    ``log mu = log(volume_mm3) + b0 + sum_g b_g [group == g] + covariates``;
+    each non-reference group gives the contrast ``"{group}_vs_{reference}"``.
+    A second model with dose as a number (scaled to
+    ``dose_trend_unit_mg_per_kg``) gives the contrast ``"dose_trend"``.
+
+    Parameters
+    ----------
+    counts : DataFrame
+        One row per (subject, region): ``subject`` (str), ``region_id`` (int64),
+        ``acronym``, ``level`` (0 = root), ``count`` (int >= 0) and
+        ``volume_mm3`` (> 0). A missing row is missing data, not zero.
+    subjects : DataFrame
+        ``subject``, ``group``, ``dose_mg_per_kg`` and any covariate columns.
+    reference_group : str
+        The group every other group is compared with.
+    covariates : tuple of str
+        Subject columns added to both models; text/bool columns are
+        categorical (first level as reference), numbers are standardised.
+    params : StatsParams
+        Model and testing parameters.
+
+    Returns
+    -------
+    DataFrame
+        One row per (region, contrast) with the columns in
+        :data:`OUTPUT_COLUMNS`, sorted by contrast, level and p. ``p`` and
+        ``q`` are NaN for untested rows, whose ``reason`` says why.
+
+    Raises
+    ------
+    StatsError
+        For a single group, an unknown reference group or a design that
+        cannot be fitted (covariates confounded with group).
+    InputError
+        For missing columns, negative counts, non-positive volumes or subjects
+        in ``counts`` absent from ``subjects``.
+
+    Notes
+    -----
+    Dispersions are estimated by Cox-Reid adjusted profile likelihood and
+    shrunk toward an abundance trend (weighted likelihood, McCarthy et al.
+    2012, doi:10.1093/nar/gks042); p-values come from likelihood-ratio tests
+    at the shrunk dispersion, confidence intervals from Wald standard errors.
+
+    Examples
+    --------
+    >>> subjects = pd.DataFrame({"subject": list("abcd"), "group": ["s", "s", "k", "k"],
+    ...                          "dose_mg_per_kg": [0.0, 0.0, 30.0, 30.0]})
+    >>> counts = pd.DataFrame({"subject": list("abcd"), "region_id": 1, "acronym": "VTA",
+    ...                        "level": 5, "count": [100, 110, 50, 55], "volume_mm3": 1.0})
+    >>> res = compare_regions(counts, subjects, reference_group="s")
+    >>> res.loc[res.contrast == "k_vs_s", "fold_change"].round(2).tolist()
+    [0.5]
+    """
+    covariates = tuple(covariates)
+    _check_inputs(counts, subjects, reference_group, covariates)
+    sub = subjects.assign(subject=subjects["subject"].astype(str),
+                          group=subjects["group"].astype(str))  # fmt: skip
+    absent = sorted(set(sub["subject"]) - set(counts["subject"].astype(str)))
+    if absent:
+        logger.warning("Subjects without any counts (treated as missing): %s", ", ".join(absent))
+    dose_by_group = sub.groupby("group")["dose_mg_per_kg"].mean()
+    others = sorted((g for g in dose_by_group.index if g != reference_group),
+                    key=lambda g: (dose_by_group[g], g))  # fmt: skip
+    group = sub["group"].to_numpy()
+    cov = _covariate_matrix(sub, covariates)
+    n = len(sub)
+    Xg = np.column_stack([np.ones(n)] + [(group == g).astype(float) for g in others] + [cov])
+    if np.linalg.matrix_rank(Xg) < Xg.shape[1]:
+        raise StatsError("The covariates are confounded with group, so the model cannot be fitted.")
+    dose = sub["dose_mg_per_kg"].to_numpy(dtype=float)
+    span = float(dose.max() - dose.min())
+    unit = params.dose_trend_unit_mg_per_kg or span
+    Xd = np.column_stack([np.ones(n), dose / (span or 1.0), cov])  # fitted per dose span
+    dose_ok = span > 0 and np.linalg.matrix_rank(Xd) == Xd.shape[1]
+    if not dose_ok:
+        logger.info("No dose trend: doses do not vary independently of the covariates.")
+    meta, Y, O, W0, dens = _wide(counts, sub["subject"].tolist())
+    total = np.sum(Y * W0, axis=1)
+    reason = np.full(len(meta), "", dtype=object)
+    reason[total < params.min_total_count] = f"total count below {params.min_total_count}"
+    reason[total == 0] = "no cells in any subject"
+    fm = _Fitter(Y, O, W0, (total > 0) & (total >= params.min_total_count), params)
+    fm.dispersion(Xg)
+    ref = group == reference_group
+    k = params.min_subjects_per_group
+    n_obs = lambda m: (W0[:, m] > 0).sum(axis=1)  # noqa: E731
+    tables = []
+    for j, g in enumerate(others, start=1):
+        gm = group == g
+        low = np.minimum(n_obs(ref), n_obs(gm)) < k
+        zero = (np.sum(Y * W0 * gm, axis=1) == 0) | (np.sum(Y * W0 * ref, axis=1) == 0)
+        est = fm.test(Xg, j)
+        why = np.where(reason != "", reason, np.where(
+            low, f"fewer than {k} subjects with data in '{reference_group}' or '{g}'", ""))
+        notes = np.where(zero, "a group has only zeros: fold change bounded by the prior", "")
+        tab = _table(meta, f"{g}_vs_{reference_group}", est, why, notes, fm)
+        welch_p, m0, m1, n0, n1 = _welch(dens, ref, gm)
+        tab = tab.assign(mean_density_ref_per_mm3=m0, mean_density_group_per_mm3=m1,
+                         n_ref=n0, n_group=n1, welch_p=welch_p,
+                         mannwhitney_p=_rank_test(dens, ref, gm))  # fmt: skip
+        tables.append(tab)
+    if dose_ok:
+        lo_m, hi_m = dose == dose.min(), dose == dose.max()
+        n_dose = sum(n_obs(dose == u) >= k for u in np.unique(dose))  # doses with k+ mice
+        why = np.where(reason != "", reason,
+                       np.where(n_dose < 2, f"fewer than two doses with {k}+ subjects", ""))
+        est = fm.test(Xd, 1)
+        est["est"], est["se"] = est["est"] * unit / span, est["se"] * unit / span
+        tab = _table(meta, "dose_trend", est, why, np.full(len(meta), ""), fm)
+        _, m0, m1, n0, n1 = _welch(dens, lo_m, hi_m)
+        tab = tab.assign(mean_density_ref_per_mm3=m0, mean_density_group_per_mm3=m1,
+                         n_ref=n0, n_group=n1, spearman_p=_rank_test(dens, dose=dose),
+                         dose_unit_mg_per_kg=float(unit))  # fmt: skip
+        tables.append(tab)
+    out = _add_q(pd.concat(tables, ignore_index=True), params.fdr_family)
+    out = out.sort_values(["contrast", "level", "p", "region_id"], na_position="last")
+    logger.info("Compared %d regions over %d contrasts.", len(meta), len(tables))
+    out = out.reset_index(drop=True)[list(OUTPUT_COLUMNS)]
+    return out.astype({"n_ref": np.int64, "n_group": np.int64, "converged": bool})
+
+
+class _Fitter:
+    """Fits of one cohort's regions: dispersions once, then one test per contrast."""
+
+    def __init__(self, Y, O, W0, fit_mask, params):
+        self.idx = np.flatnonzero(fit_mask)
+        self.n_regions = Y.shape[0]
+        self.Y, self.O, self.W0 = Y[self.idx], O[self.idx], W0[self.idx]
+        self.params = params
+        self.prior_prec = 1.0 / (params.coef_prior_sd_log2 * _LN2) ** 2
+        self.disp = np.full(self.n_regions, np.nan)
+        self.method = np.full(self.n_regions, "not-tested", dtype=object)
+
+    def _lam(self, X):
+        return np.r_[0.0, np.full(X.shape[1] - 1, self.prior_prec)]
+
+    def _fit(self, X, disp):
+        lam = self._lam(X)
+        start = _start(X, self.Y, self.O, self.W0)
+        return _fit_nb(X, self.Y, self.O, self.W0, disp, lam, start, self.params.max_iter)
+
+    def dispersion(self, X):
+        """Estimate and store shrunk dispersions and the test's denominator df."""
+        if not self.idx.size:
+            return
+        d, method = _estimate_dispersion(X, self.Y, self.O, self.W0, self._lam(X), self.params)
+        self.disp[self.idx], self.method[self.idx] = d, method
+        self._d = d
+        _, mu, _, _ = self._fit(X, d)
+        mbar = np.sum(mu * self.W0, axis=1) / np.maximum(self.W0.sum(axis=1), 1)
+        df = np.maximum(self.W0.sum(axis=1) - X.shape[1], 0) + self.params.dispersion_prior_df
+        share = d * mbar / (1 + d * mbar)  # share of the variance that is extra-Poisson
+        with np.errstate(divide="ignore"):
+            self.df_test = np.where((df > 0) & (method != "poisson-fallback"),
+                                    df / share**2, np.inf)  # fmt: skip
+
+    def test(self, X, j):
+        """Estimate (log), SE, p and convergence of coefficient ``j`` for every fitted region."""
+        out = {k: np.full(self.n_regions, np.nan) for k in ("est", "se", "p", "df")}
+        out["converged"] = np.zeros(self.n_regions, dtype=bool)
+        if not self.idx.size:
+            return out
+        d = self._d
+        beta, mu, info, conv = self._fit(X, d)
+        se = np.sqrt(np.linalg.inv(info)[:, j, j])
+        test = self.params.test
+        if test == "wald":
+            with np.errstate(divide="ignore", invalid="ignore"):
+                stat = (beta[:, j] / se) ** 2
+        else:
+            keep = [c for c in range(X.shape[1]) if c != j]
+            _, mu_r, _, conv_r = self._fit(X[:, keep], d)
+            ll = _nb_loglik(self.Y, mu, d, self.W0) - _nb_loglik(self.Y, mu_r, d, self.W0)
+            stat = np.maximum(2 * ll, 0.0)
+            conv = conv & conv_r
+        df = self.df_test if test == "lr-f" else np.full(self.idx.size, np.inf)
+        with np.errstate(invalid="ignore"):
+            p = np.where(np.isinf(df), stats.chi2.sf(stat, 1), stats.f.sf(stat, 1, df))
+        for key, val in zip(("est", "se", "p", "df", "converged"), (beta[:, j], se, p, df, conv)):
+            out[key][self.idx] = val
+        return out
+
+
+def _table(meta, contrast, est, why, notes, fm):
+    """The model columns of one contrast; descriptive columns are filled in by the caller."""
+    lfc, se = est["est"] / _LN2, est["se"] / _LN2
+    crit = stats.t.ppf(0.975, est["df"])  # the normal quantile where df is infinite
+    p = np.where(why == "", est["p"], np.nan)
+    return pd.DataFrame({
+        "region_id": meta["region_id"].to_numpy(np.int64),
+        "acronym": meta["acronym"].astype(str).to_numpy(),
+        "level": meta["level"].to_numpy(np.int64),
+        "contrast": contrast,
+        "log2_fold_change": lfc,
+        "ci_low_log2": lfc - crit * se,
+        "ci_high_log2": lfc + crit * se,
+        "fold_change": np.exp2(lfc),
+        "p": p,
+        "q": np.nan,
+        "welch_p": np.nan,
+        "mannwhitney_p": np.nan,
+        "spearman_p": np.nan,
+        "dose_unit_mg_per_kg": np.nan,
+        "dispersion": fm.disp,
+        "method": fm.method,
+        "converged": est["converged"],
+        "reason": np.where(why != "", why, notes).astype(object),
+    })  # fmt: skip
+
+
+def _add_q(out, family):
+    keys = {"contrast_level": ["contrast", "level"], "contrast": ["contrast"], "all": None}[family]
+    if keys is None:
+        out["q"] = benjamini_hochberg(out["p"].to_numpy())
+    else:
+        out["q"] = out.groupby(keys, sort=False)["p"].transform(
+            lambda s: pd.Series(benjamini_hochberg(s.to_numpy()), index=s.index)
+        )
+    return out

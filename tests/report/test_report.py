@@ -1,0 +1,165 @@
+"""The HTML report and the figure files."""
+
+from __future__ import annotations
+
+import base64
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ketamap.report import render_report, save_figures, write_report
+from ketamap.stats import compare_regions
+
+GROUPS = (("saline", 0.0), ("ketamine_30", 30.0), ("ketamine_100", 100.0))
+VOID = {"meta", "img", "input", "br", "hr", "link"}
+
+
+def cohort(n_regions=40, seed=0):
+    rng = np.random.default_rng(seed)
+    subjects = pd.DataFrame(
+        [(f"{g}-{i}", g, d, "MF"[i % 2]) for g, d in GROUPS for i in range(4)],
+        columns=["subject", "group", "dose_mg_per_kg", "sex"],
+    )
+    acr = ["VTA", "SNc", "ZI"] + [f"R{i}" for i in range(3, n_regions)]
+    rows = []
+    for s, g, _, _ in subjects.itertuples(index=False):
+        fold = np.ones(n_regions)
+        if g == "ketamine_100":
+            fold[0] = 0.5
+        counts = rng.poisson(rng.gamma(30, 100 * fold / 30))
+        vol = np.full(n_regions, 0.5)
+        rows.append(pd.DataFrame({
+            "subject": s, "region_id": np.arange(n_regions, dtype=np.int64) + 70_000,
+            "acronym": acr, "level": 1 + np.arange(n_regions) % 3, "count": counts,
+            "volume_mm3": vol, "density_per_mm3": counts / vol,
+        }))  # fmt: skip
+    counts = pd.concat(rows, ignore_index=True)
+    regions = compare_regions(counts, subjects, reference_group="saline")
+    qc = pd.DataFrame({
+        "subject": subjects["subject"], "n_cells": 1000, "registration_correlation": 0.9,
+        "registration_flagged": [False] * 11 + [True],
+        "registration_reasons": [""] * 11 + ["correlation <0.8 & low"],
+        "extra_metric": 1.5,
+    })  # fmt: skip
+    study = {
+        "name": "Ketamine <TH> census", "marker": "TH", "atlas": "allen_mouse_25um",
+        "reference_group": "saline",
+        "groups": [{"name": g, "dose_mg_per_kg": d, "schedule": "daily x10"} for g, d in GROUPS],
+    }  # fmt: skip
+    return study, subjects, qc, regions, counts
+
+
+class Checker(HTMLParser):
+    """Collects tags, checks nesting, and records resource references."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors, self.refs, self.rows, self.tags = [], [], [], 0, []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        for k, v in attrs:
+            if k in ("src", "href") and v:
+                self.refs.append(v)
+        if tag == "tr":
+            self.rows += 1
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if tag in VOID:
+            return
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"unexpected </{tag}> with open {self.stack[-3:]}")
+        else:
+            self.stack.pop()
+
+
+def parse(html):
+    checker = Checker()
+    checker.feed(html)
+    checker.close()
+    return checker
+
+
+@pytest.fixture(scope="module")
+def data():
+    return cohort()
+
+
+def region_table(html):
+    start = html.index('id="region-table"')
+    return html[start:html.index("</table>", start)]
+
+
+def test_report_without_truth_or_images(data):
+    study, subjects, qc, regions, counts = data
+    html = render_report(study=study, subjects=subjects, qc=qc, regions=regions, counts=counts)
+    checker = parse(html)
+    assert not checker.errors and checker.stack == []
+    assert html.lstrip().startswith("<!DOCTYPE html>")
+    assert "http://" not in html and "https://" not in html
+    assert "<script src" not in html and "<link" not in html
+    for ref in checker.refs:
+        assert ref.startswith(("data:", "#")), ref
+    assert region_table(html).count("<tr") == len(regions) + 1  # header + every row
+    assert "Planted vs recovered" not in html
+    assert "Ketamine &lt;TH&gt; census" in html and "<TH>" not in html
+    assert "correlation &lt;0.8 &amp; low" in html
+    assert 'class="flag"' in html and "extra_metric" in html
+    assert html.count('src="data:image/png;base64,') == 2  # volcano + top-hit dots
+
+
+def test_report_with_truth_images_and_methods(data):
+    study, subjects, qc, regions, counts = data
+    truth = pd.DataFrame({"acronym": ["VTA", "SNc"], "contrast": ["ketamine_100_vs_saline"] * 2,
+                          "true_fold_change": [0.5, 1.5]})  # fmt: skip
+    png = base64.b64decode(
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6"
+        "kgAAAABJRU5ErkJggg=="
+    )
+    methods = {"stats": {"alpha": 0.05, "fdr_family": "contrast_level",
+                         "dispersion_prior_df": 10.0}, "versions": {"numpy": np.__version__}}
+    html = render_report(study=study, subjects=subjects, qc=qc, regions=regions, counts=counts,
+                         truth=truth, key_regions=("VTA", "SNc", "ZI", "DMH"),
+                         images={"registration/saline-0": png}, methods=methods)  # fmt: skip
+    checker = parse(html)
+    assert not checker.errors
+    assert "http://" not in html and "https://" not in html
+    assert "Planted vs recovered" in html and "of 2 planted effects were called" in html
+    assert "registration/saline-0" in html
+    assert html.count('src="data:image/png;base64,') == 5  # 4 figures + 1 image
+    assert "Key regions not in the counts: DMH" in html
+    assert "versions.numpy" in html and "10 prior degrees of freedom" in html
+    assert region_table(html).count("<tr") == len(regions) + 1
+    vta = regions[(regions.acronym == "VTA") & (regions.contrast == "ketamine_100_vs_saline")]
+    assert vta["q"].iloc[0] < 0.05
+
+
+def test_csv_link_holds_the_region_table(data):
+    study, subjects, qc, regions, counts = data
+    html = render_report(study=study, subjects=subjects, qc=qc, regions=regions, counts=counts)
+    uri = re.search(r'href="data:text/csv;base64,([^"]+)"', html).group(1)
+    import io
+
+    back = pd.read_csv(io.BytesIO(base64.b64decode(uri)))
+    assert len(back) == len(regions) and list(back.columns) == list(regions.columns)
+
+
+def test_write_report_is_atomic(tmp_path, data):
+    path = write_report("<!DOCTYPE html><html></html>", tmp_path / "out" / "report.html")
+    assert path.read_text().startswith("<!DOCTYPE html>")
+    assert [p.name for p in path.parent.iterdir()] == ["report.html"]
+
+
+def test_save_figures_writes_png_and_svg(tmp_path, data):
+    _, subjects, _, regions, counts = data
+    paths = save_figures(regions, counts, subjects, tmp_path / "figs", key_regions=("VTA", "ZI"))
+    names = {p.name for p in paths}
+    assert {"volcano.png", "volcano.svg", "dose_response.png", "dots_key_regions.svg"} <= names
+    for p in paths:
+        head = p.read_bytes()[:200]
+        assert head.startswith(b"\x89PNG") if p.suffix == ".png" else b"<svg" in p.read_bytes()
