@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from ketamap.errors import ManifestError
-from ketamap.study import check_orientation, load_study, parse_study, study_to_toml
+from ketamap.orientation import check_orientation
+from ketamap.study import load_study, parse_study, study_to_toml
 
 GOOD = """
 [study]
@@ -155,7 +156,9 @@ def test_valid_orientations(code):
 
 @pytest.mark.parametrize("code", ["pps", "abc", "as", "asrr", 3, "aaa"])
 def test_invalid_orientations(code):
-    with pytest.raises(ManifestError):
+    from ketamap.errors import InputError
+
+    with pytest.raises(InputError):
         check_orientation(code)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from ketamap.errors import KetamapError, ManifestError
+from ketamap.orientation import check_orientation
 from ketamap.params import did_you_mean
 
 __all__ = [
@@ -32,59 +33,13 @@ __all__ = [
     "load_study",
     "parse_study",
     "study_to_toml",
-    "check_orientation",
     "SCHEDULES",
 ]
 
 #: Dosing schedules a group may declare.
 SCHEDULES = ("single", "daily", "twice daily", "every other day", "weekly")
 
-_AXIS_PAIRS = ({"a", "p"}, {"s", "i"}, {"l", "r"})
 _MAX_VOXEL_UM = 1000.0
-
-
-def check_orientation(code: Any, *, where: str = "orientation") -> str:
-    """Check a BrainGlobe orientation code and return it in lower case.
-
-    A code has three letters, one per array axis (z, y, x), each naming where
-    that axis *starts*: ``a``/``p`` (anterior/posterior), ``s``/``i``
-    (superior/inferior), ``l``/``r`` (left/right), each pair used once
-    (48 valid codes, e.g. ``"asr"`` for the Allen atlas, ``"psl"``).
-
-    Parameters
-    ----------
-    code : str
-        The code to check.
-    where : str
-        Where the code came from, for the error message.
-
-    Returns
-    -------
-    str
-        The code in lower case.
-
-    Raises
-    ------
-    ManifestError
-        If the code is not one of the 48 valid codes.
-
-    Examples
-    --------
-    >>> check_orientation("PSL")
-    'psl'
-    """
-    if not isinstance(code, str) or len(code) != 3:
-        raise ManifestError(
-            f"{where} must be a 3-letter orientation code such as \"asr\" or \"psl\", got {code!r}."
-        )
-    low = code.lower()
-    used = [next((i for i, pair in enumerate(_AXIS_PAIRS) if ch in pair), None) for ch in low]
-    if None in used or len(set(used)) != 3:
-        raise ManifestError(
-            f"{where} {code!r} is not a valid orientation code: use one letter from each of "
-            "a/p, s/i and l/r (e.g. \"asr\" or \"psl\")."
-        )
-    return low
 
 
 @dataclass(frozen=True)

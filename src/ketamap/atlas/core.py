@@ -15,51 +15,15 @@ import numpy as np
 import pandas as pd
 
 from ketamap.atlas.ontology import Ontology
-from ketamap.errors import AtlasError
+from ketamap.errors import AtlasError, InputError
+from ketamap.orientation import check_orientation
 
-__all__ = ["Atlas", "LEFT", "RIGHT", "validate_orientation"]
+__all__ = ["Atlas", "LEFT", "RIGHT"]
 
 logger = logging.getLogger(__name__)
 
 LEFT = 1
 RIGHT = 2
-
-_AXIS_PAIRS = ("ap", "si", "rl")
-
-
-def validate_orientation(orientation: str) -> str:
-    """Check a BrainGlobe orientation code and return it in lower case.
-
-    Parameters
-    ----------
-    orientation : str
-        Three letters naming where each axis starts, one from each of the
-        pairs a/p, s/i and r/l (e.g. ``"asr"``, ``"psl"``).
-
-    Returns
-    -------
-    str
-        The code in lower case.
-
-    Raises
-    ------
-    AtlasError
-        If the code is not three letters covering the three anatomical axes.
-
-    Examples
-    --------
-    >>> validate_orientation("ASR")
-    'asr'
-    """
-    code = str(orientation).lower()
-    ok = len(code) == 3 and all(sum(c in pair for c in code) == 1 for pair in _AXIS_PAIRS)
-    if not ok:
-        raise AtlasError(
-            f'Atlas orientation "{orientation}" is not a BrainGlobe code: it needs one letter '
-            "from each of a/p, s/i and r/l, e.g. \"asr\"."
-        )
-    return code
-
 
 @dataclass(frozen=True, eq=False)
 class Atlas:
@@ -148,7 +112,7 @@ class Atlas:
                 f"got {self.resolution_um!r}."
             )
         set_(self, "resolution_um", res)
-        set_(self, "orientation", validate_orientation(self.orientation))
+        set_(self, "orientation", _atlas_orientation(self.orientation))
         if self.reference is not None:
             ref = np.asarray(self.reference)
             if ref.shape != ann.shape:
@@ -279,3 +243,10 @@ def _as_labels(ann: np.ndarray, name: str) -> np.ndarray:
             f"got [{ann.min()}, {ann.max()}]."
         )
     return ann.astype(np.uint32)
+
+
+def _atlas_orientation(code) -> str:
+    try:
+        return check_orientation(code, where="Atlas orientation")
+    except InputError as e:
+        raise AtlasError(str(e)) from e
