@@ -1,0 +1,589 @@
+"""Register a whole-brain sample to an atlas and map cells and labels between them.
+
+The sample is first *prepared* (reoriented to the atlas orientation with
+brainglobe-space and resampled to the atlas resolution, see
+:mod:`ketamap.wholebrain.transforms`). The prepared sample is the fixed image
+and the atlas reference the moving image of a SimpleITK registration: an
+affine stage (centred by image moments, multi-resolution) followed by a cubic
+B-spline stage. The resulting transform maps physical points (µm) of the
+prepared sample grid to physical points of the atlas grid, which is what both
+cell mapping (:func:`cells_to_atlas`) and warping the annotation into the
+animal's space (:func:`warp_labels_to_sample`) need. Arrays are (z, y, x)
+throughout; SimpleITK's (x, y, z) order stays inside this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+
+from ketamap.errors import InputError, InputNotFoundError, RegistrationError
+from ketamap.io.atomic import atomic_dir
+from ketamap.params import bounds, from_mapping, to_dict, validate
+from ketamap.wholebrain.transforms import (
+    brain_mask,
+    check_orientation,
+    check_volume,
+    check_voxel_size,
+    flatten_intensity,
+    grid_mesh_size,
+    normalise_intensity,
+    prepare_sample,
+    prepared_shape,
+    quality_control,
+    raw_to_prepared_vox,
+    to_sitk,
+)
+
+__all__ = [
+    "RegistrationParams",
+    "Registration",
+    "prepare_sample",
+    "register_to_atlas",
+    "cells_to_atlas",
+    "warp_labels_to_sample",
+    "save_registration",
+    "load_registration",
+]
+
+logger = logging.getLogger(__name__)
+
+TRANSFORM_FILE = "sample_to_atlas.h5"
+METADATA_FILE = "registration.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RegistrationParams:
+    """Parameters of :func:`register_to_atlas` (defaults tuned for a 50 µm atlas).
+
+    Resolution levels are given coarse to fine as effective voxel sizes in µm;
+    each becomes the shrink factor ``round(level / atlas resolution)`` (at
+    least 1) of the prepared grid, after Gaussian smoothing with sigma
+    ``level / 2``. Stating levels in µm keeps one set of defaults valid for
+    atlases at 10, 25, 50 or 100 µm.
+    """
+
+    affine_iterations: int = field(
+        default=300, metadata=bounds(gt=0, doc="optimizer iterations per affine level")
+    )
+    affine_levels_um: tuple[float, ...] = field(
+        default=(800.0, 400.0, 200.0),
+        metadata=bounds(gt=0, doc="affine levels, effective voxel size per level (µm)"),
+    )
+    deformable: bool = field(
+        default=True, metadata=bounds(doc="run the B-spline stage after the affine one")
+    )
+    bspline_grid_spacing_um: float = field(
+        default=1500.0, metadata=bounds(gt=0, doc="B-spline control point spacing (µm)")
+    )
+    bspline_iterations: int = field(
+        default=20, metadata=bounds(gt=0, doc="L-BFGS-B iterations per B-spline level")
+    )
+    bspline_levels_um: tuple[float, ...] = field(
+        default=(400.0, 200.0),
+        metadata=bounds(gt=0, doc="B-spline levels, effective voxel size per level (µm)"),
+    )
+    intensity_flattening_um: float = field(
+        default=3000.0,
+        metadata=bounds(ge=0, doc="Gaussian scale of the intensity flattening (µm; 0 = off)"),
+    )
+    metric: str = field(
+        default="mattes",
+        metadata=bounds(choices=("mattes", "correlation"), doc="similarity metric"),
+    )
+    histogram_bins: int = field(
+        default=32, metadata=bounds(ge=8, le=256, doc="Mattes mutual information bins")
+    )
+    sampling_fraction: float = field(
+        default=0.05, metadata=bounds(gt=0, le=1, doc="fraction of voxels sampled per level")
+    )
+    n_threads: int = field(
+        default=0, metadata=bounds(ge=0, doc="ITK threads (0 = ITK's default, all cores)")
+    )
+    seed: int = field(default=0, metadata=bounds(ge=0, doc="seed of the metric sampling"))
+    qc_min_correlation: float = field(
+        default=0.5, metadata=bounds(ge=-1, le=1, doc="flag below this correlation after")
+    )
+    qc_min_dice: float = field(
+        default=0.8, metadata=bounds(ge=0, le=1, doc="flag below this brain-mask Dice")
+    )
+    qc_max_fraction_folded: float = field(
+        default=0.001, metadata=bounds(ge=0, le=1, doc="flag above this folded fraction")
+    )
+
+    def __post_init__(self):
+        validate(self)
+
+
+@dataclass(frozen=True, eq=False)
+class Registration:
+    """The result of :func:`register_to_atlas`.
+
+    Attributes
+    ----------
+    sample_to_atlas : SimpleITK.Transform
+        Maps physical points (x, y, z order, µm) of the prepared sample grid
+        (origin 0, atlas resolution, atlas orientation) to atlas physical
+        points (origin 0).
+    sample_shape_vox : tuple of 3 int
+        Raw sample shape (z, y, x) in its own orientation.
+    sample_voxel_size_um : tuple of 3 float
+        Raw voxel size (z, y, x) in µm.
+    sample_orientation : str
+        BrainGlobe orientation code of the raw sample.
+    atlas_shape_vox, atlas_resolution_um, atlas_orientation
+        The atlas grid.
+    qc : dict
+        Quality measures, see :func:`register_to_atlas`.
+    params : RegistrationParams
+        The parameters used.
+    """
+
+    sample_to_atlas: sitk.Transform
+    sample_shape_vox: tuple[int, int, int]
+    sample_voxel_size_um: tuple[float, float, float]
+    sample_orientation: str
+    atlas_shape_vox: tuple[int, int, int]
+    atlas_resolution_um: tuple[float, float, float]
+    atlas_orientation: str
+    qc: dict
+    params: RegistrationParams = field(default_factory=RegistrationParams)
+
+    @property
+    def prepared_shape_vox(self) -> tuple[int, int, int]:
+        """Shape (z, y, x) of the prepared sample grid (atlas orientation and resolution)."""
+        return prepared_shape(
+            self.sample_shape_vox,
+            voxel_size_um=self.sample_voxel_size_um,
+            orientation=self.sample_orientation,
+            atlas_orientation=self.atlas_orientation,
+            atlas_resolution_um=self.atlas_resolution_um,
+        )
+
+    @property
+    def flagged(self) -> bool:
+        """Whether quality control flagged this registration."""
+        return bool(self.qc.get("flagged", False))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _itk_threads(n_threads: int):
+    """Set ITK's global thread count for the block (0 leaves it alone), then restore it.
+
+    Some ITK filters inside the registration use the global pool whatever the
+    method's own setting; one thread makes results bit-identical run to run.
+    """
+    if not n_threads:
+        yield
+        return
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n_threads)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+
+
+def _shrink_factors(levels_um, resolution_um) -> list[int]:
+    """Shrink factor per level: ``round(level / finest resolution)``, at least 1."""
+    return [max(1, int(round(level / min(resolution_um)))) for level in levels_um]
+
+
+def _method(params: RegistrationParams, levels_um, resolution_um) -> sitk.ImageRegistrationMethod:
+    reg = sitk.ImageRegistrationMethod()
+    if params.metric == "mattes":
+        reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=params.histogram_bins)
+    else:
+        reg.SetMetricAsCorrelation()
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    # SimpleITK reads seed 0 as "seed from the wall clock"; shift ours by one.
+    reg.SetMetricSamplingPercentage(params.sampling_fraction, params.seed + 1)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetShrinkFactorsPerLevel(_shrink_factors(levels_um, resolution_um))
+    reg.SetSmoothingSigmasPerLevel([level / 2.0 for level in levels_um])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    if params.n_threads:
+        reg.SetNumberOfThreads(params.n_threads)
+    return reg
+
+
+def _affine(fixed, moving, params, mask):
+    initial = sitk.CenteredTransformInitializer(
+        fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS
+    )
+    reg = _method(params, params.affine_levels_um, fixed.GetSpacing())
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=1.0,
+        minStep=1e-3,
+        numberOfIterations=params.affine_iterations,
+        relaxationFactor=0.6,
+        gradientMagnitudeTolerance=1e-6,
+    )
+    reg.SetOptimizerScalesFromPhysicalShift()
+    if mask is not None:
+        reg.SetMetricMovingMask(mask)
+    reg.SetInitialTransform(initial, inPlace=False)
+    affine = reg.Execute(fixed, moving)
+    logger.info(
+        "affine stage: metric %.4f after %d iterations (%s)",
+        reg.GetMetricValue(),
+        reg.GetOptimizerIteration(),
+        reg.GetOptimizerStopConditionDescription(),
+    )
+    return initial, affine
+
+
+def _bspline(fixed, moving, affine, params, mask):
+    mesh = grid_mesh_size(fixed.GetSize()[::-1], fixed.GetSpacing()[::-1], params.bspline_grid_spacing_um)
+    bspline = sitk.BSplineTransformInitializer(fixed, mesh, 3)
+    reg = _method(params, params.bspline_levels_um, fixed.GetSpacing())
+    reg.SetOptimizerAsLBFGSB(
+        gradientConvergenceTolerance=1e-5,
+        numberOfIterations=params.bspline_iterations,
+        maximumNumberOfCorrections=5,
+        maximumNumberOfFunctionEvaluations=4 * params.bspline_iterations,
+        costFunctionConvergenceFactor=1e7,
+    )
+    if mask is not None:
+        reg.SetMetricMovingMask(mask)
+    reg.SetMovingInitialTransform(affine)
+    reg.SetInitialTransform(bspline, inPlace=True)
+    reg.Execute(fixed, moving)
+    logger.info(
+        "B-spline stage (mesh %s): metric %.4f (%s)",
+        mesh,
+        reg.GetMetricValue(),
+        reg.GetOptimizerStopConditionDescription(),
+    )
+    # CompositeTransform applies its list last-to-first: x -> affine(bspline(x)).
+    composite = sitk.CompositeTransform([affine, bspline])
+    composite.FlattenTransform()
+    return composite
+
+
+# --------------------------------------------------------------------------- public
+
+
+def register_to_atlas(
+    sample,
+    atlas_reference: np.ndarray,
+    *,
+    voxel_size_um,
+    orientation: str,
+    atlas_resolution_um,
+    atlas_orientation: str = "asr",
+    atlas_mask: np.ndarray | None = None,
+    params: RegistrationParams | None = None,
+) -> Registration:
+    """Register a whole-brain sample to an atlas reference image.
+
+    Parameters
+    ----------
+    sample : (Z, Y, X) array or dask array
+        Raw autofluorescence volume in the sample's own orientation.
+    atlas_reference : (Z, Y, X) ndarray
+        Atlas reference (template) image in atlas axis order.
+    voxel_size_um : float or 3 floats
+        Raw voxel size (z, y, x) in µm.
+    orientation : str
+        BrainGlobe orientation code of the sample, e.g. ``"psl"``.
+    atlas_resolution_um : float or 3 floats
+        Atlas voxel size (z, y, x) in µm.
+    atlas_orientation : str
+        Orientation code of the atlas (``"asr"`` for BrainGlobe atlases).
+    atlas_mask : (Z, Y, X) bool ndarray, optional
+        Brain mask on the atlas grid (e.g. ``annotation > 0``). It restricts the
+        metric (dilated by 3 voxels) and defines the atlas brain for QC; when
+        absent the brain is found by Otsu's threshold on the reference.
+    params : RegistrationParams, optional
+        Defaults to ``RegistrationParams()``.
+
+    Returns
+    -------
+    Registration
+        With ``qc`` holding ``correlation_before`` (after centring by moments
+        only) and ``correlation_after`` (normalised cross-correlation of the
+        prepared sample and the warped reference inside the union of both
+        brain masks), ``dice_brain_mask``, ``jacobian_min``,
+        ``fraction_folded`` (det <= 0 inside the sample brain), ``seconds``,
+        ``flagged`` and ``reasons`` (one sentence per failed check).
+
+    Raises
+    ------
+    InputError
+        For bad shapes, voxel sizes, orientation codes or a constant image.
+    RegistrationError
+        If SimpleITK fails to register the images.
+    """
+    params = RegistrationParams() if params is None else params
+    t0 = time.perf_counter()
+    orientation = check_orientation(orientation)
+    atlas_orientation = check_orientation(atlas_orientation, name="atlas_orientation")
+    vs = check_voxel_size(voxel_size_um)
+    res = check_voxel_size(atlas_resolution_um, name="atlas_resolution_um")
+    atlas_reference = check_volume(atlas_reference, "atlas_reference")
+    if atlas_mask is not None:
+        atlas_mask = np.asarray(atlas_mask).astype(bool)
+        if atlas_mask.shape != atlas_reference.shape:
+            raise InputError(
+                f"atlas_mask has shape {atlas_mask.shape} but atlas_reference has shape "
+                f"{atlas_reference.shape}; they must match."
+            )
+        if not atlas_mask.any():
+            raise InputError("atlas_mask is empty; it must mark the brain.")
+
+    prepared = prepare_sample(
+        sample,
+        voxel_size_um=vs,
+        orientation=orientation,
+        atlas_orientation=atlas_orientation,
+        atlas_resolution_um=res,
+    )
+    levels = params.affine_levels_um + (params.bspline_levels_um if params.deformable else ())
+    smallest = 4 * max(_shrink_factors(levels, res))
+    if min(prepared.shape) < smallest:
+        raise InputError(
+            f"the sample spans only {prepared.shape} voxels at the atlas resolution; "
+            f"registration needs at least {smallest} per axis."
+        )
+    fixed_arr = normalise_intensity(prepared, "sample")
+    moving_arr = normalise_intensity(atlas_reference, "atlas_reference")
+    atlas_brain = atlas_mask if atlas_mask is not None else brain_mask(moving_arr)
+    fixed_brain = brain_mask(fixed_arr)
+    sigma_um = params.intensity_flattening_um
+    fixed = to_sitk(flatten_intensity(fixed_arr, fixed_brain, sigma_um, res), res)
+    moving = to_sitk(flatten_intensity(moving_arr, atlas_brain, sigma_um, res), res)
+    metric_mask = None
+    if atlas_mask is not None:
+        dilated = ndi.binary_dilation(atlas_mask, iterations=3)
+        metric_mask = to_sitk(dilated.astype(np.uint8), res)
+
+    try:
+        with _itk_threads(params.n_threads):
+            initial, transform = _affine(fixed, moving, params, metric_mask)
+            if params.deformable:
+                transform = _bspline(fixed, moving, transform, params, metric_mask)
+            else:
+                transform = sitk.CompositeTransform([transform])
+                transform.FlattenTransform()
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].rstrip(".") if str(e).strip() else "no message"
+        raise RegistrationError(f"SimpleITK could not register the sample ({first}).") from e
+
+    qc = quality_control(fixed_arr, fixed_brain, moving_arr, initial, transform, atlas_brain, res, params)
+    qc["seconds"] = round(time.perf_counter() - t0, 3)
+    logger.info("registration done in %.1f s; qc %s", qc["seconds"], qc)
+    return Registration(
+        sample_to_atlas=transform,
+        sample_shape_vox=tuple(int(s) for s in sample.shape),
+        sample_voxel_size_um=vs,
+        sample_orientation=orientation,
+        atlas_shape_vox=tuple(int(s) for s in atlas_reference.shape),
+        atlas_resolution_um=res,
+        atlas_orientation=atlas_orientation,
+        qc=qc,
+        params=params,
+    )
+
+
+def cells_to_atlas(registration: Registration, points_vox: np.ndarray) -> np.ndarray:
+    """Map cell coordinates from the raw sample grid to atlas voxel coordinates.
+
+    The chain is: raw voxel -> reoriented and rescaled with brainglobe-space ->
+    physical point on the prepared grid -> ``sample_to_atlas`` -> atlas µm ->
+    atlas voxel. The transform is evaluated once as a dense displacement field
+    over the points' bounding box (every ``grid / 8`` µm, at least every
+    prepared voxel) and interpolated trilinearly at each point; this is exact
+    for the affine part and within a few µm for the B-spline part.
+
+    Parameters
+    ----------
+    registration : Registration
+    points_vox : (N, 3) array
+        (z, y, x) voxel coordinates in the raw sample grid and orientation.
+
+    Returns
+    -------
+    (N, 3) ndarray of float64
+        Continuous voxel coordinates in the atlas grid (atlas axis order).
+
+    Raises
+    ------
+    InputError
+        If ``points_vox`` is not an (N, 3) array of finite numbers.
+    """
+    pts = np.asarray(points_vox, dtype=float)
+    if pts.ndim != 2 or pts.shape[1] != 3:
+        raise InputError(f"points_vox must have shape (N, 3), got {pts.shape}.")
+    if pts.shape[0] == 0:
+        return np.empty((0, 3), dtype=np.float64)
+    if not np.all(np.isfinite(pts)):
+        raise InputError("points_vox contains NaN or infinite coordinates.")
+    res = np.asarray(registration.atlas_resolution_um, dtype=float)
+    j = raw_to_prepared_vox(
+        pts,
+        shape_vox=registration.sample_shape_vox,
+        voxel_size_um=registration.sample_voxel_size_um,
+        orientation=registration.sample_orientation,
+        atlas_orientation=registration.atlas_orientation,
+        atlas_resolution_um=res,
+    )
+    # The field is sampled every `step` prepared voxels: trilinear interpolation
+    # is exact for the affine part, and the B-spline part is smooth on the
+    # scale of its grid, so a step of grid/8 costs far less than 0.1 voxel.
+    step = max(1, int(registration.params.bspline_grid_spacing_um // (8 * res.min())))
+    lo = np.floor(j.min(axis=0) / step).astype(int) - 1
+    hi = np.ceil(j.max(axis=0) / step).astype(int) + 2
+    field = sitk.TransformToDisplacementField(
+        registration.sample_to_atlas,
+        sitk.sitkVectorFloat64,
+        [int(s) for s in (hi - lo)[::-1]],
+        [float(v) for v in (lo * step * res)[::-1]],
+        [float(v) for v in (step * res)[::-1]],
+    )
+    disp = sitk.GetArrayViewFromImage(field)  # (z, y, x, 3), components (x, y, z)
+    local = (j / step - lo).T
+    out = j * res
+    for axis in range(3):
+        component = np.ascontiguousarray(disp[..., 2 - axis])
+        out[:, axis] += ndi.map_coordinates(component, local, order=1, mode="nearest")
+    return out / res
+
+
+def warp_labels_to_sample(registration: Registration, labels: np.ndarray) -> np.ndarray:
+    """Warp an atlas label volume onto the prepared sample grid (nearest neighbour).
+
+    Parameters
+    ----------
+    registration : Registration
+    labels : (Z, Y, X) integer or bool ndarray
+        On the atlas grid (shape ``registration.atlas_shape_vox``); ids of any
+        size that the dtype holds survive (no float round trip).
+
+    Returns
+    -------
+    ndarray of the input dtype
+        Shape ``registration.prepared_shape_vox`` (atlas orientation and
+        resolution, in the sample's own space); 0 outside the atlas.
+
+    Raises
+    ------
+    InputError
+        If ``labels`` is not an integer volume of the atlas shape.
+    """
+    labels = np.asarray(labels)
+    if labels.shape != tuple(registration.atlas_shape_vox):
+        raise InputError(
+            f"labels have shape {labels.shape} but the atlas grid is "
+            f"{tuple(registration.atlas_shape_vox)}; they must match."
+        )
+    if labels.dtype == bool:
+        return warp_labels_to_sample(registration, labels.view(np.uint8)).astype(bool)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"labels must be an integer array, got dtype {labels.dtype}.")
+    res = registration.atlas_resolution_um
+    image = to_sitk(labels, res)
+    shape = registration.prepared_shape_vox
+    warped = sitk.Resample(
+        image,
+        [int(s) for s in shape[::-1]],
+        registration.sample_to_atlas,
+        sitk.sitkNearestNeighbor,
+        (0.0, 0.0, 0.0),
+        tuple(float(r) for r in res[::-1]),
+        (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+        0,
+        image.GetPixelID(),
+    )
+    return sitk.GetArrayFromImage(warped).astype(labels.dtype, copy=False)
+
+
+def save_registration(registration: Registration, folder) -> Path:
+    """Write a registration to a folder, atomically.
+
+    The folder holds ``sample_to_atlas.h5`` (ITK HDF5 transform, readable by
+    any ITK tool) and ``registration.json`` (grids, orientation codes, QC and
+    parameters).
+
+    Parameters
+    ----------
+    registration : Registration
+    folder : path-like
+        Replaced as a whole only once the new content is complete.
+
+    Returns
+    -------
+    Path
+        The folder.
+    """
+    folder = Path(folder)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "transform_file": TRANSFORM_FILE,
+        "transform_maps": "prepared sample physical point (x, y, z µm) -> atlas physical point",
+        "sample_shape_vox": list(registration.sample_shape_vox),
+        "sample_voxel_size_um": list(registration.sample_voxel_size_um),
+        "sample_orientation": registration.sample_orientation,
+        "atlas_shape_vox": list(registration.atlas_shape_vox),
+        "atlas_resolution_um": list(registration.atlas_resolution_um),
+        "atlas_orientation": registration.atlas_orientation,
+        "qc": registration.qc,
+        "params": to_dict(registration.params),
+    }
+    with atomic_dir(folder) as tmp:
+        sitk.WriteTransform(registration.sample_to_atlas, str(tmp / TRANSFORM_FILE))
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def load_registration(folder) -> Registration:
+    """Read a registration written by :func:`save_registration`.
+
+    Parameters
+    ----------
+    folder : path-like
+
+    Returns
+    -------
+    Registration
+
+    Raises
+    ------
+    InputNotFoundError
+        If the folder or one of its two files is missing.
+    InputError
+        If the metadata cannot be read.
+    """
+    folder = Path(folder)
+    for name in (METADATA_FILE, TRANSFORM_FILE):
+        if not (folder / name).is_file():
+            raise InputNotFoundError(f"registration file {folder / name} does not exist.")
+    try:
+        meta = json.loads((folder / METADATA_FILE).read_text())
+        params = from_mapping(RegistrationParams, meta["params"], where=str(folder / METADATA_FILE))
+        transform = sitk.ReadTransform(str(folder / TRANSFORM_FILE))
+        return Registration(
+            sample_to_atlas=transform,
+            sample_shape_vox=tuple(int(v) for v in meta["sample_shape_vox"]),
+            sample_voxel_size_um=tuple(float(v) for v in meta["sample_voxel_size_um"]),
+            sample_orientation=str(meta["sample_orientation"]),
+            atlas_shape_vox=tuple(int(v) for v in meta["atlas_shape_vox"]),
+            atlas_resolution_um=tuple(float(v) for v in meta["atlas_resolution_um"]),
+            atlas_orientation=str(meta["atlas_orientation"]),
+            qc=dict(meta["qc"]),
+            params=params,
+        )
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise InputError(f"registration in {folder} cannot be read: {e}") from e
