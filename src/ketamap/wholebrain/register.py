@@ -34,6 +34,7 @@ from ketamap.wholebrain.transforms import (
     check_volume,
     check_voxel_size,
     flatten_intensity,
+    dense_atlas_vox,
     grid_mesh_size,
     normalise_intensity,
     prepare_sample,
@@ -493,21 +494,11 @@ def warp_labels_to_sample(registration: Registration, labels: np.ndarray) -> np.
         return warp_labels_to_sample(registration, labels.view(np.uint8)).astype(bool)
     if not np.issubdtype(labels.dtype, np.integer):
         raise InputError(f"labels must be an integer array, got dtype {labels.dtype}.")
-    res = registration.atlas_resolution_um
-    image = to_sitk(labels, res)
-    shape = registration.prepared_shape_vox
-    warped = sitk.Resample(
-        image,
-        [int(s) for s in shape[::-1]],
-        registration.sample_to_atlas,
-        sitk.sitkNearestNeighbor,
-        (0.0, 0.0, 0.0),
-        tuple(float(r) for r in res[::-1]),
-        (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
-        0,
-        image.GetPixelID(),
-    )
-    return sitk.GetArrayFromImage(warped).astype(labels.dtype, copy=False)
+    coords = dense_atlas_vox(registration.sample_to_atlas, registration.prepared_shape_vox,
+                             registration.atlas_resolution_um)
+    # order-0 interpolation runs in float64, which holds every uint32 id exactly
+    return ndi.map_coordinates(labels, coords, order=0, mode="constant", cval=0,
+                               output=labels.dtype)
 
 
 def save_registration(registration: Registration, folder) -> Path:

