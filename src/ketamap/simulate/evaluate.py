@@ -123,7 +123,7 @@ def evaluate_census(study_dir: str | Path, *, alpha: float = 0.05) -> dict:
     merged = stats.merge(effects[["region_id", "contrast", "true_fold_change", "planted"]],
                          on=["region_id", "contrast"], how="left")
     merged["called"] = merged["q"] < alpha
-    planted = merged[merged["planted"].fillna(False).astype(bool)].copy()
+    planted = merged[merged["planted"].eq(True)].copy()
     planted["right_direction"] = np.sign(planted["log2_fold_change"]) == np.sign(
         np.log2(planted["true_fold_change"]))
     planted["found"] = planted["called"] & planted["right_direction"]
