@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ketamap.errors import ManifestError
-from ketamap.orientation import check_orientation
+from ketamap.space import check_orientation
 from ketamap.study import load_study, parse_study, study_to_toml
 
 GOOD = """

@@ -170,7 +170,7 @@ def register(
     from ketamap.io.atomic import atomic_dir
     from ketamap.io.volumes import open_volume
     from ketamap.pipeline import write_registration
-    from ketamap.orientation import check_orientation
+    from ketamap.space import check_orientation
     from ketamap.wholebrain.register import register_to_atlas
 
     orientation = check_orientation(orientation, where="--orientation")

@@ -174,7 +174,9 @@ def write_registration(folder: Path, reg, atlas, image, *, voxel_size_um, orient
     from ketamap.report.qc import registration_overlay_png
     from ketamap.wholebrain.quantify import label_volumes_mm3
     from ketamap.wholebrain.register import (
-        prepare_sample, save_registration, warp_labels_to_sample,
+        prepare_sample,
+        save_registration,
+        warp_labels_to_sample,
     )
 
     save_registration(reg, folder)

@@ -22,8 +22,8 @@ from typing import Any
 import pandas as pd
 
 from ketamap.errors import KetamapError, ManifestError
-from ketamap.orientation import check_orientation
 from ketamap.params import did_you_mean
+from ketamap.space import check_orientation
 
 __all__ = [
     "Imaging",

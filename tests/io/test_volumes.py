@@ -128,9 +128,9 @@ def test_plain_zarr_array_and_voxel_size_none(tmp_path, volume):
 
 
 def test_write_ome_zarr_bad_inputs(tmp_path, volume):
-    with pytest.raises(ParameterError):
+    with pytest.raises(InputError):
         write_ome_zarr(volume, tmp_path / "a.zarr", voxel_size_um=(0, 1, 1))
-    with pytest.raises(ParameterError):
+    with pytest.raises(InputError):
         write_ome_zarr(volume, tmp_path / "a.zarr", voxel_size_um=(1, 1))
     with pytest.raises(InputError):
         write_ome_zarr(volume[0], tmp_path / "a.zarr", voxel_size_um=(1, 1, 1))

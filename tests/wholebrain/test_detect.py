@@ -242,7 +242,7 @@ def test_nan_and_inf_raise():
     "bad", [(0.0, 1.0, 1.0), (1.0, 1.0), (-2.0, 1.0, 1.0), (np.nan, 1, 1), "abc"]
 )
 def test_bad_voxel_size(bad):
-    with pytest.raises(ParameterError, match="voxel_size_um"):
+    with pytest.raises(InputError, match="voxel_size_um"):
         detect_cells(np.zeros((4, 4, 4)), voxel_size_um=bad)
 
 

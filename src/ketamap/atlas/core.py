@@ -16,7 +16,7 @@ import pandas as pd
 
 from ketamap.atlas.ontology import Ontology
 from ketamap.errors import AtlasError, InputError
-from ketamap.orientation import check_orientation
+from ketamap.space import check_orientation
 
 __all__ = ["Atlas", "LEFT", "RIGHT"]
 

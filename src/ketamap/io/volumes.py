@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import zarr
 
 from ketamap.errors import InputError, InputNotFoundError, ParameterError
 from ketamap.io.atomic import atomic_dir
+from ketamap.space import check_voxel_size
 
 __all__ = ["open_volume", "write_ome_zarr", "read_voxel_size_um", "SUPPORTED_FORMATS"]
 
@@ -263,20 +263,6 @@ def open_volume(path, *, chunks: tuple[int, int, int] | None = None) -> da.Array
     return arr
 
 
-def _check_voxel_size(voxel_size_um) -> tuple[float, float, float]:
-    try:
-        vs = tuple(float(v) for v in voxel_size_um)
-    except (TypeError, ValueError) as e:
-        raise ParameterError(
-            f"voxel_size_um must be three positive numbers (z, y, x) in µm, got {voxel_size_um!r}."
-        ) from e
-    if len(vs) != 3 or not all(math.isfinite(v) and v > 0 for v in vs):
-        raise ParameterError(
-            f"voxel_size_um must be three positive numbers (z, y, x) in µm, got {voxel_size_um!r}."
-        )
-    return vs
-
-
 def _compressor(spec):
     from numcodecs import Blosc
     from numcodecs.abc import Codec
@@ -334,7 +320,7 @@ def write_ome_zarr(
     >>> read_voxel_size_um(p)
     (5.0, 2.0, 2.0)
     """
-    vs = _check_voxel_size(voxel_size_um)
+    vs = check_voxel_size(voxel_size_um)
     codec = _compressor(compressor)
     arr = array if isinstance(array, da.Array) else np.asarray(array)
     if arr.ndim != 3:

@@ -43,7 +43,7 @@ from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
 
 from ketamap.params import bounds, validate
-from ketamap.orientation import check_orientation
+from ketamap.space import check_orientation
 
 __all__ = ["BrainParams", "SimulatedBrain", "simulate_brain", "region_fold_and_density"]
 

@@ -42,6 +42,7 @@ from scipy import special
 
 from ketamap.errors import InputError, ParameterError
 from ketamap.params import bounds, validate
+from ketamap.space import check_voxel_size
 
 __all__ = ["DetectionParams", "detect_cells", "CELL_COLUMNS"]
 
@@ -160,20 +161,6 @@ class _Plan:
 
 def _radius(sigma: float) -> int:
     return int(_TRUNCATE * sigma + 0.5)
-
-
-def _check_voxel_size(voxel_size_um) -> tuple[float, float, float]:
-    try:
-        vs = tuple(float(v) for v in voxel_size_um)
-    except (TypeError, ValueError) as e:
-        raise ParameterError(
-            f"voxel_size_um must be three positive numbers (z, y, x) in µm, got {voxel_size_um!r}."
-        ) from e
-    if len(vs) != 3 or not all(math.isfinite(v) and v > 0 for v in vs):
-        raise ParameterError(
-            f"voxel_size_um must be three positive numbers (z, y, x) in µm, got {voxel_size_um!r}."
-        )
-    return vs
 
 
 def _plan(
@@ -509,7 +496,7 @@ def detect_cells(
     >>> cells[["z_vox", "y_vox", "x_vox"]].round().values.tolist()
     [[10.0, 20.0, 20.0]]
     """
-    vs = _check_voxel_size(voxel_size_um)
+    vs = check_voxel_size(voxel_size_um)
     if not isinstance(params, DetectionParams):
         raise ParameterError(f"params must be a DetectionParams, got {type(params).__name__}.")
     sig = _as_dask(signal, "signal")

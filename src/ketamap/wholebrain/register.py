@@ -28,13 +28,12 @@ from scipy import ndimage as ndi
 from ketamap.errors import InputError, InputNotFoundError, RegistrationError
 from ketamap.io.atomic import atomic_dir
 from ketamap.params import bounds, from_mapping, to_dict, validate
+from ketamap.space import check_orientation, check_voxel_size
 from ketamap.wholebrain.transforms import (
     brain_mask,
-    check_orientation,
     check_volume,
-    check_voxel_size,
-    flatten_intensity,
     dense_atlas_vox,
+    flatten_intensity,
     grid_mesh_size,
     normalise_intensity,
     prepare_sample,
@@ -331,9 +330,9 @@ def register_to_atlas(
     params = RegistrationParams() if params is None else params
     t0 = time.perf_counter()
     orientation = check_orientation(orientation)
-    atlas_orientation = check_orientation(atlas_orientation, name="atlas_orientation")
+    atlas_orientation = check_orientation(atlas_orientation, where="atlas_orientation")
     vs = check_voxel_size(voxel_size_um)
-    res = check_voxel_size(atlas_resolution_um, name="atlas_resolution_um")
+    res = check_voxel_size(atlas_resolution_um, where="atlas_resolution_um")
     atlas_reference = check_volume(atlas_reference, "atlas_reference")
     if atlas_mask is not None:
         atlas_mask = np.asarray(atlas_mask).astype(bool)

@@ -32,10 +32,10 @@ from brainglobe_space import AnatomicalSpace
 from scipy import ndimage as ndi
 
 from ketamap.errors import InputError
+from ketamap.space import check_orientation, check_voxel_size
 
 __all__ = [
     "brain_mask",
-    "check_orientation",
     "check_volume",
     "dice",
     "flatten_intensity",
@@ -44,7 +44,6 @@ __all__ = [
     "ncc",
     "normalise_intensity",
     "quality_control",
-    "check_voxel_size",
     "prepare_sample",
     "prepared_shape",
     "raw_to_prepared_vox",
@@ -52,76 +51,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_AXIS_OF_LETTER = {"a": 0, "p": 0, "s": 1, "i": 1, "l": 2, "r": 2}
-
-
-def check_orientation(code, *, name: str = "orientation") -> str:
-    """Return a valid BrainGlobe orientation code in lower case, or raise.
-
-    Parameters
-    ----------
-    code : str
-        Three letters, one from each pair ``a/p``, ``s/i``, ``l/r``, naming
-        where each array axis (z, y, x) starts, e.g. ``"asr"``.
-    name : str
-        The argument name, used in the error message.
-
-    Returns
-    -------
-    str
-        The code in lower case.
-
-    Raises
-    ------
-    InputError
-        If ``code`` is not such a string.
-    """
-    text = code.lower() if isinstance(code, str) else None
-    if (
-        text is None
-        or len(text) != 3
-        or any(c not in _AXIS_OF_LETTER for c in text)
-        or len({_AXIS_OF_LETTER[c] for c in text}) != 3
-    ):
-        raise InputError(
-            f"{name} must be three letters, one from each of a/p, s/i and l/r "
-            f'(such as "asr"), got {code!r}.'
-        )
-    return text
-
-
-def check_voxel_size(value, *, name: str = "voxel_size_um") -> tuple[float, float, float]:
-    """Return a voxel size as three positive floats (z, y, x) in µm, or raise.
-
-    Parameters
-    ----------
-    value : float or sequence of 3 floats
-        A scalar means isotropic voxels.
-    name : str
-        The argument name, used in the error message.
-
-    Returns
-    -------
-    tuple of 3 float
-
-    Raises
-    ------
-    InputError
-        If the value is not one or three finite positive numbers.
-    """
-    try:
-        arr = np.broadcast_to(np.asarray(value, dtype=float), (3,)).copy()
-    except (TypeError, ValueError) as e:
-        raise InputError(
-            f"{name} must be one or three positive numbers in µm (z, y, x), got {value!r}."
-        ) from e
-    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise InputError(
-            f"{name} must be one or three positive numbers in µm (z, y, x), got {value!r}."
-        )
-    return tuple(float(v) for v in arr)
-
 
 def _space_map(orientation: str, atlas_orientation: str):
     """Axis order and flips from the raw to the atlas orientation (brainglobe-space)."""
@@ -207,9 +136,9 @@ def prepare_sample(
         size or orientation code.
     """
     orientation = check_orientation(orientation)
-    atlas_orientation = check_orientation(atlas_orientation, name="atlas_orientation")
+    atlas_orientation = check_orientation(atlas_orientation, where="atlas_orientation")
     vs = check_voxel_size(voxel_size_um)
-    res = check_voxel_size(atlas_resolution_um, name="atlas_resolution_um")
+    res = check_voxel_size(atlas_resolution_um, where="atlas_resolution_um")
     if not hasattr(sample, "shape") or not hasattr(sample, "dtype"):
         sample = np.asarray(sample)
     if len(sample.shape) != 3 or min(sample.shape) == 0:

@@ -1,4 +1,4 @@
-"""BrainGlobe orientation codes: the one check every module uses.
+"""The geometry of a volume: the checks of orientation codes and voxel sizes every module uses.
 
 A code has three letters, one per array axis (z, y, x), each naming where that
 axis *starts*: ``a``/``p`` (anterior/posterior), ``s``/``i``
@@ -9,11 +9,12 @@ Reorientation itself always goes through :mod:`brainglobe_space`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ketamap.errors import InputError
 
-__all__ = ["check_orientation"]
+__all__ = ["check_orientation", "check_voxel_size"]
 
 _AXIS_PAIRS = ({"a", "p"}, {"s", "i"}, {"l", "r"})
 
@@ -52,6 +53,43 @@ def check_orientation(code: Any, *, where: str = "orientation") -> str:
     if None in used or len(set(used)) != 3:
         raise InputError(
             f"{where} {code!r} is not a valid orientation code: use one letter from each of "
-            'a/p, s/i and l/r (e.g. "asr" or "psl").'
+            'a/p, s/i and l/r, such as "asr" or "psl".'
         )
     return low
+
+
+def check_voxel_size(value: Any, *, where: str = "voxel_size_um") -> tuple[float, float, float]:
+    """Return a voxel size as three positive, finite floats (z, y, x) in µm, or raise.
+
+    Parameters
+    ----------
+    value : float or sequence of 3 floats
+        A single number means isotropic voxels.
+    where : str
+        What the value is, for the message.
+
+    Returns
+    -------
+    tuple of 3 float
+
+    Raises
+    ------
+    InputError
+        If the value is not one or three finite positive numbers.
+
+    Examples
+    --------
+    >>> check_voxel_size([5, 2, 2])
+    (5.0, 2.0, 2.0)
+    """
+    values = value if isinstance(value, (list, tuple)) else [value] * 3
+    try:
+        out = tuple(float(v) for v in values)
+        ok = len(out) == 3 and not any(isinstance(v, bool) for v in values)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or not all(math.isfinite(v) and v > 0 for v in out):
+        raise InputError(
+            f"{where} must be one or three positive numbers in µm (z, y, x), got {value!r}."
+        )
+    return out
