@@ -219,6 +219,19 @@ def _method(params: RegistrationParams, levels_um, resolution_um) -> sitk.ImageR
     return reg
 
 
+def _work_image(array: np.ndarray, res, factor: int) -> sitk.Image:
+    """Block means over ``factor``³ voxels as a SimpleITK image placed at the blocks' centres."""
+    if factor == 1:
+        return to_sitk(array, res)
+    shape = [n // factor * factor for n in array.shape]
+    a = array[: shape[0], : shape[1], : shape[2]].astype(np.float32, copy=False)
+    blocks = a.reshape(shape[0] // factor, factor, shape[1] // factor, factor,
+                       shape[2] // factor, factor).mean(axis=(1, 3, 5))
+    image = to_sitk(blocks, tuple(r * factor for r in res))
+    image.SetOrigin(tuple(float((factor - 1) / 2 * r) for r in res[::-1]))
+    return image
+
+
 def _affine(fixed, moving, params, mask):
     initial = sitk.CenteredTransformInitializer(
         fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS
@@ -363,12 +376,16 @@ def register_to_atlas(
     atlas_brain = atlas_mask if atlas_mask is not None else brain_mask(moving_arr)
     fixed_brain = brain_mask(fixed_arr)
     sigma_um = params.intensity_flattening_um
-    fixed = to_sitk(flatten_intensity(fixed_arr, fixed_brain, sigma_um, res), res)
-    moving = to_sitk(flatten_intensity(moving_arr, atlas_brain, sigma_um, res), res)
+    # The finest level smooths at half its spacing, so the optimiser never needs a grid
+    # finer than that: register block means on it (same result, several times faster).
+    factor = max(1, int(min(levels) / 2 // min(res)))
+    fixed = _work_image(flatten_intensity(fixed_arr, fixed_brain, sigma_um, res), res, factor)
+    moving = _work_image(flatten_intensity(moving_arr, atlas_brain, sigma_um, res), res, factor)
     metric_mask = None
     if atlas_mask is not None:
         dilated = ndi.binary_dilation(atlas_mask, iterations=3)
-        metric_mask = to_sitk(dilated.astype(np.uint8), res)
+        metric_mask = sitk.Cast(
+            _work_image(dilated.astype(np.float32), res, factor) > 0, sitk.sitkUInt8)
 
     try:
         with _itk_threads(params.n_threads):
