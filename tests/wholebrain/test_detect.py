@@ -31,7 +31,7 @@ def simulate(
     voxel_um,
     *,
     density_per_mm3=200.0,
-    snr=(5.0, 15.0),
+    snr=(6.5, 15.0),  # the default threshold is 5.5 noise SDs
     diameter_um=(12.0, 20.0),
     psf_sigma_um=(10.0, 8.0, 8.0),
     tissue=300.0,

@@ -84,7 +84,9 @@ class DetectionParams:
         Size (µm) of the smooth background removed by the band-pass; the wide
         Gaussian has sigma = diameter / (2√3), and at least twice the soma sigma.
     threshold_snr : float
-        Minimum estimated soma peak intensity, in local raw noise SDs.
+        Minimum estimated soma peak intensity, in local raw noise SDs. The
+        default (5.5) keeps pure-noise maxima rare even in a whole brain of
+        10^8 voxels (a Gaussian tail beyond 5.5 SD has probability 2e-8).
     threshold_contrast : float
         Minimum band-passed peak, in SDs of the local band-passed fluctuations
         (rejects peaks that do not stand out from edges, stripes, texture).
@@ -109,11 +111,11 @@ class DetectionParams:
         metadata=bounds(gt=0, doc="Scale of the smooth background removed (µm)."),
     )
     threshold_snr: float = field(
-        default=4.0,
+        default=5.5,
         metadata=bounds(gt=0, doc="Minimum soma peak intensity in local raw noise SDs."),
     )
     threshold_contrast: float = field(
-        default=4.0,
+        default=5.0,
         metadata=bounds(
             gt=0, doc="Threshold on the band-passed peak over its local fluctuation SD."
         ),
