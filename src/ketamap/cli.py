@@ -235,7 +235,7 @@ def atlas_build(
     from ketamap.atlas import load_allen, write_brainglobe
 
     at = load_allen(annotation, structures, hemispheres_path=hemispheres, reference_path=reference,
-                    resolution_um=resolution, name=f"{name}_{resolution:g}um")
+                    resolution_um=resolution, name=name)
     path = write_brainglobe(at, out_dir)
     out.print(f"wrote {path} ({at.shape}, {len(at.ontology.ids)} structures)")
 

@@ -175,6 +175,15 @@ def simulate_census(
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     atlas_obj = _atlas(atlas)
+    if atlas_obj.reference is None:
+        # Tissue contrast is needed to image the brains and to register them: store the
+        # atlas in the study as a BrainGlobe folder, which carries a synthetic reference.
+        from ketamap.atlas import write_brainglobe
+
+        found = sorted((out / "atlas").glob("*/metadata.json"))
+        folder = found[0].parent if found else write_brainglobe(atlas_obj, out / "atlas")
+        atlas = str(folder)
+        atlas_obj = _atlas(atlas)
     ids = subject_ids(scen, n_per_group)
     settings = {"atlas": atlas, "scenario": scenario, "params": to_dict(params), "seed": seed}
     jobs = []
@@ -208,8 +217,12 @@ def simulate_census(
                            "groups": [to_dict_group(g) for g in scen.groups]},
                truth / "scenario.json")
 
+    try:
+        atlas_spec = Path(atlas).resolve().relative_to(out).as_posix()
+    except (ValueError, OSError):
+        atlas_spec = atlas
     study = Study(
-        name=scen.name, atlas=atlas, marker=scen.marker, reference_group=scen.reference_group,
+        name=scen.name, atlas=atlas_spec, marker=scen.marker, reference_group=scen.reference_group,
         imaging=Imaging(params.voxel_size_um, params.orientation, scen.marker, "autofluorescence"),
         groups=tuple(Group(g.name, g.dose_mg_per_kg, g.schedule, g.duration_days, g.description)
                      for g in scen.groups),
