@@ -261,7 +261,7 @@ def simulate_census_cmd(
     scenario: Annotated[str, typer.Option(help="ketamine-10day or null.")] = "ketamine-10day",
     n_per_group: Annotated[int, typer.Option(help="Mice per group.")] = 4,
     voxel_size: Annotated[tuple[float, float, float], typer.Option(
-        "--voxel-size", help="Voxel size z y x in µm.")] = (30.0, 30.0, 30.0),
+        "--voxel-size", help="Voxel size z y x in µm.")] = (40.0, 40.0, 40.0),
     orientation: Annotated[str, typer.Option(help="Orientation of the written volumes.")] = "psl",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Brains in parallel.")] = 1,

@@ -23,10 +23,10 @@ __all__ = ["run_demo", "print_summary"]
 def _demo_params():
     from ketamap.simulate import BrainParams
 
-    # 30 µm voxels over the whole brain keep the demo within about two minutes on
+    # 40 µm voxels over the whole brain keep the demo within about two minutes on
     # two cores; the raw volumes are written in the orientation of the shared
     # real brain ("psl") so that reorientation is exercised end to end.
-    return BrainParams(voxel_size_um=(30.0, 30.0, 30.0), orientation="psl")
+    return BrainParams(voxel_size_um=(40.0, 40.0, 40.0), orientation="psl")
 
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ketamap.errors import KetamapError, ParameterError
@@ -180,9 +181,11 @@ def write_registration(folder: Path, reg, atlas, image, *, voxel_size_um, orient
     )
 
     save_registration(reg, folder)
-    labels = warp_labels_to_sample(reg, atlas.annotation)
-    volumes = label_volumes_mm3(labels, warp_labels_to_sample(reg, atlas.hemispheres),
-                                atlas.resolution_um)
+    # one warp for both: region id and hemisphere packed as id * 4 + side (exact in uint64)
+    packed = warp_labels_to_sample(
+        reg, atlas.annotation.astype(np.uint64) * 4 + atlas.hemispheres)
+    labels = packed // 4
+    volumes = label_volumes_mm3(labels, packed % 4, atlas.resolution_um)
     write_table(volumes, folder / "volumes_by_label.parquet", csv=False)
     volumes["acronym"] = [atlas.ontology.acronym(int(r)) for r in volumes["region_id"]]
     wide = volumes.pivot_table(index="acronym", columns="hemisphere", values="volume_mm3",
@@ -301,9 +304,12 @@ def run_subject(study: Study, subject: Subject, *, stages=SUBJECT_STAGES, force:
 
 def _run_subject_job(manifest: str, subject_id: str, stages, force: bool, threads: int) -> dict:
     import dask
+    import SimpleITK as sitk
 
     study = load_study(manifest)
     subject = next(s for s in study.subjects if s.id == subject_id)
+    # each job gets its share of the cores, for dask and for ITK alike
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     with dask.config.set(scheduler="threads", num_workers=threads):
         return run_subject(study, subject, stages=stages, force=force)
 

@@ -55,7 +55,7 @@ class BrainParams:
     """Imaging and anatomy parameters of one simulated brain (units in names)."""
 
     voxel_size_um: tuple[float, float, float] = field(
-        default=(30.0, 30.0, 30.0), metadata=bounds(gt=0, le=1000, doc="raw voxel size (z, y, x)")
+        default=(40.0, 40.0, 40.0), metadata=bounds(gt=0, le=1000, doc="raw voxel size (z, y, x)")
     )
     orientation: str = field(default="psl", metadata=bounds(doc="orientation code of the raw volume"))
     soma_diameter_um: float = field(default=15.0, metadata=bounds(gt=0, le=100))
@@ -76,6 +76,9 @@ class BrainParams:
     max_rotation_deg: float = field(default=8.0, metadata=bounds(ge=0, le=180))
     max_translation_um: float = field(default=200.0, metadata=bounds(ge=0))
     scale_range: tuple[float, float] = field(default=(0.97, 1.06), metadata=bounds(gt=0))
+    render_step_um: float = field(
+        default=100.0, metadata=bounds(gt=0, doc="grid on which anatomy is resampled (µm)")
+    )
     margin_um: float = field(
         default=300.0, metadata=bounds(ge=0, doc="empty space imaged around the atlas box")
     )
@@ -275,7 +278,8 @@ def simulate_brain(
     }
 
     # ---- coarse rendering grid (about the atlas resolution), aligned with the frame grid
-    n_coarse = np.maximum(np.round(np.asarray(frame_shape) * vf / res).astype(int), 2)
+    step = np.maximum(res, params.render_step_um)
+    n_coarse = np.maximum(np.round(np.asarray(frame_shape) * vf / step).astype(int), 2)
     coarse_step = np.asarray(frame_shape) * vf / n_coarse  # µm per coarse voxel
     idx = np.indices(tuple(n_coarse), dtype=np.float32).reshape(3, -1).T
     q = (idx + 0.5) * coarse_step - 0.5 * vf  # coarse voxel centres in frame µm
@@ -298,37 +302,21 @@ def simulate_brain(
     ref_max = float(np.percentile(atlas.reference[brain], 99)) or 1.0
     auto_coarse = (ref / ref_max) * jitter[inverse.reshape(labels.shape)] * params.autofluorescence_photons
 
-    # ---- cells: counts per leaf region in the sample's own space
-    voxel_mm3 = float(np.prod(coarse_step)) * 1e-9
-    counts_vox = np.bincount(inverse.ravel(), minlength=len(present))
-    leaf = present != 0
+    # ---- cells: counts per leaf region, from its exact atlas volume in the sample's space
+    atlas_vol = atlas.region_volumes_mm3().groupby("id")["volume_mm3"].sum()
+    leaves = atlas_vol.index.to_numpy(np.int64)
+    volume_mm3 = atlas_vol.to_numpy() / scale**3  # the pose's scale shrinks or grows tissue
     density, fold = region_fold_and_density(
-        atlas.ontology, present[leaf], densities=densities, default_density=default_density,
+        atlas.ontology, leaves, densities=densities, default_density=default_density,
         zero_density=zero_density, fold_changes=fold_changes,
     )
     mouse = np.exp(rng.normal(0, params.mouse_cv))
-    region_mult = np.exp(rng.normal(0, params.region_cv, leaf.sum()))
-    expected = density * fold * counts_vox[leaf] * voxel_mm3 * mouse * region_mult
+    region_mult = np.exp(rng.normal(0, params.region_cv, len(leaves)))
+    expected = density * fold * volume_mm3 * mouse * region_mult
     n_cells = rng.poisson(expected)
-    order = np.argsort(inverse.ravel(), kind="stable")
-    starts = np.concatenate([[0], np.cumsum(counts_vox)])
-    chosen = []
-    for k, n in zip(np.flatnonzero(leaf), n_cells):
-        if n:
-            pool = order[starts[k]:starts[k + 1]]
-            chosen.append(pool[rng.integers(0, len(pool), n)])
-    chosen = np.concatenate(chosen) if chosen else np.zeros(0, np.intp)
-    cidx = np.stack(np.unravel_index(chosen, labels.shape), axis=1).astype(float)
-    q_cells = (cidx + rng.uniform(0, 1, cidx.shape)) * coarse_step - 0.5 * vf
-    # keep cells inside the frame volume
-    keep = np.all((q_cells >= 0) & (q_cells <= (np.asarray(frame_shape) - 1) * vf), axis=1)
-    q_cells = q_cells[keep]
-    atlas_vox = _frame_to_atlas_um(q_cells, tf) / res
-    cell_labels, cell_hemi = atlas.labels_at(atlas_vox)
-    # a cell drawn in a boundary voxel whose exact position falls outside the brain is dropped
-    in_brain = cell_labels > 0
-    q_cells, atlas_vox = q_cells[in_brain], atlas_vox[in_brain]
-    cell_labels, cell_hemi = cell_labels[in_brain], cell_hemi[in_brain]
+    q_cells, atlas_vox, cell_labels, cell_hemi = _place_cells(
+        leaves, n_cells, present, inverse.reshape(labels.shape), coarse_step, vf, frame_shape,
+        tf, res, atlas, rng)
     brightness = params.cell_brightness * np.exp(
         rng.normal(-0.5 * np.log1p(params.cell_brightness_cv**2),
                    np.sqrt(np.log1p(params.cell_brightness_cv**2)), len(q_cells))
@@ -372,15 +360,75 @@ def simulate_brain(
     })
     placed = pd.Series(cell_labels.astype(np.int64)).value_counts()
     expected_counts = pd.DataFrame({
-        "region_id": present[leaf].astype(np.int64), "expected_count": expected,
-        "count": placed.reindex(present[leaf].astype(np.int64), fill_value=0).to_numpy(),
-        "volume_mm3": counts_vox[leaf] * voxel_mm3,
+        "region_id": leaves, "expected_count": expected,
+        "count": placed.reindex(leaves, fill_value=0).to_numpy(),
+        "volume_mm3": volume_mm3,
         "density_per_mm3": density, "fold_change": fold,
     })
     tf["raw_shape"] = signal.shape
     log.info("simulated brain: %d cells, raw shape %s", len(cells), signal.shape)
     return SimulatedBrain(signal, background, cells, expected_counts, tf,
                           tuple(float(v) for v in vraw), params.orientation)
+
+
+def _place_cells(leaves, n_cells, present, coarse_index, coarse_step, vf, frame_shape, tf, res,
+                 atlas, rng, *, rounds: int = 8):
+    """Draw ``n_cells[k]`` positions whose exact atlas label is ``leaves[k]``.
+
+    Candidates are drawn uniformly inside the coarse voxels labelled with the
+    region and kept when the exact image of the point under the true transform
+    carries that label (rejection sampling), so every true cell lies in its
+    region and each region receives exactly its drawn count (unless the region
+    is too thin to be hit at all, which is logged).
+    """
+    flat = coarse_index.ravel()
+    order = np.argsort(flat, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(flat, minlength=len(present)))])
+    slot = {int(r): k for k, r in enumerate(present)}
+    frame_max = (np.asarray(frame_shape) - 1) * vf
+    need = n_cells.astype(int).copy()
+    out_q, out_a, out_l, out_h = [], [], [], []
+    for _ in range(rounds):
+        draw_region, draw_idx = [], []
+        for i in np.flatnonzero(need > 0):
+            k = slot.get(int(leaves[i]))
+            if k is None:
+                continue
+            pool = order[starts[k]:starts[k + 1]]
+            n = 2 * need[i] + 2
+            draw_region.append(np.full(n, i))
+            draw_idx.append(pool[rng.integers(0, len(pool), n)])
+        if not draw_region:
+            break
+        region = np.concatenate(draw_region)
+        cidx = np.stack(np.unravel_index(np.concatenate(draw_idx), coarse_index.shape), axis=1)
+        q = (cidx + rng.uniform(0, 1, cidx.shape)) * coarse_step - 0.5 * vf
+        inside = np.all((q >= 0) & (q <= frame_max), axis=1)
+        region, q = region[inside], q[inside]
+        a = _frame_to_atlas_um(q, tf) / res
+        lab, hemi = atlas.labels_at(a)
+        ok = lab.astype(np.int64) == leaves[region]
+        region, q, a, lab, hemi = region[ok], q[ok], a[ok], lab[ok], hemi[ok]
+        # keep the first need[i] accepted draws of each region
+        rank = np.zeros(len(region), int)
+        if len(region):
+            srt = np.argsort(region, kind="stable")
+            first = np.r_[0, np.flatnonzero(np.diff(region[srt])) + 1]
+            run = np.arange(len(srt)) - np.repeat(first, np.diff(np.r_[first, len(srt)]))
+            rank[srt] = run
+        take = rank < need[region]
+        out_q.append(q[take])
+        out_a.append(a[take])
+        out_l.append(lab[take])
+        out_h.append(hemi[take])
+        need -= np.bincount(region[take], minlength=len(need))
+    if need.sum():
+        log.info("%d cells could not be placed in regions too thin for the rendering grid",
+                 int(need.sum()))
+    return (np.concatenate(out_q) if out_q else np.zeros((0, 3)),
+            np.concatenate(out_a) if out_a else np.zeros((0, 3)),
+            np.concatenate(out_l) if out_l else np.zeros(0, np.uint32),
+            np.concatenate(out_h) if out_h else np.zeros(0, np.uint8))
 
 
 def _perm_raw_to_frame(atlas_orientation: str, raw_orientation: str) -> np.ndarray:

@@ -64,10 +64,10 @@ class Scenario:
 
 
 # Baseline TH+ densities. Real densities in VTA/SNc reach ~10^4 cells/mm³; the
-# demo images whole brains at 30 µm voxels, where somata closer than ~2 voxels
+# demo images whole brains at 40 µm voxels, where somata closer than ~2 voxels
 # merge, so the densities below keep the real *ranking* (dense dopaminergic
 # groups A8–A14 in midbrain and hypothalamus, sparse elsewhere) at a scale a
-# 30 µm grid resolves. Pass your own table for other scales.
+# 40 µm grid resolves. Pass your own table for other scales.
 TH_DENSITIES_PER_MM3 = {
     "VTA": 200.0,
     "SNc": 200.0,
