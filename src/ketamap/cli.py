@@ -284,11 +284,12 @@ def demo(
     atlas: Annotated[str, typer.Option(help="phantom (default), or the Allen files folder.")] = "phantom",
     n_per_group: Annotated[int, typer.Option(help="Mice per group.")] = 4,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Brains in parallel.")] = 2,
+    seed: Annotated[int, typer.Option(help="Simulation seed.")] = 0,
 ):
     """Simulate the ketamine 10-day study and run the whole census on it."""
     from ketamap.demo import print_summary, run_demo
 
-    result = run_demo(out_dir, atlas=atlas, n_per_group=n_per_group, n_jobs=jobs,
+    result = run_demo(out_dir, atlas=atlas, n_per_group=n_per_group, n_jobs=jobs, seed=seed,
                       progress_factory=lambda total, label: _progress(total, label), tick=_tick)
     print_summary(result, out)
 

@@ -70,8 +70,8 @@ class Scenario:
 # 40 µm grid resolves. Pass your own table for other scales.
 TH_DENSITIES_PER_MM3 = {
     "VTA": 200.0,
-    "SNc": 200.0,
-    "DR": 200.0,
+    "SNc": 250.0,
+    "DR": 250.0,
     "PVH": 180.0,
     "ARH": 150.0,
     "DMH": 120.0,
@@ -88,7 +88,8 @@ TH_DENSITIES_PER_MM3 = {
 }
 
 # Directions from Datta et al. 2023 (Cell Reports); magnitudes are illustrative
-# (no magnitudes are public) and chosen in the 0.5–2.2-fold range.
+# (no magnitudes are public): 2.5-fold decreases (0.4x) and 2.0-2.2-fold increases,
+# large enough for 4 mice per group to detect them in regions of 0.15 mm³.
 KETAMINE_10DAY = Scenario(
     name="ketamine-10day",
     description=(
@@ -100,11 +101,11 @@ KETAMINE_10DAY = Scenario(
         GroupDesign("saline", 0.0, "daily", 10, "saline i.p."),
         GroupDesign(
             "ket30", 30.0, "daily", 10, "ketamine 30 mg/kg i.p.",
-            {"DR": 0.5, "DMH": 0.5, "MPN": 0.5, "ZI": 2.0, "SNr": 2.0},
+            {"DR": 0.4, "DMH": 0.4, "MPN": 0.4, "ZI": 2.0, "SNr": 2.0},
         ),
         GroupDesign(
             "ket100", 100.0, "daily", 10, "ketamine 100 mg/kg i.p.",
-            {"VTA": 0.5, "SNc": 0.5, "PVH": 2.0, "ARH": 2.0, "VMH": 2.2, "LHA": 2.2},
+            {"VTA": 0.4, "SNc": 0.4, "PVH": 2.2, "ARH": 2.0, "VMH": 2.2, "LHA": 2.2},
         ),
     ),
     densities_per_mm3=TH_DENSITIES_PER_MM3,
