@@ -43,3 +43,4 @@ def test_frozen():
     p = P()
     with pytest.raises(AttributeError):
         p.n = 4
+
