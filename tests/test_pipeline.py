@@ -118,3 +118,33 @@ def test_accuracy_against_ground_truth(ran_study):
     assert ev["detection"]["precision_mean"] >= 0.85, ev["detection"]
     assert ev["registration"]["median_error_atlas_vox"] <= 2.0, ev["registration"]
     assert ev["registration"]["fraction_true_region"] >= 0.85, ev["registration"]
+
+
+def test_cli_single_stages_on_the_study(ran_study, tmp_path, monkeypatch, capsys):
+    """validate, quantify, stats and report from the command line."""
+    import sys
+
+    from ketamap import cli
+
+    root, manifest, _ = ran_study
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["ketamap", *map(str, args)])
+        try:
+            cli.main()
+        except SystemExit as e:
+            return int(e.code or 0)
+        return 0
+
+    assert run("validate", manifest) == 0
+    assert "3 groups, 6 subjects" in capsys.readouterr().out
+    subject = root / "subjects" / "ket30-01"
+    out = tmp_path / "q"
+    assert run("quantify", "--cells", subject / "detect" / "cells.parquet",
+               "--registration", subject / "register", "--atlas", "phantom:100",
+               "--out", out) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out / "regions.csv"),
+                                  pd.read_csv(subject / "quantify" / "regions.csv"))
+    assert run("stats", manifest) == 0
+    assert run("report", manifest) == 0
+    assert "report.html" in capsys.readouterr().out
