@@ -18,7 +18,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ketamap.errors import KetamapError
 
 app = typer.Typer(
-    name="ketamap", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="ketamap",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
     help="Measure how a drug remodels the mouse brain: whole-brain cell census and more.",
 )
 simulate_app = typer.Typer(no_args_is_help=True, help="Simulate studies with known ground truth.")
@@ -36,9 +39,16 @@ VoxelSize = Annotated[
 
 
 def _progress(total: int, label: str) -> Progress:
-    bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
-                   transient=False, disable=not err.is_terminal)
+    bar = Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+        disable=not err.is_terminal,
+    )
     bar.add_task("", total=total)
     return bar
 
@@ -48,13 +58,18 @@ def _tick(bar: Progress):
         bar.update(bar.task_ids[0], advance=1, description=name)
         if not err.is_terminal:
             err.print(f"  done: {name}")
+
     return advance
 
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each stage.")] = False):
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each stage.")] = False,
+):
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
 
 
 # --------------------------------------------------------------------------- study
@@ -68,18 +83,26 @@ def validate(manifest: Annotated[Path, typer.Argument(help="Study manifest (TOML
 
     study = load_study(manifest)
     stage_params(study)
-    out.print(f"[green]ok[/]: study \"{study.name}\", atlas {study.atlas}, marker {study.marker}, "
-              f"{len(study.groups)} groups, {len(study.subjects)} subjects")
+    out.print(
+        f'[green]ok[/]: study "{study.name}", atlas {study.atlas}, marker {study.marker}, '
+        f"{len(study.groups)} groups, {len(study.subjects)} subjects"
+    )
     for g in study.groups:
         n = sum(s.group == g.name for s in study.subjects)
-        out.print(f"  {g.name}: {g.dose_mg_per_kg:g} mg/kg, {g.schedule} for {g.duration_days} d, n={n}")
+        out.print(
+            f"  {g.name}: {g.dose_mg_per_kg:g} mg/kg, {g.schedule} for {g.duration_days} d, n={n}"
+        )
 
 
 @app.command()
 def run(
     manifest: Annotated[Path, typer.Argument(help="Study manifest (TOML).")],
-    stage: Annotated[Optional[list[str]], typer.Option(
-        "--stage", help="Run only these stages (detect, register, quantify, stats, report).")] = None,
+    stage: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--stage", help="Run only these stages (detect, register, quantify, stats, report)."
+        ),
+    ] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Subjects in parallel.")] = 1,
     force: Annotated[bool, typer.Option(help="Recompute outputs that are up to date.")] = False,
 ):
@@ -91,13 +114,17 @@ def run(
     with _progress(len(study.subjects) + 2, "census") as bar:
         summary = run_study(manifest, stages=stage, n_jobs=jobs, force=force, progress=_tick(bar))
     ran = sum(v is True for r in summary.subjects for v in r.values())
-    out.print(f"{study.name}: {len(study.subjects)} subjects, {ran} subject stages run, "
-              f"outputs in {study.root} ({summary.seconds:.0f} s)")
+    out.print(
+        f"{study.name}: {len(study.subjects)} subjects, {ran} subject stages run, "
+        f"outputs in {study.root} ({summary.seconds:.0f} s)"
+    )
 
 
 @app.command()
-def stats(manifest: Annotated[Path, typer.Argument(help="Study manifest (TOML).")],
-          force: Annotated[bool, typer.Option(help="Recompute.")] = False):
+def stats(
+    manifest: Annotated[Path, typer.Argument(help="Study manifest (TOML).")],
+    force: Annotated[bool, typer.Option(help="Recompute.")] = False,
+):
     """Compare groups per region (needs quantified subjects)."""
     from ketamap.pipeline import check_outputs_exist, run_stats
     from ketamap.study import load_study
@@ -109,8 +136,10 @@ def stats(manifest: Annotated[Path, typer.Argument(help="Study manifest (TOML)."
 
 
 @app.command()
-def report(manifest: Annotated[Path, typer.Argument(help="Study manifest (TOML).")],
-           force: Annotated[bool, typer.Option(help="Rebuild even if up to date.")] = False):
+def report(
+    manifest: Annotated[Path, typer.Argument(help="Study manifest (TOML).")],
+    force: Annotated[bool, typer.Option(help="Rebuild even if up to date.")] = False,
+):
     """Rebuild the HTML report from a study's outputs."""
     from ketamap.pipeline import check_outputs_exist, run_report
     from ketamap.study import load_study
@@ -146,7 +175,9 @@ def detect(
     from ketamap.params import from_mapping
     from ketamap.wholebrain.detect import DetectionParams, detect_cells
 
-    params = from_mapping(DetectionParams, {"soma_diameter_um": soma_diameter}, where="--soma-diameter")
+    params = from_mapping(
+        DetectionParams, {"soma_diameter_um": soma_diameter}, where="--soma-diameter"
+    )
     vol = open_volume(signal)
     bg = open_volume(background) if background else None
     bar = ProgressBar(out=sys.stderr) if err.is_terminal else contextlib.nullcontext()
@@ -154,7 +185,9 @@ def detect(
         cells = detect_cells(vol, voxel_size_um=voxel_size, params=params, background=bg)
     with atomic_dir(out_dir) as tmp:
         write_cells(cells, tmp)
-    out.print(f"{len(cells)} cells in {vol.shape} voxels -> {out_dir}/cells.parquet, cells.csv, cells.xml")
+    out.print(
+        f"{len(cells)} cells in {vol.shape} voxels -> {out_dir}/cells.parquet, cells.csv, cells.xml"
+    )
 
 
 @app.command()
@@ -176,15 +209,28 @@ def register(
     orientation = check_orientation(orientation, where="--orientation")
     at = load_atlas(atlas)
     image = open_volume(brain)
-    reg = register_to_atlas(image, at.reference, voxel_size_um=voxel_size, orientation=orientation,
-                            atlas_resolution_um=at.resolution_um, atlas_orientation=at.orientation,
-                            atlas_mask=at.annotation > 0)
+    reg = register_to_atlas(
+        image,
+        at.reference,
+        voxel_size_um=voxel_size,
+        orientation=orientation,
+        atlas_resolution_um=at.resolution_um,
+        atlas_orientation=at.orientation,
+        atlas_mask=at.annotation > 0,
+    )
     with atomic_dir(out_dir) as tmp:
-        write_registration(tmp, reg, at, image, voxel_size_um=voxel_size, orientation=orientation,
-                           title=brain.name)
-    flag = "[red]FLAGGED[/]: " + "; ".join(reg.qc.get("reasons", [])) if reg.qc.get("flagged") else "[green]ok[/]"
-    out.print(f"registration {flag}; correlation {reg.qc.get('correlation_after', float('nan')):.3f}"
-              f" -> {out_dir}")
+        write_registration(
+            tmp, reg, at, image, voxel_size_um=voxel_size, orientation=orientation, title=brain.name
+        )
+    flag = (
+        "[red]FLAGGED[/]: " + "; ".join(reg.qc.get("reasons", []))
+        if reg.qc.get("flagged")
+        else "[green]ok[/]"
+    )
+    out.print(
+        f"registration {flag}; correlation {reg.qc.get('correlation_after', float('nan')):.3f}"
+        f" -> {out_dir}"
+    )
 
 
 @app.command()
@@ -208,14 +254,17 @@ def quantify(
     if not volumes_file.exists():
         raise KetamapError(f'"{registration}" is not an output folder of "ketamap register".')
     cells_atlas, regions, summary = quantify_cells(
-        read_points(cells), load_registration(registration), at, pd.read_parquet(volumes_file))
+        read_points(cells), load_registration(registration), at, pd.read_parquet(volumes_file)
+    )
     with atomic_dir(out_dir) as tmp:
         write_table(cells_atlas, tmp / "cells_atlas.parquet")
         write_table(regions, tmp / "regions.parquet")
         write_json(summary, tmp / "summary.json")
-    out.print(f"{summary['n_in_regions']} of {summary['n_cells']} cells in regions "
-              f"({summary['n_outside_volume']} outside the atlas, {summary['n_unlabelled']} unlabelled)"
-              f" -> {out_dir}/regions.csv")
+    out.print(
+        f"{summary['n_in_regions']} of {summary['n_cells']} cells in regions "
+        f"({summary['n_outside_volume']} outside the atlas, {summary['n_unlabelled']} unlabelled)"
+        f" -> {out_dir}/regions.csv"
+    )
 
 
 # --------------------------------------------------------------------------- atlas
@@ -228,27 +277,39 @@ def atlas_build(
     resolution: Annotated[float, typer.Option(help="Output resolution in µm: 25, 50 or 100.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the atlas into.")],
     hemispheres: Annotated[Optional[Path], typer.Option(help="Hemispheres file.")] = None,
-    reference: Annotated[Optional[Path], typer.Option(help="Reference image at the output resolution.")] = None,
+    reference: Annotated[
+        Optional[Path], typer.Option(help="Reference image at the output resolution.")
+    ] = None,
     name: Annotated[str, typer.Option(help="Atlas name.")] = "allen_mouse",
 ):
     """Write the Allen CCFv3 files as a BrainGlobe-format atlas folder."""
     from ketamap.atlas import load_allen, write_brainglobe
 
-    at = load_allen(annotation, structures, hemispheres_path=hemispheres, reference_path=reference,
-                    resolution_um=resolution, name=name)
+    at = load_allen(
+        annotation,
+        structures,
+        hemispheres_path=hemispheres,
+        reference_path=reference,
+        resolution_um=resolution,
+        name=name,
+    )
     path = write_brainglobe(at, out_dir)
     out.print(f"wrote {path} ({at.shape}, {len(at.ontology.ids)} structures)")
 
 
 @atlas_app.command("info")
-def atlas_info(spec: Annotated[str, typer.Argument(help="phantom, a BrainGlobe name or a folder.")]):
+def atlas_info(
+    spec: Annotated[str, typer.Argument(help="phantom, a BrainGlobe name or a folder.")],
+):
     """Print an atlas' shape, resolution, orientation and size of its ontology."""
     from ketamap.atlas import load_atlas
 
     at = load_atlas(spec)
-    out.print(f"{at.name}: shape {at.shape}, resolution {at.resolution_um} µm, orientation "
-              f"{at.orientation}, {len(at.ontology.ids)} structures, reference "
-              f"{'yes' if at.reference is not None else 'no'}")
+    out.print(
+        f"{at.name}: shape {at.shape}, resolution {at.resolution_um} µm, orientation "
+        f"{at.orientation}, {len(at.ontology.ids)} structures, reference "
+        f"{'yes' if at.reference is not None else 'no'}"
+    )
 
 
 # --------------------------------------------------------------------------- simulate + demo
@@ -260,8 +321,9 @@ def simulate_census_cmd(
     atlas: Annotated[str, typer.Option(help="Atlas to simulate from.")] = "phantom",
     scenario: Annotated[str, typer.Option(help="ketamine-10day or null.")] = "ketamine-10day",
     n_per_group: Annotated[int, typer.Option(help="Mice per group.")] = 4,
-    voxel_size: Annotated[tuple[float, float, float], typer.Option(
-        "--voxel-size", help="Voxel size z y x in µm.")] = (40.0, 40.0, 40.0),
+    voxel_size: Annotated[
+        tuple[float, float, float], typer.Option("--voxel-size", help="Voxel size z y x in µm.")
+    ] = (40.0, 40.0, 40.0),
     orientation: Annotated[str, typer.Option(help="Orientation of the written volumes.")] = "psl",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Brains in parallel.")] = 1,
@@ -272,16 +334,25 @@ def simulate_census_cmd(
     params = BrainParams(voxel_size_um=voxel_size, orientation=orientation)
     n = n_per_group * 3 if scenario == "ketamine-10day" else n_per_group * 2
     with _progress(n, "simulate") as bar:
-        manifest = simulate_census(out_dir, atlas=atlas, scenario=scenario,
-                                   n_per_group=n_per_group, params=params, seed=seed,
-                                   n_jobs=jobs, progress=_tick(bar))
+        manifest = simulate_census(
+            out_dir,
+            atlas=atlas,
+            scenario=scenario,
+            n_per_group=n_per_group,
+            params=params,
+            seed=seed,
+            n_jobs=jobs,
+            progress=_tick(bar),
+        )
     out.print(f"wrote {manifest}")
 
 
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Study folder.")] = Path("ketamap-demo"),
-    atlas: Annotated[str, typer.Option(help="phantom (default), or the Allen files folder.")] = "phantom",
+    atlas: Annotated[
+        str, typer.Option(help="phantom (default), or the Allen files folder.")
+    ] = "phantom",
     n_per_group: Annotated[int, typer.Option(help="Mice per group.")] = 4,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Brains in parallel.")] = 2,
     seed: Annotated[int, typer.Option(help="Simulation seed.")] = 0,
@@ -289,8 +360,15 @@ def demo(
     """Simulate the ketamine 10-day study and run the whole census on it."""
     from ketamap.demo import print_summary, run_demo
 
-    result = run_demo(out_dir, atlas=atlas, n_per_group=n_per_group, n_jobs=jobs, seed=seed,
-                      progress_factory=lambda total, label: _progress(total, label), tick=_tick)
+    result = run_demo(
+        out_dir,
+        atlas=atlas,
+        n_per_group=n_per_group,
+        n_jobs=jobs,
+        seed=seed,
+        progress_factory=lambda total, label: _progress(total, label),
+        tick=_tick,
+    )
     print_summary(result, out)
 
 

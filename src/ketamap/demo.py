@@ -29,11 +29,15 @@ def _demo_params():
     return BrainParams(voxel_size_um=(40.0, 40.0, 40.0), orientation="psl")
 
 
-
 def run_demo(
-    out_dir: str | os.PathLike = "ketamap-demo", *, atlas: str = "phantom", n_per_group: int = 4,
-    n_jobs: int = 2, seed: int = 0,
-    progress_factory: Callable | None = None, tick: Callable | None = None,
+    out_dir: str | os.PathLike = "ketamap-demo",
+    *,
+    atlas: str = "phantom",
+    n_per_group: int = 4,
+    n_jobs: int = 2,
+    seed: int = 0,
+    progress_factory: Callable | None = None,
+    tick: Callable | None = None,
 ) -> dict:
     """Simulate ``ketamine-10day``, run every stage and score the run.
 
@@ -75,9 +79,16 @@ def run_demo(
         return tick(b) if tick and b is not None else None
 
     with bar(n_subjects, "simulate") as b:
-        manifest = simulate_census(out, atlas=atlas, scenario="ketamine-10day",
-                                   n_per_group=n_per_group, params=_demo_params(), seed=seed,
-                                   n_jobs=n_jobs, progress=cb(b))
+        manifest = simulate_census(
+            out,
+            atlas=atlas,
+            scenario="ketamine-10day",
+            n_per_group=n_per_group,
+            params=_demo_params(),
+            seed=seed,
+            n_jobs=n_jobs,
+            progress=cb(b),
+        )
     with bar(n_subjects + 2, "census") as b:
         run_study(manifest, n_jobs=n_jobs, progress=cb(b))
     evaluation = evaluate_census(out)
@@ -91,8 +102,13 @@ def run_demo(
     table = table.reindex(index=[a for a in KEY_REGIONS if a in table.index], columns=order)
     regions = pd.read_csv(out / "stats" / "regions.csv")
     called = regions[regions["q"] < 0.05]
-    return {"study_dir": str(out), "evaluation": evaluation, "counts": table,
-            "called": called, "groups": order}
+    return {
+        "study_dir": str(out),
+        "evaluation": evaluation,
+        "counts": table,
+        "called": called,
+        "groups": order,
+    }
 
 
 def print_summary(result: dict, console) -> None:
@@ -113,8 +129,14 @@ def print_summary(result: dict, console) -> None:
         p.add_column(col, justify="right" if "fold" in col or col == "q" else "left")
     for r in ev["planted"]:
         ok = r["called"] and r["right_direction"]
-        p.add_row(r["acronym"], r["contrast"], f"{r['true_fold_change']:.2f}",
-                  f"{r['fold_change']:.2f}", f"{r['q']:.2g}", "[green]yes[/]" if ok else "[red]no[/]")
+        p.add_row(
+            r["acronym"],
+            r["contrast"],
+            f"{r['true_fold_change']:.2f}",
+            f"{r['fold_change']:.2f}",
+            f"{r['q']:.2g}",
+            "[green]yes[/]" if ok else "[red]no[/]",
+        )
     console.print(p)
 
     called = result["called"]
@@ -125,12 +147,15 @@ def print_summary(result: dict, console) -> None:
     d, r, s = ev["detection"], ev["registration"], ev["statistics"]
     console.print(
         f"detection vs truth: recall {d['recall_mean']:.3f}, precision {d['precision_mean']:.3f} "
-        f"(worst mouse {d['recall_min']:.3f} / {d['precision_min']:.3f})")
+        f"(worst mouse {d['recall_min']:.3f} / {d['precision_min']:.3f})"
+    )
     console.print(
         f"registration vs truth: median error {r['median_error_atlas_vox']:.2f} atlas voxels, "
-        f"{100 * r['fraction_true_region']:.1f}% of cells in their true region")
+        f"{100 * r['fraction_true_region']:.1f}% of cells in their true region"
+    )
     console.print(
         f"statistics vs truth: {s['n_planted_found']}/{s['n_planted']} planted effects called in the "
         f"right direction; {100 * s['fraction_null_not_called']:.1f}% of {s['n_null']} no-effect "
-        "region tests not called")
+        "region tests not called"
+    )
     console.print(f"report: {Path(result['study_dir']) / 'report.html'}")

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ketamap.errors import KetamapError, ParameterError
+from ketamap.errors import InputNotFoundError, ParameterError
 from ketamap.io.atomic import atomic_dir, atomic_path, write_json, write_table
 from ketamap.params import did_you_mean, from_mapping, to_dict
 from ketamap.study import Study, Subject, load_study
@@ -46,8 +46,18 @@ log = logging.getLogger(__name__)
 SUBJECT_STAGES = ("detect", "register", "quantify")
 STUDY_STAGES = ("stats", "report")
 KEY_REGIONS = ("VTA", "SNc", "SNr", "ZI", "DR", "DMH", "MPN", "PVH", "ARH", "VMH", "LHA")
-_PACKAGES = ("ketamap", "numpy", "scipy", "scikit-image", "dask", "pandas", "SimpleITK",
-             "statsmodels", "brainglobe-space", "brainglobe-atlasapi")
+_PACKAGES = (
+    "ketamap",
+    "numpy",
+    "scipy",
+    "scikit-image",
+    "dask",
+    "pandas",
+    "SimpleITK",
+    "statsmodels",
+    "brainglobe-space",
+    "brainglobe-atlasapi",
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -89,8 +99,9 @@ def _stage_key(out: Path) -> str | None:
         return None
 
 
-def _run_stage(out: Path, name: str, material: dict, compute: Callable[[Path], dict], *,
-               force: bool) -> tuple[bool, str]:
+def _run_stage(
+    out: Path, name: str, material: dict, compute: Callable[[Path], dict], *, force: bool
+) -> tuple[bool, str]:
     """Run ``compute(tmp_dir)`` unless ``out`` holds the result for the same inputs."""
     key = _key(material)
     if not force and _stage_key(out) == key:
@@ -99,9 +110,17 @@ def _run_stage(out: Path, name: str, material: dict, compute: Callable[[Path], d
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
         result = compute(tmp) or {}
-        write_json({"stage": name, "key": key, "inputs": material, "versions": versions(),
-                    "seconds": round(time.perf_counter() - t0, 3), "result": result},
-                   tmp / "provenance.json")
+        write_json(
+            {
+                "stage": name,
+                "key": key,
+                "inputs": material,
+                "versions": versions(),
+                "seconds": round(time.perf_counter() - t0, 3),
+                "result": result,
+            },
+            tmp / "provenance.json",
+        )
     log.info("%s: done in %.1f s", name, time.perf_counter() - t0)
     return True, key
 
@@ -163,8 +182,9 @@ def subject_dir(study: Study, subject: Subject, stage: str) -> Path:
     return study.root / "subjects" / subject.id / stage
 
 
-def write_registration(folder: Path, reg, atlas, image, *, voxel_size_um, orientation: str,
-                       title: str) -> None:
+def write_registration(
+    folder: Path, reg, atlas, image, *, voxel_size_um, orientation: str, title: str
+) -> None:
     """Write a registration with its region volumes in sample space and its QC image.
 
     Writes the transform and ``registration.json`` (QC numbers),
@@ -182,21 +202,28 @@ def write_registration(folder: Path, reg, atlas, image, *, voxel_size_um, orient
 
     save_registration(reg, folder)
     # one warp for both: region id and hemisphere packed as id * 4 + side (exact in uint64)
-    packed = warp_labels_to_sample(
-        reg, atlas.annotation.astype(np.uint64) * 4 + atlas.hemispheres)
+    packed = warp_labels_to_sample(reg, atlas.annotation.astype(np.uint64) * 4 + atlas.hemispheres)
     labels = packed // 4
     volumes = label_volumes_mm3(labels, packed % 4, atlas.resolution_um)
     write_table(volumes, folder / "volumes_by_label.parquet", csv=False)
     volumes["acronym"] = [atlas.ontology.acronym(int(r)) for r in volumes["region_id"]]
-    wide = volumes.pivot_table(index="acronym", columns="hemisphere", values="volume_mm3",
-                               aggfunc="sum", fill_value=0.0)
-    wide = wide.reindex(columns=[1, 2], fill_value=0.0).rename(
-        columns={1: "left_volume_mm3", 2: "right_volume_mm3"}).reset_index()
+    wide = volumes.pivot_table(
+        index="acronym", columns="hemisphere", values="volume_mm3", aggfunc="sum", fill_value=0.0
+    )
+    wide = (
+        wide.reindex(columns=[1, 2], fill_value=0.0)
+        .rename(columns={1: "left_volume_mm3", 2: "right_volume_mm3"})
+        .reset_index()
+    )
     with atomic_path(folder / "volumes.csv") as tmp:
         wide.to_csv(tmp, index=False)
-    prepared = prepare_sample(image, voxel_size_um=voxel_size_um, orientation=orientation,
-                              atlas_orientation=atlas.orientation,
-                              atlas_resolution_um=atlas.resolution_um)
+    prepared = prepare_sample(
+        image,
+        voxel_size_um=voxel_size_um,
+        orientation=orientation,
+        atlas_orientation=atlas.orientation,
+        atlas_resolution_um=atlas.resolution_um,
+    )
     with atomic_path(folder / "qc.png") as png:
         png.write_bytes(registration_overlay_png(prepared, labels, title=title))
 
@@ -228,14 +255,20 @@ def quantify_cells(cells: pd.DataFrame, reg, atlas, volumes: pd.DataFrame):
 
     pts = cells_to_atlas(reg, cells[["z_vox", "y_vox", "x_vox"]].to_numpy(float))
     assigned = assign_regions(pts, atlas)
-    cells_atlas = cells.reset_index(drop=True).assign(
-        atlas_z_vox=pts[:, 0], atlas_y_vox=pts[:, 1], atlas_x_vox=pts[:, 2]).join(assigned)
-    cells_atlas["acronym"] = [atlas.ontology.acronym(int(r)) if r else ""
-                              for r in cells_atlas["region_id"]]
+    cells_atlas = (
+        cells.reset_index(drop=True)
+        .assign(atlas_z_vox=pts[:, 0], atlas_y_vox=pts[:, 1], atlas_x_vox=pts[:, 2])
+        .join(assigned)
+    )
+    cells_atlas["acronym"] = [
+        atlas.ontology.acronym(int(r)) if r else "" for r in cells_atlas["region_id"]
+    ]
     return cells_atlas, count_regions(assigned, volumes, atlas.ontology), cell_summary(assigned)
 
 
-def run_subject(study: Study, subject: Subject, *, stages=SUBJECT_STAGES, force: bool = False) -> dict:
+def run_subject(
+    study: Study, subject: Subject, *, stages=SUBJECT_STAGES, force: bool = False
+) -> dict:
     """Run the per-subject stages (detect, register, quantify) for one subject.
 
     Returns
@@ -255,50 +288,94 @@ def run_subject(study: Study, subject: Subject, *, stages=SUBJECT_STAGES, force:
 
     det_out = subject_dir(study, subject, "detect")
     if "detect" in stages:
+
         def detect(tmp: Path) -> dict:
             signal = open_volume(subject.signal)
             background = open_volume(subject.background) if subject.background else None
-            cells = detect_cells(signal, voxel_size_um=subject.voxel_size_um, params=det_params,
-                                 background=background)
+            cells = detect_cells(
+                signal,
+                voxel_size_um=subject.voxel_size_um,
+                params=det_params,
+                background=background,
+            )
             write_cells(cells, tmp)
             return {"n_cells": len(cells), "shape": list(signal.shape)}
 
-        done["detect"], _ = _run_stage(det_out, "detect", {
-            "inputs": fingerprint([subject.signal, subject.background]),
-            "params": to_dict(det_params), "imaging": imaging}, detect, force=force)
+        done["detect"], _ = _run_stage(
+            det_out,
+            "detect",
+            {
+                "inputs": fingerprint([subject.signal, subject.background]),
+                "params": to_dict(det_params),
+                "imaging": imaging,
+            },
+            detect,
+            force=force,
+        )
 
     reg_out = subject_dir(study, subject, "register")
     if "register" in stages:
+
         def register(tmp: Path) -> dict:
             image = open_volume(subject.background or subject.signal)
             reg = register_to_atlas(
-                image, atlas.reference, voxel_size_um=subject.voxel_size_um,
-                orientation=subject.orientation, atlas_resolution_um=atlas.resolution_um,
-                atlas_orientation=atlas.orientation, atlas_mask=atlas.annotation > 0,
-                params=reg_params)
-            write_registration(tmp, reg, atlas, image, voxel_size_um=subject.voxel_size_um,
-                               orientation=subject.orientation, title=subject.id)
+                image,
+                atlas.reference,
+                voxel_size_um=subject.voxel_size_um,
+                orientation=subject.orientation,
+                atlas_resolution_um=atlas.resolution_um,
+                atlas_orientation=atlas.orientation,
+                atlas_mask=atlas.annotation > 0,
+                params=reg_params,
+            )
+            write_registration(
+                tmp,
+                reg,
+                atlas,
+                image,
+                voxel_size_um=subject.voxel_size_um,
+                orientation=subject.orientation,
+                title=subject.id,
+            )
             return {k: v for k, v in reg.qc.items() if not isinstance(v, (list, dict))}
 
-        done["register"], _ = _run_stage(reg_out, "register", {
-            "inputs": fingerprint([subject.background or subject.signal]),
-            "atlas": _atlas_fingerprint(study), "params": to_dict(reg_params), "imaging": imaging},
-            register, force=force)
+        done["register"], _ = _run_stage(
+            reg_out,
+            "register",
+            {
+                "inputs": fingerprint([subject.background or subject.signal]),
+                "atlas": _atlas_fingerprint(study),
+                "params": to_dict(reg_params),
+                "imaging": imaging,
+            },
+            register,
+            force=force,
+        )
 
     if "quantify" in stages:
+
         def quantify(tmp: Path) -> dict:
             cells = pd.read_parquet(det_out / "cells.parquet")
             volumes = pd.read_parquet(reg_out / "volumes_by_label.parquet")
             cells_atlas, table, summary = quantify_cells(
-                cells, load_registration(reg_out), atlas, volumes)
+                cells, load_registration(reg_out), atlas, volumes
+            )
             write_table(cells_atlas, tmp / "cells_atlas.parquet")
             write_table(table, tmp / "regions.parquet")
             write_json(summary, tmp / "summary.json")
             return summary
 
-        done["quantify"], _ = _run_stage(subject_dir(study, subject, "quantify"), "quantify", {
-            "detect": _stage_key(det_out), "register": _stage_key(reg_out),
-            "atlas": _atlas_fingerprint(study)}, quantify, force=force)
+        done["quantify"], _ = _run_stage(
+            subject_dir(study, subject, "quantify"),
+            "quantify",
+            {
+                "detect": _stage_key(det_out),
+                "register": _stage_key(reg_out),
+                "atlas": _atlas_fingerprint(study),
+            },
+            quantify,
+            force=force,
+        )
     return done
 
 
@@ -321,8 +398,11 @@ def _long_counts(study: Study) -> pd.DataFrame:
     frames = []
     for s in study.subjects:
         t = pd.read_parquet(subject_dir(study, s, "quantify") / "regions.parquet")
-        frames.append(t[["region_id", "acronym", "level", "count", "volume_mm3",
-                         "density_per_mm3"]].assign(subject=s.id))
+        frames.append(
+            t[["region_id", "acronym", "level", "count", "volume_mm3", "density_per_mm3"]].assign(
+                subject=s.id
+            )
+        )
     counts = pd.concat(frames, ignore_index=True)
     return counts[counts["volume_mm3"] > 0]
 
@@ -337,18 +417,31 @@ def run_stats(study: Study, *, force: bool = False) -> bool:
 
     def stats(tmp: Path) -> dict:
         counts = _long_counts(study)
-        regions = compare_regions(counts, subjects, reference_group=study.reference_group,
-                                  covariates=covariates, params=stats_params)
+        regions = compare_regions(
+            counts,
+            subjects,
+            reference_group=study.reference_group,
+            covariates=covariates,
+            params=stats_params,
+        )
         write_table(regions, tmp / "regions.parquet")
         write_table(counts, tmp / "counts.parquet")
         write_table(subjects, tmp / "subjects.parquet")
         return {"n_rows": len(regions), "n_called": int((regions["q"] < stats_params.alpha).sum())}
 
-    ran, _ = _run_stage(study.root / "stats", "stats", {
-        "quantify": [_stage_key(subject_dir(study, s, "quantify")) for s in study.subjects],
-        "subjects": subjects.to_dict("records"), "covariates": covariates,
-        "params": to_dict(stats_params), "reference_group": study.reference_group,
-    }, stats, force=force)
+    ran, _ = _run_stage(
+        study.root / "stats",
+        "stats",
+        {
+            "quantify": [_stage_key(subject_dir(study, s, "quantify")) for s in study.subjects],
+            "subjects": subjects.to_dict("records"),
+            "covariates": covariates,
+            "params": to_dict(stats_params),
+            "reference_group": study.reference_group,
+        },
+        stats,
+        force=force,
+    )
     return ran
 
 
@@ -359,15 +452,20 @@ def _qc_table(study: Study) -> pd.DataFrame:
         reg = json.loads((subject_dir(study, s, "register") / "registration.json").read_text())
         summ = json.loads((subject_dir(study, s, "quantify") / "summary.json").read_text())
         qc = reg.get("qc", {})
-        rows.append({
-            "subject": s.id, "group": s.group, "n_cells": det["result"]["n_cells"],
-            "n_in_regions": summ["n_in_regions"], "n_outside_volume": summ["n_outside_volume"],
-            "n_unlabelled": summ["n_unlabelled"],
-            "registration_correlation": qc.get("correlation_after"),
-            "registration_dice": qc.get("dice_brain_mask"),
-            "registration_flagged": bool(qc.get("flagged", False)),
-            "registration_reasons": "; ".join(qc.get("reasons", [])),
-        })
+        rows.append(
+            {
+                "subject": s.id,
+                "group": s.group,
+                "n_cells": det["result"]["n_cells"],
+                "n_in_regions": summ["n_in_regions"],
+                "n_outside_volume": summ["n_outside_volume"],
+                "n_unlabelled": summ["n_unlabelled"],
+                "registration_correlation": qc.get("correlation_after"),
+                "registration_dice": qc.get("dice_brain_mask"),
+                "registration_flagged": bool(qc.get("flagged", False)),
+                "registration_reasons": "; ".join(qc.get("reasons", [])),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -385,27 +483,55 @@ def run_report(study: Study, *, force: bool = False) -> bool:
         truth = pd.read_csv(truth_file) if truth_file.exists() else None
         present = set(counts["acronym"])
         key = tuple(a for a in KEY_REGIONS if a in present)
-        images = {f"registration/{s.id}": (subject_dir(study, s, "register") / "qc.png").read_bytes()
-                  for s in study.subjects}
-        methods = {"versions": versions(), "detection": to_dict(det_params),
-                   "registration": to_dict(reg_params), "stats": to_dict(stats_params),
-                   "atlas": study.atlas}
+        images = {
+            f"registration/{s.id}": (subject_dir(study, s, "register") / "qc.png").read_bytes()
+            for s in study.subjects
+        }
+        methods = {
+            "versions": versions(),
+            "detection": to_dict(det_params),
+            "registration": to_dict(reg_params),
+            "stats": to_dict(stats_params),
+            "atlas": study.atlas,
+        }
         html = render_report(
-            study={"name": study.name, "marker": study.marker, "atlas": study.atlas,
-                   "reference_group": study.reference_group,
-                   "groups": [{"name": g.name, "dose_mg_per_kg": g.dose_mg_per_kg,
-                               "schedule": f"{g.schedule}, {g.duration_days} d"}
-                              for g in study.groups]},
-            subjects=subjects, qc=_qc_table(study), regions=regions, counts=counts, truth=truth,
-            key_regions=key, images=images, methods=methods)
+            study={
+                "name": study.name,
+                "marker": study.marker,
+                "atlas": study.atlas,
+                "reference_group": study.reference_group,
+                "groups": [
+                    {
+                        "name": g.name,
+                        "dose_mg_per_kg": g.dose_mg_per_kg,
+                        "schedule": f"{g.schedule}, {g.duration_days} d",
+                    }
+                    for g in study.groups
+                ],
+            },
+            subjects=subjects,
+            qc=_qc_table(study),
+            regions=regions,
+            counts=counts,
+            truth=truth,
+            key_regions=key,
+            images=images,
+            methods=methods,
+        )
         save_figures(regions, counts, subjects, tmp / "figures", key_regions=key)
         (tmp / "report.html").write_text(html, encoding="utf-8")
         return {"bytes": len(html)}
 
-    ran, _ = _run_stage(study.root / "report", "report", {
-        "stats": _stage_key(study.root / "stats"),
-        "truth": fingerprint([truth_file]) if truth_file.exists() else None,
-    }, report, force=force)
+    ran, _ = _run_stage(
+        study.root / "report",
+        "report",
+        {
+            "stats": _stage_key(study.root / "stats"),
+            "truth": fingerprint([truth_file]) if truth_file.exists() else None,
+        },
+        report,
+        force=force,
+    )
     final = study.root / "report.html"
     if ran or not final.exists():
         with atomic_path(final) as tmp:
@@ -427,8 +553,12 @@ class RunSummary:
 
 
 def run_study(
-    manifest: str | os.PathLike, *, stages: Iterable[str] | None = None, n_jobs: int = 1,
-    force: bool = False, progress: Callable[[str], None] | None = None,
+    manifest: str | os.PathLike,
+    *,
+    stages: Iterable[str] | None = None,
+    n_jobs: int = 1,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> RunSummary:
     """Run every stage of a study, skipping what is up to date.
 
@@ -460,7 +590,9 @@ def run_study(
     stages = tuple(stages) if stages is not None else valid
     for s in stages:
         if s not in valid:
-            raise ParameterError(f'Unknown stage "{s}"{did_you_mean(s, valid)}; stages: {", ".join(valid)}.')
+            raise ParameterError(
+                f'Unknown stage "{s}"{did_you_mean(s, valid)}; stages: {", ".join(valid)}.'
+            )
     if n_jobs < 1:
         raise ParameterError(f"n_jobs must be at least 1, got {n_jobs}.")
     t0 = time.perf_counter()
@@ -470,8 +602,10 @@ def run_study(
     results = []
     if sub_stages:
         threads = max(1, (os.cpu_count() or 1) // n_jobs)
-        jobs = [(str(Path(manifest).resolve()), s.id, sub_stages, force, threads)
-                for s in study.subjects]
+        jobs = [
+            (str(Path(manifest).resolve()), s.id, sub_stages, force, threads)
+            for s in study.subjects
+        ]
         if n_jobs > 1 and len(jobs) > 1:
             with ProcessPoolExecutor(max_workers=n_jobs) as pool:
                 for res in pool.map(_run_subject_job, *zip(*jobs)):
@@ -500,5 +634,6 @@ def check_outputs_exist(study: Study, stage: str) -> None:
     """Raise a one-sentence error if a stage's inputs from earlier stages are missing."""
     for s in study.subjects:
         if not (subject_dir(study, s, "quantify") / "provenance.json").exists():
-            raise KetamapError(
-                f'Subject "{s.id}" has no quantification yet; run "ketamap run" before "{stage}".')
+            raise InputNotFoundError(
+                f'Subject "{s.id}" has no quantification yet; run "ketamap run" before "{stage}".'
+            )

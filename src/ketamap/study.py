@@ -154,7 +154,9 @@ class Study:
         for g in self.groups:
             if g.name == name:
                 return g
-        raise ManifestError(f'No group "{name}"{did_you_mean(name, [g.name for g in self.groups])}.')
+        raise ManifestError(
+            f'No group "{name}"{did_you_mean(name, [g.name for g in self.groups])}.'
+        )
 
     def subjects_table(self) -> pd.DataFrame:
         """Return one row per subject: subject, group, dose_mg_per_kg and covariates."""
@@ -182,7 +184,14 @@ _STUDY_KEYS = ("name", "atlas", "marker", "reference_group")
 _IMAGING_KEYS = ("voxel_size_um", "orientation", "signal_channel", "background_channel")
 _GROUP_KEYS = ("name", "dose_mg_per_kg", "schedule", "duration_days", "description")
 _SUBJECT_KEYS = (
-    "id", "group", "signal", "background", "voxel_size_um", "orientation", "sex", "batch",
+    "id",
+    "group",
+    "signal",
+    "background",
+    "voxel_size_um",
+    "orientation",
+    "sex",
+    "batch",
     "covariates",
 )
 
@@ -210,8 +219,13 @@ def _typed(value: Any, kind: type | tuple, what: str, where: str) -> Any:
         ok = isinstance(value, kinds)
     if not ok:
         names = " or ".join("number" if k in (int, float) else k.__name__ for k in kinds)
-        names = {"str": "a string", "number or number": "a number", "number": "a number",
-                 "table": "a table", "list": "a list"}.get(names, names)
+        names = {
+            "str": "a string",
+            "number or number": "a number",
+            "number": "a number",
+            "table": "a table",
+            "list": "a list",
+        }.get(names, names)
         raise ManifestError(f"{what} in {where} must be {names}, got {value!r}.")
     return value
 
@@ -243,7 +257,9 @@ def _path(value: Any, root: Path, what: str, where: str, *, check_exists: bool) 
     return p
 
 
-def parse_study(data: Mapping[str, Any], *, root: str | os.PathLike, check_paths: bool = True) -> Study:
+def parse_study(
+    data: Mapping[str, Any], *, root: str | os.PathLike, check_paths: bool = True
+) -> Study:
     """Validate a parsed manifest (a dict as read from TOML) into a :class:`Study`.
 
     Parameters
@@ -281,12 +297,15 @@ def parse_study(data: Mapping[str, Any], *, root: str | os.PathLike, check_paths
         ),
         signal_channel=_typed(im.get("signal_channel", marker), str, "signal_channel", "[imaging]"),
         background_channel=(
-            None if im.get("background_channel") is None
+            None
+            if im.get("background_channel") is None
             else _typed(im["background_channel"], str, "background_channel", "[imaging]")
         ),
     )
 
-    raw_groups = _typed(_require(data, "groups", "the manifest"), list, "[[groups]]", "the manifest")
+    raw_groups = _typed(
+        _require(data, "groups", "the manifest"), list, "[[groups]]", "the manifest"
+    )
     if len(raw_groups) < 1:
         raise ManifestError("The manifest declares no [[groups]].")
     groups: list[Group] = []
@@ -346,15 +365,23 @@ def parse_study(data: Mapping[str, Any], *, root: str | os.PathLike, check_paths
                 f'{where} belongs to unknown group "{group}"{did_you_mean(group, group_names)}; '
                 f"declared groups are: {', '.join(group_names)}."
             )
-        signal = _path(_require(s, "signal", where), root, "signal", where, check_exists=check_paths)
+        signal = _path(
+            _require(s, "signal", where), root, "signal", where, check_exists=check_paths
+        )
         background = (
-            None if s.get("background") is None
+            None
+            if s.get("background") is None
             else _path(s["background"], root, "background", where, check_exists=check_paths)
         )
-        vox = _voxel_size(s["voxel_size_um"], where) if "voxel_size_um" in s else imaging.voxel_size_um
+        vox = (
+            _voxel_size(s["voxel_size_um"], where)
+            if "voxel_size_um" in s
+            else imaging.voxel_size_um
+        )
         orient = (
             check_orientation(s["orientation"], where=f"orientation of {where}")
-            if "orientation" in s else imaging.orientation
+            if "orientation" in s
+            else imaging.orientation
         )
         cov: dict[str, Any] = {}
         for key in ("sex", "batch"):
@@ -377,8 +404,15 @@ def parse_study(data: Mapping[str, Any], *, root: str | os.PathLike, check_paths
             params[stage] = dict(_typed(data[stage], dict, f"[{stage}]", "the manifest"))
 
     return Study(
-        name=name, atlas=atlas, marker=marker, reference_group=reference, imaging=imaging,
-        groups=tuple(groups), subjects=tuple(subjects), root=root, params=params,
+        name=name,
+        atlas=atlas,
+        marker=marker,
+        reference_group=reference,
+        imaging=imaging,
+        groups=tuple(groups),
+        subjects=tuple(subjects),
+        root=root,
+        params=params,
     )
 
 

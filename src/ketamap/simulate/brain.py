@@ -57,7 +57,9 @@ class BrainParams:
     voxel_size_um: tuple[float, float, float] = field(
         default=(40.0, 40.0, 40.0), metadata=bounds(gt=0, le=1000, doc="raw voxel size (z, y, x)")
     )
-    orientation: str = field(default="psl", metadata=bounds(doc="orientation code of the raw volume"))
+    orientation: str = field(
+        default="psl", metadata=bounds(doc="orientation code of the raw volume")
+    )
     soma_diameter_um: float = field(default=15.0, metadata=bounds(gt=0, le=100))
     psf_sigma_um: tuple[float, float, float] = field(
         default=(4.0, 1.5, 1.5), metadata=bounds(ge=0, doc="point-spread function sigma (z, y, x)")
@@ -134,8 +136,13 @@ class SimulatedBrain:
 
 
 def region_fold_and_density(
-    ontology, labels: np.ndarray, *, densities: Mapping[str, float], default_density: float,
-    zero_density: tuple[str, ...], fold_changes: Mapping[str, float],
+    ontology,
+    labels: np.ndarray,
+    *,
+    densities: Mapping[str, float],
+    default_density: float,
+    zero_density: tuple[str, ...],
+    fold_changes: Mapping[str, float],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-label density (cells/mm³) and fold change from acronym tables.
 
@@ -208,15 +215,22 @@ def _displacement(points_um: np.ndarray, grid: np.ndarray, spacing_um: np.ndarra
 def _frame_to_atlas_um(q_um: np.ndarray, tf: dict) -> np.ndarray:
     d = _displacement(q_um, tf["displacement_um"], np.asarray(tf["control_spacing_um"]))
     centred = q_um + d - np.asarray(tf["frame_center_um"])
-    return centred @ np.asarray(tf["matrix"]).T + np.asarray(tf["atlas_center_um"]) + np.asarray(
-        tf["translation_um"]
+    return (
+        centred @ np.asarray(tf["matrix"]).T
+        + np.asarray(tf["atlas_center_um"])
+        + np.asarray(tf["translation_um"])
     )
 
 
 def simulate_brain(
-    atlas, *, fold_changes: Mapping[str, float], densities: Mapping[str, float],
-    default_density: float = 3.0, zero_density: tuple[str, ...] = ("fiber tracts", "VS"),
-    params: BrainParams = BrainParams(), seed: int = 0,
+    atlas,
+    *,
+    fold_changes: Mapping[str, float],
+    densities: Mapping[str, float],
+    default_density: float = 3.0,
+    zero_density: tuple[str, ...] = ("fiber tracts", "VS"),
+    params: BrainParams | None = None,
+    seed: int = 0,
 ) -> SimulatedBrain:
     """Simulate one two-channel light-sheet volume with known cells and transform.
 
@@ -243,7 +257,10 @@ def simulate_brain(
     if atlas.reference is None:
         from ketamap.errors import AtlasError
 
-        raise AtlasError(f'Atlas "{atlas.name}" has no reference image to simulate tissue contrast.')
+        raise AtlasError(
+            f'Atlas "{atlas.name}" has no reference image to simulate tissue contrast.'
+        )
+    params = BrainParams() if params is None else params
     rng = np.random.default_rng(seed)
     res = np.asarray(atlas.resolution_um, float)
     extent = np.asarray(atlas.shape) * res + 2 * params.margin_um
@@ -271,10 +288,18 @@ def simulate_brain(
     else:
         disp[:] = 0
     tf = {
-        "matrix": matrix, "frame_center_um": frame_center, "atlas_center_um": atlas_center,
-        "translation_um": translation, "displacement_um": disp, "control_spacing_um": spacing,
-        "frame_shape": frame_shape, "frame_voxel_um": vf, "orientation": params.orientation,
-        "atlas_orientation": atlas.orientation, "rotation_deg": angles, "scale": scale,
+        "matrix": matrix,
+        "frame_center_um": frame_center,
+        "atlas_center_um": atlas_center,
+        "translation_um": translation,
+        "displacement_um": disp,
+        "control_spacing_um": spacing,
+        "frame_shape": frame_shape,
+        "frame_voxel_um": vf,
+        "orientation": params.orientation,
+        "atlas_orientation": atlas.orientation,
+        "rotation_deg": angles,
+        "scale": scale,
     }
 
     # ---- coarse rendering grid (about the atlas resolution), aligned with the frame grid
@@ -300,35 +325,65 @@ def simulate_brain(
     jitter = np.exp(rng.normal(0, params.region_contrast_cv, len(present)))
     jitter[present == 0] = 1.0
     ref_max = float(np.percentile(atlas.reference[brain], 99)) or 1.0
-    auto_coarse = (ref / ref_max) * jitter[inverse.reshape(labels.shape)] * params.autofluorescence_photons
+    auto_coarse = (
+        (ref / ref_max) * jitter[inverse.reshape(labels.shape)] * params.autofluorescence_photons
+    )
 
     # ---- cells: counts per leaf region, from its exact atlas volume in the sample's space
     atlas_vol = atlas.region_volumes_mm3().groupby("id")["volume_mm3"].sum()
     leaves = atlas_vol.index.to_numpy(np.int64)
     volume_mm3 = atlas_vol.to_numpy() / scale**3  # the pose's scale shrinks or grows tissue
     density, fold = region_fold_and_density(
-        atlas.ontology, leaves, densities=densities, default_density=default_density,
-        zero_density=zero_density, fold_changes=fold_changes,
+        atlas.ontology,
+        leaves,
+        densities=densities,
+        default_density=default_density,
+        zero_density=zero_density,
+        fold_changes=fold_changes,
     )
     mouse = np.exp(rng.normal(0, params.mouse_cv))
     region_mult = np.exp(rng.normal(0, params.region_cv, len(leaves)))
     expected = density * fold * volume_mm3 * mouse * region_mult
     n_cells = rng.poisson(expected)
     q_cells, atlas_vox, cell_labels, cell_hemi = _place_cells(
-        leaves, n_cells, present, inverse.reshape(labels.shape), coarse_step, vf, frame_shape,
-        tf, res, atlas, rng)
+        leaves,
+        n_cells,
+        present,
+        inverse.reshape(labels.shape),
+        coarse_step,
+        vf,
+        frame_shape,
+        tf,
+        res,
+        atlas,
+        rng,
+    )
     brightness = params.cell_brightness * np.exp(
-        rng.normal(-0.5 * np.log1p(params.cell_brightness_cv**2),
-                   np.sqrt(np.log1p(params.cell_brightness_cv**2)), len(q_cells))
+        rng.normal(
+            -0.5 * np.log1p(params.cell_brightness_cv**2),
+            np.sqrt(np.log1p(params.cell_brightness_cv**2)),
+            len(q_cells),
+        )
     )
 
     # ---- render the frame volumes
     ratio = np.asarray(frame_shape) / n_coarse
-    auto = ndi.zoom(auto_coarse.astype(np.float32), ratio, order=0, grid_mode=True,
-                    mode="grid-constant", cval=0.0)
-    auto = ndi.gaussian_filter(auto[: frame_shape[0], : frame_shape[1], : frame_shape[2]],
-                               np.maximum(ratio / 2, 0.3), truncate=2.5)
-    psf_frame = np.asarray(params.psf_sigma_um)[_perm_raw_to_frame(atlas.orientation, params.orientation)]
+    auto = ndi.zoom(
+        auto_coarse.astype(np.float32),
+        ratio,
+        order=0,
+        grid_mode=True,
+        mode="grid-constant",
+        cval=0.0,
+    )
+    auto = ndi.gaussian_filter(
+        auto[: frame_shape[0], : frame_shape[1], : frame_shape[2]],
+        np.maximum(ratio / 2, 0.3),
+        truncate=2.5,
+    )
+    psf_frame = np.asarray(params.psf_sigma_um)[
+        _perm_raw_to_frame(atlas.orientation, params.orientation)
+    ]
     sigma_vox = np.sqrt((params.soma_diameter_um / 4) ** 2 + psf_frame**2) / vf
     cells_img = np.zeros(frame_shape, np.float32)
     # peak ≈ brightness whether a soma spans many voxels or sits inside one
@@ -349,30 +404,61 @@ def simulate_brain(
     raw_vox = space.map_points_to(params.orientation, q_cells / vf + 0.5) - 0.5
     vraw = np.asarray(params.voxel_size_um)
 
-    cells = pd.DataFrame({
-        "z_vox": raw_vox[:, 0], "y_vox": raw_vox[:, 1], "x_vox": raw_vox[:, 2],
-        "z_um": raw_vox[:, 0] * vraw[0], "y_um": raw_vox[:, 1] * vraw[1],
-        "x_um": raw_vox[:, 2] * vraw[2],
-        "atlas_z_vox": atlas_vox[:, 0], "atlas_y_vox": atlas_vox[:, 1],
-        "atlas_x_vox": atlas_vox[:, 2],
-        "region_id": cell_labels.astype(np.int64), "hemisphere": cell_hemi.astype(np.int8),
-        "brightness": brightness,
-    })
+    cells = pd.DataFrame(
+        {
+            "z_vox": raw_vox[:, 0],
+            "y_vox": raw_vox[:, 1],
+            "x_vox": raw_vox[:, 2],
+            "z_um": raw_vox[:, 0] * vraw[0],
+            "y_um": raw_vox[:, 1] * vraw[1],
+            "x_um": raw_vox[:, 2] * vraw[2],
+            "atlas_z_vox": atlas_vox[:, 0],
+            "atlas_y_vox": atlas_vox[:, 1],
+            "atlas_x_vox": atlas_vox[:, 2],
+            "region_id": cell_labels.astype(np.int64),
+            "hemisphere": cell_hemi.astype(np.int8),
+            "brightness": brightness,
+        }
+    )
     placed = pd.Series(cell_labels.astype(np.int64)).value_counts()
-    expected_counts = pd.DataFrame({
-        "region_id": leaves, "expected_count": expected,
-        "count": placed.reindex(leaves, fill_value=0).to_numpy(),
-        "volume_mm3": volume_mm3,
-        "density_per_mm3": density, "fold_change": fold,
-    })
+    expected_counts = pd.DataFrame(
+        {
+            "region_id": leaves,
+            "expected_count": expected,
+            "count": placed.reindex(leaves, fill_value=0).to_numpy(),
+            "volume_mm3": volume_mm3,
+            "density_per_mm3": density,
+            "fold_change": fold,
+        }
+    )
     tf["raw_shape"] = signal.shape
     log.info("simulated brain: %d cells, raw shape %s", len(cells), signal.shape)
-    return SimulatedBrain(signal, background, cells, expected_counts, tf,
-                          tuple(float(v) for v in vraw), params.orientation)
+    return SimulatedBrain(
+        signal,
+        background,
+        cells,
+        expected_counts,
+        tf,
+        tuple(float(v) for v in vraw),
+        params.orientation,
+    )
 
 
-def _place_cells(leaves, n_cells, present, coarse_index, coarse_step, vf, frame_shape, tf, res,
-                 atlas, rng, *, rounds: int = 8):
+def _place_cells(
+    leaves,
+    n_cells,
+    present,
+    coarse_index,
+    coarse_step,
+    vf,
+    frame_shape,
+    tf,
+    res,
+    atlas,
+    rng,
+    *,
+    rounds: int = 8,
+):
     """Draw ``n_cells[k]`` positions whose exact atlas label is ``leaves[k]``.
 
     Candidates are drawn uniformly inside the coarse voxels labelled with the
@@ -394,7 +480,7 @@ def _place_cells(leaves, n_cells, present, coarse_index, coarse_step, vf, frame_
             k = slot.get(int(leaves[i]))
             if k is None:
                 continue
-            pool = order[starts[k]:starts[k + 1]]
+            pool = order[starts[k] : starts[k + 1]]
             n = 2 * need[i] + 2
             draw_region.append(np.full(n, i))
             draw_idx.append(pool[rng.integers(0, len(pool), n)])
@@ -423,12 +509,16 @@ def _place_cells(leaves, n_cells, present, coarse_index, coarse_step, vf, frame_
         out_h.append(hemi[take])
         need -= np.bincount(region[take], minlength=len(need))
     if need.sum():
-        log.info("%d cells could not be placed in regions too thin for the rendering grid",
-                 int(need.sum()))
-    return (np.concatenate(out_q) if out_q else np.zeros((0, 3)),
-            np.concatenate(out_a) if out_a else np.zeros((0, 3)),
-            np.concatenate(out_l) if out_l else np.zeros(0, np.uint32),
-            np.concatenate(out_h) if out_h else np.zeros(0, np.uint8))
+        log.info(
+            "%d cells could not be placed in regions too thin for the rendering grid",
+            int(need.sum()),
+        )
+    return (
+        np.concatenate(out_q) if out_q else np.zeros((0, 3)),
+        np.concatenate(out_a) if out_a else np.zeros((0, 3)),
+        np.concatenate(out_l) if out_l else np.zeros(0, np.uint32),
+        np.concatenate(out_h) if out_h else np.zeros(0, np.uint8),
+    )
 
 
 def _perm_raw_to_frame(atlas_orientation: str, raw_orientation: str) -> np.ndarray:

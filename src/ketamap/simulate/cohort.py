@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 
 def subject_ids(scenario: Scenario, n_per_group: int) -> list[tuple[str, str]]:
     """Return ``(subject_id, group)`` pairs, e.g. ``("ket30-02", "ket30")``."""
-    return [(f"{g.name}-{i:02d}", g.name) for g in scenario.groups for i in range(1, n_per_group + 1)]
+    return [
+        (f"{g.name}-{i:02d}", g.name) for g in scenario.groups for i in range(1, n_per_group + 1)
+    ]
 
 
 def true_effects(atlas, scenario: Scenario) -> pd.DataFrame:
@@ -64,9 +66,12 @@ def true_effects(atlas, scenario: Scenario) -> pd.DataFrame:
     pairs = onto.ancestor_pairs()
     for g in scenario.groups[1:]:
         density, fold = region_fold_and_density(
-            onto, leaves, densities=scenario.densities_per_mm3,
+            onto,
+            leaves,
+            densities=scenario.densities_per_mm3,
             default_density=scenario.default_density_per_mm3,
-            zero_density=scenario.zero_density, fold_changes=g.fold_changes,
+            zero_density=scenario.zero_density,
+            fold_changes=g.fold_changes,
         )
         base = density * vol["volume_mm3"].to_numpy()
         leaf = pd.DataFrame({"id": leaves, "base": base, "treated": base * fold})
@@ -74,12 +79,16 @@ def true_effects(atlas, scenario: Scenario) -> pd.DataFrame:
         agg = agg[agg["base"] > 0]
         planted = {onto.lookup(a) for a in g.fold_changes}
         for rid, r in agg.iterrows():
-            rows.append({
-                "acronym": onto.acronym(int(rid)), "region_id": int(rid), "level": onto.depth(int(rid)),
-                "contrast": f"{g.name}_vs_{scenario.reference_group}",
-                "true_fold_change": float(r["treated"] / r["base"]),
-                "planted": int(rid) in planted,
-            })
+            rows.append(
+                {
+                    "acronym": onto.acronym(int(rid)),
+                    "region_id": int(rid),
+                    "level": onto.depth(int(rid)),
+                    "contrast": f"{g.name}_vs_{scenario.reference_group}",
+                    "true_fold_change": float(r["treated"] / r["base"]),
+                    "planted": int(rid) in planted,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -94,8 +103,16 @@ def _atlas(spec: str):
     return load_atlas(spec)
 
 
-def _simulate_one(out_dir: str, atlas_spec: str, subject: str, group: str, scenario_name: str,
-                  params: BrainParams, seed: int, key: str) -> dict:
+def _simulate_one(
+    out_dir: str,
+    atlas_spec: str,
+    subject: str,
+    group: str,
+    scenario_name: str,
+    params: BrainParams,
+    seed: int,
+    key: str,
+) -> dict:
     from ketamap.io.volumes import write_ome_zarr
 
     out = Path(out_dir)
@@ -103,9 +120,13 @@ def _simulate_one(out_dir: str, atlas_spec: str, subject: str, group: str, scena
     scenario = get_scenario(scenario_name)
     design = next(g for g in scenario.groups if g.name == group)
     brain = simulate_brain(
-        atlas, fold_changes=design.fold_changes, densities=scenario.densities_per_mm3,
-        default_density=scenario.default_density_per_mm3, zero_density=scenario.zero_density,
-        params=params, seed=seed,
+        atlas,
+        fold_changes=design.fold_changes,
+        densities=scenario.densities_per_mm3,
+        default_density=scenario.default_density_per_mm3,
+        zero_density=scenario.zero_density,
+        params=params,
+        seed=seed,
     )
     truth = out / "ground_truth"
     cells = brain.cells.assign(subject=subject)
@@ -128,16 +149,23 @@ def _simulate_one(out_dir: str, atlas_spec: str, subject: str, group: str, scena
 def _done(out: Path, subject: str, key: str) -> bool:
     f = out / "data" / subject / "simulation.json"
     try:
-        return json.loads(f.read_text())["key"] == key and (
-            out / "ground_truth" / "cells" / f"{subject}.parquet"
-        ).exists()
+        return (
+            json.loads(f.read_text())["key"] == key
+            and (out / "ground_truth" / "cells" / f"{subject}.parquet").exists()
+        )
     except (OSError, ValueError, KeyError):
         return False
 
 
 def simulate_census(
-    out_dir: str | os.PathLike, *, atlas: str = "phantom", scenario: str = "ketamine-10day",
-    n_per_group: int = 4, params: BrainParams = BrainParams(), seed: int = 0, n_jobs: int = 1,
+    out_dir: str | os.PathLike,
+    *,
+    atlas: str = "phantom",
+    scenario: str = "ketamine-10day",
+    n_per_group: int = 4,
+    params: BrainParams | None = None,
+    seed: int = 0,
+    n_jobs: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write a simulated census study folder and return the path of its manifest.
@@ -171,6 +199,7 @@ def simulate_census(
 
     if not isinstance(n_per_group, int) or n_per_group < 2:
         raise ParameterError(f"n_per_group must be an integer of at least 2, got {n_per_group!r}.")
+    params = BrainParams() if params is None else params
     scen = get_scenario(scenario)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -213,23 +242,39 @@ def simulate_census(
     effects = true_effects(atlas_obj, scen)
     with atomic_path(truth / "effects.csv") as tmp:
         effects.to_csv(tmp, index=False)
-    write_json(settings | {"scenario_description": scen.description,
-                           "groups": [to_dict_group(g) for g in scen.groups]},
-               truth / "scenario.json")
+    write_json(
+        settings
+        | {
+            "scenario_description": scen.description,
+            "groups": [to_dict_group(g) for g in scen.groups],
+        },
+        truth / "scenario.json",
+    )
 
     try:
         atlas_spec = Path(atlas).resolve().relative_to(out).as_posix()
     except (ValueError, OSError):
         atlas_spec = atlas
     study = Study(
-        name=scen.name, atlas=atlas_spec, marker=scen.marker, reference_group=scen.reference_group,
+        name=scen.name,
+        atlas=atlas_spec,
+        marker=scen.marker,
+        reference_group=scen.reference_group,
         imaging=Imaging(params.voxel_size_um, params.orientation, scen.marker, "autofluorescence"),
-        groups=tuple(Group(g.name, g.dose_mg_per_kg, g.schedule, g.duration_days, g.description)
-                     for g in scen.groups),
+        groups=tuple(
+            Group(g.name, g.dose_mg_per_kg, g.schedule, g.duration_days, g.description)
+            for g in scen.groups
+        ),
         subjects=tuple(
-            Subject(sid, group, out / "data" / sid / "signal.zarr",
-                    out / "data" / sid / "background.zarr", params.voxel_size_um,
-                    params.orientation, {"sex": "M", "batch": 1 + (k % 2)})
+            Subject(
+                sid,
+                group,
+                out / "data" / sid / "signal.zarr",
+                out / "data" / sid / "background.zarr",
+                params.voxel_size_um,
+                params.orientation,
+                {"sex": "M", "batch": 1 + (k % 2)},
+            )
             for k, (sid, group) in enumerate(ids)
         ),
         root=out,
@@ -243,5 +288,10 @@ def simulate_census(
 
 def to_dict_group(g) -> dict:
     """A scenario group as a JSON-ready dict."""
-    return {"name": g.name, "dose_mg_per_kg": g.dose_mg_per_kg, "schedule": g.schedule,
-            "duration_days": g.duration_days, "fold_changes": dict(g.fold_changes)}
+    return {
+        "name": g.name,
+        "dose_mg_per_kg": g.dose_mg_per_kg,
+        "schedule": g.schedule,
+        "duration_days": g.duration_days,
+        "fold_changes": dict(g.fold_changes),
+    }

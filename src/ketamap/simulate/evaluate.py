@@ -50,7 +50,8 @@ def match_points(true_um: np.ndarray, found_um: np.ndarray, max_distance_um: flo
     matched = []
     if n_true and n_found:
         pairs = cKDTree(true_um).sparse_distance_matrix(
-            cKDTree(found_um), max_distance_um, output_type="ndarray")
+            cKDTree(found_um), max_distance_um, output_type="ndarray"
+        )
         order = np.argsort(pairs["v"], kind="stable")
         used_t, used_f = set(), set()
         for k in order:
@@ -61,7 +62,9 @@ def match_points(true_um: np.ndarray, found_um: np.ndarray, max_distance_um: flo
                 matched.append(pairs["v"][k])
     n = len(matched)
     return {
-        "n_true": n_true, "n_found": n_found, "n_matched": n,
+        "n_true": n_true,
+        "n_found": n_found,
+        "n_matched": n,
         "recall": n / n_true if n_true else float("nan"),
         "precision": n / n_found if n_found else float("nan"),
         "median_distance_um": float(np.median(matched)) if n else float("nan"),
@@ -101,8 +104,11 @@ def evaluate_census(study_dir: str | Path, *, alpha: float = 0.05) -> dict:
         found = pd.read_parquet(root / "subjects" / s.id / "detect" / "cells.parquet")
         vox = np.asarray(s.voxel_size_um)
         tol = max(10.0, 1.5 * float(vox.max()))
-        m = match_points(truth[["z_um", "y_um", "x_um"]].to_numpy(),
-                         found[["z_um", "y_um", "x_um"]].to_numpy(), tol)
+        m = match_points(
+            truth[["z_um", "y_um", "x_um"]].to_numpy(),
+            found[["z_um", "y_um", "x_um"]].to_numpy(),
+            tol,
+        )
         det_rows.append({"subject": s.id, **m, "tolerance_um": tol})
         reg = load_registration(root / "subjects" / s.id / "register")
         pts = cells_to_atlas(reg, truth[["z_vox", "y_vox", "x_vox"]].to_numpy(float))
@@ -110,9 +116,14 @@ def evaluate_census(study_dir: str | Path, *, alpha: float = 0.05) -> dict:
         err = np.linalg.norm(pts - true_pts, axis=1)
         labels, _ = atlas.labels_at(pts)
         ok = labels.astype(np.int64) == truth["region_id"].to_numpy(np.int64)
-        reg_rows.append({"subject": s.id, "median_error_atlas_vox": float(np.median(err)),
-                         "p90_error_atlas_vox": float(np.percentile(err, 90)),
-                         "fraction_true_region": float(ok.mean())})
+        reg_rows.append(
+            {
+                "subject": s.id,
+                "median_error_atlas_vox": float(np.median(err)),
+                "p90_error_atlas_vox": float(np.percentile(err, 90)),
+                "fraction_true_region": float(ok.mean()),
+            }
+        )
         errors.append(err)
         correct.append(ok)
     det = pd.DataFrame(det_rows)
@@ -120,32 +131,56 @@ def evaluate_census(study_dir: str | Path, *, alpha: float = 0.05) -> dict:
 
     effects = pd.read_csv(root / "ground_truth" / "effects.csv")
     stats = pd.read_csv(root / "stats" / "regions.csv")
-    merged = stats.merge(effects[["region_id", "contrast", "true_fold_change", "planted"]],
-                         on=["region_id", "contrast"], how="left")
+    merged = stats.merge(
+        effects[["region_id", "contrast", "true_fold_change", "planted"]],
+        on=["region_id", "contrast"],
+        how="left",
+    )
     merged["called"] = merged["q"] < alpha
     planted = merged[merged["planted"].eq(True)].copy()
     planted["right_direction"] = np.sign(planted["log2_fold_change"]) == np.sign(
-        np.log2(planted["true_fold_change"]))
+        np.log2(planted["true_fold_change"])
+    )
     planted["found"] = planted["called"] & planted["right_direction"]
-    null = merged[merged["true_fold_change"].notna()
-                  & np.isclose(merged["true_fold_change"], 1.0, rtol=0, atol=1e-9)]
+    null = merged[
+        merged["true_fold_change"].notna()
+        & np.isclose(merged["true_fold_change"], 1.0, rtol=0, atol=1e-9)
+    ]
     result = {
-        "detection": {"recall_mean": float(det["recall"].mean()),
-                      "precision_mean": float(det["precision"].mean()),
-                      "recall_min": float(det["recall"].min()),
-                      "precision_min": float(det["precision"].min()),
-                      "per_subject": det.to_dict("records")},
-        "registration": {"median_error_atlas_vox": float(np.median(np.concatenate(errors))),
-                         "fraction_true_region": float(np.concatenate(correct).mean()),
-                         "per_subject": regs.to_dict("records")},
-        "statistics": {"n_planted": int(len(planted)), "n_planted_found": int(planted["found"].sum()),
-                       "n_null": int(len(null)),
-                       "fraction_null_not_called": float(1 - null["called"].mean())
-                       if len(null) else float("nan"),
-                       "null_called": null.loc[null["called"], ["acronym", "contrast", "q"]]
-                       .to_dict("records")},
-        "planted": planted[["acronym", "contrast", "true_fold_change", "fold_change", "q",
-                            "called", "right_direction"]].to_dict("records"),
+        "detection": {
+            "recall_mean": float(det["recall"].mean()),
+            "precision_mean": float(det["precision"].mean()),
+            "recall_min": float(det["recall"].min()),
+            "precision_min": float(det["precision"].min()),
+            "per_subject": det.to_dict("records"),
+        },
+        "registration": {
+            "median_error_atlas_vox": float(np.median(np.concatenate(errors))),
+            "fraction_true_region": float(np.concatenate(correct).mean()),
+            "per_subject": regs.to_dict("records"),
+        },
+        "statistics": {
+            "n_planted": int(len(planted)),
+            "n_planted_found": int(planted["found"].sum()),
+            "n_null": int(len(null)),
+            "fraction_null_not_called": float(1 - null["called"].mean())
+            if len(null)
+            else float("nan"),
+            "null_called": null.loc[null["called"], ["acronym", "contrast", "q"]].to_dict(
+                "records"
+            ),
+        },
+        "planted": planted[
+            [
+                "acronym",
+                "contrast",
+                "true_fold_change",
+                "fold_change",
+                "q",
+                "called",
+                "right_direction",
+            ]
+        ].to_dict("records"),
     }
     return json.loads(json.dumps(result, default=_jsonable))
 

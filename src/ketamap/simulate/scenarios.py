@@ -100,11 +100,19 @@ KETAMINE_10DAY = Scenario(
     groups=(
         GroupDesign("saline", 0.0, "daily", 10, "saline i.p."),
         GroupDesign(
-            "ket30", 30.0, "daily", 10, "ketamine 30 mg/kg i.p.",
+            "ket30",
+            30.0,
+            "daily",
+            10,
+            "ketamine 30 mg/kg i.p.",
             {"DR": 0.4, "DMH": 0.4, "MPN": 0.4, "ZI": 2.0, "SNr": 2.0},
         ),
         GroupDesign(
-            "ket100", 100.0, "daily", 10, "ketamine 100 mg/kg i.p.",
+            "ket100",
+            100.0,
+            "daily",
+            10,
+            "ketamine 100 mg/kg i.p.",
             {"VTA": 0.4, "SNc": 0.4, "PVH": 2.2, "ARH": 2.0, "VMH": 2.2, "LHA": 2.2},
         ),
     ),

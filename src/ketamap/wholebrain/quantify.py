@@ -38,11 +38,13 @@ def assign_regions(atlas_points_vox: np.ndarray, atlas) -> pd.DataFrame:
     labels, hemi = atlas.labels_at(pts)
     shape = np.asarray(atlas.shape)
     inside = np.all((pts > -0.5) & (pts < shape - 0.5), axis=1) & np.isfinite(pts).all(axis=1)
-    return pd.DataFrame({
-        "region_id": np.asarray(labels, dtype=np.int64),
-        "hemisphere": np.asarray(hemi, dtype=np.int8),
-        "inside_volume": inside,
-    })
+    return pd.DataFrame(
+        {
+            "region_id": np.asarray(labels, dtype=np.int64),
+            "hemisphere": np.asarray(hemi, dtype=np.int8),
+            "inside_volume": inside,
+        }
+    )
 
 
 def label_volumes_mm3(labels: np.ndarray, hemispheres: np.ndarray, voxel_size_um) -> pd.DataFrame:
@@ -68,11 +70,18 @@ def label_volumes_mm3(labels: np.ndarray, hemispheres: np.ndarray, voxel_size_um
     if lab.shape != hem.shape:
         from ketamap.errors import InputError
 
-        raise InputError(f"labels {np.shape(labels)} and hemispheres {np.shape(hemispheres)} differ.")
+        raise InputError(
+            f"labels {np.shape(labels)} and hemispheres {np.shape(hemispheres)} differ."
+        )
     keys, n = np.unique(lab * 4 + hem, return_counts=True)
     voxel_mm3 = float(np.prod(voxel_size_um)) * 1e-9
-    df = pd.DataFrame({"region_id": keys // 4, "hemisphere": (keys % 4).astype(np.int8),
-                       "volume_mm3": n * voxel_mm3})
+    df = pd.DataFrame(
+        {
+            "region_id": keys // 4,
+            "hemisphere": (keys % 4).astype(np.int8),
+            "volume_mm3": n * voxel_mm3,
+        }
+    )
     return df[df["region_id"] != 0].reset_index(drop=True)
 
 
@@ -108,13 +117,16 @@ def count_regions(cells: pd.DataFrame, volumes: pd.DataFrame, ontology) -> pd.Da
     c = cells.loc[cells["region_id"] != 0, ["region_id", "hemisphere"]]
     leaf_counts = (
         c.groupby(["region_id", "hemisphere"]).size().rename("count").reset_index()
-        if len(c) else pd.DataFrame({"region_id": [], "hemisphere": [], "count": []})
+        if len(c)
+        else pd.DataFrame({"region_id": [], "hemisphere": [], "count": []})
     )
     leaf = pd.merge(
         volumes[["region_id", "hemisphere", "volume_mm3"]].astype(
-            {"region_id": np.int64, "hemisphere": np.int64}),
+            {"region_id": np.int64, "hemisphere": np.int64}
+        ),
         leaf_counts.astype({"region_id": np.int64, "hemisphere": np.int64, "count": np.int64}),
-        on=["region_id", "hemisphere"], how="outer",
+        on=["region_id", "hemisphere"],
+        how="outer",
     ).fillna({"volume_mm3": 0.0, "count": 0})
     unknown = set(leaf["region_id"].unique()) - set(ontology.ids.tolist())
     if unknown:
@@ -122,13 +134,16 @@ def count_regions(cells: pd.DataFrame, volumes: pd.DataFrame, ontology) -> pd.Da
 
         raise AtlasError(f"Labels not in the atlas ontology: {sorted(unknown)[:10]}.")
     pairs = ontology.ancestor_pairs().rename(columns={"id": "region_id"})
-    rolled = leaf.merge(pairs, on="region_id").groupby(["ancestor_id", "hemisphere"])[
-        ["count", "volume_mm3"]].sum()
+    rolled = (
+        leaf.merge(pairs, on="region_id")
+        .groupby(["ancestor_id", "hemisphere"])[["count", "volume_mm3"]]
+        .sum()
+    )
     wide = rolled.unstack("hemisphere", fill_value=0)
     out = pd.DataFrame(index=wide.index.rename("region_id"))
     for h, side in _HEMI.items():
-        out[f"count_{side}"] = (wide["count"][h] if h in wide["count"] else 0)
-        out[f"volume_{side}_mm3"] = (wide["volume_mm3"][h] if h in wide["volume_mm3"] else 0.0)
+        out[f"count_{side}"] = wide["count"][h] if h in wide["count"] else 0
+        out[f"volume_{side}_mm3"] = wide["volume_mm3"][h] if h in wide["volume_mm3"] else 0.0
     out["count"] = wide["count"].sum(axis=1)
     out["volume_mm3"] = wide["volume_mm3"].sum(axis=1)
     out = out.reset_index()
