@@ -14,9 +14,12 @@ from typing import Any
 
 from ketamap.errors import InputError
 
-__all__ = ["check_orientation", "check_voxel_size"]
+__all__ = ["check_orientation", "check_voxel_size", "MAX_VOXEL_UM"]
 
 _AXIS_PAIRS = ({"a", "p"}, {"s", "i"}, {"l", "r"})
+
+#: Largest voxel size accepted on any axis (µm): beyond 1 mm a mouse brain spans a few voxels.
+MAX_VOXEL_UM = 1000.0
 
 
 def check_orientation(code: Any, *, where: str = "orientation") -> str:
@@ -88,8 +91,9 @@ def check_voxel_size(value: Any, *, where: str = "voxel_size_um") -> tuple[float
         ok = len(out) == 3 and not any(isinstance(v, bool) for v in values)
     except (TypeError, ValueError):
         ok = False
-    if not ok or not all(math.isfinite(v) and v > 0 for v in out):
+    if not ok or not all(math.isfinite(v) and 0 < v <= MAX_VOXEL_UM for v in out):
         raise InputError(
-            f"{where} must be one or three positive numbers in µm (z, y, x), got {value!r}."
+            f"{where} must be one or three positive numbers of at most {MAX_VOXEL_UM:g} µm "
+            f"(z, y, x), got {value!r}."
         )
     return out

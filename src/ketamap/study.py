@@ -23,7 +23,7 @@ import pandas as pd
 
 from ketamap.errors import KetamapError, ManifestError
 from ketamap.params import did_you_mean
-from ketamap.space import check_orientation
+from ketamap.space import MAX_VOXEL_UM, check_orientation
 
 __all__ = [
     "Imaging",
@@ -39,7 +39,6 @@ __all__ = [
 #: Dosing schedules a group may declare.
 SCHEDULES = ("single", "daily", "twice daily", "every other day", "weekly")
 
-_MAX_VOXEL_UM = 1000.0
 
 
 @dataclass(frozen=True)
@@ -239,9 +238,9 @@ def _voxel_size(value: Any, where: str) -> tuple[float, float, float]:
     for v in value:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ManifestError(f"voxel_size_um in {where} must hold numbers, got {v!r}.")
-        if not 0 < v <= _MAX_VOXEL_UM:
+        if not 0 < v <= MAX_VOXEL_UM:
             raise ManifestError(
-                f"voxel_size_um in {where} must be positive and at most {_MAX_VOXEL_UM:g} µm "
+                f"voxel_size_um in {where} must be positive and at most {MAX_VOXEL_UM:g} µm "
                 f"per axis, got {value!r}."
             )
         out.append(float(v))
@@ -251,7 +250,13 @@ def _voxel_size(value: Any, where: str) -> tuple[float, float, float]:
 def _path(value: Any, root: Path, what: str, where: str, *, check_exists: bool) -> Path:
     _typed(value, str, what, where)
     p = Path(value)
-    p = p if p.is_absolute() else root / p
+    if not p.is_absolute():
+        p = root / p
+        if not p.resolve().is_relative_to(root):
+            raise ManifestError(
+                f'{what} of {where} "{value}" points outside the study folder; give data '
+                "outside it as an absolute path."
+            )
     if check_exists and not p.exists():
         raise ManifestError(f'{what} of {where} does not exist: "{value}" (looked in {p.parent}).')
     return p

@@ -204,6 +204,8 @@ def _as_volume(arr: da.Array, path: Path) -> da.Array:
         arr = arr[None]
     if arr.ndim != 3:
         raise InputError(f"{path} holds an array of shape {arr.shape}; expected (z, y, x).")
+    if 0 in arr.shape:
+        raise InputError(f"{path} holds an empty volume of shape {arr.shape}.")
     return arr
 
 

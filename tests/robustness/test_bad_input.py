@@ -1,0 +1,192 @@
+"""Malformed inputs: each gets one clear sentence, exit status 2, and nothing is written."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from ketamap import cli
+
+
+def run_cli(monkeypatch, *args) -> int:
+    monkeypatch.setattr(sys, "argv", ["ketamap", *map(str, args)])
+    try:
+        cli.main()
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def planes(folder, n=4, shape=(16, 16), dtype=np.uint16):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        tifffile.imwrite(folder / f"plane_{i:03d}.tif", rng.integers(0, 100, shape).astype(dtype))
+    return folder
+
+
+def case_corrupt_tiff(tmp):
+    f = planes(tmp / "in")
+    (f / "plane_001.tif").write_bytes(b"not a tiff at all" * 10)
+    return f
+
+
+def case_truncated_tiff(tmp):
+    f = planes(tmp / "in", shape=(64, 64))
+    p = f / "plane_002.tif"
+    p.write_bytes(p.read_bytes()[:200])
+    return f
+
+
+def case_planes_of_different_shapes(tmp):
+    f = planes(tmp / "in")
+    tifffile.imwrite(f / "plane_002.tif", np.zeros((16, 17), np.uint16))
+    return f
+
+
+def case_planes_of_different_dtypes(tmp):
+    f = planes(tmp / "in")
+    tifffile.imwrite(f / "plane_002.tif", np.zeros((16, 16), np.uint8))
+    return f
+
+
+def case_missing_plane(tmp):
+    f = planes(tmp / "in", n=5)
+    (f / "plane_002.tif").unlink()
+    return f
+
+
+def case_empty_folder(tmp):
+    (tmp / "in").mkdir()
+    return tmp / "in"
+
+
+def case_folder_without_tiffs(tmp):
+    (tmp / "in").mkdir()
+    (tmp / "in" / "notes.txt").write_text("hello")
+    return tmp / "in"
+
+
+def case_missing_path(tmp):
+    return tmp / "does_not_exist"
+
+
+def case_unknown_format(tmp):
+    p = tmp / "volume.xyz"
+    p.write_text("??")
+    return p
+
+
+def case_garbage_npy(tmp):
+    p = tmp / "volume.npy"
+    p.write_bytes(b"\x93NUMPY garbage")
+    return p
+
+
+def case_four_dimensional(tmp):
+    p = tmp / "volume.npy"
+    np.save(p, np.zeros((2, 3, 4, 5), np.uint16))
+    return p
+
+
+def case_zero_size(tmp):
+    p = tmp / "volume.npy"
+    np.save(p, np.zeros((0, 8, 8), np.uint16))
+    return p
+
+
+def case_nan(tmp):
+    p = tmp / "volume.npy"
+    a = np.ones((8, 16, 16), np.float32)
+    a[3, 4, 5] = np.nan
+    np.save(p, a)
+    return p
+
+
+def case_inf(tmp):
+    p = tmp / "volume.npy"
+    a = np.ones((8, 16, 16), np.float32)
+    a[1, 1, 1] = np.inf
+    np.save(p, a)
+    return p
+
+
+def case_complex_dtype(tmp):
+    p = tmp / "volume.npy"
+    np.save(p, np.ones((4, 8, 8), np.complex64))
+    return p
+
+
+def case_corrupt_zarr(tmp):
+    z = tmp / "volume.zarr"
+    z.mkdir()
+    (z / ".zattrs").write_text("{ not json")
+    return z
+
+
+CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_volume_for_detect(name, tmp_path, monkeypatch, capsys):
+    path = CASES[name](tmp_path)
+    out = tmp_path / "out"
+    code = run_cli(monkeypatch, "detect", path, "--voxel-size", 5, 2, 2, "--out", out)
+    err = capsys.readouterr().err
+    assert code == 2, (name, err)
+    one = " ".join(err.split())
+    assert one.startswith("error:") and "Traceback" not in err, err
+    assert not out.exists()
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".out")]
+
+
+@pytest.mark.parametrize("voxel", [(0, 2, 2), (-5, 2, 2), (5, float("nan"), 2), (5, 2, 1e9)])
+def test_absurd_voxel_sizes(voxel, tmp_path, monkeypatch, capsys):
+    path = planes(tmp_path / "in")
+    code = run_cli(monkeypatch, "detect", path, "--voxel-size", *voxel, "--out", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_mismatched_background(tmp_path, monkeypatch, capsys):
+    sig = planes(tmp_path / "sig", shape=(16, 16))
+    bg = planes(tmp_path / "bg", shape=(16, 20))
+    code = run_cli(monkeypatch, "detect", sig, "--background", bg, "--voxel-size", 5, 2, 2,
+                   "--out", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:"), err
+
+
+def test_invalid_orientation_for_register(tmp_path, monkeypatch, capsys):
+    path = planes(tmp_path / "in")
+    code = run_cli(monkeypatch, "register", path, "--voxel-size", 50, 40, 40, "--orientation",
+                   "xyz", "--atlas", "phantom:100", "--out", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert code == 2 and "orientation" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unicode_paths_work(tmp_path, monkeypatch, capsys):
+    path = planes(tmp_path / "données μ-cerveau", n=6, shape=(32, 32))
+    out = tmp_path / "résultats"
+    assert run_cli(monkeypatch, "detect", path, "--voxel-size", 5, 2, 2, "--out", out) == 0
+    assert (out / "cells.csv").exists()
+
+
+def test_manifest_path_escaping_the_study_folder(tmp_path):
+    from ketamap.errors import ManifestError
+    from ketamap.study import load_study
+
+    (tmp_path / "outside.tif").write_bytes(b"")
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "study.toml").write_text(
+        '[study]\nname = "s"\n[imaging]\nvoxel_size_um = [5, 2, 2]\norientation = "psl"\n'
+        '[[groups]]\nname = "a"\ndose_mg_per_kg = 0\n'
+        '[[subjects]]\nid = "m1"\ngroup = "a"\nsignal = "../outside.tif"\n')
+    with pytest.raises(ManifestError, match="outside the study folder"):
+        load_study(study / "study.toml")
