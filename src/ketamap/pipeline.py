@@ -99,11 +99,26 @@ def _stage_key(out: Path) -> str | None:
         return None
 
 
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete what a killed run left of its temporary outputs (``.name.*.part``)."""
+    import shutil
+
+    if not out.parent.is_dir():
+        return
+    for stale in out.parent.glob(f".{out.name}.*.part"):
+        log.info("removing %s left by an interrupted run", stale)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 def _run_stage(
     out: Path, name: str, material: dict, compute: Callable[[Path], dict], *, force: bool
 ) -> tuple[bool, str]:
     """Run ``compute(tmp_dir)`` unless ``out`` holds the result for the same inputs."""
     key = _key(material)
+    _remove_stale_temporaries(out)
     if not force and _stage_key(out) == key:
         log.info("%s: up to date, skipped (%s)", name, out)
         return False, key
@@ -533,6 +548,7 @@ def run_report(study: Study, *, force: bool = False) -> bool:
         force=force,
     )
     final = study.root / "report.html"
+    _remove_stale_temporaries(final)
     if ran or not final.exists():
         with atomic_path(final) as tmp:
             tmp.write_bytes((study.root / "report" / "report.html").read_bytes())
