@@ -1,0 +1,24 @@
+"""In-vivo imaging analyses: calcium-imaging ensembles and their coordination across sessions.
+
+Public entry points: :func:`run_ensembles` (the stage), :func:`analyse_session`
+(the pure core of one session), :class:`EnsembleParams`, :func:`load_sessions`
+and the readers :func:`read_suite2p` / :func:`read_recording`.
+"""
+
+from ketamap.invivo.run import EnsembleParams, analyse_session, compare_sessions, run_ensembles
+from ketamap.invivo.sessions import Session, SessionsFile, load_sessions
+from ketamap.invivo.suite2p_io import Recording, read_array, read_recording, read_suite2p
+
+__all__ = [
+    "EnsembleParams",
+    "analyse_session",
+    "compare_sessions",
+    "run_ensembles",
+    "Session",
+    "SessionsFile",
+    "load_sessions",
+    "Recording",
+    "read_array",
+    "read_recording",
+    "read_suite2p",
+]
