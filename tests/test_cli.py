@@ -88,3 +88,16 @@ def test_atlas_build_and_register_the_real_brain(monkeypatch, capsys, tmp_path, 
     volumes = pd.read_csv(out / "volumes.csv").set_index("acronym")
     assert {"left_volume_mm3", "right_volume_mm3"} <= set(volumes.columns)
     assert (out / "qc.png").stat().st_size > 1000
+
+
+def test_calcium_simulate_and_ensembles(monkeypatch, capsys, tmp_path):
+    sim = tmp_path / "ca"
+    assert run_cli(monkeypatch, "simulate", "calcium", "--out", sim, "--n-cells", 80) == 0
+    assert (sim / "sessions.toml").is_file()
+    assert (sim / "ground_truth" / "ensembles.csv").is_file()
+    out = tmp_path / "out"
+    assert run_cli(monkeypatch, "ensembles", sim / "sessions.toml", "--out", out) == 0
+    ens = pd.read_csv(out / "ensembles.csv")
+    assert {"session", "ensemble", "cell"} <= set(ens.columns)
+    sessions = pd.read_csv(out / "sessions.csv")
+    assert len(sessions) == 4

@@ -347,6 +347,37 @@ def simulate_census_cmd(
     out.print(f"wrote {manifest}")
 
 
+@simulate_app.command("calcium")
+def simulate_calcium_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write.")],
+    scenario: Annotated[str, typer.Option(help="stress-ketamine or null.")] = "stress-ketamine",
+    n_cells: Annotated[int, typer.Option(help="Cells per field of view.")] = 200,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+):
+    """Simulate calcium imaging of one field of view over sessions, suite2p-style."""
+    from ketamap.simulate.calcium import simulate_calcium_study
+
+    manifest = simulate_calcium_study(out_dir, scenario=scenario, n_cells=n_cells, seed=seed)
+    out.print(f"wrote {manifest}")
+
+
+@app.command()
+def ensembles(
+    sessions: Annotated[Path, typer.Argument(help="Sessions file (TOML).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")],
+):
+    """Find coactive ensembles per session and compare coordination across sessions."""
+    from ketamap.invivo import run_ensembles
+
+    result = run_ensembles(sessions, out_dir)
+    for row in result["sessions"]:
+        label = row.get("session", "")
+        n = result["n_ensembles"].get(label, 0)
+        frac = row.get("fraction_coactive_bins", float("nan"))
+        out.print(f"  {label}: {n} ensembles, coactive fraction {frac:.3f}")
+    out.print(f"wrote {out_dir}/ensembles.csv and {out_dir}/sessions.csv")
+
+
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Study folder.")] = Path("ketamap-demo"),
