@@ -101,3 +101,20 @@ def test_calcium_simulate_and_ensembles(monkeypatch, capsys, tmp_path):
     assert {"session", "ensemble", "cell"} <= set(ens.columns)
     sessions = pd.read_csv(out / "sessions.csv")
     assert len(sessions) == 4
+
+
+def test_convert_tiff_planes_to_ome_zarr(monkeypatch, tmp_path):
+    import numpy as np
+    import tifffile
+
+    from ketamap.io.volumes import open_volume, read_voxel_size_um
+
+    src = tmp_path / "planes"
+    src.mkdir()
+    data = np.random.default_rng(0).integers(0, 4000, (5, 20, 30)).astype(np.uint16)
+    for i, plane in enumerate(data):
+        tifffile.imwrite(src / f"z{i:04d}.tif", plane)
+    dst = tmp_path / "brain.ome.zarr"
+    assert run_cli(monkeypatch, "convert", src, "--voxel-size", 5, 2, 2, "--out", dst) == 0
+    np.testing.assert_array_equal(open_volume(dst).compute(), data)
+    assert read_voxel_size_um(dst) == (5.0, 2.0, 2.0)

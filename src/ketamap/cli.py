@@ -267,6 +267,26 @@ def quantify(
     )
 
 
+@app.command()
+def convert(
+    source: Annotated[Path, typer.Argument(help="TIFF planes folder, multipage TIFF or .npy.")],
+    voxel_size: VoxelSize,
+    out_path: Annotated[Path, typer.Option("--out", help="OME-Zarr folder to write.")],
+):
+    """Convert a volume to OME-Zarr, streaming chunk by chunk (bounded memory)."""
+    import contextlib
+
+    from dask.diagnostics import ProgressBar
+
+    from ketamap.io.volumes import open_volume, write_ome_zarr
+
+    volume = open_volume(source)
+    bar = ProgressBar(out=sys.stderr) if err.is_terminal else contextlib.nullcontext()
+    with bar:
+        write_ome_zarr(volume, out_path, voxel_size_um=voxel_size)
+    out.print(f"wrote {out_path} ({volume.shape}, {volume.dtype})")
+
+
 # --------------------------------------------------------------------------- atlas
 
 
