@@ -31,3 +31,21 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+
+
+@pytest.fixture
+def run_cli(monkeypatch):
+    """Run ``ketamap ARGS...`` in-process and return its exit status."""
+    import sys
+
+    from ketamap import cli
+
+    def run(*args) -> int:
+        monkeypatch.setattr(sys, "argv", ["ketamap", *map(str, args)])
+        try:
+            cli.main()
+        except SystemExit as e:
+            return int(e.code or 0)
+        return 0
+
+    return run

@@ -2,45 +2,42 @@
 
 from __future__ import annotations
 
-import sys
 
 import pandas as pd
 import pytest
 
-from ketamap import cli
 
-
-def run_cli(monkeypatch, *args) -> int:
-    monkeypatch.setattr(sys, "argv", ["ketamap", *map(str, args)])
-    try:
-        cli.main()
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
-
-
-def test_help_lists_every_stage(monkeypatch, capsys):
-    assert run_cli(monkeypatch, "--help") == 0
+def test_help_lists_every_stage(run_cli, capsys):
+    assert run_cli("--help") == 0
     text = capsys.readouterr().out
-    for cmd in ("demo", "simulate", "run", "detect", "register", "quantify", "stats", "report",
-                "atlas", "validate"):
+    for cmd in (
+        "demo",
+        "simulate",
+        "run",
+        "detect",
+        "register",
+        "quantify",
+        "stats",
+        "report",
+        "atlas",
+        "validate",
+    ):
         assert cmd in text
 
 
-def test_atlas_info_phantom(monkeypatch, capsys):
-    assert run_cli(monkeypatch, "atlas", "info", "phantom:100") == 0
+def test_atlas_info_phantom(run_cli, capsys):
+    assert run_cli("atlas", "info", "phantom:100") == 0
     assert "(132, 80, 114)" in capsys.readouterr().out
 
 
-def test_unknown_atlas_is_one_sentence(monkeypatch, capsys):
-    assert run_cli(monkeypatch, "atlas", "info", "no_such_atlas_anywhere") == 2
+def test_unknown_atlas_is_one_sentence(run_cli, capsys):
+    assert run_cli("atlas", "info", "no_such_atlas_anywhere") == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err
 
 
-def test_missing_input_is_one_sentence(monkeypatch, capsys, tmp_path):
-    code = run_cli(monkeypatch, "detect", tmp_path / "nope", "--voxel-size", 5, 2, 2,
-                   "--out", tmp_path / "out")
+def test_missing_input_is_one_sentence(run_cli, capsys, tmp_path):
+    code = run_cli("detect", tmp_path / "nope", "--voxel-size", 5, 2, 2, "--out", tmp_path / "out")
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err
@@ -48,11 +45,24 @@ def test_missing_input_is_one_sentence(monkeypatch, capsys, tmp_path):
 
 
 @pytest.mark.shared_data
-def test_detect_on_the_real_crop(monkeypatch, capsys, tmp_path, shared_data):
+def test_detect_on_the_real_crop(run_cli, capsys, tmp_path, shared_data):
     crop = shared_data / "cellfinder_crop"
     out = tmp_path / "cells"
-    assert run_cli(monkeypatch, "detect", crop / "ch0", "--background", crop / "ch1",
-                   "--voxel-size", 5, 2, 2, "--out", out) == 0
+    assert (
+        run_cli(
+            "detect",
+            crop / "ch0",
+            "--background",
+            crop / "ch1",
+            "--voxel-size",
+            5,
+            2,
+            2,
+            "--out",
+            out,
+        )
+        == 0
+    )
     cells = pd.read_csv(out / "cells.csv")
     assert {"z_vox", "y_vox", "x_vox", "z_um", "y_um", "x_um", "intensity"} <= set(cells.columns)
     assert len(cells) > 20
@@ -60,26 +70,54 @@ def test_detect_on_the_real_crop(monkeypatch, capsys, tmp_path, shared_data):
 
 
 @pytest.mark.shared_data
-def test_atlas_build_and_register_the_real_brain(monkeypatch, capsys, tmp_path, shared_data):
+def test_atlas_build_and_register_the_real_brain(run_cli, capsys, tmp_path, shared_data):
     from brainglobe_atlasapi import BrainGlobeAtlas
 
     allen = shared_data / "allen_ccf_2017"
     ref = shared_data / "brainreg_brain" / "brain_in_ccf_100um.tiff"
     atlases = tmp_path / "atlases"
-    assert run_cli(monkeypatch, "atlas", "build",
-                   "--annotation", allen / "ABA_25um_2017_annotation.tif.lzma",
-                   "--structures", allen / "structure_tree_safe_2017.csv",
-                   "--hemispheres", allen / "ABA_25um_2017_hemispheres.tif.lzma",
-                   "--reference", ref, "--resolution", 100, "--out", atlases) == 0
+    assert (
+        run_cli(
+            "atlas",
+            "build",
+            "--annotation",
+            allen / "ABA_25um_2017_annotation.tif.lzma",
+            "--structures",
+            allen / "structure_tree_safe_2017.csv",
+            "--hemispheres",
+            allen / "ABA_25um_2017_hemispheres.tif.lzma",
+            "--reference",
+            ref,
+            "--resolution",
+            100,
+            "--out",
+            atlases,
+        )
+        == 0
+    )
     folder = next(atlases.glob("allen_mouse_100um_v*"))
     bg = BrainGlobeAtlas("allen_mouse_100um", brainglobe_dir=atlases, check_latest=False)
     assert bg.annotation.shape == (132, 80, 114)
     assert bg.structures["VTA"]["id"] == 749
 
     out = tmp_path / "reg"
-    assert run_cli(monkeypatch, "register", shared_data / "brainreg_brain" / "brain",
-                   "--voxel-size", 50, 40, 40, "--orientation", "psl", "--atlas", folder,
-                   "--out", out) == 0
+    assert (
+        run_cli(
+            "register",
+            shared_data / "brainreg_brain" / "brain",
+            "--voxel-size",
+            50,
+            40,
+            40,
+            "--orientation",
+            "psl",
+            "--atlas",
+            folder,
+            "--out",
+            out,
+        )
+        == 0
+    )
     import json
 
     qc = json.loads((out / "registration.json").read_text())["qc"]
@@ -90,20 +128,20 @@ def test_atlas_build_and_register_the_real_brain(monkeypatch, capsys, tmp_path, 
     assert (out / "qc.png").stat().st_size > 1000
 
 
-def test_calcium_simulate_and_ensembles(monkeypatch, capsys, tmp_path):
+def test_calcium_simulate_and_ensembles(run_cli, capsys, tmp_path):
     sim = tmp_path / "ca"
-    assert run_cli(monkeypatch, "simulate", "calcium", "--out", sim, "--n-cells", 80) == 0
+    assert run_cli("simulate", "calcium", "--out", sim, "--n-cells", 80) == 0
     assert (sim / "sessions.toml").is_file()
     assert (sim / "ground_truth" / "ensembles.csv").is_file()
     out = tmp_path / "out"
-    assert run_cli(monkeypatch, "ensembles", sim / "sessions.toml", "--out", out) == 0
+    assert run_cli("ensembles", sim / "sessions.toml", "--out", out) == 0
     ens = pd.read_csv(out / "ensembles.csv")
     assert {"session", "ensemble", "cell"} <= set(ens.columns)
     sessions = pd.read_csv(out / "sessions.csv")
     assert len(sessions) == 4
 
 
-def test_convert_tiff_planes_to_ome_zarr(monkeypatch, tmp_path):
+def test_convert_tiff_planes_to_ome_zarr(run_cli, tmp_path):
     import numpy as np
     import tifffile
 
@@ -115,6 +153,6 @@ def test_convert_tiff_planes_to_ome_zarr(monkeypatch, tmp_path):
     for i, plane in enumerate(data):
         tifffile.imwrite(src / f"z{i:04d}.tif", plane)
     dst = tmp_path / "brain.ome.zarr"
-    assert run_cli(monkeypatch, "convert", src, "--voxel-size", 5, 2, 2, "--out", dst) == 0
+    assert run_cli("convert", src, "--voxel-size", 5, 2, 2, "--out", dst) == 0
     np.testing.assert_array_equal(open_volume(dst).compute(), data)
     assert read_voxel_size_um(dst) == (5.0, 2.0, 2.0)

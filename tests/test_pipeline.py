@@ -120,21 +120,10 @@ def test_accuracy_against_ground_truth(ran_study):
     assert ev["registration"]["fraction_true_region"] >= 0.85, ev["registration"]
 
 
-def test_cli_single_stages_on_the_study(ran_study, tmp_path, monkeypatch, capsys):
+def test_cli_single_stages_on_the_study(ran_study, tmp_path, run_cli, capsys):
     """validate, quantify, stats and report from the command line."""
-    import sys
-
-    from ketamap import cli
-
     root, manifest, _ = ran_study
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["ketamap", *map(str, args)])
-        try:
-            cli.main()
-        except SystemExit as e:
-            return int(e.code or 0)
-        return 0
+    run = run_cli
 
     assert run("validate", manifest) == 0
     assert "3 groups, 6 subjects" in capsys.readouterr().out

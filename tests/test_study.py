@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -90,21 +89,68 @@ def test_round_trip_through_toml(study_dir):
 
 # (mistake, replacement in GOOD or full text, words the message must contain)
 MISTAKES = [
-    ("unknown group", ('group = "ket30"', 'group = "ket3O"'), ['unknown group "ket3O"', 'did you mean "ket30"']),
+    (
+        "unknown group",
+        ('group = "ket30"', 'group = "ket3O"'),
+        ['unknown group "ket3O"', 'did you mean "ket30"'],
+    ),
     ("duplicate subject", ('id = "m2"', 'id = "m1"'), ['"m1" appears twice']),
-    ("missing path", ('signal = "data/m2.tif"', 'signal = "data/nope.tif"'), ["does not exist", "nope.tif"]),
-    ("invalid orientation", ('orientation = "psl"', 'orientation = "pps"'), ["not a valid orientation code"]),
-    ("non-positive voxel size", ("[25.0, 25.0, 25.0]", "[25.0, 0, 25.0]"), ["voxel_size_um", "positive"]),
-    ("group without subjects", ('group = "ket30"\nsignal', 'group = "saline"\nsignal'), ['Group "ket30" has no subjects']),
-    ("wrong type", ("dose_mg_per_kg = 30", 'dose_mg_per_kg = "thirty"'), ["dose_mg_per_kg", "must be a number"]),
-    ("unknown key", ("marker = \"TH\"", "markr = \"TH\""), ['Unknown key "markr"', 'did you mean "marker"']),
-    ("unknown top-level table", ("[imaging]", "[imagng]"), ['Unknown key "imagng"', 'did you mean "imaging"']),
-    ("bad reference group", ('reference_group = "saline"', 'reference_group = "salin"'), ['did you mean "saline"']),
+    (
+        "missing path",
+        ('signal = "data/m2.tif"', 'signal = "data/nope.tif"'),
+        ["does not exist", "nope.tif"],
+    ),
+    (
+        "invalid orientation",
+        ('orientation = "psl"', 'orientation = "pps"'),
+        ["not a valid orientation code"],
+    ),
+    (
+        "non-positive voxel size",
+        ("[25.0, 25.0, 25.0]", "[25.0, 0, 25.0]"),
+        ["voxel_size_um", "positive"],
+    ),
+    (
+        "group without subjects",
+        ('group = "ket30"\nsignal', 'group = "saline"\nsignal'),
+        ['Group "ket30" has no subjects'],
+    ),
+    (
+        "wrong type",
+        ("dose_mg_per_kg = 30", 'dose_mg_per_kg = "thirty"'),
+        ["dose_mg_per_kg", "must be a number"],
+    ),
+    (
+        "unknown key",
+        ('marker = "TH"', 'markr = "TH"'),
+        ['Unknown key "markr"', 'did you mean "marker"'],
+    ),
+    (
+        "unknown top-level table",
+        ("[imaging]", "[imagng]"),
+        ['Unknown key "imagng"', 'did you mean "imaging"'],
+    ),
+    (
+        "bad reference group",
+        ('reference_group = "saline"', 'reference_group = "salin"'),
+        ['did you mean "saline"'],
+    ),
     ("voxel size wrong length", ("[25.0, 25.0, 25.0]", "[25.0, 25.0]"), ["three numbers"]),
     ("negative dose", ("dose_mg_per_kg = 30", "dose_mg_per_kg = -30"), ["0 or more"]),
-    ("bad schedule", ('schedule = "daily"\nduration_days = 10\n\n[[subjects]]', 'schedule = "dayly"\nduration_days = 10\n\n[[subjects]]'), ['did you mean "daily"']),
+    (
+        "bad schedule",
+        (
+            'schedule = "daily"\nduration_days = 10\n\n[[subjects]]',
+            'schedule = "dayly"\nduration_days = 10\n\n[[subjects]]',
+        ),
+        ['did you mean "daily"'],
+    ),
     ("invalid TOML", ("[study]", "[study"), ["not valid TOML"]),
-    ("unknown stage parameter", (None, '\n[detection]\nsoma_diamter_um = 12\n'), ['did you mean "soma_diameter_um"']),
+    (
+        "unknown stage parameter",
+        (None, "\n[detection]\nsoma_diamter_um = 12\n"),
+        ['did you mean "soma_diameter_um"'],
+    ),
 ]
 
 
@@ -117,15 +163,12 @@ def _apply(fix):
 
 
 @pytest.mark.parametrize("name,fix,words", MISTAKES, ids=[m[0] for m in MISTAKES])
-def test_manifest_mistake_is_one_sentence_and_nonzero_exit(study_dir, name, fix, words, monkeypatch, capsys):
-    from ketamap import cli
-
+def test_manifest_mistake_is_one_sentence_and_nonzero_exit(
+    study_dir, name, fix, words, run_cli, capsys
+):
     manifest = write(study_dir, _apply(fix))
     before = sorted(p.relative_to(study_dir) for p in study_dir.rglob("*"))
-    monkeypatch.setattr(sys, "argv", ["ketamap", "run", str(manifest)])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    assert exc.value.code == 2
+    assert run_cli("run", manifest) == 2
     captured = capsys.readouterr()
     message = " ".join(captured.err.split())
     assert "Traceback" not in captured.err

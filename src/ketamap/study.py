@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +20,9 @@ from typing import Any
 
 import pandas as pd
 
-from ketamap.errors import KetamapError, ManifestError
+from ketamap.errors import InputNotFoundError, KetamapError, ManifestError
 from ketamap.params import did_you_mean
+from ketamap.tomlfile import check_keys, read_toml
 from ketamap.space import MAX_VOXEL_UM, check_orientation
 
 __all__ = [
@@ -195,15 +195,6 @@ _SUBJECT_KEYS = (
 )
 
 
-def _check_keys(table: Mapping, allowed, where: str) -> None:
-    for key in table:
-        if key not in allowed:
-            raise ManifestError(
-                f'Unknown key "{key}" in {where}{did_you_mean(key, allowed)}; '
-                f"allowed keys: {', '.join(allowed)}."
-            )
-
-
 def _require(table: Mapping, key: str, where: str) -> Any:
     if key not in table:
         raise ManifestError(f'Missing required key "{key}" in {where}.')
@@ -286,15 +277,15 @@ def parse_study(
         One sentence for the first mistake found.
     """
     root = Path(root).resolve()
-    _check_keys(data, _TOP_KEYS, "the manifest")
+    check_keys(data, _TOP_KEYS, "the manifest")
     st = _typed(_require(data, "study", "the manifest"), dict, "[study]", "the manifest")
-    _check_keys(st, _STUDY_KEYS, "[study]")
+    check_keys(st, _STUDY_KEYS, "[study]")
     name = _typed(_require(st, "name", "[study]"), str, "name", "[study]")
     atlas = _typed(st.get("atlas", "phantom"), str, "atlas", "[study]")
     marker = _typed(st.get("marker", "TH"), str, "marker", "[study]")
 
     im = _typed(_require(data, "imaging", "the manifest"), dict, "[imaging]", "the manifest")
-    _check_keys(im, _IMAGING_KEYS, "[imaging]")
+    check_keys(im, _IMAGING_KEYS, "[imaging]")
     imaging = Imaging(
         voxel_size_um=_voxel_size(_require(im, "voxel_size_um", "[imaging]"), "[imaging]"),
         orientation=check_orientation(
@@ -317,7 +308,7 @@ def parse_study(
     for i, g in enumerate(raw_groups, 1):
         where = f"[[groups]] #{i}"
         _typed(g, dict, "each group", "[[groups]]")
-        _check_keys(g, _GROUP_KEYS, where)
+        check_keys(g, _GROUP_KEYS, where)
         gname = _typed(_require(g, "name", where), str, "name", where)
         where = f'group "{gname}"'
         if any(x.name == gname for x in groups):
@@ -352,7 +343,7 @@ def parse_study(
     for i, s in enumerate(raw_subjects, 1):
         where = f"[[subjects]] #{i}"
         _typed(s, dict, "each subject", "[[subjects]]")
-        _check_keys(s, _SUBJECT_KEYS, where)
+        check_keys(s, _SUBJECT_KEYS, where)
         sid = _require(s, "id", where)
         if isinstance(sid, int) and not isinstance(sid, bool):
             sid = str(sid)
@@ -447,14 +438,10 @@ def load_study(path: str | os.PathLike, *, check_paths: bool = True) -> Study:
     ['saline', 'ket30', 'ket100']
     """
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f'Study manifest "{path}" does not exist or is not a file.')
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ManifestError(f'Study manifest "{path}" is not UTF-8 text.') from e
-    except tomllib.TOMLDecodeError as e:
-        raise ManifestError(f'Study manifest "{path}" is not valid TOML: {e}.') from e
+        data = read_toml(path, what="Study manifest")
+    except InputNotFoundError as e:
+        raise ManifestError(str(e)) from e
     try:
         return parse_study(data, root=path.parent, check_paths=check_paths)
     except KetamapError as e:

@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pytest
 import tifffile
-
-from ketamap import cli
-
-
-def run_cli(monkeypatch, *args) -> int:
-    monkeypatch.setattr(sys, "argv", ["ketamap", *map(str, args)])
-    try:
-        cli.main()
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def planes(folder, n=4, shape=(16, 16), dtype=np.uint16):
@@ -131,10 +119,10 @@ CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_volume_for_detect(name, tmp_path, monkeypatch, capsys):
+def test_bad_volume_for_detect(name, tmp_path, run_cli, capsys):
     path = CASES[name](tmp_path)
     out = tmp_path / "out"
-    code = run_cli(monkeypatch, "detect", path, "--voxel-size", 5, 2, 2, "--out", out)
+    code = run_cli("detect", path, "--voxel-size", 5, 2, 2, "--out", out)
     err = capsys.readouterr().err
     assert code == 2, (name, err)
     one = " ".join(err.split())
@@ -144,36 +132,49 @@ def test_bad_volume_for_detect(name, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("voxel", [(0, 2, 2), (-5, 2, 2), (5, float("nan"), 2), (5, 2, 1e9)])
-def test_absurd_voxel_sizes(voxel, tmp_path, monkeypatch, capsys):
+def test_absurd_voxel_sizes(voxel, tmp_path, run_cli, capsys):
     path = planes(tmp_path / "in")
-    code = run_cli(monkeypatch, "detect", path, "--voxel-size", *voxel, "--out", tmp_path / "out")
+    code = run_cli("detect", path, "--voxel-size", *voxel, "--out", tmp_path / "out")
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:"), err
     assert not (tmp_path / "out").exists()
 
 
-def test_mismatched_background(tmp_path, monkeypatch, capsys):
+def test_mismatched_background(tmp_path, run_cli, capsys):
     sig = planes(tmp_path / "sig", shape=(16, 16))
     bg = planes(tmp_path / "bg", shape=(16, 20))
-    code = run_cli(monkeypatch, "detect", sig, "--background", bg, "--voxel-size", 5, 2, 2,
-                   "--out", tmp_path / "out")
+    code = run_cli(
+        "detect", sig, "--background", bg, "--voxel-size", 5, 2, 2, "--out", tmp_path / "out"
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:"), err
 
 
-def test_invalid_orientation_for_register(tmp_path, monkeypatch, capsys):
+def test_invalid_orientation_for_register(tmp_path, run_cli, capsys):
     path = planes(tmp_path / "in")
-    code = run_cli(monkeypatch, "register", path, "--voxel-size", 50, 40, 40, "--orientation",
-                   "xyz", "--atlas", "phantom:100", "--out", tmp_path / "out")
+    code = run_cli(
+        "register",
+        path,
+        "--voxel-size",
+        50,
+        40,
+        40,
+        "--orientation",
+        "xyz",
+        "--atlas",
+        "phantom:100",
+        "--out",
+        tmp_path / "out",
+    )
     err = capsys.readouterr().err
     assert code == 2 and "orientation" in err, err
     assert not (tmp_path / "out").exists()
 
 
-def test_unicode_paths_work(tmp_path, monkeypatch, capsys):
+def test_unicode_paths_work(tmp_path, run_cli, capsys):
     path = planes(tmp_path / "données μ-cerveau", n=6, shape=(32, 32))
     out = tmp_path / "résultats"
-    assert run_cli(monkeypatch, "detect", path, "--voxel-size", 5, 2, 2, "--out", out) == 0
+    assert run_cli("detect", path, "--voxel-size", 5, 2, 2, "--out", out) == 0
     assert (out / "cells.csv").exists()
 
 
@@ -187,6 +188,7 @@ def test_manifest_path_escaping_the_study_folder(tmp_path):
     (study / "study.toml").write_text(
         '[study]\nname = "s"\n[imaging]\nvoxel_size_um = [5, 2, 2]\norientation = "psl"\n'
         '[[groups]]\nname = "a"\ndose_mg_per_kg = 0\n'
-        '[[subjects]]\nid = "m1"\ngroup = "a"\nsignal = "../outside.tif"\n')
+        '[[subjects]]\nid = "m1"\ngroup = "a"\nsignal = "../outside.tif"\n'
+    )
     with pytest.raises(ManifestError, match="outside the study folder"):
         load_study(study / "study.toml")

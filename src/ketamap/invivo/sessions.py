@@ -31,14 +31,13 @@ sentence for the first problem; it reads no data.
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ketamap.errors import InputNotFoundError, ManifestError
-from ketamap.params import did_you_mean
+from ketamap.errors import ManifestError
+from ketamap.tomlfile import check_keys, read_toml
 
 __all__ = ["Session", "SessionsFile", "load_sessions", "parse_sessions"]
 
@@ -94,15 +93,6 @@ class SessionsFile:
     root: Path = Path(".")
 
 
-def _check_keys(table: Mapping, allowed, where: str) -> None:
-    for key in table:
-        if key not in allowed:
-            raise ManifestError(
-                f'Unknown key "{key}" in {where}{did_you_mean(key, allowed)}; '
-                f"allowed keys: {', '.join(allowed)}."
-            )
-
-
 def _number(value: Any, key: str, where: str, *, positive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ManifestError(f"{key} in {where} must be a finite number, got {value!r}.")
@@ -134,11 +124,11 @@ def parse_sessions(
     ManifestError
         One sentence naming the first problem.
     """
-    _check_keys(doc, _TOP_KEYS, where)
+    check_keys(doc, _TOP_KEYS, where)
     fov = doc.get("field_of_view", {})
     if not isinstance(fov, Mapping):
         raise ManifestError(f"[field_of_view] in {where} must be a table.")
-    _check_keys(fov, _FOV_KEYS, f"[field_of_view] of {where}")
+    check_keys(fov, _FOV_KEYS, f"[field_of_view] of {where}")
     name = fov.get("name", "fov")
     if not isinstance(name, str) or not name:
         raise ManifestError(f"name in [field_of_view] of {where} must be a non-empty string.")
@@ -154,7 +144,7 @@ def parse_sessions(
         w = f"session {i} of {where}"
         if not isinstance(s, Mapping):
             raise ManifestError(f"{w} must be a table.")
-        _check_keys(s, _SESSION_KEYS, w)
+        check_keys(s, _SESSION_KEYS, w)
         for key in ("label", "time_h", "data"):
             if key not in s:
                 raise ManifestError(f'{w} is missing the required key "{key}".')
@@ -199,10 +189,5 @@ def load_sessions(path: str | Path) -> SessionsFile:
         If it is not valid TOML or fails validation.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(f"sessions file {path} does not exist.")
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path} is not valid TOML: {e}.") from e
+    doc = read_toml(path, what="Sessions file")
     return parse_sessions(doc, root=path.resolve().parent, where=str(path))
