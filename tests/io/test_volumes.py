@@ -10,7 +10,7 @@ import pytest
 import tifffile
 import zarr
 
-from ketamap.errors import InputError, InputNotFoundError, ParameterError
+from ketamap.errors import InputError, InputNotFoundError
 from ketamap.io.volumes import open_volume, read_voxel_size_um, write_ome_zarr
 
 

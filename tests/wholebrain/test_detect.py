@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import dask.array as da
 import numpy as np
 import pandas as pd
@@ -264,15 +263,14 @@ def test_bad_inputs_and_params():
 # --------------------------------------------------------------------------- real data
 
 
-def _load_crop(root):
+def _load_crop(root, channel="ch0"):
     import tifffile
 
-    planes = sorted((root / "ch0").glob("*.tif"))
+    planes = sorted((root / channel).glob("*.tif"))
     return np.stack([tifffile.imread(p) for p in planes])
 
 
-@pytest.mark.shared_data
-def test_real_crop_against_cellfinder(shared_data):
+def _crop_recall(shared_data, **kwargs):
     from ketamap.io.points import read_points
 
     root = shared_data / "cellfinder_crop"
@@ -280,17 +278,33 @@ def test_real_crop_against_cellfinder(shared_data):
     ref = read_points(root / "cell_classification.xml")
     ref = ref[ref.cell_type == 2][["z_vox", "y_vox", "x_vox"]].to_numpy()
     vs = np.array([5.0, 2.0, 2.0])
-    cells = detect_cells(signal, voxel_size_um=tuple(vs))
+    cells = detect_cells(signal, voxel_size_um=tuple(vs), **kwargs)
     found = _xyz(cells)
     d3, _ = cKDTree(found * vs).query(ref * vs)
     d2, _ = cKDTree(found[:, 1:] * vs[1:]).query(ref[:, 1:] * vs[1:])
-    recall_3d, recall_yx = float(np.mean(d3 <= 10)), float(np.mean(d2 <= 10))
-    print(f"candidates={len(cells)} recall3d@10um={recall_3d:.3f} recall_yx@10um={recall_yx:.3f}")
-    assert 56 <= len(cells) <= 2000
-    assert recall_yx >= 0.8, (recall_yx, len(cells))
-    if recall_3d < 0.8:
-        pytest.xfail(
-            f"3D recall within 10 µm is {recall_3d:.2f} (lateral {recall_yx:.2f}): our z lies "
-            "0-6 planes from cellfinder's markers on this crop (planes come in blocks of 10 "
-            "whose brightness ramps ~1.8x); to be fixed by the detection-tuning issue."
-        )
+    return len(ref), len(cells), float(np.mean(d3 <= 10)), float(np.mean(d2 <= 10))
+
+
+@pytest.mark.shared_data
+def test_real_crop_against_cellfinder(shared_data):
+    """Signal channel only, default parameters: measured 846 candidates, 3D recall 0.82."""
+    n_ref, n, recall_3d, recall_yx = _crop_recall(shared_data)
+    print(f"candidates={n} recall3d@10um={recall_3d:.3f} recall_yx@10um={recall_yx:.3f}")
+    assert n_ref == 56
+    assert 56 <= n <= 1500
+    assert recall_3d >= 0.8, (recall_3d, recall_yx, n)
+    assert recall_yx >= 0.9, (recall_3d, recall_yx, n)
+
+
+@pytest.mark.shared_data
+def test_real_crop_with_background_channel(shared_data):
+    """With the autofluorescence channel, default parameters: measured 984 candidates,
+    3D recall 0.929 (52 of 56; the 4 misses sit by the crop's z discontinuities)."""
+    root = shared_data / "cellfinder_crop"
+    n_ref, n, recall_3d, recall_yx = _crop_recall(
+        shared_data, background=_load_crop(root, "ch1")
+    )
+    print(f"candidates={n} recall3d@10um={recall_3d:.3f} recall_yx@10um={recall_yx:.3f}")
+    assert 56 <= n <= 1500
+    assert recall_3d >= 0.9, (recall_3d, recall_yx, n)
+    assert recall_yx >= 0.95, (recall_3d, recall_yx, n)

@@ -14,12 +14,19 @@ structure tests and 3D non-maximum suppression:
    the local raw noise SD (from the negative part of a Laplacian residual,
    which smooth structure does not reach); ``contrast`` = band-passed peak
    over the local SD of the band-passed signal's negative part (raised by
-   edges, stripes and textured tissue); and a shape test: along every axis the
-   band-passed signal one soma diameter away must have dropped by
-   ``min_axis_drop`` of the peak (planes, edges, stripes and fibres are flat
-   along some axis);
-5. a sub-voxel centroid: the band-passed signal above half the peak,
-   averaged over a window of ± one soma radius (at least 3×3×3 voxels).
+   edges, stripes and textured tissue); and a shape test: along every axis, on
+   both sides, the band-passed signal must fall below ``1 - min_axis_drop`` of
+   the peak within three soma diameters (planes, edges, stripes and fibres stay
+   flat for longer along some axis);
+5. the object's extent: along each axis through the maximum, the two points
+   where the band-passed signal falls to half the peak; the centre is their
+   midpoint (sub-voxel), wherever on a plateau the maximum fell;
+6. splitting of touching cells: an object longer along an axis than one soma's
+   response by more than half a soma diameter holds 1 + round(excess /
+   diameter) cells along it, placed evenly (only on axes with at least 2 voxels
+   per soma diameter);
+7. centres closer than ``min_separation_um`` on every axis (two maxima on one
+   object) are merged, keeping the stronger, after all chunks are gathered.
 
 Every step is local, so the volume is processed in Dask chunks with an overlap
 computed from the filter sizes; each maximum is reported by the one chunk
@@ -66,7 +73,10 @@ _SIGMA_PER_DIAMETER = 1.0 / (2.0 * math.sqrt(3.0))  # 3D LoG/DoG scale of a ball
 _MIN_OUTER_RATIO = 2.0  # background sigma >= 2x the soma sigma, per axis
 _NOISE_K = 2.0  # noise window half-width = 2 background sigmas ...
 _NOISE_MIN = 5  # ... and at least 5 voxels (an 11-voxel box), for stable estimates
-_CENTROID_LEVEL = 0.5  # centroid of the band-passed signal above half its peak
+_CENTROID_LEVEL = 0.5  # centre = midpoint of the half-maximum crossings of the band-pass
+_WALK_DIAMETERS = 3.0  # ... searched up to this many soma diameters from the maximum
+_MIN_SPLIT_VOXELS = 2.0  # split touching cells only along axes with >= 2 voxels per soma
+_MIN_WALK = 2  # ... and at least this many voxels
 _RELATIVE_FLOOR = 1e-5  # noise floor relative to the local level: float32 round-off
 _SAMPLE_VOXELS = 1_000_000  # voxels sampled to fit the background-channel scale
 
@@ -94,8 +104,9 @@ class DetectionParams:
         Two reported cells are at least this far apart along some axis (µm);
         the non-maximum suppression box has half-width max(1, round(d / voxel)).
     min_axis_drop : float
-        Along every axis the band-passed signal one soma diameter away must
-        have dropped by this fraction of the peak (0 disables the test).
+        Along every axis, on both sides, the band-passed signal must drop by
+        this fraction of the peak within three soma diameters (0 disables the
+        test).
     min_sigma_vox : float
         Smallest Gaussian sigma (voxels) on any axis, so that somata smaller
         than a voxel on coarse grids are still matched.
@@ -154,11 +165,14 @@ class _Plan:
     radius_noise: tuple[int, int, int]
     radius_max: tuple[int, int, int]
     depth: tuple[int, int, int]
-    centroid_half: tuple[int, int, int]  # half-width of the centroid window (>= 1 voxel)
     shape_step: tuple[int, int, int]  # one soma diameter in voxels (at least 1)
+    split_spacing: tuple[float, float, float]  # soma diameter or one soma's response width
+    split_axes: tuple[bool, bool, bool]  # axes that resolve a soma (>= 2 voxels across)
+    walk: tuple[int, int, int]  # half-maximum search distance of the centre (voxels)
     axes_used: tuple[bool, bool, bool]  # axes longer than one voxel (for the noise residual)
     soma_gain: float  # band-passed peak for a centred soma of unit peak intensity
     noise_gain: float  # SD of the band-passed signal for unit white noise
+    single_width: tuple[float, float, float]  # half-maximum width of one soma's response
 
 
 def _radius(sigma: float) -> int:
@@ -180,10 +194,15 @@ def _plan(
     # The band-passed value at a voxel needs r_soma + r_rest voxels of input around it;
     # the noise map adds r_noise, the maximum test (with its tie-break) r_max, the centroid 1.
     step = tuple(max(1, round(params.soma_diameter_um / v)) for v in voxel_size_um)
-    depth = tuple(
-        a + b + max(n, m, k, 1) for a, b, n, m, k in zip(r_soma, r_rest, r_noise, r_max, step)
+    walk = tuple(
+        max(_MIN_WALK, int(math.ceil(_WALK_DIAMETERS * params.soma_diameter_um / v)))
+        for v in voxel_size_um
     )
-    soma_gain, noise_gain = _gains(voxel_size_um, s_um, soma, rest, r_soma, r_rest)
+    depth = tuple(
+        a + b + max(n, m, k, w, 1)
+        for a, b, n, m, k, w in zip(r_soma, r_rest, r_noise, r_max, step, walk)
+    )
+    soma_gain, noise_gain, width = _gains(voxel_size_um, s_um, soma, rest, r_soma, r_rest)
     return _Plan(
         soma,
         outer,
@@ -193,16 +212,26 @@ def _plan(
         r_noise,
         r_max,
         depth,
-        tuple(max(1, round(params.soma_diameter_um / 2 / v)) for v in voxel_size_um),
         tuple(max(1, round(params.soma_diameter_um / v)) for v in voxel_size_um),
+        tuple(max(params.soma_diameter_um / v, w) for v, w in zip(voxel_size_um, width)),
+        tuple(
+            n > 1 and params.soma_diameter_um / v >= _MIN_SPLIT_VOXELS
+            for n, v in zip(shape, voxel_size_um)
+        ),
+        walk,
         tuple(n > 1 for n in shape),
         soma_gain,
         noise_gain,
+        width,
     )
 
 
-def _gains(voxel_size_um, sigma_um, soma, rest, r_soma, r_rest) -> tuple[float, float]:
-    """Band-pass response to a centred unit-peak soma, and its white-noise gain (L2 norm)."""
+def _gains(voxel_size_um, sigma_um, soma, rest, r_soma, r_rest) -> tuple[float, float, tuple]:
+    """Band-pass response to a centred unit-peak soma, white-noise gain, response width.
+
+    The gain is the kernel's L2 norm; the width (voxels, per axis) is that of the
+    band-passed image of the soma at half its maximum.
+    """
     half = tuple(a + b for a, b in zip(r_soma, r_rest))
     shape = tuple(2 * h + 1 for h in half)
     delta = np.zeros(shape, dtype=np.float64)
@@ -215,7 +244,25 @@ def _gains(voxel_size_um, sigma_um, soma, rest, r_soma, r_rest) -> tuple[float, 
         p = np.diff(special.erf(edges))
         profiles.append(p / p.max())
     soma_blob = profiles[0][:, None, None] * profiles[1][None, :, None] * profiles[2][None, None, :]
-    return float((kernel * soma_blob).sum()), float(np.sqrt((kernel**2).sum()))
+    # the band-passed image of one centred soma, and its width at half maximum per axis
+    r1 = ndi.gaussian_filter(soma_blob, soma, mode="constant", radius=r_soma)
+    resp = r1 - ndi.gaussian_filter(r1, rest, mode="constant", radius=r_rest)
+    widths = []
+    for a in range(3):
+        line = np.moveaxis(resp, a, 0)[(slice(None),) + tuple(half[b] for b in range(3) if b != a)]
+        c, top = half[a], line[half[a]]
+        side = []
+        for sign in (-1, 1):
+            k = 1
+            while 0 <= c + sign * (k) < len(line) and line[c + sign * k] >= 0.5 * top:
+                k += 1
+            if not 0 <= c + sign * k < len(line):
+                side.append(float(k))
+                continue
+            prev, cur = line[c + sign * (k - 1)], line[c + sign * k]
+            side.append(k - 1 + float((prev - 0.5 * top) / (prev - cur)))
+        widths.append(side[0] + side[1])
+    return float((kernel * soma_blob).sum()), float(np.sqrt((kernel**2).sum())), tuple(widths)
 
 
 def _empty_table() -> pd.DataFrame:
@@ -296,10 +343,83 @@ def _background_scale(signal: da.Array, background: da.Array) -> float:
     return _robust_slope(np.asarray(s), np.asarray(b))
 
 
+def _suppress_duplicates(cells: pd.DataFrame, min_separation_um: float) -> pd.DataFrame:
+    """Keep the strongest of cells whose centres lie within min_separation_um on every axis."""
+    if len(cells) < 2:
+        return cells
+    from scipy.spatial import cKDTree
+
+    xyz = cells[["z_um", "y_um", "x_um"]].to_numpy()
+    radius = min_separation_um * (1 - 1e-9)
+    pairs = cKDTree(xyz).query_pairs(radius, p=np.inf, output_type="ndarray")
+    if len(pairs) == 0:
+        return cells
+    # rank: stronger first; ties by (z, y, x) order, which the table is already sorted by
+    order = np.lexsort((np.arange(len(cells)), -cells["intensity"].to_numpy()))
+    rank = np.empty(len(cells), dtype=np.int64)
+    rank[order] = np.arange(len(cells))
+    neighbours = [[] for _ in range(len(cells))]
+    for i, j in pairs:
+        neighbours[i].append(j)
+        neighbours[j].append(i)
+    keep = np.ones(len(cells), dtype=bool)
+    for i in order:  # greedy: a cell survives unless a stronger surviving cell is near
+        if keep[i]:
+            for j in neighbours[i]:
+                if rank[j] > rank[i]:
+                    keep[j] = False
+    return cells[keep].reset_index(drop=True)
+
+
 def _lex_earlier(offsets: np.ndarray) -> np.ndarray:
     """For each (dz, dy, dx) offset, whether it points to a voxel earlier in (z, y, x) order."""
     dz, dy, dx = offsets.T
     return (dz < 0) | ((dz == 0) & (dy < 0)) | ((dz == 0) & (dy == 0) & (dx < 0))
+
+
+def _half_max_extents(
+    f: np.ndarray, pos: np.ndarray, peak: np.ndarray, plan: _Plan, level: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distances (n, 3) from each maximum to where f falls below level x peak, below and above.
+
+    Linear interpolation between voxels; the volume edge counts as a crossing half a voxel
+    beyond the last voxel; no crossing within plan.walk voxels gives plan.walk. Axes that
+    are not searched (a single plane) get 0.5 on both sides.
+    """
+    lo = np.full(pos.shape, 0.5, dtype=np.float64)
+    hi = np.full(pos.shape, 0.5, dtype=np.float64)
+    if len(pos) == 0:
+        return lo, hi
+    half = level * peak
+    for a in range(3):
+        n_walk = plan.walk[a]
+        if not plan.axes_used[a] or n_walk < 1:
+            continue
+        edges = []
+        for sign in (-1, 1):
+            k = np.arange(1, n_walk + 1)
+            q = np.repeat(pos[:, None, :], n_walk, axis=1)
+            q[:, :, a] += sign * k[None, :]
+            inside = (q[:, :, a] >= 0) & (q[:, :, a] < f.shape[a])
+            q[:, :, a] = np.clip(q[:, :, a], 0, f.shape[a] - 1)
+            v = f[q[..., 0], q[..., 1], q[..., 2]].astype(np.float64)
+            below = (v < half[:, None]) | ~inside
+            first = np.where(below.any(axis=1), below.argmax(axis=1), n_walk)  # index into k
+            prev = np.where(first > 0, v[np.arange(len(pos)), np.maximum(first - 1, 0)], peak)
+            prev = np.where(first > 0, prev, peak)
+            j = np.minimum(first, n_walk - 1)
+            cur = v[np.arange(len(pos)), j]
+            crossed = first < n_walk
+            out = crossed & ~inside[np.arange(len(pos)), j]
+            # linear interpolation between the last voxel above half and the first below;
+            # the volume edge counts as a crossing half a voxel beyond the last voxel
+            denom = prev - cur
+            t = np.divide(prev - half, denom, out=np.full_like(prev, 0.5), where=denom > 0)
+            dist = np.where(crossed, first + np.clip(t, 0.0, 1.0), n_walk)
+            dist = np.where(out, first + 0.5, dist)
+            edges.append(dist)
+        lo[:, a], hi[:, a] = edges
+    return lo, hi
 
 
 def _detect_block(
@@ -390,35 +510,44 @@ def _detect_block(
     pos, peak, snr = pos[unique], peak[unique], snr[unique]
     amplitude, contrast = amplitude[unique], contrast[unique]
 
-    # Shape: along every axis the band-passed signal one soma diameter away must drop by
-    # min_axis_drop of the peak (planes, edges, stripes and fibres are flat along some axis).
+    # Shape: along every axis, on both sides, the band-passed signal must fall below
+    # (1 - min_axis_drop) of the peak within plan.walk voxels (3 soma diameters). Planes,
+    # edges, light-sheet stripes and fibres stay flat along some axis for longer and fail;
+    # a cell elongated by the axial blur, or cells stacked along an axis, pass.
     if min_axis_drop > 0 and len(pos):
-        ok = np.ones(len(pos), dtype=bool)
-        for a in range(3):
-            if not plan.axes_used[a]:
-                continue
-            step = np.zeros(3, dtype=int)
-            step[a] = plan.shape_step[a]
-            sides = []
-            for sign in (-1, 1):
-                q = pos + sign * step
-                q[:, a] = np.clip(q[:, a], 0, f.shape[a] - 1)
-                sides.append(f[q[:, 0], q[:, 1], q[:, 2]].astype(np.float64))
-            drop = peak - 0.5 * (sides[0] + sides[1])
-            ok &= drop >= min_axis_drop * peak
+        lo_d, hi_d = _half_max_extents(f, pos, peak, plan, level=1.0 - min_axis_drop)
+        walk = np.asarray(plan.walk, dtype=np.float64)[None, :]
+        used = np.asarray(plan.axes_used)[None, :]
+        ok = np.all(~used | ((lo_d < walk) & (hi_d < walk)), axis=1)
         pos, peak, snr, amplitude, contrast = (
             v[ok] for v in (pos, peak, snr, amplitude, contrast)
         )
 
-    # Sub-voxel centroid: band-passed signal above half the peak, over +- one soma radius.
-    hw = plan.centroid_half
-    cube = np.mgrid[-hw[0] : hw[0] + 1, -hw[1] : hw[1] + 1, -hw[2] : hw[2] + 1].reshape(3, -1).T
-    nb = pos[:, None, :] + cube[None, :, :]
-    inside = np.all((nb >= 0) & (nb < shape), axis=2)
-    nb = np.clip(nb, 0, shape - 1)
-    vals = f[nb[..., 0], nb[..., 1], nb[..., 2]].astype(np.float64)
-    w = np.where(inside, np.maximum(vals - _CENTROID_LEVEL * peak[:, None], 0), 0)
-    shift = (w[..., None] * cube[None, :, :]).sum(axis=1) / w.sum(axis=1)[:, None]
+    # Sub-voxel centre: along each axis through the maximum, the midpoint of the two points
+    # where the band-passed signal falls to half the peak (linear interpolation), searched
+    # up to plan.walk voxels away: the centre of the object, wherever on a plateau (e.g. a
+    # soma elongated along z by the axial blur) the noise put the maximum.
+    # Touching cells: an object whose half-maximum extent along an axis exceeds that of one
+    # soma by more than half a spacing holds 1 + round(excess / spacing) cells along that
+    # axis, placed evenly (somata stacked along the blurred z axis, or side by side closer
+    # than the suppression box). The spacing is one soma diameter, or the width of one
+    # soma's response where that is larger (closer cells cannot be told apart); only axes
+    # with at least 2 voxels per soma diameter are split.
+    lo, hi = _half_max_extents(f, pos, peak, plan)
+    extent = lo + hi
+    excess = (extent - np.asarray(plan.single_width)) / np.asarray(plan.split_spacing)
+    pieces = 1 + np.maximum(np.rint(excess), 0).astype(np.int64)
+    pieces = np.where(np.asarray(plan.split_axes)[None, :], pieces, 1)
+    counts = pieces.prod(axis=1)
+    owner = np.repeat(np.arange(len(pos)), counts)
+    frac = np.zeros((len(owner), 3))
+    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    for i in np.nonzero(counts > 1)[0]:
+        grid = np.stack(np.meshgrid(*[np.arange(k) for k in pieces[i]], indexing="ij"), -1)
+        frac[start[i] : start[i] + counts[i]] = grid.reshape(-1, 3)
+    # centre of piece k of n along an axis: from -lo to +hi, at (k + 0.5) / n of the way
+    shift = -lo[owner] + (frac + 0.5) / pieces[owner] * extent[owner]
+    pos, peak, snr, amplitude, contrast = (v[owner] for v in (pos, peak, snr, amplitude, contrast))
     vox = pos + shift + (np.asarray(origin) - np.asarray(pad_lo))
     vs = np.asarray(voxel_size_um)
     table = {
@@ -461,7 +590,8 @@ def detect_cells(
     Returns
     -------
     pandas.DataFrame
-        One row per cell, sorted by (z, y, x), with float64 columns ``z_vox``,
+        One row per cell, sorted by (z, y, x) (cells closer than
+        ``min_separation_um`` on every axis merged), with float64 columns ``z_vox``,
         ``y_vox``, ``x_vox`` (sub-voxel centroid on the input grid), ``z_um``,
         ``y_um``, ``x_um`` (voxel coordinate × voxel size), ``intensity`` (peak
         of the band-passed signal, input units above the local background) and
@@ -481,11 +611,13 @@ def detect_cells(
     -----
     The volume is processed in chunks of ``params.chunk_size_vox`` with an
     overlap, per axis, of the two Gaussian radii plus the largest of the noise
-    window, the suppression box and the shape-test step; each maximum
-    belongs to the chunk whose core holds it, so the table does not depend on
-    the chunking. Memory is bounded by a
-    few float32 copies of one overlapped chunk per worker. The computation
-    uses the current Dask scheduler.
+    window, the suppression box and the extent search (three soma diameters,
+    at least 2 voxels); each maximum belongs to the chunk whose core holds it,
+    so the table does not depend on the chunking. Each worker holds a few
+    float32 copies of one overlapped chunk; Dask's overlap graph keeps about one
+    z-slab of chunks alive, so memory is bounded by chunk depth × plane area,
+    not by the number of planes. The computation uses the current Dask
+    scheduler.
 
     Examples
     --------
@@ -533,9 +665,10 @@ def detect_cells(
 
     x = sig.astype(np.float32)
     if bg is not None:
-        scale = _background_scale(sig, bg)
+        b = bg.astype(np.float32)
+        scale = _background_scale(x, b)
         log.info("detect_cells: background channel scaled by %.4g and subtracted", scale)
-        x = x - np.float32(scale) * bg.astype(np.float32)
+        x = x - np.float32(scale) * b
     x = x.rechunk(chunks)
     ov = da.overlap.overlap(x, depth=dict(enumerate(depth)), boundary="none")
     starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in chunks]
@@ -563,5 +696,6 @@ def detect_cells(
         return _empty_table()
     cells = pd.concat(tables, ignore_index=True)
     cells = cells.sort_values(["z_vox", "y_vox", "x_vox"], kind="mergesort", ignore_index=True)
+    cells = _suppress_duplicates(cells, params.min_separation_um)
     log.info("detect_cells: %d cells", len(cells))
     return cells

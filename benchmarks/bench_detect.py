@@ -1,0 +1,177 @@
+"""Benchmark ketamap's cell detection against one scipy Gaussian pass and cellfinder.
+
+The real light-sheet crop (``shared/data/cellfinder_crop``, 30 x 510 x 667, 5 x 2 x 2 µm)
+is tiled in y and x to at least 150 million voxels. Each measurement runs in its own
+subprocess, so its peak resident memory (``ru_maxrss``) is its own: ketamap's
+``detect_cells`` (signal only, default parameters, threaded Dask scheduler), one 3D
+``scipy.ndimage.gaussian_filter`` pass in float32 with ketamap's soma sigma, and, when a
+Python with cellfinder is given (``--cellfinder-python``, a separate environment),
+cellfinder's detection stage (``skip_classification=True``, ``n_free_cpus=0``). Recall is
+measured against cellfinder's 56 classified cells of the crop, repeated in every tile,
+within 10 µm in 3D. Prints and saves JSON (``benchmarks/results/bench_detect.json``).
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_detect.py [--tiles 4 4] \\
+        [--cellfinder-python /tmp/cf/bin/python]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CROP = ROOT.parent / "shared" / "data" / "cellfinder_crop"
+VOXEL_UM = (5.0, 2.0, 2.0)
+
+_PRELUDE = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    import numpy as np
+    vol = np.load(sys.argv[1], mmap_mode="r")
+    vol = np.ascontiguousarray(vol)
+    base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """
+)
+
+_KETAMAP = _PRELUDE + textwrap.dedent(
+    """
+    import dask
+    from ketamap.wholebrain import detect_cells
+    dask.config.set(scheduler="threads", num_workers=int(sys.argv[3]))
+    t = time.perf_counter()
+    cells = detect_cells(vol, voxel_size_um=(5.0, 2.0, 2.0))
+    wall = time.perf_counter() - t
+    np.save(sys.argv[2], cells[["z_vox", "y_vox", "x_vox"]].to_numpy())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"wall_s": wall, "n": len(cells), "peak_rss_mib": peak / 1024,
+                      "input_mib": vol.nbytes / 2**20}))
+    """
+)
+
+_GAUSS = _PRELUDE + textwrap.dedent(
+    """
+    from scipy import ndimage as ndi
+    from ketamap.wholebrain.detect import DetectionParams, _plan
+    plan = _plan((5.0, 2.0, 2.0), DetectionParams(), vol.shape)
+    t = time.perf_counter()
+    x = vol.astype(np.float32)
+    ndi.gaussian_filter(x, plan.sigma_soma, radius=plan.radius_soma, output=x)
+    wall = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"wall_s": wall, "sigma_vox": list(plan.sigma_soma),
+                      "peak_rss_mib": peak / 1024}))
+    """
+)
+
+_CELLFINDER = _PRELUDE + textwrap.dedent(
+    """
+    from cellfinder.core.main import main
+    t = time.perf_counter()
+    cells = main(vol, vol, voxel_sizes=(5.0, 2.0, 2.0), skip_classification=True,
+                 n_free_cpus=0)
+    wall = time.perf_counter() - t
+    xyz = np.array([[c.z, c.y, c.x] for c in cells], dtype=float).reshape(-1, 3)
+    np.save(sys.argv[2], xyz)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"wall_s": wall, "n": len(cells), "peak_rss_mib": peak / 1024}))
+    """
+)
+
+
+def _load(channel: str) -> np.ndarray:
+    import tifffile
+
+    planes = sorted((CROP / channel).glob("*.tif"))
+    return np.stack([tifffile.imread(p) for p in planes])
+
+
+def _reference(tiles, shape) -> np.ndarray:
+    sys.path.insert(0, str(ROOT / "src"))
+    from ketamap.io.points import read_points
+
+    ref = read_points(CROP / "cell_classification.xml")
+    ref = ref[ref.cell_type == 2][["z_vox", "y_vox", "x_vox"]].to_numpy()
+    out = [ref + np.array([0, i * shape[1], j * shape[2]]) for i in range(tiles[0])
+           for j in range(tiles[1])]
+    return np.concatenate(out)
+
+
+def _recall(found: np.ndarray, ref: np.ndarray, tol_um: float = 10.0) -> float:
+    from scipy.spatial import cKDTree
+
+    if len(found) == 0:
+        return 0.0
+    vs = np.asarray(VOXEL_UM)
+    d, _ = cKDTree(found * vs).query(ref * vs)
+    return float(np.mean(d <= tol_um))
+
+
+def _run(python: str, code: str, volume: Path, out: Path, extra=()) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    proc = subprocess.run(
+        [python, "-c", code, str(volume), str(out), *extra],
+        capture_output=True, text=True, env=env, check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{python} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiles", type=int, nargs=2, default=(4, 4), help="tiles in y and x")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--cellfinder-python", default=None,
+                    help="python of a separate environment with cellfinder installed")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_detect.json"))
+    args = ap.parse_args(argv)
+
+    crop = _load("ch0")
+    volume = np.tile(crop, (1, *args.tiles))
+    ref = _reference(args.tiles, crop.shape)
+    result: dict = {
+        "shape": list(volume.shape), "voxels": int(volume.size), "dtype": str(volume.dtype),
+        "voxel_size_um": list(VOXEL_UM), "cpus": os.cpu_count(), "workers": args.workers,
+        "machine": platform.platform(), "reference_cells": int(len(ref)),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        vpath = Path(tmp) / "volume.npy"
+        np.save(vpath, volume)
+        del volume
+        out = Path(tmp) / "cells.npy"
+        k = _run(sys.executable, _KETAMAP, vpath, out, (str(args.workers),))
+        k["recall_3d_10um"] = _recall(np.load(out), ref)
+        k["mvoxels_per_s"] = result["voxels"] / k["wall_s"] / 1e6
+        result["ketamap"] = k
+        g = _run(sys.executable, _GAUSS, vpath, out)
+        result["gaussian_scipy_float32"] = g
+        result["ketamap_over_gaussian"] = k["wall_s"] / g["wall_s"]
+        if args.cellfinder_python:
+            t = time.perf_counter()
+            c = _run(args.cellfinder_python, _CELLFINDER, vpath, out)
+            c["process_wall_s"] = time.perf_counter() - t
+            c["recall_3d_10um"] = _recall(np.load(out), ref)
+            result["cellfinder_detection"] = c
+            result["cellfinder_over_ketamap_wall"] = c["wall_s"] / k["wall_s"]
+            result["cellfinder_over_ketamap_peak_rss"] = c["peak_rss_mib"] / k["peak_rss_mib"]
+    text = json.dumps(result, indent=2)
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
