@@ -162,6 +162,8 @@ def detect(
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")],
     background: Annotated[Optional[Path], typer.Option(help="Autofluorescence channel.")] = None,
     soma_diameter: Annotated[float, typer.Option("--soma-diameter", help="µm.")] = 15.0,
+    classifier: Annotated[Optional[Path], typer.Option(
+        help="A trained candidate classifier (JSON) applied as a second pass.")] = None,
 ):
     """Detect labelled somata; writes cells.parquet, cells.csv and cells.xml."""
     import contextlib
@@ -173,16 +175,20 @@ def detect(
     from ketamap.io.points import write_cells
     from ketamap.io.volumes import open_volume
     from ketamap.params import from_mapping
+    from ketamap.wholebrain.classify import classify_cells, load_classifier
     from ketamap.wholebrain.detect import DetectionParams, detect_cells
 
     params = from_mapping(
         DetectionParams, {"soma_diameter_um": soma_diameter}, where="--soma-diameter"
     )
+    model = load_classifier(classifier) if classifier is not None else None  # fail early
     vol = open_volume(signal)
     bg = open_volume(background) if background else None
     bar = ProgressBar(out=sys.stderr) if err.is_terminal else contextlib.nullcontext()
     with bar, dask.config.set(scheduler="threads"):
         cells = detect_cells(vol, voxel_size_um=voxel_size, params=params, background=bg)
+    if model is not None:
+        cells = classify_cells(cells, model)
     with atomic_dir(out_dir) as tmp:
         write_cells(cells, tmp)
     out.print(

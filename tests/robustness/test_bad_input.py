@@ -192,3 +192,14 @@ def test_manifest_path_escaping_the_study_folder(tmp_path):
     )
     with pytest.raises(ManifestError, match="outside the study folder"):
         load_study(study / "study.toml")
+
+
+def test_bad_classifier_file_fails_before_detection(tmp_path, run_cli, capsys):
+    path = planes(tmp_path / "in")
+    bad = tmp_path / "model.json"
+    bad.write_text("{ not json")
+    code = run_cli("detect", path, "--voxel-size", 5, 2, 2, "--classifier", bad,
+                   "--out", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert code == 2 and "not JSON" in " ".join(err.split()), err
+    assert not (tmp_path / "out").exists()
