@@ -26,6 +26,7 @@ from ketamap.wholebrain.register import (
     prepare_sample,
     register_to_atlas,
     save_registration,
+    warp_image_to_sample,
     warp_labels_to_sample,
 )
 
@@ -124,7 +125,7 @@ def make_sample(code: str, voxel_um, truth, *, noise: float = 0.05, seed: int = 
     extent = np.array(ATLAS_SHAPE) * ATLAS_RES_UM  # atlas-ordered extent
     order = [next(t for t, a in enumerate("asr") if GROUP[a] == GROUP[c]) for c in code]
     vs = np.asarray(voxel_um, dtype=float)
-    shape = tuple(int(round(extent[o] / v)) for o, v in zip(order, vs))
+    shape = tuple(int(round(extent[o] / v)) for o, v in zip(order, vs, strict=True))
     idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
     x = raw_to_prepared_um(idx.reshape(-1, 3), code, vs, shape)
     values = brain_intensity(truth(x)).reshape(shape)
@@ -293,6 +294,20 @@ def test_warped_labels_match_sample_brain(psl_case, reference):
     sample_brain = prepared > 0.5 * 1000 + 100
     dice = 2 * (brain.astype(bool) & sample_brain).sum() / (brain.sum() + sample_brain.sum())
     assert dice > 0.9
+
+
+def test_warp_image_to_sample_matches_the_sample(psl_case, reference):
+    reg, sample, vs = psl_case
+    warped = warp_image_to_sample(reg, reference)
+    assert warped.dtype == np.float32 and warped.shape == reg.prepared_shape_vox
+    prepared = prepare_sample(
+        sample, voxel_size_um=vs, orientation="psl", atlas_orientation="asr",
+        atlas_resolution_um=ATLAS_RES_UM,
+    )
+    brain = warped > 0.5
+    assert np.corrcoef(prepared[brain], warped[brain])[0, 1] > 0.9
+    with pytest.raises(InputError, match="shape"):
+        warp_image_to_sample(reg, reference[:-1])
 
 
 def test_save_load_round_trip(psl_case, tmp_path):

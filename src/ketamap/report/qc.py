@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 
-__all__ = ["registration_overlay_png"]
+__all__ = ["registration_checkerboard_png", "registration_overlay_png"]
 
 
 def registration_overlay_png(sample: np.ndarray, labels: np.ndarray, *, title: str = "") -> bytes:
@@ -39,16 +39,91 @@ def registration_overlay_png(sample: np.ndarray, labels: np.ndarray, *, title: s
                                       else np.asarray(sample.shape) / 2)]
     lo, hi = np.percentile(sample, [1, 99.5]) if sample.size else (0, 1)
     fig, axes = plt.subplots(1, 3, figsize=(12, 4), dpi=80)
-    for ax, axis, name in zip(axes, range(3), ("axis 0 (coronal in asr)", "axis 1 (horizontal)",
-                                                  "axis 2 (sagittal)")):
+    names = ("axis 0 (coronal in asr)", "axis 1 (horizontal)", "axis 2 (sagittal)")
+    for ax, axis, name in zip(axes, range(3), names, strict=True):
         img = np.take(sample, centre[axis], axis=axis)
         lab = np.take(labels, centre[axis], axis=axis)
-        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1,
+                  interpolation="nearest")
         edges = np.ma.masked_where(~find_boundaries(lab, mode="inner"), np.ones(lab.shape))
         ax.imshow(edges, cmap="autumn", alpha=0.9, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.suptitle(f"{title}: atlas boundaries on the registered sample", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _unit(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1] between the 1st and 99.5th percentiles inside ``mask`` (or everywhere)."""
+    values = image[mask] if mask.any() else image.ravel()
+    lo, hi = np.percentile(values, [1, 99.5]) if values.size else (0.0, 1.0)
+    return np.clip((image - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+
+
+def registration_checkerboard_png(sample: np.ndarray, warped_reference: np.ndarray, *,
+                                  tiles: int = 8, title: str = "") -> bytes:
+    """PNG checkerboard of the sample and the warped atlas reference in three planes.
+
+    Tiles alternate between the two images (each scaled to its own 1st-99.5th
+    percentile range inside the brain), so a good registration shows
+    anatomical edges running on across tile borders and a bad one shows
+    breaks.
+
+    Parameters
+    ----------
+    sample : ndarray, shape (Z, Y, X)
+        The prepared sample (atlas orientation and resolution).
+    warped_reference : ndarray, same shape
+        The atlas reference warped onto the sample grid
+        (:func:`ketamap.wholebrain.register.warp_image_to_sample`).
+    tiles : int
+        Tiles along the longer side of each plane (at least 2).
+    title : str
+        Figure title (e.g. the subject id).
+
+    Returns
+    -------
+    bytes
+        The PNG file content.
+
+    Raises
+    ------
+    ValueError
+        If the two images differ in shape or are not 3-D, or ``tiles < 2``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    sample = np.asarray(sample, dtype=np.float32)
+    warped_reference = np.asarray(warped_reference, dtype=np.float32)
+    if sample.ndim != 3 or sample.shape != warped_reference.shape:
+        raise ValueError(
+            f"sample {sample.shape} and warped_reference {warped_reference.shape} must be "
+            f"3-D images of the same shape."
+        )
+    if tiles < 2:
+        raise ValueError(f"tiles must be at least 2, got {tiles}.")
+    a = _unit(sample, warped_reference > 0)
+    b = _unit(warped_reference, warped_reference > 0)
+    centre = [s // 2 for s in sample.shape]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4), dpi=80)
+    names = ("axis 0 (coronal in asr)", "axis 1 (horizontal)", "axis 2 (sagittal)")
+    for ax, axis, name in zip(axes, range(3), names, strict=True):
+        pa = np.take(a, centre[axis], axis=axis)
+        pb = np.take(b, centre[axis], axis=axis)
+        size = max(1, int(np.ceil(max(pa.shape) / tiles)))
+        rows, cols = np.indices(pa.shape)
+        board = ((rows // size + cols // size) % 2).astype(bool)
+        ax.imshow(np.where(board, pa, pb), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"{title}: checkerboard of sample and warped atlas reference", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -50,6 +50,7 @@ __all__ = [
     "register_to_atlas",
     "cells_to_atlas",
     "warp_labels_to_sample",
+    "warp_image_to_sample",
     "save_registration",
     "load_registration",
 ]
@@ -118,6 +119,15 @@ class RegistrationParams:
     )
     qc_max_fraction_folded: float = field(
         default=0.001, metadata=bounds(ge=0, le=1, doc="flag above this folded fraction")
+    )
+    qc_min_scale: float = field(
+        default=0.6, metadata=bounds(gt=0, le=1, doc="flag an affine scale below this")
+    )
+    qc_max_scale: float = field(
+        default=1.6, metadata=bounds(ge=1, doc="flag an affine scale above this")
+    )
+    qc_max_rotation_deg: float = field(
+        default=45.0, metadata=bounds(gt=0, le=180, doc="flag an affine rotation above this")
     )
 
     def __post_init__(self):
@@ -259,7 +269,8 @@ def _affine(fixed, moving, params, mask):
 
 
 def _bspline(fixed, moving, affine, params, mask):
-    mesh = grid_mesh_size(fixed.GetSize()[::-1], fixed.GetSpacing()[::-1], params.bspline_grid_spacing_um)
+    mesh = grid_mesh_size(fixed.GetSize()[::-1], fixed.GetSpacing()[::-1],
+                          params.bspline_grid_spacing_um)
     bspline = sitk.BSplineTransformInitializer(fixed, mesh, 3)
     reg = _method(params, params.bspline_levels_um, fixed.GetSpacing())
     reg.SetOptimizerAsLBFGSB(
@@ -329,9 +340,15 @@ def register_to_atlas(
         With ``qc`` holding ``correlation_before`` (after centring by moments
         only) and ``correlation_after`` (normalised cross-correlation of the
         prepared sample and the warped reference inside the union of both
-        brain masks), ``dice_brain_mask``, ``jacobian_min``,
-        ``fraction_folded`` (det <= 0 inside the sample brain), ``seconds``,
-        ``flagged`` and ``reasons`` (one sentence per failed check).
+        brain masks), ``dice_brain_mask`` (Otsu masks of sample and warped
+        reference), ``jacobian_min``,
+        ``fraction_folded`` (det <= 0 inside the sample brain),
+        ``dice_atlas_mask`` (sample mask vs warped ``atlas_mask``, reported
+        only), ``affine_scale``, ``affine_rotation_deg`` and
+        ``affine_mirrored`` (pose of the affine stage, whose implausible
+        values point at a wrong voxel size or orientation code), ``seconds``,
+        ``flagged`` and ``reasons`` (one sentence per failed check). See
+        docs/registration.md for the thresholds.
 
     Raises
     ------
@@ -390,6 +407,7 @@ def register_to_atlas(
     try:
         with _itk_threads(params.n_threads):
             initial, transform = _affine(fixed, moving, params, metric_mask)
+            affine = transform
             if params.deformable:
                 transform = _bspline(fixed, moving, transform, params, metric_mask)
             else:
@@ -399,7 +417,8 @@ def register_to_atlas(
         first = str(e).strip().splitlines()[-1].rstrip(".") if str(e).strip() else "no message"
         raise RegistrationError(f"SimpleITK could not register the sample ({first}).") from e
 
-    qc = quality_control(fixed_arr, fixed_brain, moving_arr, initial, transform, atlas_brain, res, params)
+    qc = quality_control(fixed_arr, fixed_brain, moving_arr, initial, transform, atlas_brain, res,
+                         params, affine=affine)
     qc["seconds"] = round(time.perf_counter() - t0, 3)
     logger.info("registration done in %.1f s; qc %s", qc["seconds"], qc)
     return Registration(
@@ -515,6 +534,39 @@ def warp_labels_to_sample(registration: Registration, labels: np.ndarray) -> np.
     # order-0 interpolation runs in float64, which holds every uint32 id exactly
     return ndi.map_coordinates(labels, coords, order=0, mode="constant", cval=0,
                                output=labels.dtype)
+
+
+def warp_image_to_sample(registration: Registration, image: np.ndarray) -> np.ndarray:
+    """Warp an atlas intensity image (e.g. the reference) onto the prepared sample grid.
+
+    Parameters
+    ----------
+    registration : Registration
+    image : (Z, Y, X) real ndarray
+        On the atlas grid (shape ``registration.atlas_shape_vox``).
+
+    Returns
+    -------
+    ndarray of float32
+        Shape ``registration.prepared_shape_vox``, trilinear interpolation,
+        0 outside the atlas. With :func:`prepare_sample` this gives the pair of
+        images a QC checkerboard compares.
+
+    Raises
+    ------
+    InputError
+        If ``image`` is not a real volume of the atlas shape.
+    """
+    image = check_volume(image, "image")
+    if image.shape != tuple(registration.atlas_shape_vox):
+        raise InputError(
+            f"image has shape {image.shape} but the atlas grid is "
+            f"{tuple(registration.atlas_shape_vox)}; they must match."
+        )
+    coords = dense_atlas_vox(registration.sample_to_atlas, registration.prepared_shape_vox,
+                             registration.atlas_resolution_um)
+    return ndi.map_coordinates(image.astype(np.float32, copy=False), coords, order=1,
+                               mode="constant", cval=0.0, output=np.float32)
 
 
 def save_registration(registration: Registration, folder) -> Path:

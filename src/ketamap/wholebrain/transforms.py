@@ -37,6 +37,7 @@ from ketamap.space import check_orientation, check_voxel_size
 __all__ = [
     "brain_mask",
     "check_volume",
+    "affine_summary",
     "dice",
     "flatten_intensity",
     "grid_mesh_size",
@@ -51,6 +52,14 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def _sizes(value, where: str) -> tuple[float, float, float]:
+    """One or three voxel sizes (numbers, sequences or numpy arrays) as a checked 3-tuple."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    return check_voxel_size(value, where=where)
+
 
 def _space_map(orientation: str, atlas_orientation: str):
     """Axis order and flips from the raw to the atlas orientation (brainglobe-space)."""
@@ -87,9 +96,11 @@ def prepared_shape(
     tuple of 3 int
         ``round(extent / resolution)`` per atlas axis, at least 1.
     """
+    vs = _sizes(voxel_size_um, "voxel_size_um")
+    res = _sizes(atlas_resolution_um, "atlas_resolution_um")
     order, _ = _space_map(orientation, atlas_orientation)
     n = np.asarray(shape_vox, dtype=float)[list(order)]
-    f = _factors(voxel_size_um, orientation, atlas_orientation, atlas_resolution_um)
+    f = _factors(vs, orientation, atlas_orientation, res)
     return tuple(max(1, int(round(v))) for v in n / f)
 
 
@@ -137,8 +148,8 @@ def prepare_sample(
     """
     orientation = check_orientation(orientation)
     atlas_orientation = check_orientation(atlas_orientation, where="atlas_orientation")
-    vs = check_voxel_size(voxel_size_um)
-    res = check_voxel_size(atlas_resolution_um, where="atlas_resolution_um")
+    vs = _sizes(voxel_size_um, "voxel_size_um")
+    res = _sizes(atlas_resolution_um, "atlas_resolution_um")
     if not hasattr(sample, "shape") or not hasattr(sample, "dtype"):
         sample = np.asarray(sample)
     if len(sample.shape) != 3 or min(sample.shape) == 0:
@@ -167,7 +178,7 @@ def prepare_sample(
         block = ndi.gaussian_filter(block, sigma, mode="nearest")
     if tuple(block.shape) == out_shape and np.allclose(g, 1.0):
         return block
-    coords = [(np.arange(m) + 0.5) * gi - 0.5 for m, gi in zip(out_shape, g)]
+    coords = [(np.arange(m) + 0.5) * gi - 0.5 for m, gi in zip(out_shape, g, strict=True)]
     grid = np.meshgrid(*coords, indexing="ij", sparse=True)
     grid = [np.broadcast_to(c, out_shape) for c in grid]
     out = ndi.map_coordinates(block, grid, order=1, mode="nearest", output=np.float32)
@@ -200,11 +211,13 @@ def raw_to_prepared_vox(
     (N, 3) ndarray of float64
         Voxel coordinates on the prepared grid, atlas axis order.
     """
+    vs = _sizes(voxel_size_um, "voxel_size_um")
+    res = _sizes(atlas_resolution_um, "atlas_resolution_um")
     pts = np.asarray(points_vox, dtype=float).reshape(-1, 3)
     source = AnatomicalSpace(orientation, shape=tuple(int(s) for s in shape_vox))
     # Voxel centres sit at edge coordinate p + 0.5; a flip maps it to n - (p + 0.5).
     edges = source.map_points_to(AnatomicalSpace(atlas_orientation), pts + 0.5)
-    f = _factors(voxel_size_um, orientation, atlas_orientation, atlas_resolution_um)
+    f = _factors(vs, orientation, atlas_orientation, res)
     return edges / f - 0.5
 
 
@@ -237,6 +250,7 @@ def grid_mesh_size(shape_vox, spacing_um, grid_spacing_um: float) -> list[int]:
 
 
 def check_volume(array, name: str) -> np.ndarray:
+    """Return ``array`` as a non-empty real 3-D ndarray, or raise InputError naming ``name``."""
     array = np.asarray(array)
     if array.ndim != 3 or array.size == 0:
         raise InputError(f"{name} must be a non-empty 3-D array (z, y, x), got shape {array.shape}.")
@@ -290,7 +304,7 @@ def flatten_intensity(image: np.ndarray, brain: np.ndarray, sigma_um: float, res
     num = ndi.gaussian_filter(small, sigma, mode="constant")
     den = ndi.gaussian_filter(weight, sigma, mode="constant")
     local = num / np.maximum(den, 1e-3)
-    zoom = [n / m for n, m in zip(image.shape, local.shape)]
+    zoom = [n / m for n, m in zip(image.shape, local.shape, strict=True)]
     local = ndi.zoom(local, zoom, order=1, mode="nearest", grid_mode=True)
     level = float(image[brain].mean())
     local = np.where(brain, np.maximum(local, 0.05 * level), level)
@@ -310,6 +324,7 @@ def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice coefficient of two boolean masks (0 when both are empty)."""
     total = int(a.sum()) + int(b.sum())
     return float(2 * np.logical_and(a, b).sum() / total) if total else 0.0
 
@@ -357,8 +372,55 @@ def jacobian_stats(transform, shape_vox, spacing_um, fixed_mask) -> tuple[float,
     return float(values.min()), float(np.mean(values <= 0))
 
 
-def quality_control(fixed_arr, fixed_brain, moving_arr, initial, transform, atlas_brain, res, params):
-    """QC measures of a registration on the prepared grid, and the flag with its reasons."""
+def affine_summary(transform, centre_um) -> tuple[np.ndarray, float, bool]:
+    """Scale, rotation and handedness of a (locally) affine transform at a point.
+
+    The linear part ``A`` is taken by finite differences at ``centre_um``
+    (exact for an affine transform), then split by polar decomposition
+    ``A = R S`` (``R = U V^T`` from the SVD ``A = U diag(s) V^T``).
+
+    Parameters
+    ----------
+    transform : SimpleITK.Transform
+        Prepared sample physical point -> atlas physical point.
+    centre_um : 3 floats
+        Where to take the linear part, (z, y, x) µm on the prepared grid.
+
+    Returns
+    -------
+    scales : (3,) ndarray of float64
+        Singular values of ``A``, descending: atlas length per sample length
+        along the principal axes (2 when the declared voxel size is half the
+        true one, 0.5 when it is twice).
+    rotation_deg : float
+        Angle of the rotation ``R`` (0-180°); a correct orientation code
+        leaves only the mounting tilt.
+    mirrored : bool
+        ``det A < 0``: the transform flips the brain's handedness.
+    """
+    c = np.asarray(centre_um, dtype=float)[::-1]  # ITK (x, y, z)
+    h = 100.0
+    p0 = np.asarray(transform.TransformPoint(tuple(float(v) for v in c)))
+    cols = [(np.asarray(transform.TransformPoint(tuple(float(v) for v in c + h * e))) - p0) / h
+            for e in np.eye(3)]
+    a = np.stack(cols, axis=1)
+    u, s, vt = np.linalg.svd(a)
+    rot = u @ vt
+    mirrored = bool(np.linalg.det(a) < 0)
+    if mirrored:
+        rot = u @ np.diag([1.0, 1.0, -1.0]) @ vt
+    angle = float(np.degrees(np.arccos(np.clip((np.trace(rot) - 1) / 2, -1.0, 1.0))))
+    return s, angle, mirrored
+
+
+def quality_control(fixed_arr, fixed_brain, moving_arr, initial, transform, atlas_brain, res, params,
+                    affine=None):
+    """QC measures of a registration on the prepared grid, and the flag with its reasons.
+
+    ``affine`` (the affine stage's transform) adds the plausibility checks of
+    scale and rotation that catch a wrong voxel size or orientation code even
+    when the images happen to match well after registration.
+    """
     fixed = to_sitk(fixed_arr, res)
     moving = to_sitk(moving_arr, res)
     before = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, initial, sitk.sitkLinear, 0.0))
@@ -367,17 +429,42 @@ def quality_control(fixed_arr, fixed_brain, moving_arr, initial, transform, atla
                                 mode="constant", cval=0.0)
     warped_brain = ndi.map_coordinates(atlas_brain.astype(np.uint8), coords, order=0,
                                        mode="constant", cval=0).astype(bool)
+    # The same thresholding on both images: a bias of the intensity mask (dim
+    # tissue left out of a real autofluorescence mask) then cancels out.
+    reference_brain = brain_mask(moving_arr)
+    warped_reference_brain = ndi.map_coordinates(reference_brain.astype(np.uint8), coords,
+                                                 order=0, mode="constant", cval=0).astype(bool)
     del coords
     union = fixed_brain | warped_brain
     jac_min, folded = jacobian_stats(transform, fixed_arr.shape, res, fixed_brain)
     qc = {
         "correlation_before": round(ncc(fixed_arr, before, union), 4),
         "correlation_after": round(ncc(fixed_arr, after, union), 4),
-        "dice_brain_mask": round(dice(fixed_brain, warped_brain), 4),
+        "dice_brain_mask": round(dice(fixed_brain, warped_reference_brain), 4),
+        "dice_atlas_mask": round(dice(fixed_brain, warped_brain), 4),
         "jacobian_min": round(jac_min, 4),
         "fraction_folded": round(folded, 6),
     }
     reasons = []
+    if affine is not None:
+        centre = (np.argwhere(fixed_brain).mean(axis=0) if fixed_brain.any()
+                  else (np.asarray(fixed_arr.shape) - 1) / 2) * np.asarray(res, dtype=float)
+        scales, angle, mirrored = affine_summary(affine, centre)
+        qc["affine_scale"] = [round(float(v), 4) for v in scales]
+        qc["affine_rotation_deg"] = round(angle, 2)
+        qc["affine_mirrored"] = mirrored
+        if scales.min() < params.qc_min_scale or scales.max() > params.qc_max_scale:
+            reasons.append(
+                f"the affine stage rescales the sample by {scales.min():.2f}-{scales.max():.2f}, "
+                f"outside {params.qc_min_scale}-{params.qc_max_scale} (is the voxel size right?)"
+            )
+        if angle > params.qc_max_rotation_deg:
+            reasons.append(
+                f"the affine stage rotates the sample by {angle:.0f} degrees, more than "
+                f"{params.qc_max_rotation_deg:g} (is the orientation code right?)"
+            )
+        if mirrored:
+            reasons.append("the affine stage mirrors the sample (is the orientation code right?)")
     if qc["correlation_after"] < params.qc_min_correlation:
         reasons.append(
             f"correlation after registration {qc['correlation_after']:.3f} is below "
