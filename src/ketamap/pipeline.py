@@ -200,18 +200,20 @@ def subject_dir(study: Study, subject: Subject, stage: str) -> Path:
 def write_registration(
     folder: Path, reg, atlas, image, *, voxel_size_um, orientation: str, title: str
 ) -> None:
-    """Write a registration with its region volumes in sample space and its QC image.
+    """Write a registration with its region volumes in sample space and its QC images.
 
     Writes the transform and ``registration.json`` (QC numbers),
     ``volumes_by_label.parquet`` (leaf label, hemisphere, volume in mm³ in the
-    animal's own space), ``volumes.csv`` (acronym, left and right volume) and
-    ``qc.png`` (atlas boundaries over the sample in three planes).
+    animal's own space), ``volumes.csv`` (acronym, left and right volume),
+    ``qc.png`` (atlas boundaries over the sample in three planes) and, when the
+    atlas has a reference, ``qc_checkerboard.png`` (sample vs warped reference).
     """
-    from ketamap.report.qc import registration_overlay_png
+    from ketamap.report.qc import registration_checkerboard_png, registration_overlay_png
     from ketamap.wholebrain.quantify import label_volumes_mm3
     from ketamap.wholebrain.register import (
         prepare_sample,
         save_registration,
+        warp_image_to_sample,
         warp_labels_to_sample,
     )
 
@@ -241,6 +243,10 @@ def write_registration(
     )
     with atomic_path(folder / "qc.png") as png:
         png.write_bytes(registration_overlay_png(prepared, labels, title=title))
+    if atlas.reference is not None:
+        warped = warp_image_to_sample(reg, atlas.reference)
+        with atomic_path(folder / "qc_checkerboard.png") as png:
+            png.write_bytes(registration_checkerboard_png(prepared, warped, title=title))
 
 
 def quantify_cells(cells: pd.DataFrame, reg, atlas, volumes: pd.DataFrame):
@@ -498,10 +504,12 @@ def run_report(study: Study, *, force: bool = False) -> bool:
         truth = pd.read_csv(truth_file) if truth_file.exists() else None
         present = set(counts["acronym"])
         key = tuple(a for a in KEY_REGIONS if a in present)
-        images = {
-            f"registration/{s.id}": (subject_dir(study, s, "register") / "qc.png").read_bytes()
-            for s in study.subjects
-        }
+        images = {}
+        for s in study.subjects:
+            reg_dir = subject_dir(study, s, "register")
+            images[f"registration/{s.id}"] = (reg_dir / "qc.png").read_bytes()
+            if (reg_dir / "qc_checkerboard.png").exists():
+                images[f"checkerboard/{s.id}"] = (reg_dir / "qc_checkerboard.png").read_bytes()
         methods = {
             "versions": versions(),
             "detection": to_dict(det_params),
