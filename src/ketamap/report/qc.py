@@ -50,11 +50,7 @@ def registration_overlay_png(sample: np.ndarray, labels: np.ndarray, *, title: s
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.suptitle(f"{title}: atlas boundaries on the registered sample", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png_bytes(fig)
 
 
 def _unit(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -124,6 +120,13 @@ def registration_checkerboard_png(sample: np.ndarray, warped_reference: np.ndarr
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.suptitle(f"{title}: checkerboard of sample and warped atlas reference", fontsize=10)
+    return _png_bytes(fig)
+
+
+def _png_bytes(fig) -> bytes:
+    """Lay out, render and close a matplotlib figure; return the PNG file content."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
