@@ -287,24 +287,24 @@ def _crop_recall(shared_data, **kwargs):
 
 @pytest.mark.shared_data
 def test_real_crop_against_cellfinder(shared_data):
-    """Signal channel only, default parameters: measured 846 candidates, 3D recall 0.82."""
+    """Signal channel only, default parameters: measured 1227 candidates, 3D recall 0.89."""
     n_ref, n, recall_3d, recall_yx = _crop_recall(shared_data)
     print(f"candidates={n} recall3d@10um={recall_3d:.3f} recall_yx@10um={recall_yx:.3f}")
     assert n_ref == 56
     assert 56 <= n <= 1500
-    assert recall_3d >= 0.8, (recall_3d, recall_yx, n)
+    assert recall_3d >= 0.85, (recall_3d, recall_yx, n)
     assert recall_yx >= 0.9, (recall_3d, recall_yx, n)
 
 
 @pytest.mark.shared_data
 def test_real_crop_with_background_channel(shared_data):
-    """With the autofluorescence channel, default parameters: measured 984 candidates,
-    3D recall 0.929 (52 of 56; the 4 misses sit by the crop's z discontinuities)."""
+    """With the autofluorescence channel, default parameters: measured 1172 candidates,
+    3D recall 0.964 (54 of 56; the 2 misses sit by the crop's z discontinuities)."""
     root = shared_data / "cellfinder_crop"
     n_ref, n, recall_3d, recall_yx = _crop_recall(
         shared_data, background=_load_crop(root, "ch1")
     )
     print(f"candidates={n} recall3d@10um={recall_3d:.3f} recall_yx@10um={recall_yx:.3f}")
     assert 56 <= n <= 1500
-    assert recall_3d >= 0.9, (recall_3d, recall_yx, n)
+    assert recall_3d >= 0.95, (recall_3d, recall_yx, n)
     assert recall_yx >= 0.95, (recall_3d, recall_yx, n)
