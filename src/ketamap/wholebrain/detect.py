@@ -167,6 +167,7 @@ class _Plan:
     radius_rest_coarse: tuple[int, int, int]
     radius_noise_coarse: tuple[int, int, int]  # noise window half-width (coarse cells)
     radius_max: tuple[int, int, int]
+    margin: tuple[int, int, int]  # band-passed signal needed around a core (noise, box, walk)
     depth: tuple[int, int, int]
     shape_step: tuple[int, int, int]  # one soma diameter in voxels (at least 1)
     split_spacing: tuple[float, float, float]  # soma diameter or one soma's response width
@@ -222,10 +223,11 @@ def _plan(
         max(_MIN_WALK, int(math.ceil(_WALK_DIAMETERS * params.soma_diameter_um / v)))
         for v in voxel_size_um
     )
-    depth = tuple(
-        _round_up(a + b + max(n, m, st, w, 1), k)
-        for a, b, n, m, st, w, k in zip(r_soma, r_rest, r_noise, r_max, step, walk, coarse)
+    margin = tuple(
+        _round_up(max(n, m, st, w, 1), k)
+        for n, m, st, w, k in zip(r_noise, r_max, step, walk, coarse)
     )
+    depth = tuple(_round_up(a + b + m, k) for a, b, m, k in zip(r_soma, r_rest, margin, coarse))
     plan = _Plan(
         sigma_soma=soma,
         sigma_outer=outer,
@@ -235,6 +237,7 @@ def _plan(
         radius_rest_coarse=r_rest_c,
         radius_noise_coarse=r_noise_c,
         radius_max=r_max,
+        margin=margin,
         depth=depth,
         shape_step=step,
         split_spacing=(0.0, 0.0, 0.0),
@@ -272,17 +275,20 @@ def _block_mean(a: np.ndarray, coarse: tuple[int, int, int]) -> np.ndarray:
 
 
 def _upsample(c: np.ndarray, coarse: tuple[int, int, int], shape: tuple[int, ...]) -> np.ndarray:
-    """Linear interpolation of a coarse field (cell-centred) back onto the fine grid."""
+    """Linear interpolation of a coarse field (cell-centred) back onto the fine grid.
+
+    With a factor of 2, fine voxel 2j lies a quarter cell before coarse cell j and 2j + 1 a
+    quarter after: 0.75 c[j] + 0.25 c[j -/+ 1], the edge cells repeated.
+    """
     for axis, k in enumerate(coarse):
         if k == 1:
             continue
         c = np.moveaxis(c, axis, 0)
-        prev = np.concatenate([c[:1], c[:-1]])
-        nxt = np.concatenate([c[1:], c[-1:]])
         up = np.empty((2 * len(c),) + c.shape[1:], dtype=c.dtype)
-        c3 = c * np.float32(0.75)
-        np.add(c3, prev * np.float32(0.25), out=up[0::2])
-        np.add(c3, nxt * np.float32(0.25), out=up[1::2])
+        quarter = np.subtract(c[1:], c[:-1]) * np.float32(0.25)
+        np.subtract(c[1:], quarter, out=up[2::2])  # 0.75 c[j] + 0.25 c[j - 1]
+        np.add(c[:-1], quarter, out=up[1:-1:2])  # 0.75 c[j] + 0.25 c[j + 1]
+        up[0], up[-1] = c[0], c[-1]
         c = np.moveaxis(up[: shape[axis]], 0, axis)
     return c
 
@@ -294,11 +300,15 @@ def _bandpass(x: np.ndarray, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
     coarse grid of ``plan.coarse`` (aligned to the array's first voxel).
     """
     g1 = ndi.gaussian_filter(x, plan.sigma_soma, mode="reflect", radius=plan.radius_soma)
+    return g1, _upsample(_coarse_background(g1, plan), plan.coarse, g1.shape)
+
+
+def _coarse_background(g1: np.ndarray, plan: _Plan) -> np.ndarray:
+    """``g1`` smoothed to the background scale, on the coarse grid (before interpolation)."""
     c = _block_mean(g1, plan.coarse)
-    c = ndi.gaussian_filter(
+    return ndi.gaussian_filter(
         c, plan.sigma_rest_coarse, mode="reflect", radius=plan.radius_rest_coarse
     )
-    return g1, _upsample(c, plan.coarse, g1.shape)
 
 
 def _gains(plan: _Plan, voxel_size_um, sigma_um) -> tuple[float, float, tuple]:
@@ -362,8 +372,9 @@ def _axis_chunks(
 ) -> tuple[tuple[int, ...], int]:
     """Chunks along one axis with every chunk >= depth; returns (chunks, depth used).
 
-    Chunks (but the last) are whole multiples of ``grid`` voxels, so that every chunk
-    starts on the coarse grid.
+    The axis is cut into ``ceil(n / size)`` chunks of near-equal length (fewer if they
+    would be thinner than ``depth``). Chunks but the last are whole multiples of ``grid``
+    voxels, so that every chunk starts on the coarse grid.
     """
     if n <= size:
         return (n,), 0  # a single chunk needs no overlap on this axis
@@ -373,14 +384,16 @@ def _axis_chunks(
             f"DetectionParams.chunk_size_vox[{axis}] = {size} is smaller than the overlap "
             f"depth {depth} voxels that the filters need on that axis; use at least {depth}."
         )
-    chunks = [size] * (n // size)
-    rest = n - size * len(chunks)
-    if rest:
-        if rest < depth:
-            chunks[-1] += rest  # merge a thin remainder into the last chunk
-        else:
-            chunks.append(rest)
-    return tuple(chunks), depth
+    # as many chunks as the size asks for, of near-equal lengths (no thin remainder, which
+    # would be mostly overlap), each at least the depth
+    count = max(1, min(-(-n // size), n // depth))
+    bounds = [i * n // count // grid * grid for i in range(count)] + [n]
+    chunks = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    if len(chunks) > 1 and min(chunks) < depth:  # rounding to the grid: one chunk fewer
+        return _axis_chunks(n, -(-n // (count - 1)) + grid, depth, axis, grid)
+    if len(chunks) == 1:
+        return chunks, 0
+    return chunks, depth
 
 
 def _as_dask(array, name: str) -> da.Array:
@@ -453,12 +466,14 @@ def _suppress_duplicates(cells: pd.DataFrame, min_separation_um: float) -> pd.Da
     order = np.lexsort((np.arange(len(cells)), -cells["intensity"].to_numpy()))
     rank = np.empty(len(cells), dtype=np.int64)
     rank[order] = np.arange(len(cells))
-    neighbours = [[] for _ in range(len(cells))]
-    for i, j in pairs:
-        neighbours[i].append(j)
-        neighbours[j].append(i)
+    neighbours: dict[int, list[int]] = {}
+    for i, j in pairs.tolist():
+        neighbours.setdefault(i, []).append(j)
+        neighbours.setdefault(j, []).append(i)
     keep = np.ones(len(cells), dtype=bool)
-    for i in order:  # greedy: a cell survives unless a stronger surviving cell is near
+    involved = np.fromiter(neighbours, dtype=np.int64)
+    # greedy, strongest first: a cell survives unless a stronger surviving cell is near
+    for i in involved[np.argsort(rank[involved])].tolist():
         if keep[i]:
             for j in neighbours[i]:
                 if rank[j] > rank[i]:
@@ -576,8 +591,29 @@ def _detect_block(
             f"The volume holds NaN or infinite values (first at voxel (z, y, x) = {where}); "
             "replace them before detection."
         )
-    g1, g2 = _bandpass(x, plan)
-    f = np.subtract(g1, g2, out=g1)  # band-passed signal; g1 is not needed any more
+    g1 = ndi.gaussian_filter(x, plan.sigma_soma, mode="reflect", radius=plan.radius_soma)
+    background = _coarse_background(g1, plan)
+    # From here on only the work region W (the core and plan.margin around it, on the coarse
+    # grid) is needed: the background is interpolated and f = g1 - g2 computed there only.
+    lo = tuple(max(p - m, 0) for p, m in zip(pad_lo, plan.margin))
+    hi = tuple(min(p + c + m, n) for p, c, m, n in zip(pad_lo, core_shape, plan.margin, x.shape))
+    c_lo = tuple(max(a // k - 1, 0) for a, k in zip(lo, plan.coarse))
+    c_hi = tuple(min(-(-b // k) + 1, n) for b, k, n in zip(hi, plan.coarse, background.shape))
+    g2 = _upsample(
+        background[tuple(slice(a, b) for a, b in zip(c_lo, c_hi))],
+        plan.coarse,
+        tuple((b - a) * k for a, b, k in zip(c_lo, c_hi, plan.coarse)),
+    )
+    g2 = g2[tuple(slice(a - ca * k, b - ca * k) for a, b, ca, k in zip(lo, hi, c_lo, plan.coarse))]
+    work = tuple(slice(a, b) for a, b in zip(lo, hi))
+    f = g1[work] - g2  # the band-passed signal
+    del g1, background
+    # the residual needs one more voxel around W, where the block has it
+    lo1 = tuple(max(a - 1, 0) for a in lo)
+    hi1 = tuple(min(b + 1, n) for b, n in zip(hi, x.shape))
+    x = x[tuple(slice(a, b) for a, b in zip(lo1, hi1))]
+    back = tuple(slice(a - a1, b - a1) for a, b, a1 in zip(lo, hi, lo1))
+    pad_lo = tuple(p - a for p, a in zip(pad_lo, lo))  # block coordinates -> W coordinates
 
     # Raw noise SD from the negative part of a discrete Laplacian residual (voxel minus the
     # mean of its axis neighbours): white noise passes it, smooth structure does not. Its
@@ -592,6 +628,7 @@ def _detect_block(
     resid = np.multiply(x, np.float32(1.5), out=x)
     resid -= means * np.float32(1.5 / len(used))
     del means
+    resid = resid[back]
     np.minimum(resid, 0, out=resid)
     resid *= resid
     window = tuple(2 * r + 1 for r in plan.radius_noise_coarse)
@@ -645,8 +682,9 @@ def _detect_block(
     grid = np.mgrid[-rm[0] : rm[0] + 1, -rm[1] : rm[1] + 1, -rm[2] : rm[2] + 1]
     offsets = grid.reshape(3, -1).T
     offsets = offsets[np.any(offsets != 0, axis=1)]
+    faces = offsets[np.abs(offsets).sum(axis=1) == 1]
     near = offsets[np.all(np.abs(offsets) <= 1, axis=1)]
-    for subset, ties in ((near, False), (offsets, True)):
+    for subset, ties in ((faces, False), (near, False), (offsets, True)):
         ok = _box_test(f, pos, peak.astype(np.float32), subset, ties=ties)
         pos, peak, snr = pos[ok], peak[ok], snr[ok]
         amplitude, contrast = amplitude[ok], contrast[ok]
