@@ -2,14 +2,20 @@
 
 ``run_ensembles(sessions_toml, out_dir)`` writes::
 
-    OUT/ensembles.csv / .parquet    session, ensemble, cell, weight, jaccard_first
-    OUT/sessions.csv / .parquet     one row per session with coordination measures
-    OUT/cells.csv / .parquet        session, cell, event_rate_hz, mean_coactivity
+    OUT/ensembles.csv / .parquet    session, ensemble, cell, global_cell, weight, jaccard_first
+    OUT/sessions.csv / .parquet     one row per session with coordination and matching measures
+    OUT/cells.csv / .parquet        session, cell, global_cell, event_rate_hz, mean_coactivity
+    OUT/cell_map.csv / .parquet     session, cell, global_cell (cells matched across sessions)
     OUT/statistics.csv / .parquet   every session compared with the first and the previous
     OUT/activations.parquet         session, ensemble, time_s, strength
-    OUT/figures/raster.png          events sorted by ensemble (reference: first session)
-    OUT/figures/coordination.png    coactivity measures over sessions
+    OUT/figures/raster.png / .svg   events sorted by ensemble (reference: first session)
+    OUT/figures/coordination.png / .svg  coactivity measures over sessions
+    OUT/figures/stability.png / .svg     ensemble stability and matched cells over sessions
+    OUT/report.html                 one self-contained page with tables and figures
     OUT/summary.json                parameters, inputs and the returned summary
+
+``cell`` is always a cell's index in that session's input (suite2p ROI number,
+array row); ``global_cell`` is the identity of the cell across sessions.
 
 The folder is written atomically: a failed run leaves no half-written output.
 :func:`analyse_session` is the pure core (arrays in, results out).
@@ -35,7 +41,9 @@ from ketamap.invivo.ensembles import (
     detect_assemblies,
     match_assemblies,
 )
-from ketamap.invivo.sessions import SessionsFile, load_sessions
+from ketamap.invivo.matching import track_cells
+from ketamap.invivo.report import ensemble_figures, save_figures, write_report
+from ketamap.invivo.sessions import SessionsFile, apply_cell_map, load_sessions, read_cell_map
 from ketamap.invivo.suite2p_io import read_recording
 from ketamap.invivo.traces import (
     deconvolve,
@@ -63,23 +71,44 @@ class EnsembleParams:
     """Parameters of the ensembles stage (units in the names)."""
 
     neuropil_coefficient: float = field(
-        default=0.7, metadata=bounds(ge=0, le=1, doc="neuropil contamination subtracted"))
+        default=0.7, metadata=bounds(ge=0, le=1, doc="neuropil contamination subtracted")
+    )
     baseline_window_s: float = field(
-        default=60.0, metadata=bounds(gt=0, doc="running-baseline window for ΔF/F"))
+        default=60.0, metadata=bounds(gt=0, doc="running-baseline window for ΔF/F")
+    )
     baseline_percentile: float = field(
-        default=8.0, metadata=bounds(ge=0, le=50, doc="percentile taken as baseline"))
+        default=8.0, metadata=bounds(ge=0, le=50, doc="percentile taken as baseline")
+    )
     tau_decay_s: float = field(default=1.0, metadata=bounds(gt=0, doc="indicator decay time"))
     deconvolution: str = field(
-        default="ar1", metadata=bounds(choices=("ar1", "oasis"), doc="deconvolution method"))
+        default="ar1", metadata=bounds(choices=("ar1", "oasis"), doc="deconvolution method")
+    )
     event_threshold_sd: float = field(
-        default=3.0, metadata=bounds(gt=0, doc="event threshold in noise SDs"))
+        default=3.0, metadata=bounds(gt=0, doc="event threshold in noise SDs")
+    )
     bin_s: float = field(default=0.2, metadata=bounds(gt=0, doc="time bin for coactivity"))
     coactivity_alpha: float = field(
-        default=0.01, metadata=bounds(gt=0, lt=1, doc="per-bin level of the shift null"))
+        default=0.01, metadata=bounds(gt=0, lt=1, doc="per-bin level of the shift null")
+    )
     member_sd: float = field(default=2.0, metadata=bounds(gt=0, doc="membership threshold in SDs"))
     min_members: int = field(default=2, metadata=bounds(ge=2, doc="smallest ensemble kept"))
     tracy_widom: bool = field(default=True, metadata=bounds(doc="Tracy-Widom margin on MP bound"))
     seed: int = field(default=0, metadata=bounds(ge=0, doc="seed of the ICA initialisation"))
+    cell_matching: str = field(
+        default="auto",
+        metadata=bounds(
+            choices=("auto", "footprints", "index"), doc="how cells are matched across sessions"
+        ),
+    )
+    match_min_overlap: float = field(
+        default=0.2, metadata=bounds(gt=0, le=1, doc="smallest footprint Jaccard of a match")
+    )
+    match_max_rotation_deg: float = field(
+        default=4.0, metadata=bounds(ge=0, le=45, doc="rotation searched when registering")
+    )
+    match_rotation_step_deg: float = field(
+        default=0.5, metadata=bounds(gt=0, le=10, doc="step of the rotation search")
+    )
 
     def __post_init__(self):
         validate(self)
@@ -132,10 +161,18 @@ def analyse_session(
     Fc = np.asarray(Fc, dtype=np.float32)
     n_cells, n_frames = Fc.shape
     idx = np.arange(n_cells) if cell_index is None else np.asarray(cell_index)
-    dff = delta_f_over_f(Fc, frame_rate_hz=frame_rate_hz, window_s=params.baseline_window_s,
-                         percentile=params.baseline_percentile)
-    spikes = deconvolve(dff, frame_rate_hz=frame_rate_hz, tau_decay_s=params.tau_decay_s,
-                        method=params.deconvolution)
+    dff = delta_f_over_f(
+        Fc,
+        frame_rate_hz=frame_rate_hz,
+        window_s=params.baseline_window_s,
+        percentile=params.baseline_percentile,
+    )
+    spikes = deconvolve(
+        dff,
+        frame_rate_hz=frame_rate_hz,
+        tau_decay_s=params.tau_decay_s,
+        method=params.deconvolution,
+    )
     g = np.exp(-1.0 / (params.tau_decay_s * frame_rate_hz))
     noise = robust_noise(dff) * np.float32(np.sqrt(1 + g * g))
     events = detect_events(spikes, threshold_sd=params.event_threshold_sd, noise=noise)
@@ -148,8 +185,13 @@ def analyse_session(
         np.where(off, corr, 0).sum(axis=1) / max(n_cells - 1, 1) if n_cells else np.zeros(0)
     )
     co = coactive_bins(active, alpha=params.coactivity_alpha)
-    asm = detect_assemblies(binned, member_sd=params.member_sd, min_members=params.min_members,
-                            tracy_widom=params.tracy_widom, seed=params.seed)
+    asm = detect_assemblies(
+        binned,
+        member_sd=params.member_sd,
+        min_members=params.min_members,
+        tracy_widom=params.tracy_widom,
+        seed=params.seed,
+    )
     act = activation_strength(binned, asm.patterns)
     duration_s = n_frames / frame_rate_hz
     iu = np.triu_indices(n_cells, 1)
@@ -168,11 +210,13 @@ def analyse_session(
         "mp_threshold": float(asm.threshold),
         "mean_activation_strength": float(act.mean()) if act.size else 0.0,
     }
-    per_cell = pd.DataFrame({
-        "cell": idx.astype(int),
-        "event_rate_hz": events.sum(axis=1) / duration_s if duration_s else np.zeros(n_cells),
-        "mean_coactivity": mean_coact.astype(float),
-    })
+    per_cell = pd.DataFrame(
+        {
+            "cell": idx.astype(int),
+            "event_rate_hz": events.sum(axis=1) / duration_s if duration_s else np.zeros(n_cells),
+            "mean_coactivity": mean_coact.astype(float),
+        }
+    )
     return SessionResult(events, binned, asm, act, summary, per_cell)
 
 
@@ -199,7 +243,8 @@ def compare_sessions(sessions: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFram
     """Compare every session with the first one and with the previous one.
 
     Two tests per pair: a paired Wilcoxon signed-rank test on each cell's mean
-    coactivity (cells matched by input index), and a two-proportion z-test on
+    coactivity (cells present in both sessions, matched by ``global_cell`` when
+    the table has it, else by input index), and a two-proportion z-test on
     the fraction of significantly coactive bins. p-values are Holm-adjusted
     within each measure.
 
@@ -208,7 +253,7 @@ def compare_sessions(sessions: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFram
     sessions : DataFrame
         One row per session (``session``, ``fraction_coactive_bins``, ``n_bins``).
     cells : DataFrame
-        ``session, cell, mean_coactivity``.
+        ``session, cell, mean_coactivity`` and optionally ``global_cell``.
 
     Returns
     -------
@@ -224,25 +269,58 @@ def compare_sessions(sessions: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFram
             pairs.append((labels[i - 1], labels[i], "vs previous"))
     rows = []
     by = sessions.set_index("session")
+    key = "global_cell" if "global_cell" in cells.columns else "cell"
     for a, b, kind in pairs:
-        ca = cells[cells.session == a].set_index("cell")["mean_coactivity"]
-        cb = cells[cells.session == b].set_index("cell")["mean_coactivity"]
+        ca = cells[cells.session == a].set_index(key)["mean_coactivity"]
+        cb = cells[cells.session == b].set_index(key)["mean_coactivity"]
         common = ca.index.intersection(cb.index)
         xa, xb = ca.loc[common].to_numpy(), cb.loc[common].to_numpy()
         stat, p = _wilcoxon(xa, xb)
-        rows.append({"measure": "cell_mean_coactivity", "session_a": a, "session_b": b,
-                     "comparison": kind, "value_a": float(np.mean(xa)) if len(xa) else np.nan,
-                     "value_b": float(np.mean(xb)) if len(xb) else np.nan,
-                     "test": "paired Wilcoxon signed-rank", "statistic": stat, "n": len(common),
-                     "p_value": p})
+        rows.append(
+            {
+                "measure": "cell_mean_coactivity",
+                "session_a": a,
+                "session_b": b,
+                "comparison": kind,
+                "value_a": float(np.mean(xa)) if len(xa) else np.nan,
+                "value_b": float(np.mean(xb)) if len(xb) else np.nan,
+                "test": "paired Wilcoxon signed-rank",
+                "statistic": stat,
+                "n": len(common),
+                "p_value": p,
+            }
+        )
         fa, fb = by.loc[a, "fraction_coactive_bins"], by.loc[b, "fraction_coactive_bins"]
         na, nb = int(by.loc[a, "n_bins"]), int(by.loc[b, "n_bins"])
         z, p = _two_proportions(fa, na, fb, nb)
-        rows.append({"measure": "fraction_coactive_bins", "session_a": a, "session_b": b,
-                     "comparison": kind, "value_a": float(fa), "value_b": float(fb),
-                     "test": "two-proportion z", "statistic": z, "n": na + nb, "p_value": p})
-    cols = ["measure", "session_a", "session_b", "comparison", "value_a", "value_b", "difference",
-            "test", "statistic", "n", "p_value", "p_holm"]
+        rows.append(
+            {
+                "measure": "fraction_coactive_bins",
+                "session_a": a,
+                "session_b": b,
+                "comparison": kind,
+                "value_a": float(fa),
+                "value_b": float(fb),
+                "test": "two-proportion z",
+                "statistic": z,
+                "n": na + nb,
+                "p_value": p,
+            }
+        )
+    cols = [
+        "measure",
+        "session_a",
+        "session_b",
+        "comparison",
+        "value_a",
+        "value_b",
+        "difference",
+        "test",
+        "statistic",
+        "n",
+        "p_value",
+        "p_holm",
+    ]
     if not rows:
         return pd.DataFrame(columns=cols)
     out = pd.DataFrame(rows)
@@ -265,47 +343,35 @@ def _holm(p: np.ndarray) -> np.ndarray:
     return out
 
 
-def _figures(fig_dir: Path, results: dict, sessions_table: pd.DataFrame) -> list[Path]:
-    from matplotlib.figure import Figure
-
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    labels = list(results)
-    ref = results[labels[0]]
-    n_cells = ref.events.shape[0]
-    order, bounds_ = [], []
-    for m in ref.assemblies.members:
-        new = [c for c in m if c not in set(order)]
-        order += new
-        bounds_.append(len(order))
-    order += [c for c in range(n_cells) if c not in set(order)]
-    fig = Figure(figsize=(3.2 * len(labels), 4), layout="constrained")
-    axes = fig.subplots(1, len(labels), squeeze=False)[0]
-    for ax, lab in zip(axes, labels, strict=False):
-        ev = results[lab].events
-        if ev.shape[0] == n_cells and n_cells:
-            ys, xs = np.nonzero(ev[order])
-            ax.scatter(xs / max(ev.shape[1], 1), ys, s=0.3, c="k", marker="|", linewidths=0.3)
-            for b in bounds_:
-                ax.axhline(b - 0.5, color="tab:red", lw=0.5)
-        ax.set_title(lab, fontsize=9)
-        ax.set_xlabel("time (fraction of session)")
-        ax.invert_yaxis()
-    axes[0].set_ylabel(f"cell (sorted by {labels[0]} ensembles)")
-    raster = fig_dir / "raster.png"
-    fig.savefig(raster, dpi=120)
-    fig = Figure(figsize=(9, 3), layout="constrained")
-    axes = fig.subplots(1, 3)
-    t = sessions_table["time_h"].to_numpy()
-    for ax, col in zip(axes, ["fraction_coactive_bins", "mean_pairwise_correlation",
-                              "n_ensembles"], strict=False):
-        ax.plot(t, sessions_table[col], "o-")
-        for x, y, lab in zip(t, sessions_table[col], sessions_table["session"], strict=False):
-            ax.annotate(lab, (x, y), fontsize=7, xytext=(2, 2), textcoords="offset points")
-        ax.set_xlabel("time (h)")
-        ax.set_title(col.replace("_", " "), fontsize=9)
-    coord = fig_dir / "coordination.png"
-    fig.savefig(coord, dpi=120)
-    return [raster, coord]
+def _global_ids(sf: SessionsFile, recs: list, params: EnsembleParams) -> tuple:
+    """Global cell id of every kept cell of every session, and how they were found."""
+    if sf.cell_map is not None:
+        gids = apply_cell_map(
+            read_cell_map(sf.cell_map, [s.label for s in sf.sessions]),
+            [s.label for s in sf.sessions],
+            [r.cell_index for r in recs],
+        )
+        return gids, "cell_map", None
+    have = all(r.footprints is not None and len(r.footprints) == len(r.cell_index) for r in recs)
+    mode = params.cell_matching
+    if mode == "footprints" and not have:
+        missing = next(
+            s.label for s, r in zip(sf.sessions, recs, strict=True) if r.footprints is None
+        )
+        raise InputError(
+            f'session "{missing}" has no ROI footprints, so cells cannot be matched by '
+            'footprints; set cell_matching = "index" or give a cell_map.'
+        )
+    if mode == "index" or (mode == "auto" and (not have or len(recs) == 1)):
+        return [np.asarray(r.cell_index, dtype=np.int64) for r in recs], "index", None
+    ids, registration = track_cells(
+        [r.mean_image for r in recs],
+        [r.footprints for r in recs],
+        min_jaccard=params.match_min_overlap,
+        max_rotation_deg=params.match_max_rotation_deg,
+        rotation_step_deg=params.match_rotation_step_deg,
+    )
+    return ids, "footprints", registration
 
 
 def run_ensembles(
@@ -315,6 +381,10 @@ def run_ensembles(
     params: EnsembleParams | None = None,
 ) -> dict:
     """Run the ensembles stage on every session of a sessions file.
+
+    Cells are matched across sessions first (``params.cell_matching``, or the
+    sessions file's ``cell_map``); every session is then analysed on all its
+    own cells, and sessions are compared on the cells they share.
 
     Parameters
     ----------
@@ -329,7 +399,8 @@ def run_ensembles(
     -------
     dict
         ``out_dir``, ``sessions`` (list of per-session summary dicts),
-        ``n_ensembles`` (per session) and ``files`` (paths written).
+        ``n_ensembles`` (per session), ``cell_matching`` (method used) and
+        ``files`` (paths written).
 
     Raises
     ------
@@ -339,67 +410,159 @@ def run_ensembles(
     sf: SessionsFile = load_sessions(sessions_toml)
     if params is None:
         params = from_mapping(EnsembleParams, sf.params, where=f"[params] in {sessions_toml}")
-    results, rows, cell_rows = {}, [], []
+    recs, rates = [], []
     for s in sf.sessions:
-        rec = read_recording(s.data, neuropil=s.neuropil)
+        rec = read_recording(s.data, neuropil=s.neuropil, series=s.series)
         rate = s.frame_rate_hz or rec.frame_rate_hz
         if rate is None:
             raise InputError(
-                f'session "{s.label}": {rec.source} records no frame rate; give frame_rate_hz.')
+                f'session "{s.label}": {rec.source} records no frame rate; give frame_rate_hz.'
+            )
+        recs.append(rec)
+        rates.append(rate)
+    gids, method, registration = _global_ids(sf, recs, params)
+    results, rows, cell_rows, map_rows = {}, [], [], []
+    first_gids = set(gids[0].tolist())
+    for k, (s, rec, rate, gid) in enumerate(zip(sf.sessions, recs, rates, gids, strict=True)):
         log.info("session %s: %d cells × %d frames at %.2f Hz", s.label, *rec.F.shape, rate)
-        res = analyse_session(rec.F, rec.Fneu, frame_rate_hz=rate, params=params,
-                              cell_index=rec.cell_index)
-        # translate member indices (rows) to input cell indices
+        res = analyse_session(
+            rec.F, rec.Fneu, frame_rate_hz=rate, params=params, cell_index=rec.cell_index
+        )
+        # member rows -> input cell indices and global ids
         members = [rec.cell_index[m] for m in res.assemblies.members]
-        results[s.label] = (res, members, rec.cell_index, rate)
+        gmembers = [gid[m] for m in res.assemblies.members]
+        results[s.label] = (res, members, rec.cell_index, rate, gid, gmembers)
         n_bins = res.binned.shape[1]
-        rows.append({"session": s.label, "time_h": s.time_h, "frame_rate_hz": rate,
-                     "n_bins": n_bins, **res.summary})
-        cell_rows.append(res.per_cell.assign(session=s.label))
+        prev = set(gids[k - 1].tolist()) if k else first_gids
+        match_row = {
+            "cell_matching": method,
+            "n_matched_first": int(len(first_gids.intersection(gid.tolist()))),
+            "n_matched_previous": int(len(prev.intersection(gid.tolist()))),
+        }
+        if registration is not None:
+            reg = registration.iloc[k]
+            match_row |= {
+                "shift_y_px": float(reg.shift_y_px),
+                "shift_x_px": float(reg.shift_x_px),
+                "rotation_deg": float(reg.rotation_deg),
+                "registration_correlation": float(reg.correlation),
+                "median_match_overlap": float(reg.median_overlap),
+            }
+        rows.append(
+            {
+                "session": s.label,
+                "time_h": s.time_h,
+                "frame_rate_hz": rate,
+                "n_bins": n_bins,
+                **res.summary,
+                **match_row,
+            }
+        )
+        cell_rows.append(res.per_cell.assign(session=s.label, global_cell=gid))
+        map_rows.append(
+            pd.DataFrame(
+                {
+                    "session": s.label,
+                    "cell": rec.cell_index.astype(int),
+                    "global_cell": gid.astype(int),
+                }
+            )
+        )
     first = sf.sessions[0].label
     ens_rows, act_frames = [], []
     prev_members = None
-    for row, (lab, (res, members, cidx, rate)) in zip(rows, results.items(), strict=False):
-        jf = match_assemblies(members, results[first][1])
+    for row, (lab, (res, members, cidx, rate, _gid, gmembers)) in zip(
+        rows, results.items(), strict=True
+    ):
+        jf = match_assemblies(gmembers, results[first][5])
         row["stability_vs_first"] = float(jf.mean()) if len(jf) else float("nan")
-        jp = match_assemblies(members, prev_members) if prev_members is not None else np.array([])
+        jp = match_assemblies(gmembers, prev_members) if prev_members is not None else np.array([])
         row["stability_vs_previous"] = float(jp.mean()) if len(jp) else float("nan")
-        prev_members = members
-        for e, m in enumerate(members):
+        prev_members = gmembers
+        for e, (m, gm) in enumerate(zip(members, gmembers, strict=True)):
             w = res.assemblies.patterns[e]
             pos = np.searchsorted(cidx, m)
-            ens_rows += [{"session": lab, "ensemble": e, "cell": int(c), "weight": float(w[p]),
-                          "jaccard_first": float(jf[e])} for c, p in zip(m, pos, strict=False)]
+            ens_rows += [
+                {
+                    "session": lab,
+                    "ensemble": e,
+                    "cell": int(c),
+                    "global_cell": int(g),
+                    "weight": float(w[p]),
+                    "jaccard_first": float(jf[e]),
+                }
+                for c, g, p in zip(m, gm, pos, strict=True)
+            ]
         if res.activation.size:
             nb = res.activation.shape[1]
             bin_s = max(1, int(round(params.bin_s * rate))) / rate
-            act_frames.append(pd.DataFrame({
-                "session": lab,
-                "ensemble": np.repeat(np.arange(res.activation.shape[0]), nb),
-                "time_s": np.tile(np.arange(nb) * bin_s, res.activation.shape[0]),
-                "strength": res.activation.ravel()}))
+            act_frames.append(
+                pd.DataFrame(
+                    {
+                        "session": lab,
+                        "ensemble": np.repeat(np.arange(res.activation.shape[0]), nb),
+                        "time_s": np.tile(np.arange(nb) * bin_s, res.activation.shape[0]),
+                        "strength": res.activation.ravel(),
+                    }
+                )
+            )
     sessions_table = pd.DataFrame(rows)
-    cells = pd.concat(cell_rows, ignore_index=True)[["session", "cell", "event_rate_hz",
-                                                      "mean_coactivity"]]
-    ensembles = pd.DataFrame(ens_rows, columns=["session", "ensemble", "cell", "weight",
-                                                "jaccard_first"])
-    activations = (pd.concat(act_frames, ignore_index=True) if act_frames else
-                   pd.DataFrame({"session": pd.Series(dtype=str), "ensemble": pd.Series(dtype=int),
-                                 "time_s": pd.Series(dtype=float),
-                                 "strength": pd.Series(dtype=np.float32)}))
+    cells = pd.concat(cell_rows, ignore_index=True)[
+        ["session", "cell", "global_cell", "event_rate_hz", "mean_coactivity"]
+    ]
+    ensembles = pd.DataFrame(
+        ens_rows, columns=["session", "ensemble", "cell", "global_cell", "weight", "jaccard_first"]
+    )
+    activations = (
+        pd.concat(act_frames, ignore_index=True)
+        if act_frames
+        else pd.DataFrame(
+            {
+                "session": pd.Series(dtype=str),
+                "ensemble": pd.Series(dtype=int),
+                "time_s": pd.Series(dtype=float),
+                "strength": pd.Series(dtype=np.float32),
+            }
+        )
+    )
+    cell_map = pd.concat(map_rows, ignore_index=True)
     statistics = compare_sessions(sessions_table, cells)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         write_table(ensembles, tmp / "ensembles.parquet")
         write_table(sessions_table, tmp / "sessions.parquet")
         write_table(cells, tmp / "cells.parquet")
+        write_table(cell_map, tmp / "cell_map.parquet")
         write_table(statistics, tmp / "statistics.parquet")
         write_table(activations, tmp / "activations.parquet", csv=False)
-        _figures(tmp / "figures", {k: v[0] for k, v in results.items()}, sessions_table)
-        summary = {"sessions_file": str(Path(sessions_toml).resolve()), "field_of_view": sf.name,
-                   "params": to_dict(params), "sessions": rows}
+        figures = ensemble_figures(
+            {k: (v[0], v[4]) for k, v in results.items()}, sessions_table, statistics
+        )
+        save_figures(figures, tmp / "figures")
+        write_report(
+            tmp / "report.html",
+            field_of_view=sf.name,
+            sessions=sessions_table,
+            statistics=statistics,
+            ensembles=ensembles,
+            figures=figures,
+            cell_matching=method,
+            params=to_dict(params),
+        )
+        summary = {
+            "sessions_file": str(Path(sessions_toml).resolve()),
+            "field_of_view": sf.name,
+            "cell_matching": method,
+            "params": to_dict(params),
+            "sessions": rows,
+        }
         write_json(summary, tmp / "summary.json")
     files = sorted(str(p) for p in out_dir.rglob("*") if p.is_file())
     log.info("ensembles stage wrote %d files to %s", len(files), out_dir)
-    return {"out_dir": str(out_dir), "sessions": rows,
-            "n_ensembles": {r["session"]: r["n_ensembles"] for r in rows}, "files": files}
+    return {
+        "out_dir": str(out_dir),
+        "sessions": rows,
+        "cell_matching": method,
+        "n_ensembles": {r["session"]: r["n_ensembles"] for r in rows},
+        "files": files,
+    }

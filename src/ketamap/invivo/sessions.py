@@ -5,11 +5,13 @@ Example::
     [field_of_view]
     name = "mouse1-fov1"
     frame_rate_hz = 15.0          # default for every session (optional)
+    # cell_map = "cells.csv"      # given mapping: columns session, cell, global_cell (optional)
 
     [[sessions]]
     label = "baseline"
     time_h = 0.0
-    data = "baseline/suite2p/plane0"   # suite2p folder, or a .npy / .csv array
+    data = "baseline/suite2p/plane0"   # suite2p folder, an .nwb file, or a .npy / .csv array
+    # series = "RoiResponseSeries"    # which RoiResponseSeries of an NWB file (optional)
     # neuropil = "baseline_Fneu.npy"  # for plain arrays (optional)
     # frame_rate_hz = 15.0            # overrides the field-of-view default
 
@@ -21,11 +23,13 @@ Example::
     [params]                      # optional EnsembleParams overrides
     bin_s = 0.2
 
-Relative paths are relative to the sessions file. Cells are matched across
-sessions by their index in the input (the same ROI set imaged in every
-session, as when suite2p is run on concatenated sessions). :func:`load_sessions`
-validates everything and raises one :class:`~ketamap.errors.ManifestError`
-sentence for the first problem; it reads no data.
+Relative paths are relative to the sessions file. How cells are matched across
+sessions is set by ``cell_matching`` in ``[params]`` (see
+:mod:`ketamap.invivo.matching`): by ROI footprints after registering the mean
+images, by input index, or by the ``cell_map`` file when one is given.
+:func:`load_sessions` validates everything and raises one
+:class:`~ketamap.errors.ManifestError` sentence for the first problem; it
+reads no data.
 """
 
 from __future__ import annotations
@@ -36,14 +40,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ketamap.errors import ManifestError
+import numpy as np
+import pandas as pd
+
+from ketamap.errors import InputError, InputNotFoundError, ManifestError
 from ketamap.tomlfile import check_keys, read_toml
 
-__all__ = ["Session", "SessionsFile", "load_sessions", "parse_sessions"]
+__all__ = [
+    "Session",
+    "SessionsFile",
+    "load_sessions",
+    "parse_sessions",
+    "read_cell_map",
+    "apply_cell_map",
+]
 
 _TOP_KEYS = ("field_of_view", "sessions", "params")
-_FOV_KEYS = ("name", "frame_rate_hz", "description")
-_SESSION_KEYS = ("label", "time_h", "data", "neuropil", "frame_rate_hz")
+_FOV_KEYS = ("name", "frame_rate_hz", "description", "cell_map")
+_SESSION_KEYS = ("label", "time_h", "data", "neuropil", "frame_rate_hz", "series")
 
 
 @dataclass(frozen=True)
@@ -61,7 +75,9 @@ class Session:
     neuropil : Path or None
         Neuropil array for plain-array inputs.
     frame_rate_hz : float or None
-        Frame rate; None means "read it from suite2p's ops/settings".
+        Frame rate; None means "read it from suite2p's ops/settings or the NWB file".
+    series : str or None
+        Name of the ``RoiResponseSeries`` to read from an NWB file.
     """
 
     label: str
@@ -69,6 +85,7 @@ class Session:
     data: Path
     neuropil: Path | None = None
     frame_rate_hz: float | None = None
+    series: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,12 +102,15 @@ class SessionsFile:
         The ``[params]`` table, validated by the stage.
     root : Path
         Folder of the sessions file.
+    cell_map : Path or None
+        A given cell mapping (CSV with ``session, cell, global_cell``).
     """
 
     name: str
     sessions: tuple[Session, ...]
     params: Mapping[str, Any] = field(default_factory=dict)
     root: Path = Path(".")
+    cell_map: Path | None = None
 
 
 def _number(value: Any, key: str, where: str, *, positive: bool) -> float:
@@ -134,8 +154,9 @@ def parse_sessions(
         raise ManifestError(f"name in [field_of_view] of {where} must be a non-empty string.")
     default_rate = None
     if "frame_rate_hz" in fov:
-        default_rate = _number(fov["frame_rate_hz"], "frame_rate_hz", f"[field_of_view] of {where}",
-                               positive=True)
+        default_rate = _number(
+            fov["frame_rate_hz"], "frame_rate_hz", f"[field_of_view] of {where}", positive=True
+        )
     raw = doc.get("sessions")
     if not isinstance(raw, list) or not raw:
         raise ManifestError(f"{where} must list at least one [[sessions]] table.")
@@ -166,16 +187,24 @@ def parse_sessions(
         rate = default_rate
         if "frame_rate_hz" in s:
             rate = _number(s["frame_rate_hz"], "frame_rate_hz", w, positive=True)
-        if data.is_file() and rate is None:
+        series = s.get("series")
+        if series is not None and not isinstance(series, str):
+            raise ManifestError(f"series in {w} must be a string, got {series!r}.")
+        if data.is_file() and rate is None and data.suffix.lower() != ".nwb":
             raise ManifestError(
                 f"{w} points at the array {data.name}, which records no frame rate; "
                 "give frame_rate_hz in the session or in [field_of_view]."
             )
-        sessions.append(Session(label, time_h, data, neuropil, rate))
+        sessions.append(Session(label, time_h, data, neuropil, rate, series))
     params = doc.get("params", {})
     if not isinstance(params, Mapping):
         raise ManifestError(f"[params] in {where} must be a table.")
-    return SessionsFile(name, tuple(sessions), dict(params), root)
+    cell_map = None
+    if "cell_map" in fov:
+        if not isinstance(fov["cell_map"], str):
+            raise ManifestError(f"cell_map in [field_of_view] of {where} must be a path string.")
+        cell_map = (root / fov["cell_map"]).resolve()
+    return SessionsFile(name, tuple(sessions), dict(params), root, cell_map)
 
 
 def load_sessions(path: str | Path) -> SessionsFile:
@@ -191,3 +220,95 @@ def load_sessions(path: str | Path) -> SessionsFile:
     path = Path(path)
     doc = read_toml(path, what="Sessions file")
     return parse_sessions(doc, root=path.resolve().parent, where=str(path))
+
+
+def read_cell_map(path: str | Path, labels) -> pd.DataFrame:
+    """Read a given cell mapping: CSV with columns ``session, cell, global_cell``.
+
+    ``cell`` is a cell's index in that session's input, ``global_cell`` any
+    integer naming the same cell in every session.
+
+    Parameters
+    ----------
+    path : path-like
+        The CSV file.
+    labels : sequence of str
+        Session labels of the sessions file.
+
+    Returns
+    -------
+    DataFrame
+        ``session, cell, global_cell`` (int64 ids).
+
+    Raises
+    ------
+    InputNotFoundError
+        If the file does not exist.
+    InputError
+        For missing columns, non-integer ids, unknown sessions or a cell (or
+        a global cell) listed twice in one session.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"cell map {path} does not exist.")
+    try:
+        df = pd.read_csv(path)
+    except (ValueError, pd.errors.ParserError) as e:
+        raise InputError(f"cell map {path} could not be read as CSV: {e}.") from e
+    missing = [c for c in ("session", "cell", "global_cell") if c not in df.columns]
+    if missing:
+        raise InputError(
+            f"cell map {path} lacks the column(s) {', '.join(missing)}; "
+            "it needs session, cell, global_cell."
+        )
+    df = df[["session", "cell", "global_cell"]].copy()
+    df["session"] = df["session"].astype(str)
+    for col in ("cell", "global_cell"):
+        v = pd.to_numeric(df[col], errors="coerce")
+        if v.isna().any() or (v != np.round(v)).any():
+            raise InputError(f"column {col} of cell map {path} must hold integers only.")
+        df[col] = v.astype(np.int64)
+    unknown = sorted(set(df["session"]) - set(labels))
+    if unknown:
+        raise InputError(
+            f"cell map {path} names session {unknown[0]!r}, which is not in the sessions file."
+        )
+    for col in ("cell", "global_cell"):
+        dup = df.duplicated(["session", col])
+        if dup.any():
+            r = df[dup].iloc[0]
+            raise InputError(
+                f"cell map {path} lists {col} {r[col]} twice in session {r['session']!r}."
+            )
+    return df
+
+
+def apply_cell_map(cell_map: pd.DataFrame, labels, cell_indices) -> list[np.ndarray]:
+    """Global id of every cell of every session from a mapping table.
+
+    Cells of a session that the map does not list get new ids of their own
+    (they are analysed in their session but compared with no other).
+
+    Parameters
+    ----------
+    cell_map : DataFrame
+        ``session, cell, global_cell`` (see :func:`read_cell_map`).
+    labels : sequence of str
+        Session labels, in order.
+    cell_indices : sequence of ndarray of int
+        Input index of each kept cell, per session.
+
+    Returns
+    -------
+    list of ndarray of int64
+    """
+    next_id = int(cell_map["global_cell"].max()) + 1 if len(cell_map) else 0
+    out = []
+    for label, idx in zip(labels, cell_indices, strict=True):
+        m = cell_map[cell_map.session == label].set_index("cell")["global_cell"]
+        g = m.reindex(np.asarray(idx)).to_numpy(dtype=float)
+        new = np.isnan(g)
+        g[new] = next_id + np.arange(new.sum())
+        next_id += int(new.sum())
+        out.append(g.astype(np.int64))
+    return out

@@ -1,4 +1,4 @@
-"""Read calcium traces: suite2p output folders (v0.14 and v1) and plain arrays.
+"""Read calcium traces: suite2p output folders (v0.14 and v1), NWB files and plain arrays.
 
 A suite2p *plane folder* holds ``F.npy`` and ``Fneu.npy`` (ROIs × frames),
 ``iscell.npy`` (ROIs × 2: label, probability) and ``stat.npy`` (one dict per
@@ -9,7 +9,11 @@ or at a recording folder that contains ``suite2p/plane0`` also works when it
 has a single plane.
 
 Plain arrays are ``.npy`` or ``.csv`` files shaped (cells, frames), without a
-header in CSV.
+header in CSV. NWB files are read by :mod:`ketamap.invivo.nwb_io` (optional
+``pynwb``).
+
+ROI footprints (``stat.npy``) and the mean image (``meanImg`` in ``ops.npy``,
+or in v1's other dictionaries) are kept for matching cells across sessions.
 
 Every reading problem is one :class:`~ketamap.errors.InputError` or
 :class:`~ketamap.errors.InputNotFoundError` sentence naming the file.
@@ -47,6 +51,11 @@ class Recording:
         Frame rate read from the input, if it records one.
     source : str
         Where the traces came from.
+    footprints : list of dict or None
+        ROI footprints of the kept cells (suite2p ``stat`` entries with
+        ``ypix, xpix, lam``), when the input has them.
+    mean_image : ndarray of float32, shape (y, x), or None
+        Mean image of the session, when the input has one.
     """
 
     F: np.ndarray
@@ -54,6 +63,8 @@ class Recording:
     cell_index: np.ndarray
     frame_rate_hz: float | None
     source: str
+    footprints: list | None = None
+    mean_image: np.ndarray | None = None
 
 
 def _load_npy(path: Path, *, allow_pickle: bool = False):
@@ -61,6 +72,22 @@ def _load_npy(path: Path, *, allow_pickle: bool = False):
         return np.load(path, allow_pickle=allow_pickle)
     except (ValueError, OSError, EOFError) as e:
         raise InputError(f"{path} could not be read as a .npy file: {e}.") from e
+
+
+def _find_key(obj, key: str):
+    """Return ``obj[key]`` from a (possibly nested) suite2p dictionary, or None."""
+    if isinstance(obj, np.ndarray) and obj.dtype == object and obj.size == 1:
+        obj = obj.item()
+    if not isinstance(obj, dict):
+        return None
+    if key in obj:
+        return obj[key]
+    for v in obj.values():
+        if isinstance(v, dict):
+            found = _find_key(v, key)
+            if found is not None:
+                return found
+    return None
 
 
 def _find_fs(obj) -> float | None:
@@ -147,15 +174,26 @@ def read_suite2p(path: str | Path, *, only_cells: bool = True) -> Recording:
                 f"{plane}: iscell.npy has {label.shape[0]} rows but F.npy has {F.shape[0]} ROIs."
             )
         keep = label.astype(float) > 0.5
-    fs = None
-    for name in ("ops.npy", "settings.npy", "db.npy"):
+    fs, mean_image = None, None
+    for name in ("ops.npy", "settings.npy", "db.npy", "reg_outputs.npy", "detect_outputs.npy"):
         if (plane / name).is_file():
-            fs = _find_fs(_load_npy(plane / name, allow_pickle=True))
-            if fs is not None:
-                break
+            d = _load_npy(plane / name, allow_pickle=True)
+            fs = _find_fs(d) if fs is None else fs
+            if mean_image is None:
+                for key in ("meanImg", "meanImgE"):
+                    img = _find_key(d, key)
+                    if isinstance(img, np.ndarray) and img.ndim == 2:
+                        mean_image = img.astype(np.float32)
+                        break
     idx = np.nonzero(keep)[0]
+    footprints = None
+    if (plane / "stat.npy").is_file():
+        stat = _load_npy(plane / "stat.npy", allow_pickle=True)
+        if len(stat) != F.shape[0]:
+            raise InputError(f"{plane}: stat.npy has {len(stat)} ROIs but F.npy has {F.shape[0]}.")
+        footprints = [stat[i] for i in idx]
     log.info("read %s: %d of %d ROIs are cells, %d frames", plane, len(idx), len(keep), F.shape[1])
-    return Recording(F[keep], Fneu[keep], idx, fs, str(plane))
+    return Recording(F[keep], Fneu[keep], idx, fs, str(plane), footprints, mean_image)
 
 
 def read_array(path: str | Path, *, neuropil: str | Path | None = None) -> Recording:
@@ -204,9 +242,18 @@ def read_array(path: str | Path, *, neuropil: str | Path | None = None) -> Recor
     return Recording(F, Fneu, np.arange(F.shape[0]), None, str(path))
 
 
-def read_recording(path: str | Path, *, neuropil: str | Path | None = None) -> Recording:
-    """Read a session's traces: a suite2p folder or a plain array file."""
+def read_recording(
+    path: str | Path, *, neuropil: str | Path | None = None, series: str | None = None
+) -> Recording:
+    """Read a session's traces: a suite2p folder, an NWB file or a plain array file.
+
+    ``series`` names the ``RoiResponseSeries`` to read from an NWB file.
+    """
     path = Path(path)
     if path.is_dir():
         return read_suite2p(path)
+    if path.suffix.lower() == ".nwb":
+        from ketamap.invivo.nwb_io import read_nwb
+
+        return read_nwb(path, series=series)
     return read_array(path, neuropil=neuropil)
