@@ -166,11 +166,13 @@ def test_same_cells_for_any_chunking():
         pd.testing.assert_frame_equal(got, ref, check_exact=False, rtol=1e-5)
 
 
-def test_chunk_smaller_than_overlap_is_an_error():
-    vol = np.zeros((64, 64, 64), dtype=np.uint16)
-    params = DetectionParams(chunk_size_vox=(4, 64, 64))
-    with pytest.raises(ParameterError, match="chunk_size_vox"):
-        detect_cells(vol, voxel_size_um=(25.0, 25.0, 25.0), params=params)
+def test_chunk_smaller_than_overlap_grows_to_the_overlap():
+    signal, _, _ = simulate((40, 48, 48), (25.0, 25.0, 25.0), density_per_mm3=400, seed=3)
+    vs = (25.0, 25.0, 25.0)
+    ref = detect_cells(signal, voxel_size_um=vs)
+    got = detect_cells(signal, voxel_size_um=vs, params=DetectionParams(chunk_size_vox=(4, 5, 6)))
+    assert len(ref) > 20
+    pd.testing.assert_frame_equal(got, ref, check_exact=False, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- edges

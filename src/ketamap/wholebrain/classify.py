@@ -24,7 +24,9 @@ __all__ = [
     "CellClassifier",
     "CLASSIFIER_FEATURES",
     "label_candidates",
+    "combine_annotations",
     "train_classifier",
+    "cross_validate",
     "classify_cells",
     "save_classifier",
     "load_classifier",
@@ -119,6 +121,74 @@ def label_candidates(
     return labels
 
 
+def combine_annotations(
+    cells: pd.DataFrame | None = None,
+    non_cells: pd.DataFrame | None = None,
+    points: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Gather annotated points into one table with a ``cell_type`` column.
+
+    Parameters
+    ----------
+    cells, non_cells : DataFrame, optional
+        Points (``z_vox``, ``y_vox``, ``x_vox``) that are all cells (type 2) or
+        all non-cells (type 1); any ``cell_type`` column in them is ignored.
+    points : DataFrame, optional
+        Points with their own ``cell_type`` column (2 = cell, 1 = non-cell), as
+        in a cellfinder classification XML.
+
+    Returns
+    -------
+    DataFrame
+        Columns ``z_vox``, ``y_vox``, ``x_vox`` (float64) and ``cell_type``
+        (int64), the rows of ``cells``, ``non_cells`` then ``points``.
+
+    Raises
+    ------
+    InputError
+        If no table is given, a table lacks a coordinate column, ``points``
+        lacks ``cell_type`` or holds a type other than 1 or 2.
+
+    Examples
+    --------
+    >>> c = pd.DataFrame({"z_vox": [1.0], "y_vox": [2.0], "x_vox": [3.0]})
+    >>> combine_annotations(cells=c, non_cells=c)["cell_type"].tolist()
+    [2, 1]
+    """
+    cols = ["z_vox", "y_vox", "x_vox"]
+    parts = []
+    for name, table, kind in (
+        ("cells", cells, 2),
+        ("non-cells", non_cells, 1),
+        ("points", points, None),
+    ):
+        if table is None:
+            continue
+        missing = [c for c in cols if c not in table.columns]
+        if missing:
+            raise InputError(f"The {name} annotations lack the column(s) {', '.join(missing)}.")
+        try:
+            part = table[cols].astype(np.float64)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"The {name} annotations hold non-numeric coordinates.") from e
+        if kind is None:
+            if "cell_type" not in table.columns:
+                raise InputError(
+                    "The points annotations have no cell_type column (2 = cell, 1 = non-cell); "
+                    "give cells and non-cells as separate files instead."
+                )
+            types = pd.to_numeric(table["cell_type"], errors="coerce").to_numpy()
+            if not np.isin(types, (1, 2)).all():
+                raise InputError("The points annotations hold a cell_type other than 1 or 2.")
+            part = part.assign(cell_type=types.astype(np.int64))
+        else:
+            part = part.assign(cell_type=np.full(len(part), kind, dtype=np.int64))
+        parts.append(part)
+    if not parts:
+        raise InputError("No annotated points were given (cells, non-cells or points).")
+    return pd.concat(parts, ignore_index=True)
+
+
 def train_classifier(
     cells: pd.DataFrame,
     labels,
@@ -126,6 +196,7 @@ def train_classifier(
     l2: float = 1.0,
     threshold: float = 0.5,
     features: tuple[str, ...] = CLASSIFIER_FEATURES,
+    balanced: bool = True,
 ) -> CellClassifier:
     """Fit a logistic-regression classifier on labelled candidates.
 
@@ -141,6 +212,11 @@ def train_classifier(
         Probability cut stored in the model, in (0, 1).
     features : tuple of str
         Candidate columns to use.
+    balanced : bool
+        Weigh the two classes equally in the fit (each sample by n / (2 n_class)),
+        so that a minority of cells among many non-cell candidates is not
+        sacrificed to overall accuracy; a probability then reads as if cells
+        and non-cells were equally common.
 
     Returns
     -------
@@ -171,11 +247,15 @@ def train_classifier(
     scale[scale == 0] = 1.0
     z = (x - mean) / scale
 
+    # balanced: each class weighs as much as the other in total (mean weight 1)
+    n1 = y.sum()
+    sw = np.where(y == 1, len(y) / (2 * n1), len(y) / (2 * (len(y) - n1))) if balanced else 1.0
+
     def loss(w):
         t = z @ w[1:] + w[0]
-        value = np.sum(np.logaddexp(0.0, t) - y * t) + 0.5 * l2 * np.sum(w[1:] ** 2)
-        p = 0.5 * (1.0 + np.tanh(0.5 * t))
-        g = np.concatenate([[np.sum(p - y)], z.T @ (p - y) + l2 * w[1:]])
+        value = np.sum(sw * (np.logaddexp(0.0, t) - y * t)) + 0.5 * l2 * np.sum(w[1:] ** 2)
+        r = sw * (0.5 * (1.0 + np.tanh(0.5 * t)) - y)
+        g = np.concatenate([[np.sum(r)], z.T @ r + l2 * w[1:]])
         return value, g
 
     res = optimize.minimize(loss, np.zeros(len(features) + 1), jac=True, method="L-BFGS-B")
@@ -188,6 +268,87 @@ def train_classifier(
         float(w[0]),
         float(threshold),
     )
+
+
+def cross_validate(
+    cells: pd.DataFrame,
+    labels,
+    *,
+    n_folds: int = 5,
+    seed: int = 0,
+    l2: float = 1.0,
+    threshold: float = 0.5,
+    features: tuple[str, ...] = CLASSIFIER_FEATURES,
+    balanced: bool = True,
+) -> dict:
+    """Stratified k-fold cross-validation of :func:`train_classifier`.
+
+    Parameters
+    ----------
+    cells : DataFrame
+        Candidates with the ``features`` columns.
+    labels : array_like of int, shape (n,)
+        1 = cell, 0 = non-cell, -1 = ignored.
+    n_folds : int
+        Number of folds (>= 2); lowered to the size of the smaller class when
+        that is smaller.
+    seed : int
+        Seed of the random assignment of candidates to folds.
+    l2, threshold, features, balanced
+        As in :func:`train_classifier`.
+
+    Returns
+    -------
+    dict
+        ``n_folds`` (used; 0 when a class has fewer than 2 members, then every
+        score is NaN), ``accuracy``, ``cell_recall`` (held-out cells kept),
+        ``non_cell_rejection`` (held-out non-cells removed), ``n_cells``,
+        ``n_non_cells``.
+
+    Raises
+    ------
+    ParameterError
+        If ``n_folds`` < 2.
+    InputError
+        If ``labels`` does not match ``cells``.
+    """
+    if int(n_folds) != n_folds or n_folds < 2:
+        raise ParameterError(f"n_folds must be an integer >= 2, got {n_folds}.")
+    y = np.asarray(labels, dtype=np.int64)
+    if y.shape != (len(cells),):
+        raise InputError(f"labels has shape {y.shape}, expected ({len(cells)},).")
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    k = min(int(n_folds), n_pos, n_neg)
+    out = {"n_folds": k, "n_cells": n_pos, "n_non_cells": n_neg}
+    if k < 2:
+        return {
+            **out,
+            "n_folds": 0,
+            "accuracy": math.nan,
+            "cell_recall": math.nan,
+            "non_cell_rejection": math.nan,
+        }
+    rng = np.random.default_rng(seed)
+    fold = np.full(len(y), -1, dtype=np.int64)
+    for cls in (0, 1):
+        idx = np.flatnonzero(y == cls)
+        fold[rng.permutation(idx)] = np.arange(len(idx)) % k
+    pred = np.zeros(len(y), dtype=bool)
+    for f in range(k):
+        test = fold == f
+        train = np.where(test, -1, y)
+        model = train_classifier(
+            cells, train, l2=l2, threshold=threshold, features=features, balanced=balanced
+        )
+        pred[test] = model.probability(cells[test]) >= model.threshold
+    used = y >= 0
+    truth = y == 1
+    return {
+        **out,
+        "accuracy": float(np.mean(pred[used] == truth[used])),
+        "cell_recall": float(np.mean(pred[y == 1])),
+        "non_cell_rejection": float(np.mean(~pred[y == 0])),
+    }
 
 
 def classify_cells(cells: pd.DataFrame, model: CellClassifier) -> pd.DataFrame:

@@ -378,12 +378,19 @@ def _axis_chunks(
     """
     if n <= size:
         return (n,), 0  # a single chunk needs no overlap on this axis
-    size = max(size - size % grid, grid)
     if size < depth:
-        raise ParameterError(
-            f"DetectionParams.chunk_size_vox[{axis}] = {size} is smaller than the overlap "
-            f"depth {depth} voxels that the filters need on that axis; use at least {depth}."
+        # fine sampling along this axis (e.g. 1 µm planes) needs a deeper overlap than the
+        # chunk: a chunk thinner than its overlap would be mostly overlap, so it grows
+        log.info(
+            "detect_cells: chunk_size_vox[%d] = %d is smaller than the overlap depth %d "
+            "voxels the filters need on that axis; using %d",
+            axis,
+            size,
+            depth,
+            depth,
         )
+        size = depth
+    size = max(_round_up(size, grid), grid)
     # as many chunks as the size asks for, of near-equal lengths (no thin remainder, which
     # would be mostly overlap), each at least the depth
     count = max(1, min(-(-n // size), n // depth))
