@@ -109,6 +109,12 @@ class DetectionParams:
         Along every axis, on both sides, the band-passed signal must drop by
         this fraction of the peak within three soma diameters (0 disables the
         test).
+    psf_sigma_um : tuple of float
+        Blur of the microscope per axis (z, y, x), as a Gaussian sigma in µm: a soma is
+        imaged as the soma convolved with it (light-sheet axial blur stretches somata
+        along z). The matched filter, the gains and the width of one soma's response
+        (which decides the splitting of touching cells) use the blurred soma, so a single
+        blurred soma is not split. Default: no blur.
     min_sigma_vox : float
         Smallest Gaussian sigma (voxels) on any axis, so that somata smaller
         than a voxel on coarse grids are still matched.
@@ -140,6 +146,12 @@ class DetectionParams:
         default=0.25,
         metadata=bounds(
             ge=0, le=1, doc="Fraction of the peak the signal must drop along every axis."
+        ),
+    )
+    psf_sigma_um: tuple[float, float, float] = field(
+        default=(0.0, 0.0, 0.0),
+        metadata=bounds(
+            ge=0, doc="Blur of the microscope (z, y, x), Gaussian sigma in µm (0 = none)."
         ),
     )
     min_sigma_vox: float = field(
@@ -192,7 +204,9 @@ def _plan(
 ) -> _Plan:
     s_um = params.soma_diameter_um * _SIGMA_PER_DIAMETER
     b_um = params.background_diameter_um * _SIGMA_PER_DIAMETER
-    soma = tuple(max(s_um / v, params.min_sigma_vox) for v in voxel_size_um)
+    # the imaged soma: the soma's own Gaussian scale blurred by the microscope, per axis
+    imaged_um = tuple(math.hypot(s_um, psf) for psf in params.psf_sigma_um)
+    soma = tuple(max(i / v, params.min_sigma_vox) for i, v in zip(imaged_um, voxel_size_um))
     outer = tuple(max(b_um / v, _MIN_OUTER_RATIO * s) for v, s in zip(voxel_size_um, soma))
     rest = [math.sqrt(o * o - s * s) for o, s in zip(outer, soma)]
     # The background (and the noise fields) are smooth: where the soma-smoothed image is
@@ -218,10 +232,12 @@ def _plan(
     r_max = tuple(max(1, round(params.min_separation_um / v)) for v in voxel_size_um)
     # The band-passed value at a voxel needs r_soma + r_rest voxels of input around it;
     # the noise map adds r_noise, the maximum test (with its tie-break) r_max, the centroid 1.
-    step = tuple(max(1, round(params.soma_diameter_um / v)) for v in voxel_size_um)
+    # one imaged soma diameter per axis (the soma diameter when there is no blur)
+    diameter_um = tuple(i / _SIGMA_PER_DIAMETER for i in imaged_um)
+    step = tuple(max(1, round(d / v)) for d, v in zip(diameter_um, voxel_size_um))
     walk = tuple(
-        max(_MIN_WALK, int(math.ceil(_WALK_DIAMETERS * params.soma_diameter_um / v)))
-        for v in voxel_size_um
+        max(_MIN_WALK, int(math.ceil(_WALK_DIAMETERS * d / v)))
+        for d, v in zip(diameter_um, voxel_size_um)
     )
     margin = tuple(
         _round_up(max(n, m, st, w, 1), k)
@@ -248,7 +264,7 @@ def _plan(
         walk=walk,
         axes_used=tuple(n > 1 for n in shape),
     )
-    soma_gain, noise_gain, width = _gains(plan, voxel_size_um, s_um)
+    soma_gain, noise_gain, width = _gains(plan, voxel_size_um, imaged_um)
     return replace(
         plan,
         soma_gain=soma_gain,
@@ -311,7 +327,7 @@ def _coarse_background(g1: np.ndarray, plan: _Plan) -> np.ndarray:
     )
 
 
-def _gains(plan: _Plan, voxel_size_um, sigma_um) -> tuple[float, float, tuple]:
+def _gains(plan: _Plan, voxel_size_um, sigma_um: tuple) -> tuple[float, float, tuple]:
     """Band-pass response to a centred unit-peak soma, white-noise gain, response width.
 
     The gain is the kernel's L2 norm; the width (voxels, per axis) is that of the
@@ -324,8 +340,8 @@ def _gains(plan: _Plan, voxel_size_um, sigma_um) -> tuple[float, float, tuple]:
     )
     shape = tuple(2 * h + 2 for h in reach)
 
-    def profile(n: int, centre: int, v: float) -> np.ndarray:
-        edges = (np.arange(n + 1) - centre - 0.5) * v / (sigma_um * math.sqrt(2.0))
+    def profile(n: int, centre: int, v: float, sigma: float) -> np.ndarray:
+        edges = (np.arange(n + 1) - centre - 0.5) * v / (sigma * math.sqrt(2.0))
         p = np.diff(special.erf(edges))
         return p / p[centre]
 
@@ -337,7 +353,9 @@ def _gains(plan: _Plan, voxel_size_um, sigma_um) -> tuple[float, float, tuple]:
         g1, g2 = _bandpass(delta, plan)
         kernel = (g1 - g2).astype(np.float64)
         noise_sq.append((kernel**2).sum())
-        pz, py, px = (profile(n, c, v) for n, c, v in zip(shape, at, voxel_size_um))
+        pz, py, px = (
+            profile(n, c, v, sg) for n, c, v, sg in zip(shape, at, voxel_size_um, sigma_um)
+        )
         blob = pz[:, None, None] * py[None, :, None] * px[None, None, :]
         g1, g2 = _bandpass(blob.astype(np.float32), plan)
         resp = (g1 - g2).astype(np.float64)
@@ -640,10 +658,12 @@ def _detect_block(
     resid *= resid
     window = tuple(2 * r + 1 for r in plan.radius_noise_coarse)
     var = ndi.uniform_filter(_block_mean(resid, plan.coarse), window, mode="reflect")
+    np.maximum(var, 0, out=var)  # running sums can round a zero mean to -1e-12
     del resid, x
     negf = np.minimum(f, 0)
     negf *= negf
     var_f = ndi.uniform_filter(_block_mean(negf, plan.coarse), window, mode="reflect")
+    np.maximum(var_f, 0, out=var_f)
     del negf
     noise_c = 1 + 1 / (2 * len(used))  # white-noise variance of the residual, in SD^2
 
