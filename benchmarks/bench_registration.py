@@ -50,16 +50,26 @@ DIVISIONS = ("Isocortex", "OLF", "HPF", "CNU", "TH", "HY", "MB", "P", "MY", "CB"
 
 
 def _ramps(shape):
-    return [np.broadcast_to(np.arange(n, dtype=np.float32).reshape(
-        [-1 if a == ax else 1 for a in range(3)]), shape).copy() for ax, n in enumerate(shape)]
+    return [
+        np.broadcast_to(
+            np.arange(n, dtype=np.float32).reshape([-1 if a == ax else 1 for a in range(3)]), shape
+        ).copy()
+        for ax, n in enumerate(shape)
+    ]
 
 
 def engine_sitk(fixed, moving, mask, res):
     from ketamap.wholebrain.register import register_to_atlas
     from ketamap.wholebrain.transforms import dense_atlas_vox
 
-    reg = register_to_atlas(fixed, moving, voxel_size_um=res, orientation="asr",
-                            atlas_resolution_um=res, atlas_mask=mask > 0)
+    reg = register_to_atlas(
+        fixed,
+        moving,
+        voxel_size_um=res,
+        orientation="asr",
+        atlas_resolution_um=res,
+        atlas_mask=mask > 0,
+    )
     return dense_atlas_vox(reg.sample_to_atlas, fixed.shape, (res,) * 3)
 
 
@@ -73,8 +83,9 @@ def engine_ants(fixed, moving, mask, res):
     coords = []
     for ramp in _ramps(moving.shape):
         r = ants.from_numpy(ramp, spacing=(res,) * 3)
-        w = ants.apply_transforms(f, r, out["fwdtransforms"], interpolator="linear",
-                                  defaultvalue=-1e4)
+        w = ants.apply_transforms(
+            f, r, out["fwdtransforms"], interpolator="linear", defaultvalue=-1e4
+        )
         coords.append(w.numpy())
     return np.stack(coords).astype(np.float32)
 
@@ -100,7 +111,8 @@ def engine_elastix(fixed, moving, mask, res):
     # buffer" at the coarsest level on these inputs, so elastix runs unmasked.
     del mm
     result, params = itk.elastix_registration_method(
-        f, m, parameter_object=po, log_to_console=False)
+        f, m, parameter_object=po, log_to_console=False
+    )
     coords = []
     for ramp in _ramps(moving.shape):
         r = itk.image_from_array(ramp)
@@ -119,8 +131,7 @@ ENGINES = {"simpleitk": engine_sitk, "antspyx": engine_ants, "itk-elastix": engi
 def child(args):
     data = np.load(args.inputs)
     t0 = time.perf_counter()
-    coords = ENGINES[args.child](data["fixed"], data["moving"], data["mask"],
-                                  float(data["res"]))
+    coords = ENGINES[args.child](data["fixed"], data["moving"], data["mask"], float(data["res"]))
     seconds = time.perf_counter() - t0
     coords = np.where(coords < -1000, np.nan, coords)
     np.save(args.output, coords.astype(np.float32))
@@ -141,10 +152,18 @@ def run_engine(engine, fixed, moving, mask, res, python):
         inputs = Path(tmp) / "in.npz"
         np.savez(inputs, fixed=fixed, moving=moving, mask=mask, res=res)
         out = Path(tmp) / "coords.npy"
-        env = dict(os.environ, OMP_NUM_THREADS="2", ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS="2",
-                   PYTHONPATH=str(ROOT / "src"))
-        proc = subprocess.run([python, __file__, "--child", engine, "--inputs", str(inputs),
-                               "--output", str(out)], capture_output=True, text=True, env=env)
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="2",
+            ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS="2",
+            PYTHONPATH=str(ROOT / "src"),
+        )
+        proc = subprocess.run(
+            [python, __file__, "--child", engine, "--inputs", str(inputs), "--output", str(out)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if proc.returncode:
             return None, {"error": proc.stderr.strip().splitlines()[-1][:300]}
         stats = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -154,15 +173,26 @@ def run_engine(engine, fixed, moving, mask, res, python):
 def sample_coords(coords, j):
     from scipy import ndimage as ndi
 
-    return np.stack([ndi.map_coordinates(np.nan_to_num(c, nan=-1e4), j.T, order=1,
-                                         mode="nearest") for c in coords], axis=1)
+    return np.stack(
+        [
+            ndi.map_coordinates(np.nan_to_num(c, nan=-1e4), j.T, order=1, mode="nearest")
+            for c in coords
+        ],
+        axis=1,
+    )
 
 
 def labels_through(coords, annotation):
     from scipy import ndimage as ndi
 
-    return ndi.map_coordinates(annotation, np.nan_to_num(coords, nan=-1e4), order=0,
-                               mode="constant", cval=0, output=annotation.dtype)
+    return ndi.map_coordinates(
+        annotation,
+        np.nan_to_num(coords, nan=-1e4),
+        order=0,
+        mode="constant",
+        cval=0,
+        output=annotation.dtype,
+    )
 
 
 def division_map(atlas, labels):
@@ -178,10 +208,13 @@ def load_atlas_100():
     from ketamap.atlas import load_allen
 
     a = SHARED / "allen_ccf_2017"
-    return load_allen(a / "ABA_25um_2017_annotation.tif.lzma", a / "structure_tree_safe_2017.csv",
-                      hemispheres_path=a / "ABA_25um_2017_hemispheres.tif.lzma",
-                      reference_path=SHARED / "brainreg_brain" / "brain_in_ccf_100um.tiff",
-                      resolution_um=100)
+    return load_allen(
+        a / "ABA_25um_2017_annotation.tif.lzma",
+        a / "structure_tree_safe_2017.csv",
+        hemispheres_path=a / "ABA_25um_2017_hemispheres.tif.lzma",
+        reference_path=SHARED / "brainreg_brain" / "brain_in_ccf_100um.tiff",
+        resolution_um=100,
+    )
 
 
 def bench_simulated(atlas, engines, pythons, seeds):
@@ -193,34 +226,51 @@ def bench_simulated(atlas, engines, pythons, seeds):
     divisions = division_map(atlas, atlas.annotation)
     for seed in seeds:
         params = BrainParams(voxel_size_um=(50.0, 40.0, 40.0), orientation="psl")
-        brain = simulate_brain(atlas, fold_changes={}, densities={}, default_density=20.0,
-                               params=params, seed=seed)
+        brain = simulate_brain(
+            atlas, fold_changes={}, densities={}, default_density=20.0, params=params, seed=seed
+        )
         res = float(atlas.resolution_um[0])
-        fixed = prepare_sample(brain.background, voxel_size_um=brain.voxel_size_um,
-                               orientation=brain.orientation, atlas_orientation="asr",
-                               atlas_resolution_um=res)
+        fixed = prepare_sample(
+            brain.background,
+            voxel_size_um=brain.voxel_size_um,
+            orientation=brain.orientation,
+            atlas_orientation="asr",
+            atlas_resolution_um=res,
+        )
         cells = brain.cells
-        j = raw_to_prepared_vox(cells[["z_vox", "y_vox", "x_vox"]].to_numpy(float),
-                                shape_vox=brain.background.shape,
-                                voxel_size_um=brain.voxel_size_um, orientation=brain.orientation,
-                                atlas_orientation="asr", atlas_resolution_um=res)
+        j = raw_to_prepared_vox(
+            cells[["z_vox", "y_vox", "x_vox"]].to_numpy(float),
+            shape_vox=brain.background.shape,
+            voxel_size_um=brain.voxel_size_um,
+            orientation=brain.orientation,
+            atlas_orientation="asr",
+            atlas_resolution_um=res,
+        )
         true = cells[["atlas_z_vox", "atlas_y_vox", "atlas_x_vox"]].to_numpy(float)
         true_div = labels_through(true.T, divisions)
         for engine in engines:
-            coords, stats = run_engine(engine, fixed, atlas.reference.astype(np.float32),
-                                       (atlas.annotation > 0).astype(np.uint8), res,
-                                       pythons[engine])
+            coords, stats = run_engine(
+                engine,
+                fixed,
+                atlas.reference.astype(np.float32),
+                (atlas.annotation > 0).astype(np.uint8),
+                res,
+                pythons[engine],
+            )
             row = {"brain": f"simulated seed {seed}", "engine": engine, **stats}
             if coords is not None:
                 found = sample_coords(coords, j)
                 err = np.linalg.norm(found - true, axis=1)
                 lab, _ = atlas.labels_at(found)
                 row.update(
-                    n_cells=len(cells), median_tre_vox=round(float(np.median(err)), 3),
+                    n_cells=len(cells),
+                    median_tre_vox=round(float(np.median(err)), 3),
                     p95_tre_vox=round(float(np.percentile(err, 95)), 3),
                     pct_true_leaf=round(100 * float(np.mean(lab == cells["region_id"])), 1),
                     pct_true_division=round(
-                        100 * float(np.mean(labels_through(found.T, divisions) == true_div)), 1))
+                        100 * float(np.mean(labels_through(found.T, divisions) == true_div)), 1
+                    ),
+                )
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -234,9 +284,13 @@ def bench_real(atlas, engines, pythons):
     from ketamap.wholebrain.transforms import brain_mask, dice, ncc, normalise_intensity
 
     res = float(atlas.resolution_um[0])
-    fixed = prepare_sample(open_volume(SHARED / "brainreg_brain" / "brain"),
-                           voxel_size_um=(50, 40, 40), orientation="psl",
-                           atlas_orientation="asr", atlas_resolution_um=res)
+    fixed = prepare_sample(
+        open_volume(SHARED / "brainreg_brain" / "brain"),
+        voxel_size_um=(50, 40, 40),
+        orientation="psl",
+        atlas_orientation="asr",
+        atlas_resolution_um=res,
+    )
     fixed_n = normalise_intensity(fixed, "sample")
     ref_n = normalise_intensity(atlas.reference, "reference")
     fixed_brain, ref_brain = brain_mask(fixed_n), brain_mask(ref_n)
@@ -244,8 +298,14 @@ def bench_real(atlas, engines, pythons):
     ccf_mm3 = float((atlas.annotation > 0).sum()) * (res / 1000) ** 3
     results, maps = [], {}
     for engine in engines:
-        coords, stats = run_engine(engine, fixed, atlas.reference.astype(np.float32),
-                                   (atlas.annotation > 0).astype(np.uint8), res, pythons[engine])
+        coords, stats = run_engine(
+            engine,
+            fixed,
+            atlas.reference.astype(np.float32),
+            (atlas.annotation > 0).astype(np.uint8),
+            res,
+            pythons[engine],
+        )
         row = {"brain": "real brainreg brain", "engine": engine, **stats}
         if coords is not None:
             c = np.nan_to_num(coords, nan=-1e4)
@@ -257,11 +317,15 @@ def bench_real(atlas, engines, pythons):
             row.update(
                 correlation=round(ncc(fixed_n, warped, union), 4),
                 dice_brain_mask=round(dice(fixed_brain, warped_brain), 4),
-                brain_volume_mm3=round(float((labels_through(coords, atlas.annotation) > 0).sum())
-                                       * (res / 1000) ** 3, 1),
+                brain_volume_mm3=round(
+                    float((labels_through(coords, atlas.annotation) > 0).sum()) * (res / 1000) ** 3,
+                    1,
+                ),
                 ccf_brain_volume_mm3=round(ccf_mm3, 1),
-                division_correlation={d: round(ncc(fixed_n, warped, div == k), 3)
-                                      for k, d in enumerate(DIVISIONS, start=1)},
+                division_correlation={
+                    d: round(ncc(fixed_n, warped, div == k), 3)
+                    for k, d in enumerate(DIVISIONS, start=1)
+                },
             )
         print(json.dumps(row), flush=True)
         results.append(row)
@@ -270,18 +334,21 @@ def bench_real(atlas, engines, pythons):
             if row["engine"] in maps:
                 row["division_dice_vs_antspyx"] = {
                     d: round(dice(maps[row["engine"]] == k, maps["antspyx"] == k), 3)
-                    for k, d in enumerate(DIVISIONS, start=1)}
+                    for k, d in enumerate(DIVISIONS, start=1)
+                }
     return results
 
 
 def install_mb(python, packages):
-    code = ("import importlib.metadata as m, os, sys\n"
-            "for p in sys.argv[1:]:\n"
-            "  try: d = m.distribution(p)\n"
-            "  except m.PackageNotFoundError: print(p, -1); continue\n"
-            "  s = sum(os.path.getsize(d.locate_file(f)) for f in d.files or [] "
-            "if os.path.exists(d.locate_file(f)))\n"
-            "  print(p, round(s / 2**20))\n")
+    code = (
+        "import importlib.metadata as m, os, sys\n"
+        "for p in sys.argv[1:]:\n"
+        "  try: d = m.distribution(p)\n"
+        "  except m.PackageNotFoundError: print(p, -1); continue\n"
+        "  s = sum(os.path.getsize(d.locate_file(f)) for f in d.files or [] "
+        "if os.path.exists(d.locate_file(f)))\n"
+        "  print(p, round(s / 2**20))\n"
+    )
     out = subprocess.run([python, "-c", code, *packages], capture_output=True, text=True).stdout
     return {p: int(v) for p, v in (line.split() for line in out.splitlines())}
 
@@ -295,8 +362,9 @@ def main():
     ap.add_argument("--engines", nargs="+", default=["simpleitk", "antspyx", "itk-elastix"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[11, 12])
     ap.add_argument("--skip-real", action="store_true")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
-                                         "registration_bakeoff.json"))
+    ap.add_argument(
+        "--out", default=str(ROOT / "benchmarks" / "results" / "registration_bakeoff.json")
+    )
     args = ap.parse_args()
     if args.child:
         return child(args)
@@ -304,11 +372,23 @@ def main():
     atlas = load_atlas_100()
     report = {
         "machine": f"{os.cpu_count()} cores visible, engines limited to 2 threads",
-        "install_mb": {**install_mb(sys.executable, ["SimpleITK"]),
-                       **install_mb(args.bake_python, ["antspyx", "itk-elastix", "itk-core",
-                                                        "itk-registration", "itk-filtering",
-                                                        "itk-numerics", "itk-io",
-                                                        "itk-segmentation", "itk"])},
+        "install_mb": {
+            **install_mb(sys.executable, ["SimpleITK"]),
+            **install_mb(
+                args.bake_python,
+                [
+                    "antspyx",
+                    "itk-elastix",
+                    "itk-core",
+                    "itk-registration",
+                    "itk-filtering",
+                    "itk-numerics",
+                    "itk-io",
+                    "itk-segmentation",
+                    "itk",
+                ],
+            ),
+        },
         "simulated": bench_simulated(atlas, args.engines, pythons, args.seeds),
     }
     if not args.skip_real:

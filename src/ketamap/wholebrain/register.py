@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from ketamap.errors import InputError, InputNotFoundError, RegistrationError
 from ketamap.io.atomic import atomic_dir
 from ketamap.params import bounds, from_mapping, to_dict, validate
 from ketamap.space import check_orientation, check_voxel_size
+from ketamap.wholebrain._ants import import_ants, register_ants
 from ketamap.wholebrain.transforms import (
     brain_mask,
     check_volume,
@@ -60,11 +62,17 @@ logger = logging.getLogger(__name__)
 TRANSFORM_FILE = "sample_to_atlas.h5"
 METADATA_FILE = "registration.json"
 FORMAT_VERSION = 1
+ENGINES = ("simpleitk", "antspyx")
 
 
 @dataclass(frozen=True)
 class RegistrationParams:
     """Parameters of :func:`register_to_atlas` (defaults tuned for a 50 µm atlas).
+
+    ``engine`` picks the library: ``"simpleitk"`` (affine + cubic B-spline,
+    the default, always installed) or ``"antspyx"`` (affine + SyN, the more
+    accurate in the bake-off of docs/registration.md, optional). The B-spline
+    fields apply to SimpleITK only, ``syn_iterations`` to antspyx only.
 
     Resolution levels are given coarse to fine as effective voxel sizes in µm;
     each becomes the shrink factor ``round(level / atlas resolution)`` (at
@@ -81,7 +89,8 @@ class RegistrationParams:
         metadata=bounds(gt=0, doc="affine levels, effective voxel size per level (µm)"),
     )
     deformable: bool = field(
-        default=True, metadata=bounds(doc="run the B-spline stage after the affine one")
+        default=True,
+        metadata=bounds(doc="run the deformable stage (B-spline or SyN) after the affine one"),
     )
     bspline_grid_spacing_um: float = field(
         default=1500.0, metadata=bounds(gt=0, doc="B-spline control point spacing (µm)")
@@ -96,6 +105,18 @@ class RegistrationParams:
     intensity_flattening_um: float = field(
         default=3000.0,
         metadata=bounds(ge=0, doc="Gaussian scale of the intensity flattening (µm; 0 = off)"),
+    )
+    engine: str = field(
+        default="simpleitk",
+        metadata=bounds(
+            choices=ENGINES,
+            doc="registration library: SimpleITK affine + B-spline, or antspyx affine + SyN "
+            '(optional, pip install "ketamap[ants]")',
+        ),
+    )
+    syn_iterations: tuple[int, ...] = field(
+        default=(40, 20, 0),
+        metadata=bounds(ge=0, doc="antspyx SyN iterations per level, coarse to fine"),
     )
     metric: str = field(
         default="mattes",
@@ -211,6 +232,35 @@ def _shrink_factors(levels_um, resolution_um) -> list[int]:
     return [max(1, int(round(level / min(resolution_um)))) for level in levels_um]
 
 
+def _work_factor(params: RegistrationParams, resolution_um) -> int:
+    """Return the block size of the work grid.
+
+    The finest level smooths at half its spacing, so the optimiser never needs
+    a grid finer than that.
+    """
+    levels = params.affine_levels_um + (params.bspline_levels_um if params.deformable else ())
+    return max(1, int(min(levels) / 2 // min(resolution_um)))
+
+
+def _field_step(registration: Registration) -> int:
+    """Return the step (prepared voxels) at which the transform is evaluated densely.
+
+    A B-spline is smooth on the scale of its control grid (an eighth of it is
+    ample); a SyN field lives on the work grid, so it is sampled at every
+    work-grid voxel.
+    """
+    res = min(registration.atlas_resolution_um)
+    if registration.params.engine == "antspyx":
+        return _work_factor(registration.params, registration.atlas_resolution_um)
+    return max(1, int(registration.params.bspline_grid_spacing_um // (8 * res)))
+
+
+def _label_step(registration: Registration) -> int:
+    """Return the dense-evaluation step for warping whole volumes (at least 2 for a B-spline)."""
+    step = _field_step(registration)
+    return step if registration.params.engine == "antspyx" else max(2, step)
+
+
 def _method(params: RegistrationParams, levels_um, resolution_um) -> sitk.ImageRegistrationMethod:
     reg = sitk.ImageRegistrationMethod()
     if params.metric == "mattes":
@@ -229,17 +279,20 @@ def _method(params: RegistrationParams, levels_um, resolution_um) -> sitk.ImageR
     return reg
 
 
-def _work_image(array: np.ndarray, res, factor: int) -> sitk.Image:
-    """Block means over ``factor``³ voxels as a SimpleITK image placed at the blocks' centres."""
+def _decimate(array, factor: int) -> np.ndarray:
+    """Anti-aliased subsampling by ``factor`` that keeps voxel ``i * factor`` at index ``i``.
+
+    A centred box mean over ``factor`` voxels (``factor + 1`` when even, so that
+    it stays centred), then every ``factor``-th voxel: the subsampled grid keeps
+    origin 0 and spacing ``factor`` times the input's.
+    """
+    a = np.asarray(array, dtype=np.float32)
     if factor == 1:
-        return to_sitk(array, res)
-    shape = [n // factor * factor for n in array.shape]
-    a = array[: shape[0], : shape[1], : shape[2]].astype(np.float32, copy=False)
-    blocks = a.reshape(shape[0] // factor, factor, shape[1] // factor, factor,
-                       shape[2] // factor, factor).mean(axis=(1, 3, 5))
-    image = to_sitk(blocks, tuple(r * factor for r in res))
-    image.SetOrigin(tuple(float((factor - 1) / 2 * r) for r in res[::-1]))
-    return image
+        return a
+    size = factor if factor % 2 else factor + 1
+    return np.ascontiguousarray(
+        ndi.uniform_filter(a, size=size, mode="nearest")[::factor, ::factor, ::factor]
+    )
 
 
 def _affine(fixed, moving, params, mask):
@@ -269,8 +322,9 @@ def _affine(fixed, moving, params, mask):
 
 
 def _bspline(fixed, moving, affine, params, mask):
-    mesh = grid_mesh_size(fixed.GetSize()[::-1], fixed.GetSpacing()[::-1],
-                          params.bspline_grid_spacing_um)
+    mesh = grid_mesh_size(
+        fixed.GetSize()[::-1], fixed.GetSpacing()[::-1], params.bspline_grid_spacing_um
+    )
     bspline = sitk.BSplineTransformInitializer(fixed, mesh, 3)
     reg = _method(params, params.bspline_levels_um, fixed.GetSpacing())
     reg.SetOptimizerAsLBFGSB(
@@ -346,7 +400,8 @@ def register_to_atlas(
         ``dice_atlas_mask`` (sample mask vs warped ``atlas_mask``, reported
         only), ``affine_scale``, ``affine_rotation_deg`` and
         ``affine_mirrored`` (pose of the affine stage, whose implausible
-        values point at a wrong voxel size or orientation code), ``seconds``,
+        values point at a wrong voxel size or orientation code), ``seconds`` and
+        ``stage_seconds`` (wall time of prepare, preprocess, register, qc),
         ``flagged`` and ``reasons`` (one sentence per failed check). See
         docs/registration.md for the thresholds.
 
@@ -354,11 +409,15 @@ def register_to_atlas(
     ------
     InputError
         For bad shapes, voxel sizes, orientation codes or a constant image.
+    ParameterError
+        If ``params.engine`` is ``"antspyx"`` and antspyx is not installed.
     RegistrationError
-        If SimpleITK fails to register the images.
+        If SimpleITK or antspyx fails to register the images.
     """
     params = RegistrationParams() if params is None else params
     t0 = time.perf_counter()
+    if params.engine == "antspyx":
+        import_ants()  # fail before any work when the optional engine is missing
     orientation = check_orientation(orientation)
     atlas_orientation = check_orientation(atlas_orientation, where="atlas_orientation")
     vs = check_voxel_size(voxel_size_um)
@@ -381,6 +440,7 @@ def register_to_atlas(
         atlas_orientation=atlas_orientation,
         atlas_resolution_um=res,
     )
+    marks = {"prepare": time.perf_counter()}
     levels = params.affine_levels_um + (params.bspline_levels_um if params.deformable else ())
     smallest = 4 * max(_shrink_factors(levels, res))
     if min(prepared.shape) < smallest:
@@ -388,38 +448,74 @@ def register_to_atlas(
             f"the sample spans only {prepared.shape} voxels at the atlas resolution; "
             f"registration needs at least {smallest} per axis."
         )
-    fixed_arr = normalise_intensity(prepared, "sample")
-    moving_arr = normalise_intensity(atlas_reference, "atlas_reference")
-    atlas_brain = atlas_mask if atlas_mask is not None else brain_mask(moving_arr)
+    # The finest level smooths at half its spacing, so the optimiser never needs a grid
+    # finer than that: everything from here on (intensity scaling, masks, flattening,
+    # registration, QC) runs on that work grid, which keeps a 25 µm atlas about as cheap
+    # as a 100 µm one. Work voxel i is prepared / atlas voxel i * factor (origin 0).
+    factor = _work_factor(params, res)
+    work_res = tuple(r * factor for r in res)
+    fixed_arr = normalise_intensity(_decimate(prepared, factor), "sample")
+    moving_arr = normalise_intensity(_decimate(atlas_reference, factor), "atlas_reference")
+    if atlas_mask is not None:
+        atlas_brain = _decimate(atlas_mask, factor) >= 0.5
+        if not atlas_brain.any():
+            atlas_brain = _decimate(atlas_mask, factor) > 0
+    else:
+        atlas_brain = brain_mask(moving_arr)
     fixed_brain = brain_mask(fixed_arr)
     sigma_um = params.intensity_flattening_um
-    # The finest level smooths at half its spacing, so the optimiser never needs a grid
-    # finer than that: register block means on it (same result, several times faster).
-    factor = max(1, int(min(levels) / 2 // min(res)))
-    fixed = _work_image(flatten_intensity(fixed_arr, fixed_brain, sigma_um, res), res, factor)
-    moving = _work_image(flatten_intensity(moving_arr, atlas_brain, sigma_um, res), res, factor)
+    fixed = to_sitk(flatten_intensity(fixed_arr, fixed_brain, sigma_um, work_res), work_res)
+    moving = to_sitk(flatten_intensity(moving_arr, atlas_brain, sigma_um, work_res), work_res)
     metric_mask = None
     if atlas_mask is not None:
-        dilated = ndi.binary_dilation(atlas_mask, iterations=3)
-        metric_mask = sitk.Cast(
-            _work_image(dilated.astype(np.float32), res, factor) > 0, sitk.sitkUInt8)
+        dilated = ndi.binary_dilation(atlas_brain, iterations=max(1, math.ceil(3 / factor)))
+        metric_mask = to_sitk(dilated.astype(np.uint8), work_res)
+    marks["preprocess"] = time.perf_counter()
 
     try:
         with _itk_threads(params.n_threads):
-            initial, transform = _affine(fixed, moving, params, metric_mask)
-            affine = transform
-            if params.deformable:
-                transform = _bspline(fixed, moving, transform, params, metric_mask)
+            if params.engine == "antspyx":
+                initial = sitk.CenteredTransformInitializer(
+                    fixed,
+                    moving,
+                    sitk.AffineTransform(3),
+                    sitk.CenteredTransformInitializerFilter.MOMENTS,
+                )
+                affine, transform = register_ants(fixed, moving, params, metric_mask)
             else:
-                transform = sitk.CompositeTransform([transform])
-                transform.FlattenTransform()
+                initial, transform = _affine(fixed, moving, params, metric_mask)
+                affine = transform
+                if params.deformable:
+                    transform = _bspline(fixed, moving, transform, params, metric_mask)
+                else:
+                    transform = sitk.CompositeTransform([transform])
+                    transform.FlattenTransform()
+    except RegistrationError:
+        raise
     except RuntimeError as e:
+        engine_name = "antspyx" if params.engine == "antspyx" else "SimpleITK"
         first = str(e).strip().splitlines()[-1].rstrip(".") if str(e).strip() else "no message"
-        raise RegistrationError(f"SimpleITK could not register the sample ({first}).") from e
+        raise RegistrationError(f"{engine_name} could not register the sample ({first}).") from e
 
-    qc = quality_control(fixed_arr, fixed_brain, moving_arr, initial, transform, atlas_brain, res,
-                         params, affine=affine)
-    qc["seconds"] = round(time.perf_counter() - t0, 3)
+    marks["register"] = time.perf_counter()
+    qc = quality_control(
+        fixed_arr,
+        fixed_brain,
+        moving_arr,
+        initial,
+        transform,
+        atlas_brain,
+        work_res,
+        params,
+        affine=affine,
+        step=1 if params.engine == "antspyx" else 2,
+    )
+    marks["qc"] = time.perf_counter()
+    qc["seconds"] = round(marks["qc"] - t0, 3)
+    starts = [t0, *marks.values()]
+    qc["stage_seconds"] = {
+        name: round(end - start, 3) for name, start, end in zip(marks, starts, starts[1:])
+    }
     logger.info("registration done in %.1f s; qc %s", qc["seconds"], qc)
     return Registration(
         sample_to_atlas=transform,
@@ -479,7 +575,7 @@ def cells_to_atlas(registration: Registration, points_vox: np.ndarray) -> np.nda
     # The field is sampled every `step` prepared voxels: trilinear interpolation
     # is exact for the affine part, and the B-spline part is smooth on the
     # scale of its grid, so a step of grid/8 costs far less than 0.1 voxel.
-    step = max(1, int(registration.params.bspline_grid_spacing_um // (8 * res.min())))
+    step = _field_step(registration)
     lo = np.floor(j.min(axis=0) / step).astype(int) - 1
     hi = np.ceil(j.max(axis=0) / step).astype(int) + 2
     field = sitk.TransformToDisplacementField(
@@ -529,11 +625,16 @@ def warp_labels_to_sample(registration: Registration, labels: np.ndarray) -> np.
         return warp_labels_to_sample(registration, labels.view(np.uint8)).astype(bool)
     if not np.issubdtype(labels.dtype, np.integer):
         raise InputError(f"labels must be an integer array, got dtype {labels.dtype}.")
-    coords = dense_atlas_vox(registration.sample_to_atlas, registration.prepared_shape_vox,
-                             registration.atlas_resolution_um)
+    coords = dense_atlas_vox(
+        registration.sample_to_atlas,
+        registration.prepared_shape_vox,
+        registration.atlas_resolution_um,
+        step=_label_step(registration),
+    )
     # order-0 interpolation runs in float64, which holds every uint32 id exactly
-    return ndi.map_coordinates(labels, coords, order=0, mode="constant", cval=0,
-                               output=labels.dtype)
+    return ndi.map_coordinates(
+        labels, coords, order=0, mode="constant", cval=0, output=labels.dtype
+    )
 
 
 def warp_image_to_sample(registration: Registration, image: np.ndarray) -> np.ndarray:
@@ -563,10 +664,20 @@ def warp_image_to_sample(registration: Registration, image: np.ndarray) -> np.nd
             f"image has shape {image.shape} but the atlas grid is "
             f"{tuple(registration.atlas_shape_vox)}; they must match."
         )
-    coords = dense_atlas_vox(registration.sample_to_atlas, registration.prepared_shape_vox,
-                             registration.atlas_resolution_um)
-    return ndi.map_coordinates(image.astype(np.float32, copy=False), coords, order=1,
-                               mode="constant", cval=0.0, output=np.float32)
+    coords = dense_atlas_vox(
+        registration.sample_to_atlas,
+        registration.prepared_shape_vox,
+        registration.atlas_resolution_um,
+        step=_label_step(registration),
+    )
+    return ndi.map_coordinates(
+        image.astype(np.float32, copy=False),
+        coords,
+        order=1,
+        mode="constant",
+        cval=0.0,
+        output=np.float32,
+    )
 
 
 def save_registration(registration: Registration, folder) -> Path:

@@ -153,7 +153,9 @@ def prepare_sample(
     if not hasattr(sample, "shape") or not hasattr(sample, "dtype"):
         sample = np.asarray(sample)
     if len(sample.shape) != 3 or min(sample.shape) == 0:
-        raise InputError(f"sample must be a non-empty 3-D array (z, y, x), got shape {sample.shape}.")
+        raise InputError(
+            f"sample must be a non-empty 3-D array (z, y, x), got shape {sample.shape}."
+        )
     if not (np.issubdtype(sample.dtype, np.integer) or np.issubdtype(sample.dtype, np.floating)):
         raise InputError(f"sample must hold real numbers, got dtype {sample.dtype}.")
 
@@ -253,7 +255,9 @@ def check_volume(array, name: str) -> np.ndarray:
     """Return ``array`` as a non-empty real 3-D ndarray, or raise InputError naming ``name``."""
     array = np.asarray(array)
     if array.ndim != 3 or array.size == 0:
-        raise InputError(f"{name} must be a non-empty 3-D array (z, y, x), got shape {array.shape}.")
+        raise InputError(
+            f"{name} must be a non-empty 3-D array (z, y, x), got shape {array.shape}."
+        )
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         raise InputError(f"{name} must hold real numbers, got dtype {array.dtype}.")
     return array
@@ -342,17 +346,22 @@ def dense_atlas_vox(transform, shape_vox, spacing_um, *, step: int = 2) -> np.nd
     res = np.asarray(spacing_um, dtype=float)
     n = (np.ceil((shape - 1) / step) + 1).astype(int)
     field = sitk.TransformToDisplacementField(
-        transform, sitk.sitkVectorFloat64, [int(v) for v in n[::-1]], (0.0, 0.0, 0.0),
+        transform,
+        sitk.sitkVectorFloat64,
+        [int(v) for v in n[::-1]],
+        (0.0, 0.0, 0.0),
         [float(v) for v in (step * res)[::-1]],
     )
     disp = sitk.GetArrayViewFromImage(field)  # (z, y, x, 3), components (x, y, z)
     out = np.empty((3, *shape), dtype=np.float32)
     for axis in range(3):
         comp = np.ascontiguousarray(disp[..., 2 - axis], dtype=np.float32)
-        up = ndi.affine_transform(comp, [1.0 / step] * 3, output_shape=tuple(shape), order=1,
-                                  mode="nearest")
+        up = ndi.affine_transform(
+            comp, [1.0 / step] * 3, output_shape=tuple(shape), order=1, mode="nearest"
+        )
         ramp = np.arange(shape[axis], dtype=np.float32).reshape(
-            [-1 if a == axis else 1 for a in range(3)])
+            [-1 if a == axis else 1 for a in range(3)]
+        )
         out[axis] = ramp + up / np.float32(res[axis])
     return out
 
@@ -401,8 +410,10 @@ def affine_summary(transform, centre_um) -> tuple[np.ndarray, float, bool]:
     c = np.asarray(centre_um, dtype=float)[::-1]  # ITK (x, y, z)
     h = 100.0
     p0 = np.asarray(transform.TransformPoint(tuple(float(v) for v in c)))
-    cols = [(np.asarray(transform.TransformPoint(tuple(float(v) for v in c + h * e))) - p0) / h
-            for e in np.eye(3)]
+    cols = [
+        (np.asarray(transform.TransformPoint(tuple(float(v) for v in c + h * e))) - p0) / h
+        for e in np.eye(3)
+    ]
     a = np.stack(cols, axis=1)
     u, s, vt = np.linalg.svd(a)
     rot = u @ vt
@@ -413,27 +424,41 @@ def affine_summary(transform, centre_um) -> tuple[np.ndarray, float, bool]:
     return s, angle, mirrored
 
 
-def quality_control(fixed_arr, fixed_brain, moving_arr, initial, transform, atlas_brain, res, params,
-                    affine=None):
+def quality_control(
+    fixed_arr,
+    fixed_brain,
+    moving_arr,
+    initial,
+    transform,
+    atlas_brain,
+    res,
+    params,
+    affine=None,
+    step=2,
+):
     """QC measures of a registration on the prepared grid, and the flag with its reasons.
 
     ``affine`` (the affine stage's transform) adds the plausibility checks of
     scale and rotation that catch a wrong voxel size or orientation code even
-    when the images happen to match well after registration.
+    when the images happen to match well after registration. ``step`` is the
+    sampling step of the dense evaluation (see :func:`dense_atlas_vox`).
     """
     fixed = to_sitk(fixed_arr, res)
     moving = to_sitk(moving_arr, res)
     before = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, initial, sitk.sitkLinear, 0.0))
-    coords = dense_atlas_vox(transform, fixed_arr.shape, res)
-    after = ndi.map_coordinates(moving_arr.astype(np.float32, copy=False), coords, order=1,
-                                mode="constant", cval=0.0)
-    warped_brain = ndi.map_coordinates(atlas_brain.astype(np.uint8), coords, order=0,
-                                       mode="constant", cval=0).astype(bool)
+    coords = dense_atlas_vox(transform, fixed_arr.shape, res, step=step)
+    after = ndi.map_coordinates(
+        moving_arr.astype(np.float32, copy=False), coords, order=1, mode="constant", cval=0.0
+    )
+    warped_brain = ndi.map_coordinates(
+        atlas_brain.astype(np.uint8), coords, order=0, mode="constant", cval=0
+    ).astype(bool)
     # The same thresholding on both images: a bias of the intensity mask (dim
     # tissue left out of a real autofluorescence mask) then cancels out.
     reference_brain = brain_mask(moving_arr)
-    warped_reference_brain = ndi.map_coordinates(reference_brain.astype(np.uint8), coords,
-                                                 order=0, mode="constant", cval=0).astype(bool)
+    warped_reference_brain = ndi.map_coordinates(
+        reference_brain.astype(np.uint8), coords, order=0, mode="constant", cval=0
+    ).astype(bool)
     del coords
     union = fixed_brain | warped_brain
     jac_min, folded = jacobian_stats(transform, fixed_arr.shape, res, fixed_brain)
@@ -447,8 +472,11 @@ def quality_control(fixed_arr, fixed_brain, moving_arr, initial, transform, atla
     }
     reasons = []
     if affine is not None:
-        centre = (np.argwhere(fixed_brain).mean(axis=0) if fixed_brain.any()
-                  else (np.asarray(fixed_arr.shape) - 1) / 2) * np.asarray(res, dtype=float)
+        centre = (
+            np.argwhere(fixed_brain).mean(axis=0)
+            if fixed_brain.any()
+            else (np.asarray(fixed_arr.shape) - 1) / 2
+        ) * np.asarray(res, dtype=float)
         scales, angle, mirrored = affine_summary(affine, centre)
         qc["affine_scale"] = [round(float(v), 4) for v in scales]
         qc["affine_rotation_deg"] = round(angle, 2)
@@ -472,17 +500,13 @@ def quality_control(fixed_arr, fixed_brain, moving_arr, initial, transform, atla
         )
     if qc["correlation_after"] < qc["correlation_before"]:
         reasons.append(
-            f"correlation fell from {qc['correlation_before']:.3f} to "
-            f"{qc['correlation_after']:.3f}"
+            f"correlation fell from {qc['correlation_before']:.3f} to {qc['correlation_after']:.3f}"
         )
     if qc["dice_brain_mask"] < params.qc_min_dice:
-        reasons.append(
-            f"brain-mask Dice {qc['dice_brain_mask']:.3f} is below {params.qc_min_dice}"
-        )
+        reasons.append(f"brain-mask Dice {qc['dice_brain_mask']:.3f} is below {params.qc_min_dice}")
     if qc["fraction_folded"] > params.qc_max_fraction_folded:
         reasons.append(
-            f"{100 * qc['fraction_folded']:.2f}% of the brain is folded "
-            f"(Jacobian determinant <= 0)"
+            f"{100 * qc['fraction_folded']:.2f}% of the brain is folded (Jacobian determinant <= 0)"
         )
     qc["flagged"] = bool(reasons)
     qc["reasons"] = reasons
