@@ -1,0 +1,155 @@
+"""Figures and a self-contained HTML section for spine turnover."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ketamap.io.atomic import atomic_path
+from ketamap.report.figures import figure_bytes
+
+__all__ = [
+    "turnover_figure",
+    "survival_figure",
+    "presence_figure",
+    "write_figures",
+    "render_report",
+]
+
+_FORM, _ELIM, _GREY = "#55a868", "#c44e52", "#9aa5b1"
+
+
+def _figure(w: float, h: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(w, h), dpi=100, layout="constrained")
+
+
+def turnover_figure(rates: pd.DataFrame, pooled: pd.DataFrame):
+    """Plot formation and elimination per interval: pooled bars, one dot per dendrite."""
+    fig = _figure(1.6 + 1.3 * len(pooled), 3.2)
+    ax = fig.subplots()
+    x = np.arange(len(pooled))
+    for off, col, colour, name in (
+        (-0.2, "formation_rate", _FORM, "formation"),
+        (0.2, "elimination_rate", _ELIM, "elimination"),
+    ):
+        ax.bar(x + off, 100 * pooled[col], width=0.38, color=colour, alpha=0.6, label=name)
+        for i, iv in enumerate(pooled["interval"]):
+            v = 100 * rates.loc[rates["interval"] == iv, col].to_numpy()
+            ax.plot(np.full(len(v), i + off), v, "o", color=colour, ms=3)
+    ax.set_xticks(x, [s.replace("->", "→\n") for s in pooled["interval"]], fontsize=8)
+    ax.set_ylabel("% of spines in the earlier session")
+    ax.set_title("spine turnover per interval", fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    return fig
+
+
+def survival_figure(rates: pd.DataFrame, times_h: dict):
+    """Plot the fraction of the first session's spines still present, per dendrite and mean."""
+    fig = _figure(4.2, 3.2)
+    ax = fig.subplots()
+    first = rates["session_a"].iloc[0] if len(rates) else ""
+    for _, g in rates.groupby("dendrite"):
+        t = [times_h[first]] + [times_h[s] for s in g["session_b"]]
+        ax.plot(t, [1.0] + list(g["survival_fraction"]), "-", color=_GREY, lw=0.8)
+    mean = rates.groupby("session_b", sort=False)["survival_fraction"].mean()
+    ax.plot(
+        [times_h[first]] + [times_h[s] for s in mean.index],
+        [1.0] + list(mean),
+        "o-",
+        color="k",
+        label="mean",
+    )
+    ax.set_xlabel("time (h)")
+    ax.set_ylabel(f"surviving fraction of {first} spines")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8, frameon=False)
+    return fig
+
+
+def presence_figure(presence: pd.DataFrame, labels: list[str], dendrite: str):
+    """Plot a kymograph-like presence map of one dendrite: position along it × session."""
+    g = presence[presence["dendrite"] == dendrite]
+    fig = _figure(1.8 + 1.0 * len(labels), 4.0)
+    ax = fig.subplots()
+    for j, lab in enumerate(labels):
+        pres = g[lab].to_numpy(bool)
+        prev = g[labels[j - 1]].to_numpy(bool) if j else pres
+        nxt = g[labels[j + 1]].to_numpy(bool) if j + 1 < len(labels) else pres
+        colour = np.where(pres & ~prev, _FORM, np.where(pres & ~nxt, _ELIM, "#4c72b0"))
+        y = g["s_um"].to_numpy()
+        x = j + 0.18 * g["side"].to_numpy()
+        ax.scatter(x[pres], y[pres], c=colour[pres], s=18, marker="s")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
+    ax.set_ylabel("position along the dendrite (µm)")
+    ax.set_title(f"{dendrite}: blue stable, green new, red lost next", fontsize=9)
+    return fig
+
+
+def write_figures(folder: Path, rates, pooled, presence, labels, times_h) -> dict:
+    """Write every figure as PNG and SVG under ``folder``; return name -> PNG bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    figs = {"turnover": turnover_figure(rates, pooled), "survival": survival_figure(rates, times_h)}
+    for dend in presence["dendrite"].unique():
+        figs[f"presence_{dend}"] = presence_figure(presence, labels, dend)
+    pngs = {}
+    for name, fig in figs.items():
+        for fmt in ("png", "svg"):
+            data = figure_bytes(fig, fmt)
+            with atomic_path(folder / f"{name}.{fmt}") as tmp:
+                tmp.write_bytes(data)
+            if fmt == "png":
+                pngs[name] = data
+    return pngs
+
+
+def _table(df: pd.DataFrame) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return "" if np.isnan(v) else f"{v:.3g}"
+        return html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
+        for row in df.itertuples(index=False)
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_report(
+    title: str,
+    pooled: pd.DataFrame,
+    returns: pd.DataFrame,
+    stats: pd.DataFrame,
+    pngs: dict,
+    notes: list[str],
+) -> str:
+    """Render a self-contained HTML page (figures embedded) of the spine-turnover results."""
+    imgs = "".join(
+        f'<figure><img alt="{html.escape(k)}" src="data:image/png;base64,'
+        f'{base64.b64encode(v).decode("ascii")}"><figcaption>{html.escape(k)}</figcaption>'
+        "</figure>"
+        for k, v in pngs.items()
+    )
+    notes_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    style = (
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}"
+        "table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0 1.5em}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+        "figure{display:inline-block;margin:0.5em}img{max-width:34em}"
+    )
+    return (
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{style}</style></head><body>"
+        f"<section id='spine-turnover'><h1>Spine turnover: {html.escape(title)}</h1>"
+        f"<ul>{notes_html}</ul><h2>Rates per interval (pooled over dendrites)</h2>"
+        f"{_table(pooled)}<h2>Return to lost sites</h2>{_table(returns)}"
+        f"<h2>Intervals compared (mixed model)</h2>{_table(stats)}"
+        f"<h2>Figures</h2>{imgs}</section></body></html>"
+    )

@@ -1,0 +1,255 @@
+"""The spines stage: a sessions file in, turnover tables, figures and a report out.
+
+``run_spines(sessions_toml, out_dir)`` writes::
+
+    OUT/rates.csv / .parquet          per dendrite and interval: counts, formation,
+                                      elimination, turnover, survival, densities
+    OUT/rates_pooled.csv / .parquet   per interval, counts summed over dendrites
+    OUT/spines.csv / .parquet         presence table: dendrite, spine_id, s_um, side,
+                                      one True/False column per session
+    OUT/detections.csv / .parquet     every spine seen in every session, with pixels
+    OUT/return_sites.csv / .parquet   return-to-lost-sites test per dendrite and pooled
+    OUT/statistics.csv / .parquet     intervals compared by a mixed model
+    OUT/registration.csv              rotation, offset and score per session
+    OUT/centrelines.parquet           traced dendrites (reference frame)
+    OUT/annotations.csv, napari/      the detections, ready to correct
+    OUT/figures/*.png, *.svg          turnover, survival, presence map per dendrite
+    OUT/report.html                   a self-contained page
+    OUT/summary.json                  parameters, inputs, headline numbers
+
+The folder is written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ketamap.errors import InputError, ParameterError
+from ketamap.invivo.spines.annotations import export_annotations, export_napari, import_annotations
+from ketamap.invivo.spines.core import (
+    DendriteResult,
+    SpineParams,
+    analyse_dendrite,
+    locate_annotations,
+)
+from ketamap.invivo.spines.metrics import (
+    interval_rates,
+    mixed_model,
+    pooled_rates,
+    presence_matrix,
+    return_to_lost_sites,
+)
+from ketamap.invivo.spines.report import render_report, write_figures
+from ketamap.invivo.spines.sessions import load_spine_sessions
+from ketamap.invivo.spines.track import track_spines
+from ketamap.io.atomic import atomic_dir, atomic_path, write_json, write_table
+from ketamap.params import from_mapping, to_dict
+
+__all__ = ["run_spines", "read_image"]
+
+log = logging.getLogger(__name__)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read a 2D or 3D TIFF, with one sentence if it cannot be read."""
+    import tifffile
+
+    try:
+        return tifffile.imread(path)
+    except (OSError, ValueError, tifffile.TiffFileError) as e:
+        raise InputError(f'image "{path}" is not a readable TIFF ({e}).') from e
+
+
+def _annotated(points: pd.DataFrame, results: dict, labels: list[str]) -> pd.DataFrame:
+    unknown = set(points["dendrite"]) - set(results)
+    if unknown:
+        raise InputError(f"annotations name unknown dendrite(s): {', '.join(sorted(unknown))}.")
+    bad = set(points["session"]) - set(labels)
+    if bad:
+        raise InputError(f"annotations name unknown session(s): {', '.join(sorted(bad))}.")
+    frames = []
+    for dend, g in points.groupby("dendrite", sort=False):
+        frames.append(locate_annotations(g, results[dend]).assign(dendrite=dend))
+    return pd.concat(frames, ignore_index=True)
+
+
+def run_spines(
+    sessions_toml: str | Path,
+    out_dir: str | Path,
+    *,
+    params: SpineParams | None = None,
+    annotations: str | Path | None = None,
+) -> dict:
+    """Run the spine-turnover analysis of every dendrite of a sessions file.
+
+    Parameters
+    ----------
+    sessions_toml : path-like
+        A spine sessions file (see :mod:`ketamap.invivo.spines.sessions`).
+    out_dir : path-like
+        Output folder (replaced atomically).
+    params : SpineParams, optional
+        Overrides the file's ``[params]`` table entirely when given.
+    annotations : path-like, optional
+        Corrected spine positions (see :func:`import_annotations`): they
+        replace the automatic detections; where ``spine_id`` is given for every
+        point of a dendrite it is kept as the identity, otherwise spines are
+        tracked automatically.
+
+    Returns
+    -------
+    dict
+        ``out_dir``, ``pooled`` (rows of the pooled rates), ``return_sites``
+        (the pooled row) and ``files``.
+
+    Raises
+    ------
+    ManifestError, ParameterError, InputError, InputNotFoundError
+        One sentence each.
+    """
+    sf = load_spine_sessions(sessions_toml)
+    if params is None:
+        params = from_mapping(SpineParams, sf.params, where=f"[params] in {sessions_toml}")
+    labels = sf.labels
+    new_session = params.new_spines_session or labels[-1]
+    if new_session not in labels[1:]:
+        raise ParameterError(
+            f'new_spines_session "{new_session}" is not a session after the first '
+            f"({', '.join(labels[1:])})."
+        )
+    points = import_annotations(annotations) if annotations is not None else None
+    results: dict[str, DendriteResult] = {}
+    frames, reg_rows, line_rows = [], [], []
+    for d in sf.dendrites:
+        images = {k: read_image(d.images[k]) for k in labels}
+        res = analyse_dendrite(images, pixel_size_um=d.pixel_size_um, params=params)
+        results[d.name] = res
+        frames.append(res.detections.assign(dendrite=d.name))
+        for k, tf in res.transforms.items():
+            reg_rows.append(
+                {
+                    "dendrite": d.name,
+                    "session": k,
+                    "rotation_deg": tf.rotation_deg,
+                    "offset_y_px": float(tf.offset[0]),
+                    "offset_x_px": float(tf.offset[1]),
+                    "score": tf.score,
+                }
+            )
+        line_rows.append(
+            pd.DataFrame(
+                {
+                    "dendrite": d.name,
+                    "s_um": res.centreline.s_um,
+                    "y_px": res.centreline.points[:, 0],
+                    "x_px": res.centreline.points[:, 1],
+                }
+            )
+        )
+        log.info(
+            "dendrite %s: traced %.1f µm, %d detections",
+            d.name,
+            res.centreline.length_um,
+            len(res.detections),
+        )
+    detections = pd.concat(frames, ignore_index=True)
+    source = "automatic detection"
+    if points is not None:
+        detections = _annotated(points, results, labels)
+        source = f"annotations {Path(annotations).name}"
+    tracked = []
+    for _, g in detections.groupby("dendrite", sort=False):
+        if "spine_id" in g and g["spine_id"].notna().all():
+            tracked.append(g.assign(spine_id=g["spine_id"].astype(int)))
+        else:
+            tracked.append(
+                track_spines(
+                    g.drop(columns="spine_id", errors="ignore"),
+                    labels,
+                    tolerance_um=params.match_tolerance_um,
+                )
+            )
+    detections = pd.concat(tracked, ignore_index=True)
+    detections["spine_id"] = detections["spine_id"].astype(int)
+    lead = ["dendrite", "session", "spine_id", "s_um", "side", "y_px", "x_px"]
+    detections = detections[lead + [c for c in detections if c not in lead]]
+    presence = presence_matrix(
+        detections[["dendrite", "session", "spine_id", "s_um", "side"]], labels
+    )
+    stretch = {
+        n: (params.end_margin_um, r.centreline.length_um - params.end_margin_um)
+        for n, r in results.items()
+    }
+    lengths = {n: b - a for n, (a, b) in stretch.items()}
+    rates = interval_rates(presence, labels, lengths_um=lengths)
+    pooled = pooled_rates(rates)
+    returns = return_to_lost_sites(
+        presence,
+        labels,
+        new_session=new_session,
+        stretch_um=stretch,
+        distance_um=params.return_distance_um,
+        exclusion_um=params.return_exclusion_um,
+        same_side=params.return_same_side,
+        n_permutations=params.n_permutations,
+        seed=params.seed,
+    )
+    mice = {d.name: d.mouse for d in sf.dendrites}
+    stats = mixed_model(rates, mice)
+    pooled_return = returns.iloc[-1].to_dict()
+    notes = [
+        f"{len(sf.dendrites)} dendrites from {len(set(mice.values()))} mice, "
+        f"{len(labels)} sessions; spines from {source}.",
+        f"Return to lost sites ({new_session}, within {params.return_distance_um} µm): "
+        f"{pooled_return['n_near']} of {pooled_return['n_new']} new spines, chance "
+        f"{pooled_return['null_share_mean']:.2f}, p = {pooled_return['p_value']:.3g}.",
+    ]
+    if len(set(mice.values())) < 2:
+        notes.append("Single mouse: the mixed model has a random intercept per dendrite only.")
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_table(rates, tmp / "rates.parquet")
+        write_table(pooled, tmp / "rates_pooled.parquet")
+        write_table(presence, tmp / "spines.parquet")
+        write_table(detections, tmp / "detections.parquet")
+        write_table(returns, tmp / "return_sites.parquet")
+        write_table(stats, tmp / "statistics.parquet")
+        pd.DataFrame(reg_rows).to_csv(tmp / "registration.csv", index=False)
+        write_table(pd.concat(line_rows, ignore_index=True), tmp / "centrelines.parquet", csv=False)
+        export_annotations(detections, tmp / "annotations.csv")
+        export_napari(detections, tmp / "napari")
+        times = dict(zip(labels, sf.times_h, strict=True))
+        pngs = write_figures(tmp / "figures", rates, pooled, presence, labels, times)
+        with atomic_path(tmp / "report.html") as p:
+            p.write_text(
+                render_report(sf.name, pooled, returns, stats, pngs, notes), encoding="utf-8"
+            )
+        summary = {
+            "sessions_file": str(Path(sessions_toml).resolve()),
+            "name": sf.name,
+            "sessions": labels,
+            "times_h": sf.times_h,
+            "params": to_dict(params),
+            "spines_from": source,
+            "new_spines_session": new_session,
+            "dendrites": {
+                n: {"mouse": mice[n], "traced_length_um": r.centreline.length_um}
+                for n, r in results.items()
+            },
+            "pooled_rates": pooled.to_dict(orient="records"),
+            "return_sites": pooled_return,
+            "notes": notes,
+        }
+        write_json(summary, tmp / "summary.json")
+    files = sorted(str(p) for p in out_dir.rglob("*") if p.is_file())
+    log.info("spines stage wrote %d files to %s", len(files), out_dir)
+    return {
+        "out_dir": str(out_dir),
+        "pooled": pooled.to_dict(orient="records"),
+        "return_sites": pooled_return,
+        "files": files,
+    }
