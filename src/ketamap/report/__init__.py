@@ -8,7 +8,7 @@ import lazy_loader as _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(
     __name__,
-    submodules=["figures", "html", "qc"],
+    submodules=["figures", "html", "qc", "maps"],
     submod_attrs={
         "html": ["render_report", "write_report"],
         "figures": ["save_figures", "make_figures"],

@@ -104,6 +104,40 @@ def _methods_text(methods: dict, study: dict) -> str:
     )  # fmt: skip
 
 
+def _maps_methods_text(methods: dict) -> str:
+    """Sentences on the voxel maps and networks, from their parameters (empty if absent)."""
+    text = ""
+    vox = methods.get("voxels")
+    if isinstance(vox, dict) and vox.get("enabled", True):
+        stat = ("threshold-free cluster enhancement (TFCE, E = 0.5, H = 2, "
+                f"{vox.get('tfce_steps')} steps)" if vox.get("method") == "tfce" else
+                "cluster mass (sum of |t| over clusters of voxels with two-sided "
+                f"p < {vox.get('cluster_forming_p')})")  # fmt: skip
+        text += (
+            f" For voxel maps, each mouse's cells in atlas space were turned into a density "
+            f"map on a {vox.get('resolution_um'):g} µm grid with a {vox.get('kernel')} kernel "
+            f"of radius {vox.get('radius_um'):g} µm; groups were compared voxel by voxel with "
+            f"a pooled-variance t test on log(density + {vox.get('log_offset_per_mm3'):g} "
+            f"cells/mm³) inside the brain mask, and the family-wise error was controlled with "
+            f"the permutation distribution of the maximum {stat} over the brain "
+            f"({vox.get('n_permutations')} label permutations, or all distinct relabellings "
+            f"when fewer; {vox.get('connectivity')}-connected clusters; "
+            f"FWE < {vox.get('alpha'):g})."
+        )
+    net = methods.get("network")
+    if isinstance(net, dict) and net.get("enabled", True):
+        text += (
+            f" Inter-regional covariance: per group, the {net.get('method')} correlation of "
+            f"regional densities across mice (regions with a mean count of at least "
+            f"{net.get('min_mean_count'):g} in every group, at most {net.get('max_regions')}); "
+            f"differences from the reference group were tested by permuting mice between the "
+            f"two groups ({net.get('n_permutations')} permutations or all relabellings), per "
+            "edge (|Δr|; FWE from the maximum over edges, and Benjamini-Hochberg q) and "
+            "globally (mean |Δr|)."
+        )
+    return text
+
+
 def _truth_table(truth: pd.DataFrame, regions: pd.DataFrame, alpha: float):
     t = truth.assign(acronym=truth["acronym"].astype(str), contrast=truth["contrast"].astype(str))
     r = regions.assign(acronym=regions["acronym"].astype(str))
@@ -142,6 +176,8 @@ def render_report(
     key_regions: tuple[str, ...] = (),
     images: dict[str, bytes] | None = None,
     methods: dict | None = None,
+    extra_figures: list[tuple[str, object, str]] | None = None,
+    extra_tables: list[dict] | None = None,
 ) -> str:
     """Render the study report as one self-contained HTML document.
 
@@ -169,6 +205,13 @@ def render_report(
         PNG images (e.g. ``"registration/<subject>"``) for the per-mouse QC section.
     methods : dict, optional
         Parameters and package versions, rendered as a paragraph and a table.
+        ``methods["voxels"]`` and ``methods["network"]`` (parameters of the
+        voxel maps and networks) add their paragraphs.
+    extra_figures : list of (name, Figure, caption), optional
+        Figures shown after the region figures (atlas maps, voxel maps, networks).
+    extra_tables : list of dict, optional
+        Tables of the "Maps and networks" section: ``title``, ``columns``
+        (names), ``frame`` (DataFrame) and optional ``text``.
 
     Returns
     -------
@@ -190,6 +233,11 @@ def render_report(
     }  # fmt: skip
     figures = [{"name": k, "caption": captions.get(k, k), "src": _png_uri(figure_bytes(f))}
                for k, f in figs.items()]  # fmt: skip
+    map_figures = [{"name": k, "caption": c, "src": _png_uri(figure_bytes(f))}
+                   for k, f, c in (extra_figures or [])]  # fmt: skip
+    map_tables = [{"title": t["title"], "text": t.get("text", ""),
+                   "columns": list(t["columns"]), "rows": _rows(t["frame"], t["columns"])}
+                  for t in (extra_tables or [])]  # fmt: skip
     n_by_group = subjects["group"].astype(str).value_counts()
     design = [[_fmt(g.get("name")), _fmt(g.get("dose_mg_per_kg")), _fmt(g.get("schedule", "")),
                str(int(n_by_group.get(str(g.get("name")), 0)))]
@@ -214,9 +262,11 @@ def render_report(
         "csv_uri": "data:text/csv;base64," + base64.b64encode(csv).decode("ascii"),
         "csv_name": f"{study.get('name', 'study')}_regions.csv".replace(" ", "_"),
         "figures": figures,
+        "map_figures": map_figures,
+        "map_tables": map_tables,
         "images": [{"name": k, "src": _png_uri(v)} for k, v in sorted((images or {}).items())],
         "truth": _truth_table(truth, regions, alpha) if truth is not None else None,
-        "methods_text": _methods_text(methods, study),
+        "methods_text": _methods_text(methods, study) + _maps_methods_text(methods),
         "methods_rows": _flatten(methods),
         "missing_key_regions": [
             a for a in key_regions if a not in set(counts["acronym"].astype(str))

@@ -1,4 +1,4 @@
-"""Statistics: region-level group comparisons (and, later, voxel-wise maps).
+"""Statistics: region-level group comparisons, voxel-wise maps and correlation networks.
 
 Submodules are imported on first use, so ``import ketamap.stats`` stays cheap.
 """
@@ -7,6 +7,10 @@ import lazy_loader as _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(
     __name__,
-    submodules=["regions"],
-    submod_attrs={"regions": ["StatsParams", "compare_regions", "benjamini_hochberg"]},
+    submodules=["regions", "voxels", "network"],
+    submod_attrs={
+        "regions": ["StatsParams", "compare_regions", "benjamini_hochberg"],
+        "voxels": ["VoxelParams", "density_map", "group_maps", "voxel_test"],
+        "network": ["NetworkParams", "compare_networks"],
+    },
 )
