@@ -68,17 +68,18 @@ CELL_COLUMNS = (
     "contrast",
 )
 
-_TRUNCATE = 3.0  # Gaussian kernels are cut at 3 SDs (radius = int(3 sigma + 0.5) voxels)
+_TRUNCATE = 3.0  # Gaussian kernels are cut at 3 SDs (radius = int(3 sigma + 0.5) voxels) ...
+_TRUNCATE_BACKGROUND = 2.5  # ... the background's at 2.5 (it only needs to be smooth)
 _SIGMA_PER_DIAMETER = 1.0 / (2.0 * math.sqrt(3.0))  # 3D LoG/DoG scale of a ball: r / sqrt(3)
 _MIN_OUTER_RATIO = 2.0  # background sigma >= 2x the soma sigma, per axis
-_NOISE_K = 2.0  # noise window half-width = 2 background sigmas ...
+_NOISE_K = 1.5  # noise window half-width = 1.5 background sigmas ...
 _NOISE_MIN = 5  # ... and at least 5 voxels (an 11-voxel box), for stable estimates
 _CENTROID_LEVEL = 0.5  # centre = midpoint of the half-maximum crossings of the band-pass
 _WALK_DIAMETERS = 3.0  # ... searched up to this many soma diameters from the maximum
 _MIN_SPLIT_VOXELS = 2.0  # split touching cells only along axes with >= 2 voxels per soma
 _MIN_WALK = 2  # ... and at least this many voxels
 _RELATIVE_FLOOR = 1e-5  # noise floor relative to the local level: float32 round-off
-_SAMPLE_VOXELS = 1_000_000  # voxels sampled to fit the background-channel scale
+_SAMPLE_VOXELS = 250_000  # voxels sampled to fit the background-channel scale
 _COARSE_MIN_SOMA_SIGMA = 1.5  # the soma-smoothed image is sampled finely enough for 2x ...
 _COARSE_MIN_REST_SIGMA = 3.0  # ... and the background is wide enough to gain from it
 
@@ -159,7 +160,7 @@ class DetectionParams:
         metadata=bounds(gt=0, le=10, doc="Smallest Gaussian sigma on any axis (voxels)."),
     )
     chunk_size_vox: tuple[int, int, int] = field(
-        default=(64, 512, 512),
+        default=(64, 384, 384),
         metadata=bounds(ge=1, doc="Core chunk size (z, y, x) processed at once (voxels)."),
     )
 
@@ -223,7 +224,7 @@ def _plan(
         for r, k in zip(rest, coarse)
     )
     r_soma = tuple(_radius(s) for s in soma)
-    r_rest_c = tuple(_radius(s) for s in rest_c)
+    r_rest_c = tuple(int(_TRUNCATE_BACKGROUND * s + 0.5) for s in rest_c)
     r_rest = tuple(r if k == 1 else k * (r + 1) + k for r, k in zip(r_rest_c, coarse))
     r_noise_c = tuple(
         -(-max(int(math.ceil(_NOISE_K * o)), _NOISE_MIN) // k) for o, k in zip(outer, coarse)
@@ -434,7 +435,7 @@ def _as_dask(array, name: str) -> da.Array:
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise InputError(f"{name} must hold integers or floats, got dtype {arr.dtype}.")
     if isinstance(arr, np.ndarray):
-        arr = da.from_array(arr, chunks=arr.shape)
+        arr = da.from_array(arr, chunks=arr.shape, name=False)  # no hashing of the data
     return arr
 
 
@@ -583,6 +584,46 @@ def _half_max_extents(
     return lo, hi
 
 
+def _negative_power(
+    a: np.ndarray, axes: list[int], crop: tuple[slice, ...] | None, coarse: tuple[int, int, int]
+) -> np.ndarray:
+    """Coarse-grid block means of min(r, 0)^2, r = ``a`` minus the mean of its neighbours.
+
+    The neighbours are those along ``axes`` (none: r = a), the result is cropped to
+    ``crop``. Computed plane by plane along z when the axes lie in the plane, so only
+    plane-sized temporaries are made.
+    """
+
+    def power(v: np.ndarray, ax: list[int]) -> np.ndarray:
+        if ax:
+            means = ndi.uniform_filter1d(v, 3, axis=ax[0], mode="reflect")
+            for b in ax[1:]:
+                means += ndi.uniform_filter1d(v, 3, axis=b, mode="reflect")
+            # 1 / 1.5 of (v - mean of the 2n neighbours), see noise_c in _detect_block
+            r = np.subtract(v, means * np.float32(1 / len(ax)), out=means)
+        else:
+            r = v.copy()
+        if crop is not None:
+            r = r[crop[-v.ndim :]]
+        np.minimum(r, 0, out=r)
+        r *= r
+        return r
+
+    if 0 in axes:  # neighbours along z: the whole block at once
+        return _block_mean(power(a, axes), coarse)
+    kz = coarse[0]
+    z_range = range(a.shape[0]) if crop is None else range(crop[0].start, crop[0].stop)
+    out = None
+    for i, z in enumerate(z_range):
+        plane = _block_mean(power(a[z], [b - 1 for b in axes])[None], (1, *coarse[1:]))[0]
+        if out is None:
+            out = np.zeros((-(-len(z_range) // kz), *plane.shape), dtype=np.float32)
+            count = np.zeros(len(out), dtype=np.float32)
+        out[i // kz] += plane
+        count[i // kz] += 1
+    return out / count[:, None, None]
+
+
 def _detect_block(
     block: np.ndarray,
     background: np.ndarray | None = None,
@@ -604,7 +645,7 @@ def _detect_block(
     """
     x = np.asarray(block).astype(np.float32, copy=True)
     if background is not None:
-        x -= np.float32(background_scale) * np.asarray(background, dtype=np.float32)
+        x -= np.multiply(background, np.float32(background_scale), dtype=np.float32)
     floats = any(
         a is not None and np.issubdtype(np.asarray(a).dtype, np.floating)
         for a in (block, background)
@@ -631,7 +672,8 @@ def _detect_block(
     )
     g2 = g2[tuple(slice(a - ca * k, b - ca * k) for a, b, ca, k in zip(lo, hi, c_lo, plan.coarse))]
     work = tuple(slice(a, b) for a, b in zip(lo, hi))
-    f = g1[work] - g2  # the band-passed signal
+    f = g1[work]
+    f -= g2  # the band-passed signal, in place of g1
     del g1, background
     # the residual needs one more voxel around W, where the block has it
     lo1 = tuple(max(a - 1, 0) for a in lo)
@@ -645,27 +687,17 @@ def _detect_block(
     # local mean square, and that of the band-passed signal's negative part (raised by
     # edges, stripes and textured tissue; isolated cells barely do, being positive), are
     # averaged over a window on the coarse grid and read at the candidates.
-    used = [a for a in range(3) if plan.axes_used[a]] or [0]
-    # x - mean of the 2n neighbours = 1.5 x - 1.5 / n * sum of the 3-voxel means
-    means = ndi.uniform_filter1d(x, 3, axis=used[0], mode="reflect")
-    for a in used[1:]:
-        means += ndi.uniform_filter1d(x, 3, axis=a, mode="reflect")
-    resid = np.multiply(x, np.float32(1.5), out=x)
-    resid -= means * np.float32(1.5 / len(used))
-    del means
-    resid = resid[back]
-    np.minimum(resid, 0, out=resid)
-    resid *= resid
+    # in-plane neighbours (planes may differ in gain or be separate stacks), else any axis
+    used = [a for a in (1, 2) if plan.axes_used[a]] or [a for a in range(3) if plan.axes_used[a]]
+    used = used or [0]
     window = tuple(2 * r + 1 for r in plan.radius_noise_coarse)
-    var = ndi.uniform_filter(_block_mean(resid, plan.coarse), window, mode="reflect")
+    var = ndi.uniform_filter(_negative_power(x, used, back, plan.coarse), window, mode="reflect")
     np.maximum(var, 0, out=var)  # running sums can round a zero mean to -1e-12
-    del resid, x
-    negf = np.minimum(f, 0)
-    negf *= negf
-    var_f = ndi.uniform_filter(_block_mean(negf, plan.coarse), window, mode="reflect")
+    del x
+    var_f = ndi.uniform_filter(_negative_power(f, [], None, plan.coarse), window, mode="reflect")
     np.maximum(var_f, 0, out=var_f)
-    del negf
-    noise_c = 1 + 1 / (2 * len(used))  # white-noise variance of the residual, in SD^2
+    # white-noise variance of the residual (1 + 1 / 2n) over 1.5^2, in SD^2
+    noise_c = (1 + 1 / (2 * len(used))) / 2.25
 
     # Candidates: core voxels above a lower bound of both thresholds (the exact SDs add a
     # relative floor), read per coarse cell; the tests below are then exact.
