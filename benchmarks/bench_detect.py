@@ -123,6 +123,49 @@ def _recall(found: np.ndarray, ref: np.ndarray, tol_um: float = 10.0) -> float:
     return float(np.mean(d <= tol_um))
 
 
+def _work_factor(shape, voxel_um=VOXEL_UM) -> float:
+    """Voxels filtered per voxel of the volume: the overlapped chunks over the volume."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from ketamap.wholebrain.detect import DetectionParams, _axis_chunks, _plan
+
+    params = DetectionParams()
+    plan = _plan(voxel_um, params, shape)
+    factor = 1.0
+    for a, n in enumerate(shape):
+        chunks, depth = _axis_chunks(n, params.chunk_size_vox[a], plan.depth[a], a,
+                                     plan.coarse[a])
+        computed = sum(c + depth * ((i > 0) + (i < len(chunks) - 1))
+                       for i, c in enumerate(chunks))
+        factor *= computed / n
+    return factor
+
+
+def _projection(result: dict, n_voxels: float = 2.4e10) -> dict:
+    """Whole-brain time at 5 x 2 x 2 µm from the measured single-thread throughput.
+
+    Chunks are independent, so time = voxels x (work factor of a whole brain / work factor
+    of the benchmark volume) / (single-thread throughput x cores x parallel efficiency).
+    The efficiency is the one measured from 1 to 2 threads here, used as is for 16 and 64
+    cores (an upper bound: memory bandwidth per core usually falls on big machines), and
+    0.5 as a pessimistic bound.
+    """
+    brain_shape = (1500, 4000, 4000)  # 2.4e10 voxels at 5 x 2 x 2 µm
+    bench = _work_factor(tuple(result["shape"]))
+    brain = _work_factor(brain_shape)
+    t1 = result["ketamap_background_1_thread"]["wall_s"]
+    t2 = result["ketamap_background"]["wall_s"]
+    per_voxel_1 = t1 / result["voxels"] * brain / bench
+    efficiency = t1 / (2 * t2)
+    out = {"voxels": n_voxels, "brain_shape": list(brain_shape),
+           "work_factor_benchmark": bench, "work_factor_brain": brain,
+           "single_thread_s_per_gvoxel": per_voxel_1 * 1e9,
+           "parallel_efficiency_2_threads": efficiency}
+    for cores in (2, 16, 64):
+        out[f"hours_{cores}_cores"] = n_voxels * per_voxel_1 / (cores * efficiency) / 3600
+        out[f"hours_{cores}_cores_efficiency_0.5"] = n_voxels * per_voxel_1 / (cores * 0.5) / 3600
+    return out
+
+
 def _run(python: str, code: str, volume: Path, out: Path, extra=()) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     proc = subprocess.run(
@@ -165,6 +208,8 @@ def main(argv=None) -> dict:
             k["recall_3d_10um"] = _recall(np.load(out), ref)
             k["mvoxels_per_s"] = result["voxels"] / k["wall_s"] / 1e6
             result[f"ketamap_{mode}"] = k
+        k1 = _run(sys.executable, _KETAMAP, vpath, out, ("1", "background"))
+        result["ketamap_background_1_thread"] = k1
         gauss.append(_run(sys.executable, _GAUSS, vpath, out))
         g = min(gauss, key=lambda r: r["wall_s"])
         g["wall_s_runs"] = [r["wall_s"] for r in gauss]
@@ -181,6 +226,7 @@ def main(argv=None) -> dict:
             result["cellfinder_process_over_ketamap_wall"] = c["process_wall_s"] / k["wall_s"]
             result["cellfinder_over_ketamap_peak_rss"] = c["peak_rss_mib"] / k["peak_rss_mib"]
     result["load_average_end"] = os.getloadavg()[0]
+    result["projection_whole_brain"] = _projection(result)
     text = json.dumps(result, indent=2)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,23 @@ VoxelSize = Annotated[
 ]
 
 
+SchedulerAddress = Annotated[
+    Optional[str],
+    typer.Option(
+        "--scheduler", help="Address of a running dask.distributed scheduler (tcp://host:8786)."
+    ),
+]
+ClusterKind = Annotated[
+    Optional[str],
+    typer.Option(
+        "--cluster", help="Start a cluster for this run: local (processes), slurm or pbs."
+    ),
+]
+ClusterWorkers = Annotated[
+    int, typer.Option("--workers", help="Workers (local) or jobs (slurm/pbs) of --cluster.")
+]
+
+
 def _progress(total: int, label: str) -> Progress:
     bar = Progress(
         TextColumn(f"[bold]{label}"),
@@ -105,13 +122,20 @@ def run(
     ] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Subjects in parallel.")] = 1,
     force: Annotated[bool, typer.Option(help="Recompute outputs that are up to date.")] = False,
+    scheduler: SchedulerAddress = None,
+    cluster: ClusterKind = None,
+    workers: ClusterWorkers = 2,
 ):
     """Run (or resume) every stage of a study; up-to-date stages are skipped."""
     from ketamap.pipeline import run_study
+    from ketamap.scheduler import use_scheduler
     from ketamap.study import load_study
 
     study = load_study(manifest)
-    with _progress(len(study.subjects) + 2, "census") as bar:
+    with (
+        use_scheduler(scheduler, cluster, n_workers=workers),
+        _progress(len(study.subjects) + 2, "census") as bar,
+    ):
         summary = run_study(manifest, stages=stage, n_jobs=jobs, force=force, progress=_tick(bar))
     ran = sum(v is True for r in summary.subjects for v in r.values())
     out.print(
@@ -157,24 +181,32 @@ def report(
 
 @app.command()
 def detect(
-    signal: Annotated[Path, typer.Argument(help="TIFF planes folder, multipage TIFF or OME-Zarr.")],
+    signal: Annotated[Path, typer.Argument(
+        help="TIFF planes folder, multipage TIFF, OME-Zarr, Imaris .ims or NIfTI.")],
     voxel_size: VoxelSize,
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")],
     background: Annotated[Optional[Path], typer.Option(help="Autofluorescence channel.")] = None,
     soma_diameter: Annotated[float, typer.Option("--soma-diameter", help="µm.")] = 15.0,
     classifier: Annotated[Optional[Path], typer.Option(
         help="A trained candidate classifier (JSON) applied as a second pass.")] = None,
+    scheduler: SchedulerAddress = None,
+    cluster: ClusterKind = None,
+    workers: ClusterWorkers = 2,
 ):
-    """Detect labelled somata; writes cells.parquet, cells.csv and cells.xml."""
+    """Detect labelled somata; writes cells.parquet, cells.csv and cells.xml.
+
+    Train a classifier for --classifier with "ketamap detect train" (see
+    "ketamap detect train --help").
+    """
     import contextlib
 
-    import dask
     from dask.diagnostics import ProgressBar
 
     from ketamap.io.atomic import atomic_dir
     from ketamap.io.points import write_cells
     from ketamap.io.volumes import open_volume
     from ketamap.params import from_mapping
+    from ketamap.scheduler import use_scheduler
     from ketamap.wholebrain.classify import classify_cells, load_classifier
     from ketamap.wholebrain.detect import DetectionParams, detect_cells
 
@@ -184,8 +216,9 @@ def detect(
     model = load_classifier(classifier) if classifier is not None else None  # fail early
     vol = open_volume(signal)
     bg = open_volume(background) if background else None
-    bar = ProgressBar(out=sys.stderr) if err.is_terminal else contextlib.nullcontext()
-    with bar, dask.config.set(scheduler="threads"):
+    local = not (scheduler or cluster)
+    bar = ProgressBar(out=sys.stderr) if err.is_terminal and local else contextlib.nullcontext()
+    with use_scheduler(scheduler, cluster, n_workers=workers), bar:
         cells = detect_cells(vol, voxel_size_um=voxel_size, params=params, background=bg)
     if model is not None:
         cells = classify_cells(cells, model)
@@ -196,6 +229,114 @@ def detect(
     )
 
 
+def _read_annotations(path: Optional[Path], what: str):
+    """Read annotated points (cellfinder XML, or CSV/Parquet with z_vox,y_vox,x_vox or z,y,x)."""
+    if path is None:
+        return None
+    import pandas as pd
+
+    from ketamap.errors import InputError
+    from ketamap.io.points import read_points
+
+    if path.suffix.lower() == ".csv" and path.is_file():
+        try:
+            head = pd.read_csv(path, nrows=0).columns
+        except Exception as e:
+            raise InputError(f"{what} file {path} cannot be read: {e}.") from e
+        if "z_vox" not in head and {"z", "y", "x"} <= set(head):
+            table = pd.read_csv(path).rename(columns={"z": "z_vox", "y": "y_vox", "x": "x_vox"})
+            return table.rename(columns={"type": "cell_type"})
+    table = read_points(path)
+    return table.rename(columns={"type": "cell_type"}) if "cell_type" not in table else table
+
+
+@app.command("detect-train", hidden=True)
+def detect_train(
+    signal: Annotated[Path, typer.Argument(help="TIFF planes folder, multipage TIFF or OME-Zarr.")],
+    voxel_size: VoxelSize,
+    out_path: Annotated[Path, typer.Option("--out", help="Model file to write (JSON).")],
+    cells: Annotated[
+        Optional[Path],
+        typer.Option(help="Annotated cells: cellfinder XML, or CSV with z,y,x voxel columns."),
+    ] = None,
+    non_cells: Annotated[
+        Optional[Path],
+        typer.Option("--non-cells", help="Annotated non-cells (artefacts): XML or CSV."),
+    ] = None,
+    points: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="One cellfinder classification XML with both types (2 cell, 1 non-cell)."
+        ),
+    ] = None,
+    background: Annotated[Optional[Path], typer.Option(help="Autofluorescence channel.")] = None,
+    soma_diameter: Annotated[float, typer.Option("--soma-diameter", help="µm.")] = 15.0,
+    tolerance: Annotated[
+        float,
+        typer.Option(
+            help="A candidate takes the label of the nearest annotation within this many µm."
+        ),
+    ] = 10.0,
+    threshold: Annotated[
+        float, typer.Option(help="Cell probability at or above which a candidate is kept.")
+    ] = 0.5,
+):
+    """Train the second-pass cell classifier from annotated cells and non-cells.
+
+    Usage: ketamap detect train SIGNAL --voxel-size Z Y X --cells CELLS
+    --non-cells NONCELLS [--background BG] --out MODEL.json (or --points FILE).
+    Runs detection with the same parameters as "ketamap detect", labels the
+    candidates, trains, prints the cross-validated accuracy and writes the model.
+    """
+    from ketamap.errors import ParameterError
+    from ketamap.io.atomic import atomic_path
+    from ketamap.io.volumes import open_volume
+    from ketamap.params import from_mapping
+    from ketamap.wholebrain.classify import (
+        combine_annotations,
+        cross_validate,
+        label_candidates,
+        save_classifier,
+        train_classifier,
+    )
+    from ketamap.wholebrain.detect import DetectionParams, detect_cells
+
+    if points is None and (cells is None or non_cells is None):
+        raise ParameterError("Give both --cells and --non-cells, or --points with both types.")
+    if not tolerance > 0:
+        raise ParameterError(f"--tolerance must be > 0 µm, got {tolerance}.")
+    if not 0 < threshold < 1:
+        raise ParameterError(f"--threshold must be in (0, 1), got {threshold}.")
+    params = from_mapping(
+        DetectionParams, {"soma_diameter_um": soma_diameter}, where="--soma-diameter"
+    )
+    annotations = combine_annotations(
+        cells=_read_annotations(cells, "Cells"),
+        non_cells=_read_annotations(non_cells, "Non-cells"),
+        points=_read_annotations(points, "Points"),
+    )
+    vol = open_volume(signal)
+    bg = open_volume(background) if background else None
+    candidates = detect_cells(vol, voxel_size_um=voxel_size, params=params, background=bg)
+    labels = label_candidates(
+        candidates, annotations, voxel_size_um=voxel_size, tolerance_um=tolerance
+    )
+    model = train_classifier(candidates, labels, threshold=threshold)
+    cv = cross_validate(candidates, labels, threshold=threshold)
+    with atomic_path(out_path) as tmp:
+        save_classifier(model, tmp)
+    score = (
+        f"{cv['n_folds']}-fold cross-validated accuracy {cv['accuracy']:.3f} (cells kept "
+        f"{cv['cell_recall']:.3f}, non-cells removed {cv['non_cell_rejection']:.3f})"
+        if cv["n_folds"]
+        else "too few labelled candidates to cross-validate"
+    )
+    out.print(
+        f"trained on {cv['n_cells']} cells and {cv['n_non_cells']} non-cells of "
+        f"{len(candidates)} candidates; {score} -> {out_path}"
+    )
+
+
 @app.command()
 def register(
     brain: Annotated[Path, typer.Argument(help="TIFF planes folder, multipage TIFF or OME-Zarr.")],
@@ -203,16 +344,22 @@ def register(
     orientation: Annotated[str, typer.Option(help="BrainGlobe orientation code, e.g. psl.")],
     atlas: Annotated[str, typer.Option(help="Atlas: phantom, a BrainGlobe name or folder.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    engine: Annotated[
+        str,
+        typer.Option(help='Registration library: simpleitk, or antspyx (the "ants" extra).'),
+    ] = "simpleitk",
 ):
     """Register a brain to an atlas; writes the transform, QC numbers, QC image and volumes."""
     from ketamap.atlas import load_atlas
     from ketamap.io.atomic import atomic_dir
     from ketamap.io.volumes import open_volume
+    from ketamap.params import from_mapping
     from ketamap.pipeline import write_registration
     from ketamap.space import check_orientation
-    from ketamap.wholebrain.register import register_to_atlas
+    from ketamap.wholebrain.register import RegistrationParams, register_to_atlas
 
     orientation = check_orientation(orientation, where="--orientation")
+    params = from_mapping(RegistrationParams, {"engine": engine}, where="--engine")
     at = load_atlas(atlas)
     image = open_volume(brain)
     reg = register_to_atlas(
@@ -223,6 +370,7 @@ def register(
         atlas_resolution_um=at.resolution_um,
         atlas_orientation=at.orientation,
         atlas_mask=at.annotation > 0,
+        params=params,
     )
     with atomic_dir(out_dir) as tmp:
         write_registration(
@@ -275,21 +423,42 @@ def quantify(
 
 @app.command()
 def convert(
-    source: Annotated[Path, typer.Argument(help="TIFF planes folder, multipage TIFF or .npy.")],
-    voxel_size: VoxelSize,
+    source: Annotated[Path, typer.Argument(
+        help="TIFF planes folder, multipage TIFF/BigTIFF, Imaris .ims, NIfTI or .npy.")],
     out_path: Annotated[Path, typer.Option("--out", help="OME-Zarr folder to write.")],
+    voxel_size: Annotated[
+        Optional[tuple[float, float, float]],
+        typer.Option("--voxel-size", help="Voxel size z y x in µm (default: from the file).",
+                     show_default=False),
+    ] = None,
+    levels: Annotated[Optional[int], typer.Option(
+        "--levels", help="Resolution levels (default: until the smallest fits one chunk).",
+        show_default=False)] = None,
+    channel: Annotated[int, typer.Option(help="Channel of an Imaris file.")] = 0,
+    chunks: Annotated[Optional[tuple[int, int, int]], typer.Option(
+        "--chunks", help="Zarr chunk z y x (default 64 128 128); memory from TIFF planes is "
+        "about chunk z x one plane.", show_default=False)] = None,
 ):
-    """Convert a volume to OME-Zarr, streaming chunk by chunk (bounded memory)."""
+    """Convert a volume to multiscale OME-Zarr, streaming chunk by chunk (bounded memory)."""
     import contextlib
 
     from dask.diagnostics import ProgressBar
 
-    from ketamap.io.volumes import open_volume, write_ome_zarr
+    from ketamap.io.volumes import open_volume, read_voxel_size_um, write_ome_zarr
 
-    volume = open_volume(source)
+    volume = open_volume(source, channel=channel)
+    if voxel_size is None:
+        voxel_size = read_voxel_size_um(source)
+        if voxel_size is None:
+            raise KetamapError(f"{source} does not record its voxel size; give --voxel-size Z Y X.")
+    if levels is not None and levels < 1:
+        raise KetamapError(f"--levels must be at least 1, got {levels}.")
+    if chunks is not None and min(chunks) < 1:
+        raise KetamapError(f"--chunks must be three whole numbers of at least 1, got {chunks}.")
     bar = ProgressBar(out=sys.stderr) if err.is_terminal else contextlib.nullcontext()
     with bar:
-        write_ome_zarr(volume, out_path, voxel_size_um=voxel_size)
+        write_ome_zarr(volume, out_path, voxel_size_um=voxel_size, levels=levels,
+                       **({"chunks": chunks} if chunks else {}))
     out.print(f"wrote {out_path} ({volume.shape}, {volume.dtype})")
 
 
@@ -379,11 +548,38 @@ def simulate_calcium_cmd(
     scenario: Annotated[str, typer.Option(help="stress-ketamine or null.")] = "stress-ketamine",
     n_cells: Annotated[int, typer.Option(help="Cells per field of view.")] = 200,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    drift: Annotated[
+        bool, typer.Option(help="Move the field and re-detect/shuffle ROIs between sessions.")
+    ] = True,
 ):
     """Simulate calcium imaging of one field of view over sessions, suite2p-style."""
     from ketamap.simulate.calcium import simulate_calcium_study
 
-    manifest = simulate_calcium_study(out_dir, scenario=scenario, n_cells=n_cells, seed=seed)
+    manifest = simulate_calcium_study(
+        out_dir, scenario=scenario, n_cells=n_cells, seed=seed, drift=drift
+    )
+    out.print(f"wrote {manifest}")
+
+
+@simulate_app.command("spines")
+def simulate_spines_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write.")],
+    scenario: Annotated[str, typer.Option(help="stress-ketamine or no-return.")] = (
+        "stress-ketamine"
+    ),
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    n_mice: Annotated[int, typer.Option(help="Mice.")] = 3,
+    dendrites_per_mouse: Annotated[int, typer.Option(help="Dendrites per mouse.")] = 2,
+    snr: Annotated[float, typer.Option(help="Spine-head signal-to-noise ratio.")] = 10.0,
+    drift: Annotated[float, typer.Option(help="SD of the session drift in µm.")] = 2.0,
+    stacks: Annotated[bool, typer.Option(help="Write 3D stacks instead of projections.")] = False,
+):
+    """Simulate longitudinal two-photon images of dendritic spines, with ground truth."""
+    from ketamap.simulate.spines import SpineSimParams, simulate_spine_study
+
+    params = SpineSimParams(snr=snr, drift_um=drift, n_z=9 if stacks else 1)
+    manifest = simulate_spine_study(out_dir, scenario=scenario, seed=seed, n_mice=n_mice,
+                                    dendrites_per_mouse=dendrites_per_mouse, params=params)
     out.print(f"wrote {manifest}")
 
 
@@ -401,7 +597,28 @@ def ensembles(
         n = result["n_ensembles"].get(label, 0)
         frac = row.get("fraction_coactive_bins", float("nan"))
         out.print(f"  {label}: {n} ensembles, coactive fraction {frac:.3f}")
-    out.print(f"wrote {out_dir}/ensembles.csv and {out_dir}/sessions.csv")
+    out.print(f"cells matched across sessions by {result.get('cell_matching', 'index')}")
+    out.print(f"wrote {out_dir}/ensembles.csv, {out_dir}/sessions.csv and {out_dir}/report.html")
+
+
+@app.command()
+def spines(
+    sessions: Annotated[Path, typer.Argument(help="Spine sessions file (TOML).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    annotations: Annotated[Optional[Path], typer.Option(
+        help="Corrected spines (CSV, or a folder of napari points CSVs).")] = None,
+):
+    """Track dendritic spines across sessions; formation, elimination, return to lost sites."""
+    from ketamap.invivo.spines import run_spines
+
+    result = run_spines(sessions, out_dir, annotations=annotations)
+    for row in result["pooled"]:
+        out.print(f"  {row['interval']}: formation {100 * row['formation_rate']:.1f}%, "
+                  f"elimination {100 * row['elimination_rate']:.1f}% (n={row['n_a']})")
+    rs = result["return_sites"]
+    out.print(f"  return to lost sites: {rs['n_near']}/{rs['n_new']} new spines, chance "
+              f"{rs['null_share_mean']:.2f}, p = {rs['p_value']:.3g}")
+    out.print(f"wrote {out_dir}/rates.csv, {out_dir}/spines.csv and {out_dir}/report.html")
 
 
 @app.command()
@@ -429,12 +646,31 @@ def demo(
     print_summary(result, out)
 
 
+def _route_detect_train(argv: list[str]) -> None:
+    """Rewrite ``ketamap [opts] detect train ...`` to the hidden ``detect-train`` (in place)."""
+    words = [i for i, a in enumerate(argv[1:], start=1) if not a.startswith("-")]
+    if len(words) >= 2 and argv[words[0]] == "detect" and argv[words[1]] == "train":
+        if words[1] == words[0] + 1:
+            argv[words[0] : words[1] + 1] = ["detect-train"]
+
+
 def main() -> None:
     """Entry point: run the app, turning KetamapError into one sentence and exit 2."""
+    _route_detect_train(sys.argv)
     try:
         app(standalone_mode=False)
     except KetamapError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        from rich.markup import escape  # a message may hold brackets ("ketamap[ants]", paths)
+
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        sys.exit(2)
+    except OSError as e:  # disk full, permission denied ... not caught where it was written
+        from ketamap.io.atomic import disk_error
+
+        mapped = disk_error(e)
+        if mapped is None:
+            raise
+        err.print(f"[bold red]error:[/] {mapped}", highlight=False)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")

@@ -16,6 +16,7 @@ __all__ = [
     "ParameterError",
     "InputError",
     "InputNotFoundError",
+    "OutputError",
     "AtlasError",
     "AtlasNotFoundError",
     "RegistrationError",
@@ -41,6 +42,10 @@ class InputError(KetamapError, ValueError):
 
 class InputNotFoundError(KetamapError, FileNotFoundError):
     """An input file or folder does not exist."""
+
+
+class OutputError(KetamapError, OSError):
+    """An output cannot be written (no space left, permission denied, read-only disk)."""
 
 
 class AtlasError(KetamapError, ValueError):

@@ -5,8 +5,11 @@ Layout of a study folder after ``run_study``::
     study.toml
     subjects/<id>/detect/      cells.parquet, cells.csv, cells.xml, provenance.json
     subjects/<id>/register/    transform, registration.json, volumes.csv, qc.png, provenance.json
-    subjects/<id>/quantify/    cells_atlas.parquet/.csv, regions.parquet/.csv, summary.json, provenance.json
-    stats/                     regions.parquet/.csv, counts.parquet/.csv, provenance.json
+    subjects/<id>/quantify/    cells_atlas.parquet/.csv, regions.parquet/.csv, summary.json,
+                               provenance.json
+    stats/                     regions.parquet/.csv, counts.parquet/.csv, provenance.json,
+                               voxel_maps/ (*.ome.zarr, *.nii.gz), voxel_clusters.parquet/.csv,
+                               network_edges/_groups/_summary.parquet/.csv
     report/                    figures (PNG, SVG), provenance.json
     report.html
 
@@ -144,17 +147,32 @@ def _run_stage(
 
 
 def stage_params(study: Study):
-    """Validated parameters of every stage from the manifest's tables."""
+    """Return the validated parameters of every stage from the manifest's tables."""
     from ketamap.stats.regions import StatsParams
     from ketamap.wholebrain.detect import DetectionParams
     from ketamap.wholebrain.register import RegistrationParams
 
     stats_table = dict(study.params.get("stats", {}))
     stats_table.pop("covariates", None)
+    stats_table.pop("voxels", None)
+    stats_table.pop("network", None)
+    map_params(study)  # validate [stats.voxels] and [stats.network] with the rest
     return (
         from_mapping(DetectionParams, study.params.get("detection"), where="[detection]"),
         from_mapping(RegistrationParams, study.params.get("registration"), where="[registration]"),
         from_mapping(StatsParams, stats_table, where="[stats]"),
+    )
+
+
+def map_params(study: Study):
+    """Return the checked ``[stats.voxels]`` and ``[stats.network]`` parameters."""
+    from ketamap.stats.network import NetworkParams
+    from ketamap.stats.voxels import VoxelParams
+
+    table = study.params.get("stats", {})
+    return (
+        from_mapping(VoxelParams, table.get("voxels"), where="[stats.voxels]"),
+        from_mapping(NetworkParams, table.get("network"), where="[stats.network]"),
     )
 
 
@@ -404,8 +422,12 @@ def _run_subject_job(manifest: str, subject_id: str, stages, force: bool, thread
     import dask
     import SimpleITK as sitk
 
+    from ketamap.scheduler import distributed_active
+
     study = load_study(manifest)
     subject = next(s for s in study.subjects if s.id == subject_id)
+    if distributed_active():  # chunks go to the cluster's workers, not to local threads
+        return run_subject(study, subject, stages=stages, force=force)
     # each job gets its share of the cores, for dask and for ITK alike
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     with dask.config.set(scheduler="threads", num_workers=threads):
@@ -428,11 +450,109 @@ def _long_counts(study: Study) -> pd.DataFrame:
     return counts[counts["volume_mm3"] > 0]
 
 
+def _write_map(array: np.ndarray, stem: Path, voxel_size_um) -> None:
+    """Write one map as ``stem.ome.zarr`` and ``stem.nii.gz`` (NIfTI-1, spacing in mm)."""
+    import SimpleITK as sitk
+
+    from ketamap.io.volumes import write_ome_zarr
+
+    write_ome_zarr(array, stem.with_name(stem.name + ".ome.zarr"), voxel_size_um=voxel_size_um)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array))  # (z, y, x) -> ITK (x, y, z)
+    img.SetSpacing([float(v) / 1000.0 for v in reversed(voxel_size_um)])
+    sitk.WriteImage(img, str(stem.with_name(stem.name + ".nii.gz")), useCompression=True)
+
+
+def _voxel_maps(study: Study, out: Path, params) -> dict:
+    """Density maps per mouse, group means and permutation tests; writes ``out/voxel_maps``."""
+    from ketamap.stats.voxels import (
+        atlas_grid,
+        atlas_points_um,
+        density_map,
+        group_maps,
+        voxel_test,
+    )
+
+    atlas = _atlas(study.atlas, str(study.root))
+    factor, vox_um, mask = atlas_grid(atlas.annotation, atlas.resolution_um, params.resolution_um)
+    maps = []
+    for s in study.subjects:
+        cells = pd.read_parquet(
+            subject_dir(study, s, "quantify") / "cells_atlas.parquet",
+            columns=["atlas_z_vox", "atlas_y_vox", "atlas_x_vox", "region_id"],
+        )
+        cells = cells[cells["region_id"] > 0]
+        pts = atlas_points_um(cells.iloc[:, :3].to_numpy(float), atlas.resolution_um, factor)
+        maps.append(density_map(pts, mask.shape, voxel_size_um=vox_um,
+                                radius_um=params.radius_um, kernel=params.kernel))  # fmt: skip
+    maps = np.stack(maps)
+    groups = [s.group for s in study.subjects]
+    folder = out / "voxel_maps"
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_map(mask.astype(np.uint8), folder / "mask", vox_um)
+    means = group_maps(maps, groups)
+    for g, m in means.items():
+        _write_map(np.where(mask, m, 0).astype(np.float32), folder / f"mean_density_{g}", vox_um)
+    logs = np.log(maps + params.log_offset_per_mm3)
+    ref = study.reference_group
+    is_ref = np.array([g == ref for g in groups])
+    frames, contrasts = [], []
+    for g in dict.fromkeys(groups):
+        if g == ref:
+            continue
+        contrast = f"{g}_vs_{ref}"
+        sel = np.array([x == g for x in groups])
+        res = voxel_test(
+            logs[is_ref], logs[sel], mask=mask, n_permutations=params.n_permutations,
+            method=params.method, cluster_forming_p=params.cluster_forming_p,
+            tfce_steps=params.tfce_steps, connectivity=params.connectivity, alpha=params.alpha,
+            voxel_size_um=vox_um, seed=params.seed,
+        )  # fmt: skip
+        lfc = (np.log2(means[g] + params.log_offset_per_mm3)
+               - np.log2(means[ref] + params.log_offset_per_mm3))  # fmt: skip
+        lfc = np.where(mask, lfc, 0).astype(np.float32)
+        _write_map(lfc, folder / f"log2_fold_change_{contrast}", vox_um)
+        _write_map(res.t, folder / f"t_{contrast}", vox_um)
+        _write_map(res.p_fwe, folder / f"p_fwe_{contrast}", vox_um)
+        cl = res.clusters.copy()
+        peak = cl[["peak_z_vox", "peak_y_vox", "peak_x_vox"]].to_numpy(np.int64)
+        peak_atlas = np.minimum(peak * np.asarray(factor) + np.asarray(factor) // 2,
+                                np.asarray(atlas.shape) - 1)  # fmt: skip
+        labels = atlas.annotation[tuple(peak_atlas.T)] if len(cl) else np.zeros(0, np.int64)
+        cl.insert(0, "contrast", contrast)
+        cl["peak_acronym"] = [atlas.ontology.acronym(int(r)) if r else "" for r in labels]
+        cl["n_permutations"] = res.n_permutations
+        cl["exact"] = res.exact
+        frames.append(cl)
+        contrasts.append({
+            "contrast": contrast, "n_permutations": res.n_permutations, "exact": res.exact,
+            "n_voxels_fwe": int((res.p_fwe < params.alpha).sum()),
+            "n_clusters_fwe": int((res.clusters["p_fwe"] < params.alpha).sum()),
+        })  # fmt: skip
+    clusters = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    write_table(clusters, out / "voxel_clusters.parquet")
+    return {"voxel_size_um": list(vox_um), "grid_shape": list(mask.shape),
+            "atlas_block_factor": list(factor), "n_voxels_tested": int(mask.sum()),
+            "contrasts": contrasts}  # fmt: skip
+
+
 def run_stats(study: Study, *, force: bool = False) -> bool:
-    """Compare groups per region; writes ``stats/regions`` and ``stats/counts``."""
+    """Compare groups per region, map densities voxel-wise and compare correlation networks.
+
+    Writes ``stats/regions``, ``stats/counts``, ``stats/subjects``,
+    ``stats/voxel_maps/*.ome.zarr`` and ``*.nii.gz`` (brain mask, mean density
+    per group, and per contrast log2 fold change, t and FWE-corrected p),
+    ``stats/voxel_clusters``, and ``stats/network_edges``,
+    ``stats/network_groups``, ``stats/network_summary`` (Parquet + CSV).
+    A voxel test or network that the design cannot support (e.g. fewer than
+    3 mice per group for a network) is skipped with a warning and the reason
+    is recorded in ``provenance.json``.
+    """
+    from ketamap.errors import StatsError
+    from ketamap.stats.network import compare_networks
     from ketamap.stats.regions import compare_regions
 
     _, _, stats_params = stage_params(study)
+    voxel_params, network_params = map_params(study)
     subjects = study.subjects_table()
     covariates = _covariates(study, subjects)
 
@@ -448,7 +568,26 @@ def run_stats(study: Study, *, force: bool = False) -> bool:
         write_table(regions, tmp / "regions.parquet")
         write_table(counts, tmp / "counts.parquet")
         write_table(subjects, tmp / "subjects.parquet")
-        return {"n_rows": len(regions), "n_called": int((regions["q"] < stats_params.alpha).sum())}
+        n_called = int((regions["q"] < stats_params.alpha).sum())
+        result = {"n_rows": len(regions), "n_called": n_called}
+        if voxel_params.enabled:
+            try:
+                result["voxels"] = _voxel_maps(study, tmp, voxel_params)
+            except StatsError as e:
+                log.warning("voxel maps skipped: %s", e)
+                result["voxels"] = {"skipped": str(e)}
+        if network_params.enabled:
+            try:
+                net = compare_networks(counts, subjects, reference_group=study.reference_group,
+                                       params=network_params)  # fmt: skip
+                write_table(net.edges, tmp / "network_edges.parquet")
+                write_table(net.networks, tmp / "network_groups.parquet")
+                write_table(net.summary, tmp / "network_summary.parquet")
+                result["network"] = net.summary.to_dict("records")
+            except StatsError as e:
+                log.warning("network comparison skipped: %s", e)
+                result["network"] = {"skipped": str(e)}
+        return result
 
     ran, _ = _run_stage(
         study.root / "stats",
@@ -458,6 +597,9 @@ def run_stats(study: Study, *, force: bool = False) -> bool:
             "subjects": subjects.to_dict("records"),
             "covariates": covariates,
             "params": to_dict(stats_params),
+            "voxels": to_dict(voxel_params),
+            "network": to_dict(network_params),
+            "atlas": _atlas_fingerprint(study) if voxel_params.enabled else None,
             "reference_group": study.reference_group,
         },
         stats,
@@ -490,11 +632,86 @@ def _qc_table(study: Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _map_sections(study: Study, regions: pd.DataFrame, alpha: float):
+    """Atlas-slice, voxel-map and network figures and tables of the report."""
+    from ketamap.io.volumes import open_volume
+    from ketamap.report.figures import top_hits
+    from ketamap.report.maps import network_figure, region_slices_figure, voxel_slices_figure
+
+    stats_dir = study.root / "stats"
+    atlas = _atlas(study.atlas, str(study.root))
+    figures, tables = [], []
+    # slices through the strongest hits first, then the key regions of the two studies
+    focus = tuple(dict.fromkeys(top_hits(regions, 3, alpha=alpha) + list(KEY_REGIONS)))
+    for value, caption in (
+        ("log2_fold_change", "Atlas slices (coronal) coloured by each region's log2 fold change "
+                             "(most specific tested region), one row per contrast."),
+        ("q", "Atlas slices coloured by -log10 q signed by the direction of change (red: "
+              f"increase); the lines on the colour bar mark q = {alpha:g}."),
+    ):  # fmt: skip
+        fig = region_slices_figure(regions, atlas.annotation, atlas.ontology, value=value,
+                                   orientation=atlas.orientation, alpha=alpha,
+                                   focus=focus)  # fmt: skip
+        figures.append((f"atlas_{value}", fig, caption))
+    vox_dir = stats_dir / "voxel_maps"
+    clusters_file = stats_dir / "voxel_clusters.parquet"
+    if vox_dir.is_dir() and clusters_file.exists():
+
+        def read(name):
+            return np.asarray(open_volume(vox_dir / f"{name}.ome.zarr").compute())
+
+        mask = read("mask") > 0
+        names = sorted(p.name[len("t_") : -len(".ome.zarr")] for p in vox_dir.glob("t_*.ome.zarr"))
+        t_maps = {n: read(f"t_{n}") for n in names}
+        p_maps = {n: read(f"p_fwe_{n}") for n in names}
+        vox_alpha = float(map_params(study)[0].alpha)
+        fig = voxel_slices_figure(t_maps, p_maps, mask, orientation=atlas.orientation,
+                                  alpha=vox_alpha)  # fmt: skip
+        figures.append(("voxel_t_maps", fig, "Voxel-wise t maps of log density (group minus "
+                        f"reference) on coronal slices; black outlines: FWE-corrected p < "
+                        f"{vox_alpha:g}. The maps open in napari or ITK-SNAP from "
+                        "stats/voxel_maps (OME-Zarr, NIfTI)."))  # fmt: skip
+        clusters = pd.read_parquet(clusters_file)
+        if len(clusters):
+            shown = clusters[clusters["p_fwe"] < vox_alpha]
+            cols = ["contrast", "sign", "n_voxels", "volume_mm3", "statistic", "peak_t",
+                    "peak_acronym", "p_fwe"]  # fmt: skip
+            tables.append({
+                "title": "Voxel clusters (FWE-corrected)",
+                "text": f"{len(shown)} of {len(clusters)} clusters with p_fwe < {vox_alpha:g}.",
+                "columns": cols, "frame": shown.sort_values("p_fwe").head(200),
+            })  # fmt: skip
+    if (stats_dir / "network_edges.parquet").exists():
+        edges = pd.read_parquet(stats_dir / "network_edges.parquet")
+        groups = pd.read_parquet(stats_dir / "network_groups.parquet")
+        summary = pd.read_parquet(stats_dir / "network_summary.parquet")
+        net_alpha = float(map_params(study)[1].alpha)
+        figures.append(("network", network_figure(groups, edges, alpha=net_alpha),
+                        "Inter-regional correlation of densities across mice per group, and "
+                        f"the difference from the reference (dot: q < {net_alpha:g}; ring: "
+                        f"FWE-corrected p < {net_alpha:g})."))  # fmt: skip
+        tables.append({
+            "title": "Correlation networks",
+            "text": "Global test: mean |Δr| over edges against its permutation distribution.",
+            "columns": list(summary.columns), "frame": summary,
+        })  # fmt: skip
+        top = edges.sort_values("p").head(25)
+        tables.append({
+            "title": "Strongest edge differences",
+            "columns": ["contrast", "region_a", "region_b", "r_ref", "r_group", "delta_r", "p",
+                        "p_fwe", "q"],
+            "frame": top,
+        })  # fmt: skip
+    return figures, tables
+
+
 def run_report(study: Study, *, force: bool = False) -> bool:
     """Build ``report.html`` (and figures under ``report/``) from the stage outputs."""
     from ketamap.report import render_report, save_figures
+    from ketamap.report.figures import figure_bytes
 
     det_params, reg_params, stats_params = stage_params(study)
+    voxel_params, network_params = map_params(study)
     truth_file = study.root / "ground_truth" / "effects.csv"
 
     def report(tmp: Path) -> dict:
@@ -517,6 +734,11 @@ def run_report(study: Study, *, force: bool = False) -> bool:
             "stats": to_dict(stats_params),
             "atlas": study.atlas,
         }
+        if (study.root / "stats" / "voxel_maps").is_dir():
+            methods["voxels"] = to_dict(voxel_params)
+        if (study.root / "stats" / "network_edges.parquet").exists():
+            methods["network"] = to_dict(network_params)
+        map_figures, map_tables = _map_sections(study, regions, stats_params.alpha)
         html = render_report(
             study={
                 "name": study.name,
@@ -540,8 +762,13 @@ def run_report(study: Study, *, force: bool = False) -> bool:
             key_regions=key,
             images=images,
             methods=methods,
+            extra_figures=map_figures,
+            extra_tables=map_tables,
         )
         save_figures(regions, counts, subjects, tmp / "figures", key_regions=key)
+        for name, fig, _ in map_figures:
+            for fmt in ("png", "svg"):
+                (tmp / "figures" / f"{name}.{fmt}").write_bytes(figure_bytes(fig, fmt))
         (tmp / "report.html").write_text(html, encoding="utf-8")
         return {"bytes": len(html)}
 
@@ -551,6 +778,7 @@ def run_report(study: Study, *, force: bool = False) -> bool:
         {
             "stats": _stage_key(study.root / "stats"),
             "truth": fingerprint([truth_file]) if truth_file.exists() else None,
+            "atlas": _atlas_fingerprint(study),
         },
         report,
         force=force,
@@ -594,7 +822,10 @@ def run_study(
         Subset of ``detect, register, quantify, stats, report`` (all by default).
     n_jobs : int
         Subjects processed in parallel (processes); each uses
-        ``max(1, cpu_count // n_jobs)`` threads.
+        ``max(1, cpu_count // n_jobs)`` threads. Ignored when a
+        ``dask.distributed`` client is active (see
+        :func:`ketamap.scheduler.use_scheduler`): subjects then run in turn,
+        each spread over the cluster.
     force : bool
         Recompute even when outputs are up to date.
     progress : callable, optional
@@ -630,7 +861,11 @@ def run_study(
             (str(Path(manifest).resolve()), s.id, sub_stages, force, threads)
             for s in study.subjects
         ]
-        if n_jobs > 1 and len(jobs) > 1:
+        from ketamap.scheduler import distributed_active
+
+        # under a dask.distributed client, subjects run one after the other in this
+        # process and each subject's chunks are spread over the cluster's workers
+        if n_jobs > 1 and len(jobs) > 1 and not distributed_active():
             with ProcessPoolExecutor(max_workers=n_jobs) as pool:
                 for res in pool.map(_run_subject_job, *zip(*jobs)):
                     results.append(res)

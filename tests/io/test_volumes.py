@@ -22,7 +22,7 @@ def volume():
 def _write_planes(folder, vol, names=None):
     folder.mkdir()
     names = names or [f"plane_{i}.tif" for i in range(len(vol))]
-    for name, plane in zip(names, vol):
+    for name, plane in zip(names, vol, strict=True):
         tifffile.imwrite(folder / name, plane)
     return folder
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import tifffile
@@ -203,3 +202,76 @@ def test_bad_classifier_file_fails_before_detection(tmp_path, run_cli, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "not JSON" in " ".join(err.split()), err
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- Imaris and NIfTI
+
+
+def _ims(path, data, size=None):
+    import h5py
+
+    def chars(v):
+        return np.array([c.encode() for c in str(v)], dtype="S1")
+
+    with h5py.File(path, "w") as f:
+        info = f.create_group("DataSetInfo/Image")
+        for axis, n, i in zip("ZYX", size or data.shape, (2, 1, 0), strict=True):
+            info.attrs[f"ImageSize{axis}"] = chars(n)
+            info.attrs[f"ExtMin{i}"] = chars(0)
+            info.attrs[f"ExtMax{i}"] = chars(n * 2)
+        if data is not None:
+            f.create_dataset("DataSet/ResolutionLevel 0/TimePoint 0/Channel 0/Data", data=data)
+    return path
+
+
+def _nii(path, data):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(data, affine=np.eye(4)), str(path))
+    return path
+
+
+def fmt_ims_not_hdf5(tmp):
+    (tmp / "a.ims").write_bytes(b"\x89HDF garbage")
+    return tmp / "a.ims"
+
+
+def fmt_ims_without_channels(tmp):
+    return _ims(tmp / "a.ims", None, size=(4, 8, 8))
+
+
+def fmt_ims_size_beyond_data(tmp):
+    return _ims(tmp / "a.ims", np.zeros((4, 8, 8), np.uint16), size=(4, 8, 80))
+
+
+def fmt_nii_gz_corrupt(tmp):
+    (tmp / "a.nii.gz").write_bytes(b"\x1f\x8b\x08 broken")
+    return tmp / "a.nii.gz"
+
+
+def fmt_nii_truncated(tmp):
+    p = _nii(tmp / "a.nii", np.ones((32, 32, 8), np.uint16))
+    p.write_bytes(p.read_bytes()[:1000])
+    return p
+
+
+def fmt_nii_time_series(tmp):
+    return _nii(tmp / "a.nii", np.ones((8, 8, 4, 3), np.uint16))
+
+
+def fmt_nii_nan(tmp):
+    return _nii(tmp / "a.nii", np.full((16, 16, 8), np.nan, np.float32))
+
+
+FORMAT_CASES = {n[4:]: fn for n, fn in globals().items() if n.startswith("fmt_")}
+
+
+@pytest.mark.parametrize("name", sorted(FORMAT_CASES))
+def test_bad_imaris_or_nifti_for_detect(name, tmp_path, run_cli, capsys):
+    path = FORMAT_CASES[name](tmp_path)
+    out = tmp_path / "out"
+    code = run_cli("detect", path, "--voxel-size", 5, 2, 2, "--out", out)
+    err = capsys.readouterr().err
+    assert code == 2, (name, err)
+    assert err.startswith("error:") and "Traceback" not in err, err
+    assert not out.exists() and not [p for p in tmp_path.rglob(".out*")]

@@ -1,15 +1,18 @@
 """Open image volumes lazily as Dask arrays (z, y, x) and write OME-Zarr.
 
 Supported inputs: a folder of 2D TIFF planes (one file per z plane, z order =
-natural sort of the file names), a multipage TIFF, an OME-Zarr image (NGFF
-0.4, highest resolution) or a plain Zarr array, and a ``.npy`` file. Nothing
+natural sort of the file names), a multipage TIFF or BigTIFF, an OME-Zarr image
+(NGFF 0.4, highest resolution by default) or a plain Zarr array, an Imaris
+``.ims`` file, a NIfTI ``.nii``/``.nii.gz`` file and a ``.npy`` file. Nothing
 is read until the array is computed, except file headers to check shapes.
+OME-Zarr is written as a multiscale pyramid, level by level, chunk by chunk.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -21,15 +24,22 @@ import zarr
 
 from ketamap.errors import InputError, InputNotFoundError, ParameterError
 from ketamap.io.atomic import atomic_dir
+from ketamap.io.formats import is_nifti, open_imaris, open_nifti
 from ketamap.space import check_voxel_size
 
-__all__ = ["open_volume", "write_ome_zarr", "read_voxel_size_um", "SUPPORTED_FORMATS"]
+__all__ = [
+    "open_volume",
+    "write_ome_zarr",
+    "pyramid_factors",
+    "read_voxel_size_um",
+    "SUPPORTED_FORMATS",
+]
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_FORMATS = (
     "a folder of 2D TIFF planes, a multipage TIFF (.tif/.tiff), "
-    "an OME-Zarr or Zarr folder, or a .npy file"
+    "an OME-Zarr or Zarr folder, an Imaris .ims file, a NIfTI .nii/.nii.gz file, or a .npy file"
 )
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _UNIT_TO_UM = {"micrometer": 1.0, "micron": 1.0, "nanometer": 1e-3, "millimeter": 1e3}
@@ -153,16 +163,14 @@ def _open_tiff_file(path: Path) -> da.Array:
             "only one plane per page can be read lazily."
         )
     planes = [
-        da.from_delayed(
-            dask.delayed(_read_page)(path, i), shape=(1, *squeezed[1:]), dtype=dtype
-        )
+        da.from_delayed(dask.delayed(_read_page)(path, i), shape=(1, *squeezed[1:]), dtype=dtype)
         for i in range(squeezed[0])
     ]
     log.info("open_volume: multipage TIFF %s %s %s (page by page)", path, squeezed, dtype)
     return da.concatenate(planes, axis=0)
 
 
-def _zarr_image(path: Path):
+def _zarr_image(path: Path, level: int = 0):
     try:
         node = zarr.open(str(path), mode="r")
     except Exception as e:
@@ -171,7 +179,13 @@ def _zarr_image(path: Path):
         return node, None
     multiscales = node.attrs.get("multiscales")
     if multiscales:
-        ds_path = multiscales[0]["datasets"][0]["path"]
+        datasets = multiscales[0]["datasets"]
+        if not 0 <= level < len(datasets):
+            raise ParameterError(
+                f"OME-Zarr image {path} has {len(datasets)} resolution level(s); "
+                f"level {level} does not exist."
+            )
+        ds_path = datasets[level]["path"]
     else:
         names = sorted(node.array_keys())
         if not names:
@@ -183,8 +197,8 @@ def _zarr_image(path: Path):
         raise InputError(f"Zarr group {path} names dataset {ds_path!r} which is missing.") from e
 
 
-def _open_zarr(path: Path, chunks) -> da.Array:
-    arr, _ = _zarr_image(path)
+def _open_zarr(path: Path, chunks, level: int = 0) -> da.Array:
+    arr, _ = _zarr_image(path, level)
     if arr.ndim > 3:
         if any(n != 1 for n in arr.shape[:-3]):
             raise InputError(
@@ -209,19 +223,26 @@ def _as_volume(arr: da.Array, path: Path) -> da.Array:
     return arr
 
 
-def open_volume(path, *, chunks: tuple[int, int, int] | None = None) -> da.Array:
+def open_volume(
+    path, *, chunks: tuple[int, int, int] | None = None, channel: int = 0, level: int = 0
+) -> da.Array:
     """Open an image volume lazily as a Dask array (z, y, x).
 
     Parameters
     ----------
     path : path-like
         A folder of 2D TIFF planes (z order = natural sort of the names), a
-        multipage TIFF, an OME-Zarr (NGFF 0.4: ``multiscales[0]``, dataset 0)
-        or plain Zarr folder, or a ``.npy`` file.
+        multipage TIFF, an OME-Zarr (NGFF 0.4: ``multiscales[0]``, dataset
+        ``level``) or plain Zarr folder, an Imaris ``.ims`` file, a NIfTI
+        ``.nii``/``.nii.gz`` file, or a ``.npy`` file.
     chunks : tuple of int, optional
         Chunk shape (z, y, x) of the returned array; by default one plane per
-        chunk for TIFF, the stored chunks for Zarr, and the whole array for
-        ``.npy``.
+        chunk for TIFF, the stored chunks for Zarr, slabs of about 64 MB for
+        Imaris and NIfTI, and the whole array for ``.npy``.
+    channel : int
+        Channel of an Imaris file (ignored for other formats).
+    level : int
+        Resolution level of a multiscale OME-Zarr image (0 = full resolution).
 
     Returns
     -------
@@ -248,9 +269,13 @@ def open_volume(path, *, chunks: tuple[int, int, int] | None = None) -> da.Array
     if not path.exists():
         raise InputNotFoundError(f"Volume {path} does not exist.")
     if path.is_dir():
-        arr = _open_zarr(path, chunks) if _is_zarr(path) else _open_tiff_folder(path)
+        arr = _open_zarr(path, chunks, level) if _is_zarr(path) else _open_tiff_folder(path)
     elif path.suffix.lower() in _TIFF_SUFFIXES:
         arr = _open_tiff_file(path)
+    elif path.suffix.lower() == ".ims":
+        arr, _ = open_imaris(path, channel=channel, chunks=chunks)
+    elif is_nifti(path):
+        arr, _ = open_nifti(path, chunks=chunks)
     elif path.suffix.lower() == ".npy":
         try:
             mm = np.load(path, mmap_mode="r")
@@ -278,6 +303,78 @@ def _compressor(spec):
     )
 
 
+def pyramid_factors(
+    shape: tuple[int, int, int],
+    voxel_size_um: tuple[float, float, float],
+    *,
+    levels: int | None = None,
+    chunks: tuple[int, int, int] = (64, 128, 128),
+) -> list[tuple[int, int, int]]:
+    """Downsampling factors (z, y, x) of each level after the first of a pyramid.
+
+    Every level halves y and x; z is halved too while the voxel is near
+    isotropic (z voxel at most 1.5 times the y voxel at that level), so
+    anisotropic light-sheet stacks move towards isotropic voxels.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Shape (z, y, x) of level 0.
+    voxel_size_um : tuple of float
+        Voxel size (z, y, x) of level 0 in µm.
+    levels : int, optional
+        Number of levels including level 0; by default, as many as needed for
+        the smallest level to fit in one chunk.
+    chunks : tuple of int
+        Chunk shape (z, y, x) used to decide when to stop (``levels=None``).
+
+    Returns
+    -------
+    list of tuple of int
+        One (fz, fy, fx) per level after level 0, each relative to the level before.
+
+    Examples
+    --------
+    >>> pyramid_factors((100, 1000, 1000), (5.0, 2.0, 2.0), chunks=(64, 256, 256))
+    [(1, 2, 2), (2, 2, 2)]
+    """
+    if levels is not None and (not isinstance(levels, int) or levels < 1):
+        raise ParameterError(f"levels must be a whole number of at least 1, got {levels!r}.")
+    shape = list(int(n) for n in shape)
+    vs = list(float(v) for v in voxel_size_um)
+    out: list[tuple[int, int, int]] = []
+    while True:
+        if levels is not None and len(out) + 1 >= levels:
+            break
+        if levels is None and all(n <= c for n, c in zip(shape, chunks, strict=False)):
+            break
+        if shape[1] == 1 and shape[2] == 1 and shape[0] == 1:
+            break
+        fz = 2 if shape[0] > 1 and vs[0] <= 1.5 * vs[1] else 1
+        f = (fz, 2 if shape[1] > 1 else 1, 2 if shape[2] > 1 else 1)
+        out.append(f)
+        shape = [math.ceil(n / k) for n, k in zip(shape, f, strict=False)]
+        vs = [v * k for v, k in zip(vs, f, strict=False)]
+    return out
+
+
+def _downsample(arr: da.Array, factors: tuple[int, int, int]) -> da.Array:
+    """Mean over blocks of ``factors`` voxels (the edge replicated), cast back to the dtype."""
+    pad = [(0, (-n) % f) for n, f in zip(arr.shape, factors, strict=False)]
+    if any(p[1] for p in pad):
+        arr = da.pad(arr, pad, mode="edge")
+    chunks = []
+    for c, f in zip(arr.chunks, factors, strict=False):
+        size = max(c)
+        chunks.append(max(f, size + (-size) % f))
+    arr = arr.rechunk(tuple(chunks))
+    mean = da.coarsen(np.mean, arr.astype(np.float32), dict(enumerate(factors)))
+    if np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(arr.dtype)
+        mean = da.clip(da.round(mean), info.min, info.max)
+    return mean.astype(arr.dtype)
+
+
 def write_ome_zarr(
     array,
     path,
@@ -285,8 +382,9 @@ def write_ome_zarr(
     voxel_size_um: tuple[float, float, float],
     chunks: tuple[int, int, int] = (64, 128, 128),
     compressor="blosc-zstd",
+    levels: int | None = 1,
 ) -> Path:
-    """Write a (z, y, x) volume as a single-level OME-Zarr image (NGFF 0.4), atomically.
+    """Write a (z, y, x) volume as a multiscale OME-Zarr image (NGFF 0.4), atomically.
 
     Parameters
     ----------
@@ -301,6 +399,12 @@ def write_ome_zarr(
         Zarr chunk shape (clipped to the array shape).
     compressor : "blosc-zstd", None or numcodecs codec
         Compression; the default is Blosc with zstd level 5 and bit shuffle.
+    levels : int or None
+        Number of resolution levels (1 = full resolution only). None adds
+        levels until the smallest fits in one chunk. Each level is the mean of
+        2×2 (y, x) or 2×2×2 voxel blocks of the level before (see
+        :func:`pyramid_factors`), computed chunk-wise from the level already
+        written, so memory stays bounded by a few chunks per worker.
 
     Returns
     -------
@@ -310,7 +414,7 @@ def write_ome_zarr(
     Raises
     ------
     ParameterError
-        If ``voxel_size_um`` or ``compressor`` is invalid.
+        If ``voxel_size_um``, ``compressor`` or ``levels`` is invalid.
     InputError
         If ``array`` is not 3D.
 
@@ -327,23 +431,40 @@ def write_ome_zarr(
     arr = array if isinstance(array, da.Array) else np.asarray(array)
     if arr.ndim != 3:
         raise InputError(f"Cannot write a volume of shape {tuple(arr.shape)}; expected (z, y, x).")
-    zchunks = tuple(max(1, min(int(c), n)) for c, n in zip(chunks, arr.shape))
+    factors = pyramid_factors(arr.shape, vs, levels=levels, chunks=chunks)
     path = Path(path)
+    datasets = []
     with atomic_dir(path) as tmp:
         root = zarr.open_group(str(tmp), mode="w")
-        z = root.create_dataset(
-            "0",
-            shape=arr.shape,
-            chunks=zchunks,
-            dtype=arr.dtype,
-            compressor=codec,
-            dimension_separator="/",
-            overwrite=True,
-        )
-        if isinstance(arr, da.Array):
-            da.store(arr.rechunk(zchunks), z, lock=False)
-        else:
-            z[...] = arr
+        level_arr, total = arr, np.ones(3)
+        for k in range(len(factors) + 1):
+            if k:
+                level_arr = _downsample(da.from_zarr(root[str(k - 1)]), factors[k - 1])
+                total = total * np.asarray(factors[k - 1])
+            zchunks = tuple(
+                max(1, min(int(c), n)) for c, n in zip(chunks, level_arr.shape, strict=False)
+            )
+            z = root.create_dataset(
+                str(k),
+                shape=level_arr.shape,
+                chunks=zchunks,
+                dtype=level_arr.dtype,
+                compressor=codec,
+                dimension_separator="/",
+                overwrite=True,
+            )
+            if isinstance(level_arr, da.Array):
+                da.store(level_arr.rechunk(zchunks), z, lock=False)
+            else:
+                z[...] = level_arr
+            transforms = [
+                {"type": "scale", "scale": [float(v * f) for v, f in zip(vs, total, strict=False)]}
+            ]
+            if k:
+                shift = [float((f - 1) / 2 * v) for v, f in zip(vs, total, strict=False)]
+                transforms.append({"type": "translation", "translation": shift})
+            datasets.append({"path": str(k), "coordinateTransformations": transforms})
+            log.info("write_ome_zarr: level %d %s", k, level_arr.shape)
         root.attrs["multiscales"] = [
             {
                 "version": "0.4",
@@ -351,12 +472,9 @@ def write_ome_zarr(
                 "axes": [
                     {"name": ax, "type": "space", "unit": "micrometer"} for ax in ("z", "y", "x")
                 ],
-                "datasets": [
-                    {
-                        "path": "0",
-                        "coordinateTransformations": [{"type": "scale", "scale": list(vs)}],
-                    }
-                ],
+                "datasets": datasets,
+                "type": "mean",
+                "metadata": {"method": "mean of 2x2(x2) voxel blocks", "package": "ketamap"},
             }
         ]
     log.info("write_ome_zarr: %s %s %s, voxel %s µm", path, arr.shape, arr.dtype, vs)
@@ -375,8 +493,9 @@ def read_voxel_size_um(path) -> tuple[float, float, float] | None:
     -------
     tuple of float or None
         From ``multiscales[0]``: the ``scale`` of dataset 0 times any
-        multiscale-level ``scale``, converted to µm from the axes' units; None
-        for formats without such metadata.
+        multiscale-level ``scale``, converted to µm from the axes' units; from
+        the header of an Imaris or NIfTI file; None for formats without such
+        metadata.
 
     Raises
     ------
@@ -386,6 +505,10 @@ def read_voxel_size_um(path) -> tuple[float, float, float] | None:
     path = Path(path)
     if not path.exists():
         raise InputNotFoundError(f"Volume {path} does not exist.")
+    if path.is_file() and path.suffix.lower() == ".ims":
+        return open_imaris(path)[1]
+    if path.is_file() and is_nifti(path):
+        return open_nifti(path)[1]
     attrs_file = path / ".zattrs"
     if not (path.is_dir() and attrs_file.exists()):
         return None
@@ -401,4 +524,3 @@ def read_voxel_size_um(path) -> tuple[float, float, float] | None:
         return None
     spatial = scale[-3:] * np.asarray(factors[-3:])
     return tuple(float(v) for v in spatial)
-

@@ -1,0 +1,182 @@
+"""Pick the Dask scheduler a run uses: local threads, or a dask.distributed cluster.
+
+The same graph runs on every scheduler and gives the same result; only where
+the chunks are computed changes:
+
+* default: the local threaded scheduler (one process, shared memory);
+* ``scheduler="tcp://host:8786"``: an existing ``dask.distributed`` scheduler;
+* ``cluster="local"``: a ``LocalCluster`` of worker processes on this machine;
+* ``cluster="slurm"`` or ``"pbs"``: a ``dask_jobqueue`` cluster whose job
+  settings (queue, cores, memory, walltime ...) come from Dask's configuration
+  (``~/.config/dask/jobqueue.yaml``), scaled to ``n_workers`` workers.
+
+``dask.distributed`` and ``dask_jobqueue`` are imported only when asked for,
+so ``import ketamap`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import sys
+from collections.abc import Iterator
+
+from ketamap.errors import ParameterError
+
+__all__ = ["use_scheduler", "distributed_active", "CLUSTERS"]
+
+log = logging.getLogger(__name__)
+
+CLUSTERS = ("local", "slurm", "pbs")
+
+
+def distributed_active() -> bool:
+    """Tell whether Dask computations currently go to a ``dask.distributed`` client."""
+    import dask
+
+    sched = dask.config.get("scheduler", None)
+    if sched in ("dask.distributed", "distributed"):
+        return True
+    if sched is None and "distributed" in sys.modules:  # a client may be the default
+        try:
+            from distributed import default_client
+
+            default_client()
+            return True
+        except (ImportError, ValueError):
+            return False
+    return False
+
+
+def _distributed():
+    try:
+        import distributed
+    except ImportError as e:
+        raise ParameterError(
+            'A distributed scheduler needs the "distributed" package; '
+            'install it with "pip install dask[distributed]".'
+        ) from e
+    return distributed
+
+
+def _jobqueue_cluster(kind: str, n_workers: int):
+    try:
+        import dask_jobqueue
+    except ImportError as e:
+        raise ParameterError(
+            f'--cluster {kind} needs the "dask-jobqueue" package; install it with '
+            '"pip install ketamap[cluster]" and describe the jobs in ~/.config/dask/jobqueue.yaml.'
+        ) from e
+    submit = "sbatch" if kind == "slurm" else "qsub"
+    if shutil.which(submit) is None:
+        raise ParameterError(
+            f"--cluster {kind} submits jobs with {submit}, which is not on this machine's PATH; "
+            f"run ketamap on a {kind.upper()} login node."
+        )
+    cls = dask_jobqueue.SLURMCluster if kind == "slurm" else dask_jobqueue.PBSCluster
+    try:
+        cluster = cls()  # queue, cores, memory, walltime ... from jobqueue.<kind> config
+    except (ValueError, TypeError) as e:
+        raise ParameterError(
+            f"The {kind} cluster is not configured; set jobqueue.{kind}.cores and "
+            f"jobqueue.{kind}.memory in ~/.config/dask/jobqueue.yaml."
+        ) from e
+    cluster.scale(jobs=n_workers)
+    return cluster
+
+
+@contextlib.contextmanager
+def use_scheduler(
+    scheduler: str | None = None,
+    cluster: str | None = None,
+    *,
+    n_workers: int = 2,
+    threads_per_worker: int = 1,
+    memory_limit: str | float | None = "auto",
+    threads: int | None = None,
+) -> Iterator[object | None]:
+    """Run the enclosed Dask computations on the chosen scheduler.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        Address of a running ``dask.distributed`` scheduler (``tcp://host:8786``,
+        or a scheduler file ending in ``.json``).
+    cluster : {"local", "slurm", "pbs"}, optional
+        Start a cluster for the duration of the block: a ``LocalCluster`` of
+        ``n_workers`` processes, or ``n_workers`` SLURM/PBS jobs through
+        dask-jobqueue. Mutually exclusive with ``scheduler``.
+    n_workers : int
+        Worker processes (``local``) or jobs (``slurm``/``pbs``).
+    threads_per_worker : int
+        Threads per ``LocalCluster`` worker.
+    memory_limit : str, float or None
+        Memory limit per ``LocalCluster`` worker (e.g. ``"4GB"``; ``"auto"``
+        shares the machine's memory; None for no limit). Workers above 95 % of
+        it are restarted and their tasks recomputed elsewhere.
+    threads : int, optional
+        Threads of the local threaded scheduler (default: one per core).
+
+    Yields
+    ------
+    distributed.Client or None
+        The client when a distributed scheduler is used, else None.
+
+    Raises
+    ------
+    ParameterError
+        If both ``scheduler`` and ``cluster`` are given, ``cluster`` is not one
+        of ``local``, ``slurm``, ``pbs``, a needed package is missing, or the
+        scheduler cannot be reached.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> with use_scheduler():
+    ...     int(da.ones(10, chunks=5).sum().compute())
+    10
+    """
+    import dask
+
+    if scheduler and cluster:
+        raise ParameterError("Give either --scheduler ADDRESS or --cluster KIND, not both.")
+    if cluster is not None and cluster not in CLUSTERS:
+        raise ParameterError(f'--cluster must be one of {", ".join(CLUSTERS)}, got "{cluster}".')
+    for name, value in (("n_workers", n_workers), ("threads_per_worker", threads_per_worker)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ParameterError(f"{name} must be a whole number of at least 1, got {value!r}.")
+    if not scheduler and not cluster:
+        options = {"scheduler": "threads"}
+        if threads is not None:
+            options["num_workers"] = threads
+        with dask.config.set(options):
+            yield None
+        return
+    distributed = _distributed()
+    with contextlib.ExitStack() as stack:
+        if cluster == "local":
+            # dashboard on a free port: a busy default port (8787) would only raise a warning
+            lc = distributed.LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=threads_per_worker,
+                processes=True,
+                memory_limit=memory_limit,
+                dashboard_address=":0",
+            )
+            stack.enter_context(lc)
+            target = lc
+        elif cluster in ("slurm", "pbs"):
+            target = stack.enter_context(_jobqueue_cluster(cluster, n_workers))
+        else:
+            target = scheduler
+        try:
+            if isinstance(target, str) and target.endswith(".json"):
+                client = distributed.Client(scheduler_file=target, timeout="30s")
+            else:
+                client = distributed.Client(target, timeout="30s")
+        except OSError as e:
+            raise ParameterError(f"Cannot reach the Dask scheduler at {target}: {e}.") from e
+        stack.enter_context(client)  # the client sets itself as Dask's default scheduler
+        log.info("use_scheduler: %s", client)
+        yield client
