@@ -79,6 +79,7 @@ _WALK_DIAMETERS = 3.0  # ... searched up to this many soma diameters from the ma
 _MIN_SPLIT_VOXELS = 2.0  # split touching cells only along axes with >= 2 voxels per soma
 _MIN_WALK = 2  # ... and at least this many voxels
 _RELATIVE_FLOOR = 1e-5  # noise floor relative to the local level: float32 round-off
+_DEVICES = ("auto", "cpu", "cuda", "torch-cpu")
 _SAMPLE_VOXELS = 250_000  # voxels sampled to fit the background-channel scale
 _COARSE_MIN_SOMA_SIGMA = 1.5  # the soma-smoothed image is sampled finely enough for 2x ...
 _COARSE_MIN_REST_SIGMA = 3.0  # ... and the background is wide enough to gain from it
@@ -121,6 +122,12 @@ class DetectionParams:
         than a voxel on coarse grids are still matched.
     chunk_size_vox : tuple of int
         Core size (z, y, x) of the chunks processed independently (voxels).
+    device : str
+        Where the two Gaussian filters (most of the arithmetic) run: ``"auto"`` (a CUDA
+        GPU through PyTorch when both are present, else scipy on the CPU), ``"cpu"``
+        (scipy), ``"cuda"`` / ``"cuda:N"`` (PyTorch on that GPU) or ``"torch-cpu"``
+        (PyTorch on the CPU, to check the GPU path anywhere). Results agree within
+        float32 rounding whichever is used.
     """
 
     soma_diameter_um: float = field(
@@ -163,9 +170,18 @@ class DetectionParams:
         default=(64, 384, 384),
         metadata=bounds(ge=1, doc="Core chunk size (z, y, x) processed at once (voxels)."),
     )
+    device: str = field(
+        default="auto",
+        metadata=bounds(doc="Where the Gaussian filters run: auto, cpu, cuda[:N] or torch-cpu."),
+    )
 
     def __post_init__(self):
         validate(self)
+        if not (self.device in _DEVICES or self.device.startswith("cuda:")):
+            raise ParameterError(
+                f'DetectionParams.device must be one of {", ".join(_DEVICES)} or "cuda:N", '
+                f'got "{self.device}".'
+            )
 
 
 @dataclass(frozen=True)
@@ -320,12 +336,54 @@ def _bandpass(x: np.ndarray, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
     return g1, _upsample(_coarse_background(g1, plan), plan.coarse, g1.shape)
 
 
-def _coarse_background(g1: np.ndarray, plan: _Plan) -> np.ndarray:
+def _coarse_background(g1: np.ndarray, plan: _Plan, device=None) -> np.ndarray:
     """``g1`` smoothed to the background scale, on the coarse grid (before interpolation)."""
     c = _block_mean(g1, plan.coarse)
-    return ndi.gaussian_filter(
-        c, plan.sigma_rest_coarse, mode="reflect", radius=plan.radius_rest_coarse
-    )
+    return _gaussian(c, plan.sigma_rest_coarse, plan.radius_rest_coarse, device)
+
+
+def _torch_device(name: str):
+    """Return the PyTorch device for ``DetectionParams.device`` (None: scipy on the CPU)."""
+    if name == "cpu":
+        return None
+    try:
+        import torch
+    except ImportError:
+        if name == "auto":
+            return None
+        raise ParameterError(
+            f'DetectionParams.device = "{name}" needs PyTorch; install it '
+            '(pip install torch) or use device = "cpu".'
+        ) from None
+    if name == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else None
+    if name == "torch-cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ParameterError(f'DetectionParams.device = "{name}" but PyTorch sees no CUDA GPU.')
+    return torch.device(name)
+
+
+def _gaussian(x: np.ndarray, sigma, radius, device=None) -> np.ndarray:
+    """Separable Gaussian filter, scipy's ``mode="reflect"``, on the CPU or a torch device."""
+    if device is None or any(n <= r for n, r in zip(x.shape, radius)):
+        return ndi.gaussian_filter(x, sigma, mode="reflect", radius=radius)
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    for axis, (s, r) in enumerate(zip(sigma, radius)):
+        if r == 0:
+            continue
+        w = np.exp(-0.5 * (np.arange(-r, r + 1) / s) ** 2)
+        kernel = torch.as_tensor(w / w.sum(), dtype=torch.float32, device=device)
+        t = t.movedim(axis, -1)
+        shape = t.shape
+        rows = t.reshape(-1, 1, shape[-1])
+        # scipy's "reflect" repeats the edge voxel: d c b a | a b c d | d c b a
+        rows = torch.cat([rows[..., :r].flip(-1), rows, rows[..., -r:].flip(-1)], dim=-1)
+        rows = torch.nn.functional.conv1d(rows, kernel.view(1, 1, -1))
+        t = rows.reshape(shape).movedim(-1, axis).contiguous()
+    return t.cpu().numpy()
 
 
 def _gains(plan: _Plan, voxel_size_um, sigma_um: tuple) -> tuple[float, float, tuple]:
@@ -637,12 +695,14 @@ def _detect_block(
     core_shape: tuple[int, int, int],
     origin: tuple[int, int, int],
     voxel_size_um: tuple[float, float, float],
+    device: str = "cpu",
 ) -> pd.DataFrame:
     """Detect the maxima whose voxel lies in the core of one overlapped block.
 
     The block starts on the coarse grid of ``plan.coarse`` (its first voxel's global index
     is a multiple of the grid factor), so the coarse fields do not depend on the chunking.
     """
+    device = _torch_device(device)
     x = np.asarray(block).astype(np.float32, copy=True)
     if background is not None:
         x -= np.multiply(background, np.float32(background_scale), dtype=np.float32)
@@ -657,8 +717,8 @@ def _detect_block(
             f"The volume holds NaN or infinite values (first at voxel (z, y, x) = {where}); "
             "replace them before detection."
         )
-    g1 = ndi.gaussian_filter(x, plan.sigma_soma, mode="reflect", radius=plan.radius_soma)
-    background = _coarse_background(g1, plan)
+    g1 = _gaussian(x, plan.sigma_soma, plan.radius_soma, device)
+    background = _coarse_background(g1, plan, device)
     # From here on only the work region W (the core and plan.margin around it, on the coarse
     # grid) is needed: the background is interpolated and f = g1 - g2 computed there only.
     lo = tuple(max(p - m, 0) for p, m in zip(pad_lo, plan.margin))
@@ -881,6 +941,7 @@ def detect_cells(
     if sig.size == 0:
         return _empty_table()
 
+    _torch_device(params.device)  # an unusable device fails here, before any work
     plan = _plan(vs, params, sig.shape)
     per_axis = [
         _axis_chunks(n, c, d, a, k)
@@ -930,6 +991,7 @@ def detect_cells(
                 core_shape=core_shape,
                 origin=origin,
                 voxel_size_um=vs,
+                device=params.device,
             )
         )
     tables = [t for t in dask.compute(*tasks) if len(t)]
