@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field, replace
 
 import dask
@@ -342,10 +343,19 @@ def _coarse_background(g1: np.ndarray, plan: _Plan, device=None) -> np.ndarray:
     return _gaussian(c, plan.sigma_rest_coarse, plan.radius_rest_coarse, device)
 
 
+def _nvidia_driver() -> bool:
+    """Whether an NVIDIA driver is loaded (Linux) or its tool is on the PATH."""
+    import shutil
+
+    return os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi") is not None
+
+
 def _torch_device(name: str):
     """Return the PyTorch device for ``DetectionParams.device`` (None: scipy on the CPU)."""
     if name == "cpu":
         return None
+    if name == "auto" and not _nvidia_driver():
+        return None  # no GPU to find: do not pay for importing PyTorch
     try:
         import torch
     except ImportError:
