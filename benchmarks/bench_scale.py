@@ -278,7 +278,10 @@ def main(argv=None) -> dict:
     if args.compare_gb > 0:
         nz = min(shape[0], max(1, round(args.compare_gb * 1e9 / plane)))
         sub = volume[:nz]
-        ref, t_threads, _, _ = detect(sub, params, threads=args.threads)
+        if nz == shape[0]:  # the whole volume: the threaded run above is the reference
+            ref, t_threads = cells, wall
+        else:
+            ref, t_threads, _, _ = detect(sub, params, threads=args.threads)
         other, t_cluster, peak_cluster, _ = detect(
             sub, params, cluster="local", n_workers=2, threads_per_worker=1, memory_limit="4GB"
         )
