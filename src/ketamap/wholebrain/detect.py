@@ -199,7 +199,6 @@ class _Plan:
     radius_max: tuple[int, int, int]
     margin: tuple[int, int, int]  # band-passed signal needed around a core (noise, box, walk)
     depth: tuple[int, int, int]
-    shape_step: tuple[int, int, int]  # one soma diameter in voxels (at least 1)
     split_spacing: tuple[float, float, float]  # soma diameter or one soma's response width
     split_axes: tuple[bool, bool, bool]  # axes that resolve a soma (>= 2 voxels across)
     walk: tuple[int, int, int]  # half-maximum search distance of the centre (voxels)
@@ -273,7 +272,6 @@ def _plan(
         radius_max=r_max,
         margin=margin,
         depth=depth,
-        shape_step=step,
         split_spacing=(0.0, 0.0, 0.0),
         split_axes=tuple(
             n > 1 and params.soma_diameter_um / v >= _MIN_SPLIT_VOXELS
