@@ -7,19 +7,28 @@ import pandas as pd
 import pytest
 
 from ketamap.atlas import Atlas, Ontology
-from ketamap.wholebrain.quantify import assign_regions, cell_summary, count_regions, label_volumes_mm3
+from ketamap.wholebrain.quantify import (
+    assign_regions,
+    cell_summary,
+    count_regions,
+    label_volumes_mm3,
+)
 
 BIG = 614454277  # a real Allen id above 65535
 
 
 @pytest.fixture
 def onto():
-    return Ontology(pd.DataFrame({
-        "id": [997, 8, 100, 200, BIG],
-        "acronym": ["root", "grey", "A", "B", "B1"],
-        "name": ["root", "Basic cell groups", "Region A", "Region B", "Region B one"],
-        "parent_id": [pd.NA, 997, 8, 8, 200],
-    }))
+    return Ontology(
+        pd.DataFrame(
+            {
+                "id": [997, 8, 100, 200, BIG],
+                "acronym": ["root", "grey", "A", "B", "B1"],
+                "name": ["root", "Basic cell groups", "Region A", "Region B", "Region B one"],
+                "parent_id": [pd.NA, 997, 8, 8, 200],
+            }
+        )
+    )
 
 
 @pytest.fixture
@@ -29,8 +38,14 @@ def atlas(onto):
     ann[1:3, 1:3, 2:4] = BIG
     hemi = np.ones_like(ann, dtype=np.uint8)
     hemi[:, :, 2:] = 2
-    return Atlas(name="tiny", annotation=ann, hemispheres=hemi, resolution_um=(100.0, 100.0, 100.0),
-                 orientation="asr", ontology=onto)
+    return Atlas(
+        name="tiny",
+        annotation=ann,
+        hemispheres=hemi,
+        resolution_um=(100.0, 100.0, 100.0),
+        orientation="asr",
+        ontology=onto,
+    )
 
 
 def test_label_volumes(atlas):
@@ -46,8 +61,14 @@ def test_assign_and_count_roll_up_to_every_level(atlas, onto):
     assert assigned["region_id"].tolist() == [100, 100, BIG, 0, 0]
     assert assigned["inside_volume"].tolist() == [True, True, True, False, True]
     summary = cell_summary(assigned)
-    assert summary == {"n_cells": 5, "n_outside_volume": 1, "n_unlabelled": 1, "n_in_regions": 3,
-                       "n_left": 2, "n_right": 1}
+    assert summary == {
+        "n_cells": 5,
+        "n_outside_volume": 1,
+        "n_unlabelled": 1,
+        "n_in_regions": 3,
+        "n_left": 2,
+        "n_right": 1,
+    }
     vols = label_volumes_mm3(atlas.annotation, atlas.hemispheres, atlas.resolution_um)
     table = count_regions(assigned, vols, onto).set_index("acronym")
     assert table.loc["A", "count"] == 2 and table.loc["A", "count_left"] == 2

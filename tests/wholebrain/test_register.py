@@ -477,8 +477,9 @@ def test_50um_atlas_registers_on_the_100um_work_grid(truth):
     err_um = np.linalg.norm(
         found_um - truth(raw_to_prepared_um(cells, "psl", vs, sample.shape)), axis=1
     )
-    # measured: median 38 µm, p95 190 µm (100 µm atlas, test above: 33 µm, 178 µm)
-    assert np.median(err_um) <= 60.0, np.median(err_um)
+    # measured: median 67 µm (100 µm atlas, test above: 69 µm, p95 191 µm); the
+    # B-spline stops early (5 iterations), see docs/registration.md
+    assert np.median(err_um) <= 90.0, np.median(err_um)
     assert np.percentile(err_um, 95) <= 250.0, np.percentile(err_um, 95)
     assert not reg.flagged, reg.qc
     labels = warp_labels_to_sample(reg, (reference > 0.5).astype(np.uint8))

