@@ -42,21 +42,26 @@ class SpineParams:
         default=1.0, metadata=bounds(ge=0, doc="unanalysed stretch at each end")
     )
     spot_sigma_um: float = field(default=0.25, metadata=bounds(gt=0, doc="head-matched smoothing"))
-    threshold_sd: float = field(default=4.5, metadata=bounds(gt=0, doc="detection threshold"))
+    threshold_sd: float = field(
+        default=6.0, metadata=bounds(gt=0, doc="detection threshold (spine seen in one session)")
+    )
     confirm_threshold_sd: float = field(
         default=3.5, metadata=bounds(gt=0, doc="faint spines seen in an adjacent session")
     )
     min_separation_um: float = field(
-        default=0.7, metadata=bounds(gt=0, doc="closest two spine heads may be")
+        default=0.45, metadata=bounds(gt=0, doc="closest two spine heads may be")
     )
     min_shaft_ratio: float = field(
         default=0.08, metadata=bounds(ge=0, doc="smallest head amplitude / shaft contrast")
     )
     merge_um: float = field(
-        default=1.2, metadata=bounds(ge=0, doc="closer maxima with no dip between are one spine")
+        default=1.0, metadata=bounds(ge=0, doc="closer maxima with no dip between are one spine")
     )
     saddle_ratio: float = field(
         default=0.75, metadata=bounds(gt=0, le=1, doc="dip that separates two maxima")
+    )
+    neck_saddle_ratio: float = field(
+        default=0.5, metadata=bounds(ge=0, le=1, doc="ridge that joins a neck to its head")
     )
     match_tolerance_um: float = field(
         default=1.0, metadata=bounds(gt=0, doc="tracking tolerance along the dendrite")
@@ -156,6 +161,7 @@ def analyse_dendrite(
             threshold_sd=min(p.threshold_sd, p.confirm_threshold_sd),
             merge_um=p.merge_um,
             saddle_ratio=p.saddle_ratio,
+            neck_saddle_ratio=p.neck_saddle_ratio,
             min_separation_um=p.min_separation_um,
             min_shaft_ratio=p.min_shaft_ratio,
         )

@@ -296,11 +296,12 @@ def detect_spines(
     max_distance_um: float = 3.5,
     end_margin_um: float = 1.0,
     spot_sigma_um: float = 0.25,
-    threshold_sd: float = 4.5,
-    merge_um: float = 1.2,
+    threshold_sd: float = 6.0,
+    merge_um: float = 1.0,
     saddle_ratio: float = 0.75,
     min_shaft_ratio: float = 0.08,
-    min_separation_um: float = 0.7,
+    min_separation_um: float = 0.45,
+    neck_saddle_ratio: float = 0.5,
 ) -> pd.DataFrame:
     """Detect spine heads beside a traced shaft.
 
@@ -309,6 +310,15 @@ def detect_spines(
     width but ignores the sparse spines; spines are the local maxima of the
     smoothed residual between ``min_distance_um`` and ``max_distance_um`` from
     the centreline that exceed ``threshold_sd`` robust noise SDs.
+
+    Maxima are kept apart only by a small footprint (``min_separation_um``),
+    so that a faint head on the flank of a bright one is still a maximum;
+    which maxima belong to one spine is then decided by the intensity
+    between them: two maxima closer than ``merge_um`` with no dip between
+    them are one head, and a fainter maximum between the shaft and a brighter
+    head (mostly radial from it, on the same side, within
+    ``max_distance_um``) joined to it by a ridge that stays above
+    ``neck_saddle_ratio`` of the fainter maximum is that spine's neck.
 
     Parameters
     ----------
@@ -335,6 +345,12 @@ def detect_spines(
     min_shaft_ratio : float
         Smallest head amplitude, as a fraction of the local shaft contrast:
         rejects faint bumps of the shaft outline when the image is bright.
+    neck_saddle_ratio : float
+        A fainter maximum nearer the shaft than a brighter head is that
+        head's neck when the residual along the line between them stays above
+        this fraction of the fainter maximum. Lower than ``saddle_ratio``
+        because a neck is thin and dimmer than the point where it meets the
+        shaft.
 
     Returns
     -------
@@ -407,18 +423,28 @@ def detect_spines(
     )
     out = out[~(out["shaft_ratio"] < min_shaft_ratio)]
     # two maxima of one object (a head with two bumps, a head and its neck) are not separated
-    # by a dip: of such a pair closer than merge_um, only the brighter is kept
+    # by a dip: of such a pair, only the brighter is kept
     out = out.sort_values("amplitude", ascending=False).reset_index(drop=True)
     yx = out[["y_px", "x_px"]].to_numpy()
-    t = np.linspace(0, 1, 16)[:, None]
+    s_pk, d_pk, side_pk = (out[c].to_numpy() for c in ("s_um", "distance_um", "side"))
     keep: list[int] = []
     for i in range(len(out)):
         merged = False
         for j in keep:
-            if np.hypot(*(yx[i] - yx[j])) * px >= merge_um:
+            dist = np.hypot(*(yx[i] - yx[j])) * px
+            # a fainter maximum between the shaft and a brighter head, mostly radial from
+            # it and joined to it by a ridge, is that spine's neck
+            neck = (
+                side_pk[i] == side_pk[j]
+                and d_pk[j] - d_pk[i] >= abs(s_pk[j] - s_pk[i])
+                and dist <= max_distance_um
+            )
+            if dist >= merge_um and not neck:
                 continue
-            line = np.round(yx[i] * (1 - t) + yx[j] * t).astype(int)
-            if rs[line[:, 0], line[:, 1]].min() > saddle_ratio * out.at[i, "amplitude"]:
+            ratio = saddle_ratio if dist < merge_um else neck_saddle_ratio
+            frac = np.linspace(0, 1, max(16, int(2 * dist / px)))[:, None]
+            line = np.round(yx[i] * (1 - frac) + yx[j] * frac).astype(int)
+            if rs[line[:, 0], line[:, 1]].min() > ratio * out.at[i, "amplitude"]:
                 merged = True
                 break
         if not merged:

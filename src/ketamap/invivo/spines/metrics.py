@@ -182,10 +182,13 @@ def return_to_lost_sites(
     ends at or before the session preceding ``new_session``. *New spines* are
     those present in ``new_session`` but not in the session before it. The
     null distribution places the same number of new spines on each dendrite
-    uniformly at random along the stretch analysed, on a random side, but only
-    on *available* sites: not within ``exclusion_um`` of a spine already
-    present (on the same side) in ``new_session`` — a spine cannot form on top
-    of another one, and lost sites are available by construction.
+    uniformly at random along the stretch analysed that carries spines (from
+    the first to the last spine seen in any session), on a random side, but only
+    on *available* sites: not within ``exclusion_um`` of a spine present (on
+    the same side) in the session before ``new_session`` — a spine cannot form
+    on top of a persisting one, and one that appears where a spine has just
+    been eliminated is tracked as that spine, not counted as new; lost sites
+    are available by construction.
 
     Parameters
     ----------
@@ -200,7 +203,8 @@ def return_to_lost_sites(
     distance_um : float
         Distance along the dendrite that counts as "at a lost site".
     exclusion_um : float
-        Half-width of the stretch around an existing spine where the null places no spine.
+        Half-width of the stretch around a spine of the session before where the null
+        places no spine.
     same_side : bool
         Count only lost sites on the same side of the shaft.
     n_permutations : int
@@ -230,8 +234,13 @@ def return_to_lost_sites(
             lost_mask |= g[a].to_numpy(bool) & ~g[b].to_numpy(bool)
         lost = g[lost_mask]
         new = g[g[new_session].to_numpy(bool) & ~g[prev].to_numpy(bool)]
-        old = g[g[new_session].to_numpy(bool) & g[prev].to_numpy(bool)]
+        # a new spine cannot appear where a spine of the session before was (it would be
+        # tracked as that spine), whether that spine persists or is eliminated now
+        old = g[g[prev].to_numpy(bool)]
+        # only the stretch that carries spines (first to last spine seen in any session):
+        # spine-free ends would be available to the null and never near a lost site
         start, end = stretch_um[dend]
+        start, end = max(start, float(g["s_um"].min())), min(end, float(g["s_um"].max()))
 
         def near(s, side, lost=lost):
             if lost.empty:

@@ -86,20 +86,26 @@ def confirm_faint(
 
     A detection with ``snr >= threshold_sd`` is always kept. A fainter one
     (``confirm_threshold_sd <= snr < threshold_sd``) is kept when a detection
-    of at least ``confirm_threshold_sd`` lies within ``tolerance_um`` along
-    the dendrite, on the same side, in the session before or after — as a
-    careful annotator checks a faint spine against the neighbouring sessions.
+    of at least ``confirm_threshold_sd`` lies at the same place in the
+    session before or after — within ``tolerance_um`` along the dendrite and
+    within ``tolerance_um`` in distance from the shaft, on the same side — as
+    a careful annotator checks a faint spine against the neighbouring
+    sessions. Comparing the distance from the shaft too keeps a faint blob
+    far out in the background from being confirmed by a real spine at the
+    same arc position.
 
     Parameters
     ----------
     detections : DataFrame
-        ``session, s_um, side, snr`` of one dendrite.
+        ``session, s_um, side, snr`` (and ``distance_um``, used where
+        present) of one dendrite.
     session_labels : list of str
         Sessions in time order.
     threshold_sd, confirm_threshold_sd : float
         The two thresholds, in noise SDs.
     tolerance_um : float
-        Largest arc-length difference of a confirmation.
+        Largest difference of a confirmation, along the dendrite and in
+        distance from the shaft.
 
     Returns
     -------
@@ -107,17 +113,23 @@ def confirm_faint(
         The kept rows.
     """
     d = detections[detections["snr"] >= confirm_threshold_sd]
+    if "distance_um" not in d:
+        d = d.assign(distance_um=np.nan)
     keep = d["snr"].to_numpy() >= threshold_sd
     by = {k: g for k, g in d.groupby("session", sort=False)}
     empty = d.iloc[:0]
-    for i, (sess, s, side) in enumerate(d[["session", "s_um", "side"]].itertuples(index=False)):
+    cols = ["session", "s_um", "side", "distance_um"]
+    for i, (sess, s, side, dist) in enumerate(d[cols].itertuples(index=False)):
         if keep[i]:
             continue
         k = session_labels.index(sess)
         for j in (k - 1, k + 1):
             if 0 <= j < len(session_labels):
                 o = by.get(session_labels[j], empty)
-                if ((o["side"] == side) & ((o["s_um"] - s).abs() <= tolerance_um)).any():
+                same = (o["side"] == side) & ((o["s_um"] - s).abs() <= tolerance_um)
+                # the same place: also as far from the shaft (where both distances are known)
+                same &= ~((o["distance_um"] - dist).abs() > tolerance_um)
+                if same.any():
                     keep[i] = True
                     break
     return d[keep]
