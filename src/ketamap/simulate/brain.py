@@ -368,10 +368,13 @@ def simulate_brain(
 
     # ---- render the frame volumes
     ratio = np.asarray(frame_shape) / n_coarse
+    # Linear, not nearest: with a non-integer ratio (e.g. 2.5 raw voxels per coarse
+    # voxel) nearest-neighbour ties all round one way and shift the whole image by
+    # 1/8 of a coarse voxel against the true transform.
     auto = ndi.zoom(
         auto_coarse.astype(np.float32),
         ratio,
-        order=0,
+        order=1,
         grid_mode=True,
         mode="grid-constant",
         cval=0.0,
