@@ -734,6 +734,8 @@ def run_report(study: Study, *, force: bool = False) -> bool:
             "stats": to_dict(stats_params),
             "atlas": study.atlas,
         }
+        if stats_params.dispersion_prior_df is None and "dispersion_prior_df" in regions.attrs:
+            methods["stats"]["dispersion_prior_df_estimated"] = regions.attrs["dispersion_prior_df"]
         if (study.root / "stats" / "voxel_maps").is_dir():
             methods["voxels"] = to_dict(voxel_params)
         if (study.root / "stats" / "network_edges.parquet").exists():

@@ -186,7 +186,7 @@ def test_fdr_families():
     assert not np.allclose(qs["contrast_level"], qs["all"])
 
 
-@pytest.mark.parametrize("test", ["lr", "wald"])
+@pytest.mark.parametrize("test", ["lr-f", "lr", "wald"])
 def test_alternative_tests_run(test):
     counts, subjects = simulate(4, n_regions=20)
     res = compare_regions(counts, subjects, reference_group="saline",

@@ -64,7 +64,7 @@ def _flatten(obj, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def _find(methods: dict, key: str):
-    """The first value stored under ``key`` at any depth of ``methods``."""
+    """Return the first value stored under ``key`` at any depth of ``methods``."""
     for k, v in methods.items():
         if k == key:
             return v
@@ -79,6 +79,8 @@ def _methods_text(methods: dict, study: dict) -> str:
     alpha = _find(methods, "alpha") or _ALPHA
     family = _find(methods, "fdr_family") or "contrast_level"
     prior_df = _find(methods, "dispersion_prior_df")
+    estimated_df = _find(methods, "dispersion_prior_df_estimated")
+    test = _find(methods, "test") or "ql-f"
     unit = _find(methods, "dose_trend_unit_mg_per_kg")
     fam = {"contrast_level": "each contrast and hierarchy level", "contrast": "each contrast",
            "all": "all tests together"}.get(family, str(family))  # fmt: skip
@@ -95,9 +97,15 @@ def _methods_text(methods: dict, study: dict) -> str:
            " reported over the full dose range")
         + ". Each region's dispersion was estimated by Cox-Reid adjusted profile likelihood "
         "and shrunk toward an abundance trend across regions"
-        + (f" with {prior_df:g} prior degrees of freedom" if prior_df is not None else "")
-        + ". P-values come from likelihood-ratio tests (F-referred, accounting for the "
-        "uncertainty of the dispersion) and 95% intervals from Wald standard errors; "
+        + (f" with {prior_df:g} prior degrees of freedom" if prior_df is not None else
+           f" with {estimated_df:.3g} prior degrees of freedom estimated from the regions by "
+           "empirical Bayes" if isinstance(estimated_df, (int, float)) else "")
+        + ". P-values come from "
+        + ("quasi-likelihood F tests (the likelihood-ratio statistic divided by each "
+           "region's shrunk quasi-likelihood dispersion)" if test == "ql-f" else
+           "likelihood-ratio tests (F-referred, accounting for the uncertainty of the "
+           "dispersion)" if test == "lr-f" else f"{test} tests")
+        + " and 95% intervals from Wald standard errors; "
         f"q-values are Benjamini-Hochberg adjusted within {fam}, and regions with "
         f"q < {alpha:g} are called. Welch t and Mann-Whitney tests on densities are shown "
         "as simple checks."

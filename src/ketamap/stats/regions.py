@@ -1,9 +1,10 @@
 """Compare cell densities between groups, region by region.
 
-Negative-binomial GLMs with a log-volume offset; each region's dispersion is
-shrunk toward an abundance trend across regions (edgeR-style weighted
-likelihood). All regions are fitted at once by a vectorised, penalised IRLS on
-one numpy design matrix. See ``docs/statistics.md`` for the model and the
+Negative-binomial GLMs with a log-volume offset, a dispersion trend in
+abundance across regions and, by default, edgeR-style quasi-likelihood F
+tests whose prior degrees of freedom are estimated by empirical Bayes. All
+regions are fitted at once by a vectorised, penalised IRLS on one numpy design
+matrix. See ``docs/statistics.md`` for the model and the
 measured calibration.
 """
 
@@ -21,7 +22,13 @@ from scipy import special, stats
 from ketamap.errors import InputError, StatsError
 from ketamap.params import bounds, did_you_mean, validate
 
-__all__ = ["StatsParams", "compare_regions", "benjamini_hochberg", "OUTPUT_COLUMNS"]
+__all__ = [
+    "StatsParams",
+    "compare_regions",
+    "benjamini_hochberg",
+    "fit_f_prior_df",
+    "OUTPUT_COLUMNS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +57,14 @@ class StatsParams:
         Which p-values are adjusted together by Benjamini-Hochberg:
         ``"contrast_level"`` adjusts within each (contrast, hierarchy level),
         ``"contrast"`` within each contrast across levels, ``"all"`` once.
-    test : {"lr-f", "lr", "wald"}
-        ``"lr-f"`` (default): likelihood-ratio statistic referred to an F
-        distribution whose denominator df accounts for the uncertainty of the
-        estimated dispersion (Satterthwaite); ``"lr"``: the same statistic
+    test : {"ql-f", "lr-f", "lr", "wald"}
+        ``"ql-f"`` (default): quasi-likelihood F test (edgeR's QL F test,
+        Lund et al. 2012): the likelihood-ratio statistic at the trended
+        dispersion divided by the region's squeezed quasi-likelihood
+        dispersion, referred to F(1, df + prior df). ``"lr-f"``:
+        likelihood-ratio statistic at the region's shrunk dispersion referred
+        to an F distribution whose denominator df accounts for the uncertainty
+        of that dispersion (Satterthwaite); ``"lr"``: the same statistic
         referred to chi-square(1); ``"wald"``: Wald z-test.
     min_total_count : int
         Regions whose total count over all mice is below this are not tested
@@ -61,10 +72,18 @@ class StatsParams:
     min_subjects_per_group : int
         A contrast is tested only if both groups have at least this many mice
         with data for the region.
-    dispersion_prior_df : float
+    dispersion_prior_df : float or None
         Weight of the across-region trend when shrinking each region's
-        dispersion, in residual degrees of freedom (edgeR's ``prior.df``);
-        0 uses each region's own estimate.
+        (quasi-likelihood) dispersion, in residual degrees of freedom (edgeR's
+        ``prior.df``), also added to the denominator df of the F tests. None
+        (default) estimates it from the data by empirical Bayes: a scaled F
+        distribution is fitted to the regions' quasi-likelihood dispersions
+        around their abundance trend (limma's ``squeezeVar``, Smyth 2004), as
+        edgeR's ``estimateDisp`` does. The estimate is capped at the residual
+        df of the regions that form the trend (the trend cannot be surer than
+        its data); with fewer than 20 regions with residual df it falls back
+        to 10 (edgeR's fixed default). A number fixes it; 0 uses each
+        region's own estimate.
     dispersion_trend_span : float
         Fraction of regions, ranked by abundance, averaged to form the trend.
     dose_trend_unit_mg_per_kg : float or None
@@ -84,10 +103,14 @@ class StatsParams:
         default="contrast_level",
         metadata=bounds(choices=("contrast_level", "contrast", "all"), doc="BH family"),
     )
-    test: str = field(default="lr-f", metadata=bounds(choices=("lr-f", "lr", "wald"), doc="test"))
+    test: str = field(
+        default="ql-f", metadata=bounds(choices=("ql-f", "lr-f", "lr", "wald"), doc="test")
+    )
     min_total_count: int = field(default=0, metadata=bounds(ge=0, doc="minimum total count"))
     min_subjects_per_group: int = field(default=2, metadata=bounds(ge=1, doc="minimum mice"))
-    dispersion_prior_df: float = field(default=10.0, metadata=bounds(ge=0, doc="prior df"))
+    dispersion_prior_df: float | None = field(
+        default=None, metadata=bounds(ge=0, doc="prior df of the dispersion (None: estimate)")
+    )
     dispersion_trend_span: float = field(default=0.3, metadata=bounds(gt=0, le=1, doc="span"))
     dose_trend_unit_mg_per_kg: float | None = field(
         default=None, metadata=bounds(gt=0, doc="dose step of the dose-trend fold change")
@@ -149,10 +172,10 @@ def benjamini_hochberg(p: ArrayLike) -> np.ndarray:
 # --------------------------------------------------------------------------- fitting
 
 
-def _fit_nb(X, Y, O, W0, disp, lam, beta0, max_iter):
+def _fit_nb(X, Y, Off, W0, disp, lam, beta0, max_iter):
     """Penalised IRLS for negative-binomial GLMs with fixed dispersions, all regions at once.
 
-    ``X`` is (n, p); ``Y``, ``O``, ``W0`` (counts, offsets, 1/0 observed) are
+    ``X`` is (n, p); ``Y``, ``Off``, ``W0`` (counts, offsets, 1/0 observed) are
     (R, n); ``disp`` is (R,); ``lam`` the ridge precision per coefficient (p,).
     Returns beta (R, p), mu (R, n), the penalised information (R, p, p) and a
     converged flag (R,).
@@ -163,10 +186,10 @@ def _fit_nb(X, Y, O, W0, disp, lam, beta0, max_iter):
     d = disp[:, None]
     with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
         for _ in range(max_iter):
-            eta = np.clip(beta @ X.T + O, -_ETA_MAX, _ETA_MAX)
+            eta = np.clip(beta @ X.T + Off, -_ETA_MAX, _ETA_MAX)
             mu = np.exp(eta)
             w = W0 * mu / (1.0 + d * mu)
-            wz = w * (eta - O) + W0 * (Y - mu) / (1.0 + d * mu)
+            wz = w * (eta - Off) + W0 * (Y - mu) / (1.0 + d * mu)
             info = np.einsum("ni,rn,nj->rij", X, w, X) + pen
             new = np.linalg.solve(info, np.einsum("ni,rn->ri", X, wz)[..., None])[..., 0]
             step = np.max(np.abs(new - beta), axis=1)
@@ -174,7 +197,7 @@ def _fit_nb(X, Y, O, W0, disp, lam, beta0, max_iter):
             converged = step < 1e-7
             if converged.all():
                 break
-        eta = np.clip(beta @ X.T + O, -_ETA_MAX, _ETA_MAX)
+        eta = np.clip(beta @ X.T + Off, -_ETA_MAX, _ETA_MAX)
         mu = np.exp(eta)
         info = np.einsum("ni,rn,nj->rij", X, W0 * mu / (1.0 + d * mu), X) + pen
     return beta, mu, info, converged
@@ -191,32 +214,178 @@ def _nb_loglik(Y, mu, disp, W0):
     return np.sum(np.where(W0 > 0, ll, 0.0), axis=1)
 
 
-def _start(X, Y, O, W0):
-    """Starting coefficients: intercept at the log pooled density, others zero."""
+def _start(X, Y, Off, W0):
+    """Return starting coefficients: intercept at the log pooled density, others zero."""
     beta = np.zeros((Y.shape[0], X.shape[1]))
-    beta[:, 0] = np.log(np.maximum(np.sum(Y * W0, axis=1), 0.5) / np.sum(np.exp(O) * W0, axis=1))
+    beta[:, 0] = np.log(np.maximum(np.sum(Y * W0, axis=1), 0.5) / np.sum(np.exp(Off) * W0, axis=1))
     return beta
 
 
-def _estimate_dispersion(X, Y, O, W0, lam, params):
+def _nb_deviance(Y, mu, disp, W0):
+    """Negative-binomial residual deviance per region, observed entries only."""
+    r = 1.0 / disp[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dev = 2.0 * (special.xlogy(Y, Y / mu) - (Y + r) * np.log((Y + r) / (mu + r)))
+    return np.sum(np.where(W0 > 0, np.maximum(dev, 0.0), 0.0), axis=1)
+
+
+def _grid_max(curves):
+    """Log-dispersion at the maximum of each curve on the grid, refined by a parabola."""
+    k = np.argmax(curves, axis=1)
+    logd = np.log(_DISP_GRID)
+    step = logd[1] - logd[0]
+    inner = (k > 0) & (k < _DISP_GRID.size - 1)
+    kk = np.clip(k, 1, _DISP_GRID.size - 2)
+    rows = np.arange(curves.shape[0])
+    y0, y1, y2 = curves[rows, kk - 1], curves[rows, kk], curves[rows, kk + 1]
+    curv = y0 - 2 * y1 + y2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        offset = np.where(curv < 0, 0.5 * (y0 - y2) / curv, 0.0)
+    return logd[k] + np.where(inner, np.clip(offset, -0.5, 0.5) * step, 0.0)
+
+
+def _trigamma_inverse(x):
+    """Solve ``trigamma(y) = x`` for y > 0 by Newton's method (as limma does)."""
+    if x > 1e7:
+        return 1.0 / np.sqrt(x)
+    if x < 1e-6:
+        return 1.0 / x
+    y = 0.5 + 1.0 / x
+    for _ in range(50):
+        tri = special.polygamma(1, y)
+        dif = tri * (1.0 - tri / x) / special.polygamma(2, y)
+        y += dif
+        if -dif / y < 1e-8:
+            break
+    return float(y)
+
+
+def _spline_basis(x, n_df):
+    """Natural cubic spline basis with ``n_df`` columns (intercept included) in ``x``."""
+    x = (x - x.min()) / max(np.ptp(x), 1e-12)
+    cols = [np.ones_like(x)]
+    if n_df >= 2:
+        cols.append(x)
+    if n_df >= 3:
+        knots = np.quantile(x, np.linspace(0.0, 1.0, n_df))
+
+        def d(k):
+            return (np.maximum(x - knots[k], 0) ** 3 - np.maximum(x - knots[-1], 0) ** 3) / max(
+                knots[-1] - knots[k], 1e-12
+            )
+
+        cols += [d(k) - d(n_df - 2) for k in range(n_df - 2)]
+    return np.column_stack(cols)
+
+
+def fit_f_prior_df(
+    s2: ArrayLike, df: ArrayLike, covariate: ArrayLike | None = None, *, return_scale: bool = False
+):
+    """Prior degrees of freedom of variances by empirical Bayes (limma's ``fitFDist``).
+
+    Assumes ``s2 ~ s0^2 * F(df, d0)``, with ``s0^2`` a smooth function of
+    ``covariate``, and estimates ``d0`` by moments of ``log s2`` (Smyth 2004).
+
+    Parameters
+    ----------
+    s2 : array_like of float
+        Variance estimates (>= 0), one per feature.
+    df : array_like of float
+        Their residual degrees of freedom (> 0).
+    covariate : array_like of float, optional
+        A trend in ``log s2`` along it (e.g. abundance) is removed first, by a
+        natural cubic spline with up to 4 df.
+    return_scale : bool
+        Also return the prior scale ``s0^2`` of every feature.
+
+    Returns
+    -------
+    float
+        ``d0``; ``inf`` when the spread of ``log s2`` is no larger than the
+        sampling spread expected at ``df`` alone.
+    ndarray
+        ``s0^2`` per feature, only with ``return_scale=True``.
+
+    Raises
+    ------
+    InputError
+        With fewer than two variances, a negative or NaN variance, or df <= 0.
+
+    References
+    ----------
+    Smyth GK (2004). Stat Appl Genet Mol Biol 3:3. doi:10.2202/1544-6115.1027
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> s2 = rng.chisquare(9, 2000) / 9 * 8 / rng.chisquare(8, 2000)  # F(9, 8)
+    >>> round(fit_f_prior_df(s2, np.full(2000, 9.0)))
+    8
+    """
+    s2 = np.asarray(s2, dtype=float)
+    df = np.asarray(df, dtype=float)
+    if s2.size < 2 or s2.shape != df.shape or np.any(df <= 0) or np.any(~(s2 >= 0)):
+        raise InputError("fit_f_prior_df needs two or more variances >= 0, each with df > 0.")
+    med = np.median(s2)
+    z = np.log(np.maximum(s2, 1e-5 * med))
+    e = z - special.digamma(df / 2) + np.log(df / 2)
+    n = s2.size
+    n_df = 1 + int(n >= 3) + int(n >= 6) + int(n >= 30)
+    if covariate is not None:
+        n_df = min(n_df, np.unique(np.asarray(covariate)).size)
+        basis = _spline_basis(np.asarray(covariate, dtype=float), n_df)
+    else:
+        n_df, basis = 1, np.ones((n, 1))
+    coef = np.linalg.lstsq(basis, e, rcond=None)[0]
+    emean = basis @ coef
+    resid = e - emean
+    evar = float(np.sum(resid**2) / (n - n_df) - np.mean(special.polygamma(1, df / 2)))
+    d0 = 2.0 * _trigamma_inverse(evar) if evar > 0 else np.inf
+    if return_scale:
+        s0sq = np.exp(emean + (special.digamma(d0 / 2) - np.log(d0 / 2) if np.isfinite(d0) else 0))
+        return d0, s0sq
+    return d0
+
+
+def _residual_df(X, Y, W0, cell):
+    """Residual df per region, less the observations that are fitted as zero.
+
+    An observation whose whole design cell (mice with identical rows of the
+    design) has zero counts is fitted at (nearly) zero and carries no
+    information on the dispersion; such observations are dropped and the df
+    recomputed on the rest (as edgeR's ``.residDF``).
+    """
+    df = W0.sum(axis=1) - X.shape[1]
+    observed_sum = np.zeros((Y.shape[0], cell.max() + 1))
+    np.add.at(observed_sum.T, cell, (Y * W0).T)
+    zero_fit = (observed_sum[:, cell] == 0) & (W0 > 0)
+    for r in np.flatnonzero(zero_fit.any(axis=1)):
+        keep = (W0[r] > 0) & ~zero_fit[r]
+        df[r] = keep.sum() - (np.linalg.matrix_rank(X[keep]) if keep.any() else 0)
+    return df
+
+
+def _estimate_dispersion(X, Y, Off, W0, lam, params):
     """Per-region dispersion: Cox-Reid profile likelihood shrunk toward an abundance trend.
 
-    Returns the dispersion (R,) and a method label per region.
+    Returns the dispersion (R,), a method label per region and the prior df
+    used (given, or estimated from the data).
     """
     n_regions = Y.shape[0]
     df = W0.sum(axis=1) - X.shape[1]
     apl = np.empty((n_regions, _DISP_GRID.size))
-    beta = _start(X, Y, O, W0)
+    beta = _start(X, Y, Off, W0)
     for k, d in enumerate(_DISP_GRID):
         disp = np.full(n_regions, d)
-        beta, mu, info, _ = _fit_nb(X, Y, O, W0, disp, lam, beta, params.max_iter)
+        beta, mu, info, _ = _fit_nb(X, Y, Off, W0, disp, lam, beta, params.max_iter)
         logdet = np.linalg.slogdet(info)[1]
         apl[:, k] = _nb_loglik(Y, mu, disp, W0) - 0.5 * logdet
     method = np.where(df > 0, "negbin", "negbin-trend-dispersion").astype(object)
     has_df = df > 0
     if not has_df.any():
         logger.warning("No region has replicate mice to estimate dispersion; using Poisson.")
-        return np.full(n_regions, _DISP_GRID[0]), np.full(n_regions, "poisson-fallback", object)
+        return (np.full(n_regions, _DISP_GRID[0]), np.full(n_regions, "poisson-fallback", object),
+                0.0, None)  # fmt: skip
     with np.errstate(divide="ignore"):
         abundance = np.log(np.sum(Y * W0, axis=1) / np.maximum(W0.sum(axis=1), 1) + 0.5)
     # trend: moving average of the profile curves of regions ranked by abundance
@@ -229,21 +398,60 @@ def _estimate_dispersion(X, Y, O, W0, lam, params):
     lo = np.clip(pos - half, 0, max(n_c - 2 * half, 0))
     hi = np.minimum(lo + 2 * half, n_c)
     trend = (csum[hi] - csum[lo]) / (hi - lo)[:, None]
-    prior_n = params.dispersion_prior_df / np.maximum(df, 1e-9)
+    prior_df, ql = params.dispersion_prior_df, None
+    trend_disp = np.exp(_grid_max(trend))
+    if prior_df is None or params.test == "ql-f":
+        # the trend pools the curves of min(2 half, n_c) regions: it cannot carry more df
+        cap = float(min(2 * half, n_c) * np.median(df[has_df]))
+        prior_df, post, ql_df = _quasi_dispersion(X, Y, Off, W0, lam, trend_disp, abundance,
+                                                  params, cap)  # fmt: skip
+        ql = (trend_disp, post, ql_df)
+    prior_n = prior_df / np.maximum(df, 1e-9)
     # weighted likelihood; regions without residual df take the trend alone
     shrunk = np.where(has_df[:, None], apl + prior_n[:, None] * trend, trend)
-    k = np.argmax(shrunk, axis=1)
-    logd = np.log(_DISP_GRID)
-    step = logd[1] - logd[0]
-    inner = (k > 0) & (k < _DISP_GRID.size - 1)
-    kk = np.clip(k, 1, _DISP_GRID.size - 2)
-    rows = np.arange(n_regions)
-    y0, y1, y2 = shrunk[rows, kk - 1], shrunk[rows, kk], shrunk[rows, kk + 1]
-    curv = y0 - 2 * y1 + y2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        offset = np.where(curv < 0, 0.5 * (y0 - y2) / curv, 0.0)
-    best = logd[k] + np.where(inner, np.clip(offset, -0.5, 0.5) * step, 0.0)
-    return np.exp(best), method
+    return np.exp(_grid_max(shrunk)), method, float(prior_df), ql
+
+
+_MIN_REGIONS_PRIOR_DF = 20
+_FALLBACK_PRIOR_DF = 10.0
+
+
+def _quasi_dispersion(X, Y, Off, W0, lam, trend_disp, abundance, params, cap):
+    """Quasi-likelihood dispersions around the trend and their prior df (edgeR's estimateDisp).
+
+    The model is fitted at the trended dispersion; each region's
+    quasi-likelihood dispersion ``s2 = deviance / df`` is then ~ s0² F(df, d0)
+    and ``d0`` is estimated by :func:`fit_f_prior_df` with abundance as
+    covariate (unless ``params.dispersion_prior_df`` fixes it). Returns the
+    prior df, the squeezed ``s2`` per region and the residual df per region.
+    """
+    beta = _start(X, Y, Off, W0)
+    _, mu, _, _ = _fit_nb(X, Y, Off, W0, trend_disp, lam, beta, params.max_iter)
+    _, cell = np.unique(X, axis=0, return_inverse=True)
+    df = np.maximum(_residual_df(X, Y, W0, cell.ravel()), 0)
+    s2 = _nb_deviance(Y, mu, trend_disp, W0) / np.maximum(df, 1)
+    use = (df > 0) & np.isfinite(s2)
+    prior_df = params.dispersion_prior_df
+    s0sq = np.ones(Y.shape[0])
+    if use.sum() < _MIN_REGIONS_PRIOR_DF or np.median(s2[use]) <= 0:
+        if prior_df is None:
+            logger.info(
+                "Only %d regions with residual df: dispersion prior df set to %g, not estimated.",
+                int(use.sum()), _FALLBACK_PRIOR_DF,
+            )  # fmt: skip
+            prior_df = _FALLBACK_PRIOR_DF
+    else:
+        d0, s0u = fit_f_prior_df(s2[use], df[use], abundance[use], return_scale=True)
+        order = np.argsort(abundance[use])
+        s0sq = np.interp(abundance, abundance[use][order], s0u[order])
+        s0sq[use] = s0u
+        if prior_df is None:
+            logger.info("Dispersion prior df estimated at %.3g (cap %.3g).", d0, cap)
+            prior_df = float(min(d0, cap))
+    with np.errstate(invalid="ignore"):
+        post = np.where(use, (prior_df * s0sq + df * s2) / (prior_df + df), s0sq)
+    post = np.where(np.isfinite(post) & (post > 0), post, 1.0)
+    return float(prior_df), post, np.where(use, df, 0)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -306,18 +514,22 @@ def _covariate_matrix(subjects, covariates):
 
 
 def _wide(counts, subject_ids):
-    """Counts, log-volumes and observed mask as (regions, subjects) arrays."""
+    """Return counts, log-volumes and observed mask as (regions, subjects) arrays."""
     c = counts.copy()
     c["subject"] = c["subject"].astype(str)
     meta = c.groupby("region_id", sort=True)[["acronym", "level"]].first().reset_index()
-    wide = {v: c.pivot(index="region_id", columns="subject", values=v).reindex(
-        index=meta["region_id"], columns=subject_ids) for v in ("count", "volume_mm3")}
+    wide = {
+        v: c.pivot(index="region_id", columns="subject", values=v).reindex(
+            index=meta["region_id"], columns=subject_ids
+        )
+        for v in ("count", "volume_mm3")
+    }
     ycnt, vol = wide["count"], wide["volume_mm3"]
     W0 = ycnt.notna().to_numpy().astype(float)
     Y = np.nan_to_num(ycnt.to_numpy(dtype=float))
     V = vol.to_numpy(dtype=float)
-    O = np.where(W0 > 0, np.log(np.where(W0 > 0, V, 1.0)), 0.0)
-    return meta, Y, O, W0, np.where(W0 > 0, Y / np.where(W0 > 0, V, 1.0), np.nan)
+    Off = np.where(W0 > 0, np.log(np.where(W0 > 0, V, 1.0)), 0.0)
+    return meta, Y, Off, W0, np.where(W0 > 0, Y / np.where(W0 > 0, V, 1.0), np.nan)
 
 
 # --------------------------------------------------------------------------- checks
@@ -416,10 +628,15 @@ def compare_regions(
 
     Notes
     -----
-    Dispersions are estimated by Cox-Reid adjusted profile likelihood and
-    shrunk toward an abundance trend (weighted likelihood, McCarthy et al.
-    2012, doi:10.1093/nar/gks042); p-values come from likelihood-ratio tests
-    at the shrunk dispersion, confidence intervals from Wald standard errors.
+    Dispersions are estimated by Cox-Reid adjusted profile likelihood with an
+    abundance trend across regions (McCarthy et al. 2012,
+    doi:10.1093/nar/gks042). By default (``test="ql-f"``) p-values come from
+    quasi-likelihood F tests at the trended dispersion, with each region's
+    quasi-likelihood dispersion squeezed toward its trend by empirical Bayes
+    (Lund et al. 2012, doi:10.1515/1544-6115.1826); the prior df is
+    estimated from the data unless ``params.dispersion_prior_df`` fixes it,
+    and the value used is in ``result.attrs["dispersion_prior_df"]``.
+    Confidence intervals come from Wald standard errors.
 
     Examples
     --------
@@ -454,12 +671,12 @@ def compare_regions(
     dose_ok = span > 0 and np.linalg.matrix_rank(Xd) == Xd.shape[1]
     if not dose_ok:
         logger.info("No dose trend: doses do not vary independently of the covariates.")
-    meta, Y, O, W0, dens = _wide(counts, sub["subject"].tolist())
+    meta, Y, Off, W0, dens = _wide(counts, sub["subject"].tolist())
     total = np.sum(Y * W0, axis=1)
     reason = np.full(len(meta), "", dtype=object)
     reason[total < params.min_total_count] = f"total count below {params.min_total_count}"
     reason[total == 0] = "no cells in any subject"
-    fm = _Fitter(Y, O, W0, (total > 0) & (total >= params.min_total_count), params)
+    fm = _Fitter(Y, Off, W0, (total > 0) & (total >= params.min_total_count), params)
     fm.dispersion(Xg)
     ref = group == reference_group
     k = params.min_subjects_per_group
@@ -470,8 +687,11 @@ def compare_regions(
         low = np.minimum(n_obs(ref), n_obs(gm)) < k
         zero = (np.sum(Y * W0 * gm, axis=1) == 0) | (np.sum(Y * W0 * ref, axis=1) == 0)
         est = fm.test(Xg, j)
-        why = np.where(reason != "", reason, np.where(
-            low, f"fewer than {k} subjects with data in '{reference_group}' or '{g}'", ""))
+        why = np.where(
+            reason != "",
+            reason,
+            np.where(low, f"fewer than {k} subjects with data in '{reference_group}' or '{g}'", ""),
+        )
         notes = np.where(zero, "a group has only zeros: fold change bounded by the prior", "")
         tab = _table(meta, f"{g}_vs_{reference_group}", est, why, notes, fm)
         welch_p, m0, m1, n0, n1 = _welch(dens, ref, gm)
@@ -482,8 +702,11 @@ def compare_regions(
     if dose_ok:
         lo_m, hi_m = dose == dose.min(), dose == dose.max()
         n_dose = sum(n_obs(dose == u) >= k for u in np.unique(dose))  # doses with k+ mice
-        why = np.where(reason != "", reason,
-                       np.where(n_dose < 2, f"fewer than two doses with {k}+ subjects", ""))
+        why = np.where(
+            reason != "",
+            reason,
+            np.where(n_dose < 2, f"fewer than two doses with {k}+ subjects", ""),
+        )
         est = fm.test(Xd, 1)
         est["est"], est["se"] = est["est"] * unit / span, est["se"] * unit / span
         tab = _table(meta, "dose_trend", est, why, np.full(len(meta), ""), fm)
@@ -496,39 +719,52 @@ def compare_regions(
     out = out.sort_values(["contrast", "level", "p", "region_id"], na_position="last")
     logger.info("Compared %d regions over %d contrasts.", len(meta), len(tables))
     out = out.reset_index(drop=True)[list(OUTPUT_COLUMNS)]
-    return out.astype({"n_ref": np.int64, "n_group": np.int64, "converged": bool})
+    out = out.astype({"n_ref": np.int64, "n_group": np.int64, "converged": bool})
+    out.attrs["dispersion_prior_df"] = fm.prior_df
+    return out
 
 
 class _Fitter:
     """Fits of one cohort's regions: dispersions once, then one test per contrast."""
 
-    def __init__(self, Y, O, W0, fit_mask, params):
+    def __init__(self, Y, Off, W0, fit_mask, params):
         self.idx = np.flatnonzero(fit_mask)
         self.n_regions = Y.shape[0]
-        self.Y, self.O, self.W0 = Y[self.idx], O[self.idx], W0[self.idx]
+        self.Y, self.Off, self.W0 = Y[self.idx], Off[self.idx], W0[self.idx]
         self.params = params
         self.prior_prec = 1.0 / (params.coef_prior_sd_log2 * _LN2) ** 2
         self.disp = np.full(self.n_regions, np.nan)
         self.method = np.full(self.n_regions, "not-tested", dtype=object)
+        self.prior_df = float("nan")
 
     def _lam(self, X):
         return np.r_[0.0, np.full(X.shape[1] - 1, self.prior_prec)]
 
     def _fit(self, X, disp):
         lam = self._lam(X)
-        start = _start(X, self.Y, self.O, self.W0)
-        return _fit_nb(X, self.Y, self.O, self.W0, disp, lam, start, self.params.max_iter)
+        start = _start(X, self.Y, self.Off, self.W0)
+        return _fit_nb(X, self.Y, self.Off, self.W0, disp, lam, start, self.params.max_iter)
 
     def dispersion(self, X):
         """Estimate and store shrunk dispersions and the test's denominator df."""
         if not self.idx.size:
             return
-        d, method = _estimate_dispersion(X, self.Y, self.O, self.W0, self._lam(X), self.params)
+        d, method, prior_df, ql = _estimate_dispersion(
+            X, self.Y, self.Off, self.W0, self._lam(X), self.params
+        )
+        self.prior_df = prior_df
+        self.ql_scale = None
+        if self.params.test == "ql-f" and ql is not None:
+            d, self.ql_scale, ql_df = ql
+            self.disp[self.idx], self.method[self.idx] = d, method
+            self._d = d
+            self.df_test = ql_df + prior_df
+            return
         self.disp[self.idx], self.method[self.idx] = d, method
         self._d = d
         _, mu, _, _ = self._fit(X, d)
         mbar = np.sum(mu * self.W0, axis=1) / np.maximum(self.W0.sum(axis=1), 1)
-        df = np.maximum(self.W0.sum(axis=1) - X.shape[1], 0) + self.params.dispersion_prior_df
+        df = np.maximum(self.W0.sum(axis=1) - X.shape[1], 0) + prior_df
         share = d * mbar / (1 + d * mbar)  # share of the variance that is extra-Poisson
         with np.errstate(divide="ignore"):
             self.df_test = np.where((df > 0) & (method != "poisson-fallback"),
@@ -553,7 +789,9 @@ class _Fitter:
             ll = _nb_loglik(self.Y, mu, d, self.W0) - _nb_loglik(self.Y, mu_r, d, self.W0)
             stat = np.maximum(2 * ll, 0.0)
             conv = conv & conv_r
-        df = self.df_test if test == "lr-f" else np.full(self.idx.size, np.inf)
+        if test == "ql-f" and self.ql_scale is not None:
+            stat, se = stat / self.ql_scale, se * np.sqrt(self.ql_scale)
+        df = self.df_test if test in ("lr-f", "ql-f") else np.full(self.idx.size, np.inf)
         with np.errstate(invalid="ignore"):
             p = np.where(np.isinf(df), stats.chi2.sf(stat, 1), stats.f.sf(stat, 1, df))
         for key, val in zip(("est", "se", "p", "df", "converged"), (beta[:, j], se, p, df, conv)):
@@ -562,7 +800,7 @@ class _Fitter:
 
 
 def _table(meta, contrast, est, why, notes, fm):
-    """The model columns of one contrast; descriptive columns are filled in by the caller."""
+    """Return the model columns of one contrast; the caller adds the descriptive ones."""
     lfc, se = est["est"] / _LN2, est["se"] / _LN2
     crit = stats.t.ppf(0.975, est["df"])  # the normal quantile where df is infinite
     p = np.where(why == "", est["p"], np.nan)
