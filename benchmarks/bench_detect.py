@@ -15,7 +15,7 @@ within 10 µm in 3D. Prints and saves JSON (``benchmarks/results/bench_detect.js
 Usage::
 
     .venv/bin/python benchmarks/bench_detect.py [--tiles 4 4] \\
-        [--cellfinder-python /tmp/cf/bin/python]
+        [--cellfinder-python cellfinder-venv/bin/python]
 """
 
 from __future__ import annotations

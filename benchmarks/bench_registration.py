@@ -21,8 +21,8 @@ Each engine runs in its own process (time and peak RSS are its own). antspyx
 and itk-elastix are not ketamap dependencies: install them into a separate
 venv and pass its python with ``--bake-python``::
 
-    python3 -m venv /tmp/bake && /tmp/bake/bin/pip install antspyx itk-elastix
-    .venv/bin/python benchmarks/bench_registration.py --bake-python /tmp/bake/bin/python
+    python3 -m venv bake-venv && bake-venv/bin/pip install antspyx itk-elastix
+    .venv/bin/python benchmarks/bench_registration.py --bake-python bake-venv/bin/python
 
 Results go to ``benchmarks/results/registration_bakeoff.json``.
 """

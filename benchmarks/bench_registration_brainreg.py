@@ -11,9 +11,9 @@ which this script writes.
 brainreg is not a ketamap dependency (it pulls napari-side packages); install
 it into its own venv and pass its executable::
 
-    python3 -m venv /tmp/brainreg
-    /tmp/brainreg/bin/pip install brainreg "brainglobe-atlasapi==2.3.1" "pandas<3"
-    python benchmarks/bench_registration_brainreg.py --brainreg /tmp/brainreg/bin/brainreg \\
+    python3 -m venv brainreg-venv
+    brainreg-venv/bin/pip install brainreg "brainglobe-atlasapi==2.3.1" "pandas<3"
+    python benchmarks/bench_registration_brainreg.py --brainreg brainreg-venv/bin/brainreg \\
         [--no-network]   # Linux, as root: run brainreg under `unshare -n`
 
 Compared on brainreg's own "downsampled" grid (the sample reoriented to asr

@@ -4,8 +4,8 @@ suite2p pulls in torch and CUDA wheels (several GB), so it is not a ketamap
 dependency; run this script with a Python that has suite2p installed and
 ketamap importable, e.g.::
 
-    python -m venv /tmp/s2penv && /tmp/s2penv/bin/pip install suite2p==0.14.6 pandas pyarrow
-    PYTHONPATH=src /tmp/s2penv/bin/python benchmarks/bench_suite2p_real.py
+    python -m venv suite2p-venv && suite2p-venv/bin/pip install suite2p==0.14.6 pandas pyarrow
+    PYTHONPATH=src suite2p-venv/bin/python benchmarks/bench_suite2p_real.py
 
 It writes a small simulated movie (planted-ensemble spikes convolved with a
 GCaMP kernel, Gaussian somata, noise) as a TIFF, runs suite2p on it, reads the
