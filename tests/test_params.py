@@ -9,7 +9,9 @@ from ketamap.params import bounds, from_mapping, to_dict, validate
 @dataclass(frozen=True)
 class P:
     soma_diameter_um: float = field(default=15.0, metadata=bounds(gt=0))
-    voxel_size_um: tuple[float, float, float] = field(default=(1.0, 1.0, 1.0), metadata=bounds(gt=0))
+    voxel_size_um: tuple[float, float, float] = field(
+        default=(1.0, 1.0, 1.0), metadata=bounds(gt=0)
+    )
     mode: str = field(default="a", metadata=bounds(choices=("a", "b")))
     n: int = field(default=3, metadata=bounds(ge=1, le=10))
 

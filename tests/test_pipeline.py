@@ -48,9 +48,12 @@ def test_every_stage_writes_its_outputs_with_provenance(ran_study):
     root, _, summary = ran_study
     assert all(r["detect"] and r["register"] and r["quantify"] for r in summary.subjects)
     for sid in ("saline-01", "ket100-02"):
-        for stage, files in {"detect": ["cells.parquet", "cells.csv", "cells.xml"],
-                             "register": ["registration.json", "volumes.csv", "qc.png", "qc_checkerboard.png"],
-                             "quantify": ["regions.csv", "cells_atlas.parquet", "summary.json"]}.items():
+        expected = {
+            "detect": ["cells.parquet", "cells.csv", "cells.xml"],
+            "register": ["registration.json", "volumes.csv", "qc.png", "qc_checkerboard.png"],
+            "quantify": ["regions.csv", "cells_atlas.parquet", "summary.json"],
+        }
+        for stage, files in expected.items():
             folder = root / "subjects" / sid / stage
             for f in files:
                 assert (folder / f).is_file(), (stage, f)

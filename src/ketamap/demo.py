@@ -154,8 +154,8 @@ def print_summary(result: dict, console) -> None:
         f"{100 * r['fraction_true_region']:.1f}% of cells in their true region"
     )
     console.print(
-        f"statistics vs truth: {s['n_planted_found']}/{s['n_planted']} planted effects called in the "
-        f"right direction; {100 * s['fraction_null_not_called']:.1f}% of {s['n_null']} no-effect "
-        "region tests not called"
+        f"statistics vs truth: {s['n_planted_found']}/{s['n_planted']} planted effects called "
+        f"in the right direction; {100 * s['fraction_null_not_called']:.1f}% of "
+        f"{s['n_null']} no-effect region tests not called"
     )
     console.print(f"report: {Path(result['study_dir']) / 'report.html'}")

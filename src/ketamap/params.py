@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import operator
 import types
 import typing
 from collections.abc import Mapping
@@ -115,14 +116,14 @@ def _check_bounds(name: str, value: Any, meta: Mapping, owner: str) -> None:
         if v != v:  # NaN
             raise ParameterError(f"{owner}.{name} must be a number, got NaN.")
         checks = [
-            ("gt", lambda b: v > b, "greater than"),
-            ("ge", lambda b: v >= b, "at least"),
-            ("lt", lambda b: v < b, "less than"),
-            ("le", lambda b: v <= b, "at most"),
+            ("gt", operator.gt, "greater than"),
+            ("ge", operator.ge, "at least"),
+            ("lt", operator.lt, "less than"),
+            ("le", operator.le, "at most"),
         ]
         for key, ok, words in checks:
             bound = meta.get(key)
-            if bound is not None and not ok(bound):
+            if bound is not None and not ok(v, bound):
                 raise ParameterError(f"{owner}.{name} must be {words} {bound}, got {value!r}.")
 
 

@@ -22,8 +22,8 @@ import pandas as pd
 
 from ketamap.errors import InputNotFoundError, KetamapError, ManifestError
 from ketamap.params import did_you_mean
-from ketamap.tomlfile import check_keys, read_toml
 from ketamap.space import MAX_VOXEL_UM, check_orientation
+from ketamap.tomlfile import check_keys, read_toml
 
 __all__ = [
     "Imaging",
@@ -223,7 +223,8 @@ def _typed(value: Any, kind: type | tuple, what: str, where: str) -> Any:
 def _voxel_size(value: Any, where: str) -> tuple[float, float, float]:
     if not isinstance(value, list) or len(value) != 3:
         raise ManifestError(
-            f"voxel_size_um in {where} must be a list of three numbers (z, y, x) in µm, got {value!r}."
+            f"voxel_size_um in {where} must be a list of three numbers (z, y, x) in µm, "
+            f"got {value!r}."
         )
     out = []
     for v in value:
@@ -350,7 +351,8 @@ def parse_study(
         sid = _typed(sid, str, "id", where)
         if not sid or any(c in sid for c in '/\\:*?"<>|') or sid in (".", ".."):
             raise ManifestError(
-                f'Subject id "{sid}" in {where} must be a non-empty name without / \\ : * ? " < > |.'
+                f'Subject id "{sid}" in {where} must be a non-empty name '
+                'without / \\ : * ? " < > |.'
             )
         where = f'subject "{sid}"'
         if any(x.id == sid for x in subjects):

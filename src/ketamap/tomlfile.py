@@ -1,4 +1,4 @@
-"""Reading the TOML files users write (study manifests, sessions files), with one-sentence errors."""
+"""Read the TOML files users write (study manifests, sessions files), with one-sentence errors."""
 
 from __future__ import annotations
 

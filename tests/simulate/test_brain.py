@@ -1,4 +1,4 @@
-"""The brain simulator: deterministic, consistent with its own ground truth, realistic variability."""
+"""The brain simulator: deterministic, true to its own ground truth, realistic variability."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def sim(atlas, group=0, seed=0, **kw):
 def test_deterministic(atlas):
     a, b = sim(atlas, seed=3), sim(atlas, seed=3)
     np.testing.assert_array_equal(a.signal, b.signal)
-    np.testing.assert_array_equal(a.cells[["z_vox", "atlas_z_vox"]], b.cells[["z_vox", "atlas_z_vox"]])
+    cols = ["z_vox", "atlas_z_vox"]
+    np.testing.assert_array_equal(a.cells[cols], b.cells[cols])
     c = sim(atlas, seed=4)
     assert not np.array_equal(a.signal, c.signal)
 

@@ -1,4 +1,4 @@
-"""Simulators with known ground truth: the embedded default of the demo and the yardstick of tests."""
+"""Simulators with known ground truth: the demo's embedded default and the tests' yardstick."""
 
 from ketamap.simulate.brain import BrainParams, SimulatedBrain, simulate_brain
 from ketamap.simulate.cohort import simulate_census, true_effects

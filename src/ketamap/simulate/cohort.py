@@ -48,7 +48,7 @@ def subject_ids(scenario: Scenario, n_per_group: int) -> list[tuple[str, str]]:
 
 
 def true_effects(atlas, scenario: Scenario) -> pd.DataFrame:
-    """True fold change of every region (all hierarchy levels) for every contrast.
+    """Return the true fold change of every region (all levels) for every contrast.
 
     A parent's fold change is the baseline-count-weighted mean of its leaves'
     (what a perfect count of the parent would show).
@@ -287,7 +287,7 @@ def simulate_census(
 
 
 def to_dict_group(g) -> dict:
-    """A scenario group as a JSON-ready dict."""
+    """Return a scenario group as a JSON-ready dict."""
     return {
         "name": g.name,
         "dose_mg_per_kg": g.dose_mg_per_kg,
