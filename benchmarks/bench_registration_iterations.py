@@ -49,31 +49,10 @@ def _params(iterations: int):
 
 
 def simulated(atlas, deformation_um: float, iterations: int) -> dict:
-    from ketamap.simulate import BrainParams, simulate_brain
-    from ketamap.wholebrain.register import register_to_atlas
-
-    res = float(atlas.resolution_um[0])
-    brain = simulate_brain(
-        atlas,
-        fold_changes={},
-        densities={},
-        default_density=20.0,
-        params=BrainParams(
-            voxel_size_um=(50.0, 40.0, 40.0), orientation="psl", deformation_um=deformation_um
-        ),
-        seed=11,
+    brain, reg, _ = sim_bench.simulate_and_register(
+        atlas, 11, _params(iterations), deformation_um=deformation_um
     )
-    reg = register_to_atlas(
-        brain.background,
-        atlas.reference,
-        voxel_size_um=brain.voxel_size_um,
-        orientation=brain.orientation,
-        atlas_resolution_um=res,
-        atlas_orientation=atlas.orientation,
-        atlas_mask=atlas.annotation > 0,
-        params=_params(iterations),
-    )
-    row = sim_bench.score(atlas, brain, reg, res)
+    row = sim_bench.score(atlas, brain, reg, float(atlas.resolution_um[0]))
     level6 = {r["level"]: r["pct_true_region"] for r in row["pct_cells_true_region_per_level"]}[6]
     return {
         "median_tre_vox": row["median_tre_vox"],
@@ -113,26 +92,8 @@ def itself(atlas, iterations: int) -> dict:
     return out
 
 
-def real(atlas, brainreg_out: Path, iterations: int) -> dict:
-    from ketamap.io.volumes import open_volume
-    from ketamap.wholebrain.register import register_to_atlas, warp_labels_to_sample
-    from ketamap.wholebrain.transforms import dense_atlas_vox
-
-    image = open_volume(sim_bench.SHARED / "brainreg_brain" / "brain")
-    reg = register_to_atlas(
-        image,
-        atlas.reference,
-        voxel_size_um=(50, 40, 40),
-        orientation="psl",
-        atlas_resolution_um=atlas.resolution_um,
-        atlas_orientation=atlas.orientation,
-        atlas_mask=atlas.annotation > 0,
-        params=_params(iterations),
-    )
-    labels = warp_labels_to_sample(reg, atlas.annotation)
-    coords = dense_atlas_vox(
-        reg.sample_to_atlas, reg.prepared_shape_vox, atlas.resolution_um, step=1
-    )
+def real(brainreg_out: Path, iterations: int) -> dict:
+    atlas, _, labels, coords, _ = brainreg_bench.run_ketamap(_params(iterations))
     c = brainreg_bench.compare(atlas, labels, coords, brainreg_out)
     return {k: c[k] for k in ("map_distance_median_vox", "map_distance_p95_vox", "dice_brain")}
 
@@ -155,7 +116,7 @@ def main():
             "itself_median_error_vox": itself(atlas, iterations),
         }
         if args.brainreg_out:
-            row["real_vs_brainreg"] = real(atlas, args.brainreg_out, iterations)
+            row["real_vs_brainreg"] = real(args.brainreg_out, iterations)
         row["seconds"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(row), flush=True)
         rows.append(row)
