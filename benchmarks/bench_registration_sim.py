@@ -25,6 +25,7 @@ Results go to ``benchmarks/results/registration_simulated.json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -168,12 +169,12 @@ def score(atlas, brain, reg, res: float) -> dict:
     }
 
 
-def simulate_and_register(atlas, seed: int, params, deformation_um: float = 100.0):
-    """Simulate a brain (raw psl, 50 x 40 x 40 µm) and register it: (brain, registration, s)."""
+@functools.lru_cache(maxsize=4)
+def simulate(atlas, seed: int, deformation_um: float = 100.0):
+    """Simulate a brain (raw psl, 50 x 40 x 40 µm); cached for sweeps over parameters."""
     from ketamap.simulate import BrainParams, simulate_brain
-    from ketamap.wholebrain.register import register_to_atlas
 
-    brain = simulate_brain(
+    return simulate_brain(
         atlas,
         fold_changes={},
         densities={},
@@ -183,6 +184,13 @@ def simulate_and_register(atlas, seed: int, params, deformation_um: float = 100.
         ),
         seed=seed,
     )
+
+
+def simulate_and_register(atlas, seed: int, params, deformation_um: float = 100.0):
+    """Simulate a brain (see :func:`simulate`) and register it: (brain, registration, s)."""
+    from ketamap.wholebrain.register import register_to_atlas
+
+    brain = simulate(atlas, seed, deformation_um)
     t0 = time.perf_counter()
     reg = register_to_atlas(
         brain.background,

