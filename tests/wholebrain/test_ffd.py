@@ -129,3 +129,21 @@ def test_recovers_a_smooth_deformation_of_a_textured_volume():
     size = np.linalg.norm(u_true, axis=0)[inner[1:]]
     assert np.median(size) > 50  # the deformation is at least half a voxel (82 µm)
     assert np.median(error) < 0.2 * np.median(size)  # measured 0.14
+
+
+def test_empty_weight_leaves_the_identity():
+    image, bspline = _bspline()
+    moving = sitk.GetImageFromArray(np.ones((25, 20, 30), np.float32))
+    moving.SetSpacing([100.0] * 3)
+    _ffd.register_ffd(
+        moving,
+        moving,
+        sitk.AffineTransform(3),
+        bspline,
+        levels_um=(200.0,),
+        weight=np.zeros((25, 20, 30), np.float32),
+        bending_weight=0.01,
+        iterations=5,
+        window_um=500.0,
+    )
+    assert not np.any(bspline.GetParameters())

@@ -488,8 +488,8 @@ def test_50um_atlas_registers_on_the_100um_work_grid(truth):
     err_um = np.linalg.norm(
         found_um - truth(raw_to_prepared_um(cells, "psl", vs, sample.shape)), axis=1
     )
-    # measured: median 67 µm (100 µm atlas, test above: 69 µm, p95 191 µm); the
-    # B-spline stops early (5 iterations), see docs/registration.md
+    # measured: median 77 µm, p95 233 µm (100 µm atlas, test above: 76 µm); the p95
+    # comes from cells near the reference's box edge (see mapping_error)
     assert np.median(err_um) <= 90.0, np.median(err_um)
     assert np.percentile(err_um, 95) <= 250.0, np.percentile(err_um, 95)
     assert not reg.flagged, reg.qc

@@ -27,6 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
 
 logger = logging.getLogger(__name__)
 
@@ -159,10 +160,7 @@ class _Level:
         self.window = window
         shape = self.fixed.shape
         axes_um = [np.arange(n) * shrink * spacing_um[a] for a, n in enumerate(shape)]
-        self.mats = [
-            _weights(axes_um[a], origin[a], cspacing[a], cshape[a]).astype(np.float32)
-            for a in range(3)
-        ]
+        self.mats = [w.astype(np.float32) for w in _mats(geometry, axes_um)]
         grid = np.stack(np.meshgrid(*axes_um, indexing="ij"))
         # affine image of every fixed voxel (moving µm), (3, Z, Y, X)
         self.base = np.tensordot(affine_matrix, grid, axes=1) + affine_offset[:, None, None, None]
@@ -267,6 +265,11 @@ def register_ffd(
         ],
         axis=1,
     )
+    if not np.any(weight > 0):
+        # the affine put no sample voxel inside the atlas brain: nothing to fit (QC flags it)
+        logger.warning("B-spline stage skipped: no sample voxel maps into the atlas brain")
+        to_sitk_bspline(bspline, np.zeros((3, *_itk_geometry(bspline)[2])))
+        return bspline
     vox = float(spacing.min())
     full_axes = [np.arange(n) * spacing[a] for a, n in enumerate(f.shape)]
     fields = []  # (geometry, coefficients in µm) of the finished levels
@@ -303,13 +306,16 @@ def register_ffd(
             history.append((cc, be))
             return -cc + bending_weight * be, (-g_metric + bending_weight * g_be).ravel()
 
-        result = minimize(
-            cost,
-            start.ravel(),
-            jac=True,
-            method="L-BFGS-B",
-            options={"maxiter": iterations, "maxcor": 10, "gtol": 1e-10, "ftol": 1e-12},
-        )
+        # one BLAS thread: the matrices are small, and spinning BLAS threads of
+        # parallel registrations fight over the cores (2x slower with -j 2)
+        with threadpool_limits(limits=1, user_api="blas"):
+            result = minimize(
+                cost,
+                start.ravel(),
+                jac=True,
+                method="L-BFGS-B",
+                options={"maxiter": iterations, "maxcor": 10, "gtol": 1e-10, "ftol": 1e-12},
+            )
         fields.append((geometry, result.x.reshape(start.shape) * vox))
         logger.info(
             "FFD level %g µm: LNCC %.4f -> %.4f, bending %.3g, %d evaluations (%s)",
