@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 
 import dask.array as da
@@ -356,9 +357,13 @@ def dense_atlas_vox(transform, shape_vox, spacing_um, *, step: int = 2) -> np.nd
     out = np.empty((3, *shape), dtype=np.float32)
     for axis in range(3):
         comp = np.ascontiguousarray(disp[..., 2 - axis], dtype=np.float32)
-        up = ndi.affine_transform(
-            comp, [1.0 / step] * 3, output_shape=tuple(shape), order=1, mode="nearest"
-        )
+        with warnings.catch_warnings():
+            # a 1-D matrix is a diagonal one (40 % faster than the 2-D form); SciPy < 1.16
+            # warns that this changed in SciPy 0.18, which is the behaviour wanted here
+            warnings.filterwarnings("ignore", "The behavior of affine_transform", UserWarning)
+            up = ndi.affine_transform(
+                comp, [1.0 / step] * 3, output_shape=tuple(shape), order=1, mode="nearest"
+            )
         ramp = np.arange(shape[axis], dtype=np.float32).reshape(
             [-1 if a == axis else 1 for a in range(3)]
         )
