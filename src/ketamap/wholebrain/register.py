@@ -136,7 +136,9 @@ class RegistrationParams:
     )
     metric: str = field(
         default="mattes",
-        metadata=bounds(choices=("mattes", "correlation"), doc="similarity metric"),
+        metadata=bounds(
+            choices=("mattes", "correlation"), doc="similarity metric of the affine stage"
+        ),
     )
     histogram_bins: int = field(
         default=32, metadata=bounds(ge=8, le=256, doc="Mattes mutual information bins")
