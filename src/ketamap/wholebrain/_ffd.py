@@ -29,6 +29,8 @@ from scipy import ndimage as ndi
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
+from ketamap.wholebrain.transforms import linear_part
+
 logger = logging.getLogger(__name__)
 
 
@@ -256,15 +258,7 @@ def register_ffd(
     spacing = np.asarray(fixed.GetSpacing(), float)[::-1]
     f = sitk.GetArrayFromImage(fixed).astype(np.float32)
     m = sitk.GetArrayFromImage(moving).astype(np.float32)
-    # the affine as matrix and offset in (z, y, x), read off the transform at four points
-    offset = np.asarray(affine.TransformPoint((0.0, 0.0, 0.0)), float)[::-1]
-    matrix = np.stack(
-        [
-            np.asarray(affine.TransformPoint(tuple(np.eye(3)[2 - k])), float)[::-1] - offset
-            for k in range(3)
-        ],
-        axis=1,
-    )
+    matrix, offset = linear_part(affine)  # affine(x) = matrix @ x + offset, (z, y, x)
     if not np.any(weight > 0):
         # the affine put no sample voxel inside the atlas brain: nothing to fit (QC flags it)
         logger.warning("B-spline stage skipped: no sample voxel maps into the atlas brain")

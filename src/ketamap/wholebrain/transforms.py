@@ -386,6 +386,24 @@ def jacobian_stats(transform, shape_vox, spacing_um, fixed_mask) -> tuple[float,
     return float(values.min()), float(np.mean(values <= 0))
 
 
+def linear_part(transform, at_um=(0.0, 0.0, 0.0), step_um: float = 100.0):
+    """Linear part ``A`` and image ``T(at)`` of a (locally) affine transform, in (z, y, x).
+
+    Finite differences over ``step_um`` at ``at_um`` (exact for an affine
+    transform), so that ``T(x) ~ T(at) + A (x - at)`` with all points (z, y, x) µm.
+    """
+    at = np.asarray(at_um, dtype=float)
+    p0 = np.asarray(transform.TransformPoint(tuple(float(v) for v in at[::-1])))[::-1]
+    cols = [
+        np.asarray(transform.TransformPoint(tuple(float(v) for v in (at + step_um * e)[::-1])))[
+            ::-1
+        ]
+        - p0
+        for e in np.eye(3)
+    ]
+    return np.stack(cols, axis=1) / step_um, p0
+
+
 def affine_summary(transform, centre_um) -> tuple[np.ndarray, float, bool]:
     """Scale, rotation and handedness of a (locally) affine transform at a point.
 
@@ -412,14 +430,7 @@ def affine_summary(transform, centre_um) -> tuple[np.ndarray, float, bool]:
     mirrored : bool
         ``det A < 0``: the transform flips the brain's handedness.
     """
-    c = np.asarray(centre_um, dtype=float)[::-1]  # ITK (x, y, z)
-    h = 100.0
-    p0 = np.asarray(transform.TransformPoint(tuple(float(v) for v in c)))
-    cols = [
-        (np.asarray(transform.TransformPoint(tuple(float(v) for v in c + h * e))) - p0) / h
-        for e in np.eye(3)
-    ]
-    a = np.stack(cols, axis=1)
+    a, _ = linear_part(transform, centre_um)  # scales, det and angle are axis-order blind
     u, s, vt = np.linalg.svd(a)
     rot = u @ vt
     mirrored = bool(np.linalg.det(a) < 0)
