@@ -2,7 +2,8 @@
 
 Every engine gets the same inputs: the sample *prepared* by ketamap
 (reoriented to asr and resampled to the atlas resolution), the atlas
-reference and the atlas brain mask. Each returns a dense map: for every
+reference and the atlas annotation (ketamap uses its regions, the others
+its brain mask). Each returns a dense map: for every
 prepared voxel, the atlas voxel coordinate it corresponds to (3, Z, Y, X).
 The map is obtained by warping coordinate ramps of the atlas grid with each
 engine's own resampler, so no transform-direction convention is involved.
@@ -58,7 +59,7 @@ def _ramps(shape):
     ]
 
 
-def engine_sitk(fixed, moving, mask, res):
+def engine_sitk(fixed, moving, labels, res):
     from ketamap.wholebrain.register import register_to_atlas
     from ketamap.wholebrain.transforms import dense_atlas_vox
 
@@ -68,17 +69,17 @@ def engine_sitk(fixed, moving, mask, res):
         voxel_size_um=res,
         orientation="asr",
         atlas_resolution_um=res,
-        atlas_mask=mask > 0,
+        atlas_labels=labels,
     )
     return dense_atlas_vox(reg.sample_to_atlas, fixed.shape, (res,) * 3)
 
 
-def engine_ants(fixed, moving, mask, res):
+def engine_ants(fixed, moving, labels, res):
     import ants
 
     f = ants.from_numpy(fixed.astype(np.float32), spacing=(res,) * 3)
     m = ants.from_numpy(moving.astype(np.float32), spacing=(res,) * 3)
-    mm = ants.from_numpy(mask.astype(np.float32), spacing=(res,) * 3)
+    mm = ants.from_numpy((labels > 0).astype(np.float32), spacing=(res,) * 3)
     out = ants.registration(f, m, type_of_transform="SyN", moving_mask=mm, random_seed=1)
     coords = []
     for ramp in _ramps(moving.shape):
@@ -90,14 +91,14 @@ def engine_ants(fixed, moving, mask, res):
     return np.stack(coords).astype(np.float32)
 
 
-def engine_elastix(fixed, moving, mask, res):
+def engine_elastix(fixed, moving, labels, res):
     import itk
 
     f = itk.image_from_array(np.ascontiguousarray(fixed.astype(np.float32)))
     m = itk.image_from_array(np.ascontiguousarray(moving.astype(np.float32)))
     for im in (f, m):
         im.SetSpacing([res] * 3)
-    mm = itk.image_from_array(np.ascontiguousarray(mask.astype(np.uint8)))
+    mm = itk.image_from_array(np.ascontiguousarray((labels > 0).astype(np.uint8)))
     mm.SetSpacing([res] * 3)
     po = itk.ParameterObject.New()
     affine = po.GetDefaultParameterMap("affine")
@@ -131,7 +132,7 @@ ENGINES = {"simpleitk": engine_sitk, "antspyx": engine_ants, "itk-elastix": engi
 def child(args):
     data = np.load(args.inputs)
     t0 = time.perf_counter()
-    coords = ENGINES[args.child](data["fixed"], data["moving"], data["mask"], float(data["res"]))
+    coords = ENGINES[args.child](data["fixed"], data["moving"], data["labels"], float(data["res"]))
     seconds = time.perf_counter() - t0
     coords = np.where(coords < -1000, np.nan, coords)
     np.save(args.output, coords.astype(np.float32))
@@ -148,12 +149,11 @@ def child(args):
 
 
 def run_engine(engine, fixed, atlas, res, python):
-    """Register ``fixed`` to the atlas reference (masked by the annotation) with one engine."""
+    """Register ``fixed`` to the atlas reference (with the annotation) with one engine."""
     moving = atlas.reference.astype(np.float32)
-    mask = (atlas.annotation > 0).astype(np.uint8)
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "in.npz"
-        np.savez(inputs, fixed=fixed, moving=moving, mask=mask, res=res)
+        np.savez(inputs, fixed=fixed, moving=moving, labels=atlas.annotation, res=res)
         out = Path(tmp) / "coords.npy"
         env = dict(
             os.environ,

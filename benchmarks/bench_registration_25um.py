@@ -82,7 +82,7 @@ def run(resolution_um: float, engine: str) -> dict:
         orientation="psl",
         atlas_resolution_um=atlas.resolution_um,
         atlas_orientation=atlas.orientation,
-        atlas_mask=atlas.annotation > 0,
+        atlas_labels=atlas.annotation,
         params=RegistrationParams(engine=engine, n_threads=2),
     )
     t1 = time.perf_counter()

@@ -127,7 +127,7 @@ def run_ketamap(params):
         orientation="psl",
         atlas_resolution_um=atlas.resolution_um,
         atlas_orientation=atlas.orientation,
-        atlas_mask=atlas.annotation > 0,
+        atlas_labels=atlas.annotation,
         params=params,
     )
     labels = warp_labels_to_sample(reg, atlas.annotation)

@@ -59,7 +59,7 @@ def main():
             orientation=code,
             atlas_resolution_um=atlas.resolution_um,
             atlas_orientation=atlas.orientation,
-            atlas_mask=atlas.annotation > 0,
+            atlas_labels=atlas.annotation,
             params=RegistrationParams(n_threads=2),
         )
         q = reg.qc

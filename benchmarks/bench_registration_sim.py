@@ -214,7 +214,7 @@ def simulate_and_register(atlas, seed: int, params, deformation_um: float = 100.
         orientation=brain.orientation,
         atlas_resolution_um=atlas.resolution_um,
         atlas_orientation=atlas.orientation,
-        atlas_mask=atlas.annotation > 0,
+        atlas_labels=atlas.annotation,
         params=params,
     )
     return brain, reg, time.perf_counter() - t0

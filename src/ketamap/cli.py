@@ -369,7 +369,7 @@ def register(
         orientation=orientation,
         atlas_resolution_um=at.resolution_um,
         atlas_orientation=at.orientation,
-        atlas_mask=at.annotation > 0,
+        atlas_labels=at.annotation,
         params=params,
     )
     with atomic_dir(out_dir) as tmp:

@@ -364,7 +364,7 @@ def run_subject(
                 orientation=subject.orientation,
                 atlas_resolution_um=atlas.resolution_um,
                 atlas_orientation=atlas.orientation,
-                atlas_mask=atlas.annotation > 0,
+                atlas_labels=atlas.annotation,
                 params=reg_params,
             )
             write_registration(

@@ -85,10 +85,13 @@ def test_bending_energy_is_zero_for_affine_fields_and_its_gradient_is_exact():
         assert grad[idx] == pytest.approx(numeric, rel=1e-5)
 
 
-def test_recovers_a_smooth_deformation_of_a_textured_volume():
-    rng = np.random.default_rng(4)
-    shape = (40, 36, 44)
-    moving = ndi.gaussian_filter(rng.normal(size=shape), 2.0).astype(np.float32)
+def _recovery_error(moving, gain=None, labels=None, seed=4):
+    """Warp ``moving`` (times ``gain``) by a random smooth B-spline, register it back.
+
+    Returns (median error, median displacement) in µm over the inner voxels.
+    """
+    rng = np.random.default_rng(seed)
+    shape = moving.shape
     image, bspline = _bspline(shape, 100.0, (3, 3, 3))
     origin, spacing, cshape = _ffd._itk_geometry(bspline)
     true = np.zeros((3, *cshape))
@@ -96,10 +99,11 @@ def test_recovers_a_smooth_deformation_of_a_textured_volume():
     axes = [np.arange(n) * 100.0 for n in shape]
     mats = [_ffd._weights(axes[a], origin[a], spacing[a], cshape[a]) for a in range(3)]
     u_true = _ffd._apply(mats, true)
-    fixed = ndi.map_coordinates(moving, np.indices(shape) + u_true / 100.0, order=3, mode="nearest")
+    sample = moving if gain is None else moving * gain
+    fixed = ndi.map_coordinates(sample, np.indices(shape) + u_true / 100.0, order=1, mode="nearest")
     fixed_image = sitk.GetImageFromArray(fixed.astype(np.float32))
     fixed_image.SetSpacing([100.0] * 3)
-    moving_image = sitk.GetImageFromArray(moving)
+    moving_image = sitk.GetImageFromArray(moving.astype(np.float32))
     moving_image.SetSpacing([100.0] * 3)
     _ffd.register_ffd(
         fixed_image,
@@ -111,24 +115,66 @@ def test_recovers_a_smooth_deformation_of_a_textured_volume():
         bending_weight=0.001,
         iterations=100,
         window_um=500.0,
+        moving_labels=labels,
     )
-    found = np.asarray(bspline.GetParameters())
-    truth = np.concatenate([true[2].ravel(), true[1].ravel(), true[0].ravel()])
-    inner = (slice(None), slice(8, -8), slice(8, -8), slice(8, -8))
-    found_u = _ffd._apply(
-        mats,
-        np.stack(
-            [
-                found[2 * truth.size // 3 :].reshape(cshape),
-                found[truth.size // 3 : 2 * truth.size // 3].reshape(cshape),
-                found[: truth.size // 3].reshape(cshape),
-            ]
-        ),
+    found = np.asarray(bspline.GetParameters()).reshape(3, -1)[::-1]  # ITK stores x, y, z
+    found_u = _ffd._apply(mats, found.reshape(3, *cshape))
+    inner = (slice(8, -8),) * 3
+    error = np.linalg.norm(found_u - u_true, axis=0)[inner]
+    size = np.linalg.norm(u_true, axis=0)[inner]
+    return float(np.median(error)), float(np.median(size))
+
+
+def test_recovers_a_smooth_deformation_of_a_textured_volume():
+    rng = np.random.default_rng(4)
+    moving = ndi.gaussian_filter(rng.normal(size=(40, 36, 44)), 2.0)
+    error, size = _recovery_error(moving)
+    assert size > 50  # the deformation is at least half a voxel (82 µm)
+    assert error < 0.2 * size  # measured 0.14
+
+
+def _regions(shape, n, seed):
+    """Voronoi regions 1..n of random seeds: an annotation without any intensity edge."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0, 1, (n, 3)) * shape
+    grid = np.indices(shape).reshape(3, -1).T
+    nearest = np.argmin(((grid[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
+    return (nearest + 1).reshape(shape).astype(np.uint32)
+
+
+def test_match_region_contrast_recovers_region_gains():
+    rng = np.random.default_rng(5)
+    shape = (20, 18, 22)
+    labels = _regions(shape, 12, 0)
+    labels[:2] = 0  # outside the brain
+    moving = (1 + 0.3 * ndi.gaussian_filter(rng.normal(size=shape), 1.5)).astype(np.float32)
+    gains = np.exp(rng.normal(0, 0.3, 13))
+    gains[5] = 20.0  # implausible: clipped
+    fixed = moving * gains[labels]
+    index = np.indices(shape).astype(float)
+    rescaled, found = _ffd.match_region_contrast(
+        fixed, moving, labels, np.ones(shape), index, max_gain=2.0
     )
-    error = np.linalg.norm(found_u - u_true, axis=0)[inner[1:]]
-    size = np.linalg.norm(u_true, axis=0)[inner[1:]]
-    assert np.median(size) > 50  # the deformation is at least half a voxel (82 µm)
-    assert np.median(error) < 0.2 * np.median(size)  # measured 0.14
+    ratio = fixed / rescaled
+    brain = (labels > 0) & (labels != 5)
+    # every region now has the sample's contrast, up to one common factor
+    assert np.ptp(np.log(ratio[brain])) < 1e-5
+    np.testing.assert_allclose(rescaled[labels == 0], moving[labels == 0])
+    assert rescaled[labels == 5][0] / moving[labels == 5][0] == pytest.approx(2.0)
+    assert found.size == 12 and found.max() == pytest.approx(2.0)
+
+
+def test_region_contrast_keeps_boundaries_where_regions_differ_in_gain():
+    """A gain that jumps at region boundaries pulls LNCC; matching the contrast does not."""
+    rng = np.random.default_rng(4)
+    shape = (40, 36, 44)
+    labels = _regions(shape, 40, 1)
+    moving = 1 + 0.3 * ndi.gaussian_filter(rng.normal(size=shape), 2.0)
+    gain = np.exp(np.random.default_rng(2).normal(0, 0.3, 41))[labels]
+    plain, size = _recovery_error(moving, gain)
+    matched, _ = _recovery_error(moving, gain, labels)
+    assert size > 50
+    assert matched < 0.75 * plain, (matched, plain)  # measured 13 µm against 36 (no gain: 9)
 
 
 def test_empty_weight_leaves_the_identity():

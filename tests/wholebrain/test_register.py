@@ -421,6 +421,8 @@ def test_qc_flags_wrong_orientation(reference, truth):
         (dict(orientation="pps"), InputError, "orientation"),
         (dict(atlas_orientation="asx"), InputError, "atlas_orientation"),
         (dict(atlas_resolution_um=float("nan")), InputError, "atlas_resolution_um"),
+        (dict(atlas_labels=np.zeros(ATLAS_SHAPE)), InputError, "atlas_labels .*integer"),
+        (dict(atlas_labels=np.zeros((5, 5, 5), np.uint32)), InputError, "atlas_labels has shape"),
     ],
 )
 def test_bad_inputs_raise_one_sentence(reference, kwargs, error, words):

@@ -137,7 +137,7 @@ def _register(simulated, *, orientation="psl", scale=1.0):
         brain.background, atlas.reference,
         voxel_size_um=tuple(scale * v for v in brain.voxel_size_um), orientation=orientation,
         atlas_resolution_um=atlas.resolution_um, atlas_orientation=atlas.orientation,
-        atlas_mask=atlas.annotation > 0,
+        atlas_labels=atlas.annotation,
     )
 
 

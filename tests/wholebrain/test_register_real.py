@@ -31,7 +31,7 @@ def real(shared_data):
     image = open_volume(shared_data / "brainreg_brain" / "brain")
     reg = register_to_atlas(image, atlas.reference, voxel_size_um=(50, 40, 40),
                             orientation="psl", atlas_resolution_um=atlas.resolution_um,
-                            atlas_orientation=atlas.orientation, atlas_mask=atlas.annotation > 0)
+                            atlas_orientation=atlas.orientation, atlas_labels=atlas.annotation)
     return atlas, image, reg
 
 

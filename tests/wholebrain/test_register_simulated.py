@@ -46,7 +46,7 @@ def simulated(shared_data):
         orientation=brain.orientation,
         atlas_resolution_um=atlas.resolution_um,
         atlas_orientation=atlas.orientation,
-        atlas_mask=atlas.annotation > 0,
+        atlas_labels=atlas.annotation,
         params=RegistrationParams(n_threads=1),
     )
     return atlas, brain, reg
@@ -174,7 +174,7 @@ def test_noisy_allen_reference_registers_to_itself(simulated):
             orientation=atlas.orientation,
             atlas_resolution_um=atlas.resolution_um,
             atlas_orientation=atlas.orientation,
-            atlas_mask=atlas.annotation > 0,
+            atlas_labels=atlas.annotation,
             params=RegistrationParams(deformable=False, histogram_bins=bins, n_threads=1),
         )
         err = np.linalg.norm(cells_to_atlas(reg, points) - points, axis=1)

@@ -114,6 +114,13 @@ class RegistrationParams:
         default=50,
         metadata=bounds(gt=0, doc="L-BFGS-B iterations per B-spline level"),
     )
+    bspline_region_contrast: bool = field(
+        default=True,
+        metadata=bounds(
+            doc="rescale the reference to the sample's contrast region by region before "
+            "every B-spline level after the first (needs atlas labels)"
+        ),
+    )
     bspline_levels_um: tuple[float, ...] = field(
         default=(400.0, 200.0),
         metadata=bounds(gt=0, doc="B-spline levels, effective voxel size per level (µm)"),
@@ -361,8 +368,11 @@ def _affine(fixed, moving, params, mask):
     return initial, affine
 
 
-def _bspline(fixed, moving, affine, params, moving_mask):
+def _bspline(fixed, moving, affine, params, moving_mask, labels=None):
     """Regularised B-spline stage: ``x -> affine(x + u(x))``, see :func:`register_ffd`.
+
+    ``labels``: atlas region ids on the moving grid, for
+    ``params.bspline_region_contrast``.
 
     Each level halves the control spacing of the one before (the finest is about
     ``bspline_grid_spacing_um``), so the grids nest and the coarse levels' fields
@@ -389,6 +399,7 @@ def _bspline(fixed, moving, affine, params, moving_mask):
         iterations=params.bspline_iterations,
         window_um=params.bspline_window_um,
         meshes=meshes,
+        moving_labels=labels if params.bspline_region_contrast else None,
     )
     # CompositeTransform applies its list last-to-first: x -> affine(bspline(x)).
     composite = sitk.CompositeTransform([affine, bspline])
@@ -408,6 +419,7 @@ def register_to_atlas(
     atlas_resolution_um,
     atlas_orientation: str = "asr",
     atlas_mask: np.ndarray | None = None,
+    atlas_labels: np.ndarray | None = None,
     params: RegistrationParams | None = None,
 ) -> Registration:
     """Register a whole-brain sample to an atlas reference image.
@@ -431,6 +443,11 @@ def register_to_atlas(
         metric (dilated by 3 voxels) and defines the atlas brain for QC; when
         absent the brain is found by Otsu's threshold on the reference (and
         restricts only the B-spline's metric).
+    atlas_labels : (Z, Y, X) integer ndarray, optional
+        Atlas annotation (region ids, 0 outside the brain). The B-spline stage
+        uses it to match the reference's contrast to the sample's region by
+        region (``params.bspline_region_contrast``); it is also the brain mask
+        (``atlas_labels > 0``) when ``atlas_mask`` is not given.
     params : RegistrationParams, optional
         Defaults to ``RegistrationParams()``.
 
@@ -469,6 +486,19 @@ def register_to_atlas(
     vs = check_voxel_size(voxel_size_um)
     res = check_voxel_size(atlas_resolution_um, where="atlas_resolution_um")
     atlas_reference = check_volume(atlas_reference, "atlas_reference")
+    if atlas_labels is not None:
+        atlas_labels = np.asarray(atlas_labels)
+        if not np.issubdtype(atlas_labels.dtype, np.integer):
+            raise InputError(
+                f"atlas_labels must hold integer region ids, not {atlas_labels.dtype} values."
+            )
+        if atlas_labels.shape != atlas_reference.shape:
+            raise InputError(
+                f"atlas_labels has shape {atlas_labels.shape} but atlas_reference has shape "
+                f"{atlas_reference.shape}; they must match."
+            )
+        if atlas_mask is None:
+            atlas_mask = atlas_labels > 0
     if atlas_mask is not None:
         atlas_mask = np.asarray(atlas_mask).astype(bool)
         if atlas_mask.shape != atlas_reference.shape:
@@ -535,7 +565,11 @@ def register_to_atlas(
                 initial, transform = _affine(fixed, moving, params, metric_mask)
                 affine = transform
                 if params.deformable:
-                    transform = _bspline(fixed, moving, transform, params, brain_region)
+                    labels = None
+                    if atlas_labels is not None:
+                        # work voxel i is atlas voxel i * factor (as in _decimate)
+                        labels = np.ascontiguousarray(atlas_labels[::factor, ::factor, ::factor])
+                    transform = _bspline(fixed, moving, transform, params, brain_region, labels)
                 else:
                     transform = sitk.CompositeTransform([transform])
                     transform.FlattenTransform()
