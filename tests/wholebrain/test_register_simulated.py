@@ -69,9 +69,10 @@ def test_simulated_allen_brain_meets_tre_and_cell_targets(simulated):
     found = cells_to_atlas(reg, cells[["z_vox", "y_vox", "x_vox"]].to_numpy(float))
     true = cells[["atlas_z_vox", "atlas_y_vox", "atlas_x_vox"]].to_numpy(float)
     err = np.linalg.norm(found - true, axis=1)
-    # benchmark (2 threads): median 0.12, p95 0.26 atlas voxels (target: median <= 1.5);
-    # the bound below catches a loss of the B-spline's gain (affine alone: 0.21)
-    assert np.median(err) <= 0.17, np.median(err)
+    # measured: median 0.098, p95 0.24 atlas voxels (target: median <= 1.5); the bound
+    # catches a loss of the per-region contrast matching (0.120 without) or of the
+    # B-spline (affine alone: 0.21)
+    assert np.median(err) <= 0.11, np.median(err)
     onto = atlas.ontology
     found_ids = np.asarray(atlas.labels_at(found)[0], dtype=np.int64)
     true_ids = cells["region_id"].to_numpy(np.int64)
@@ -83,7 +84,7 @@ def test_simulated_allen_brain_meets_tre_and_cell_targets(simulated):
         deep = np.asarray([onto.depth(int(r)) >= level for r in ids])[inverse]
         if deep.any():
             pct[level] = 100 * np.mean(t[deep] == f[deep])
-    # benchmark: 99.4 99.3 99.2 99.1 98.9 98.7 98.2 96.4 95.9 at levels 1-9 (target 95 %)
+    # measured: 99.5 99.5 99.4 99.3 99.2 99.0 98.5 97.2 96.4 at levels 1-9 (target 95 %)
     assert min(pct.values()) >= 95.0, pct
 
 
@@ -144,8 +145,10 @@ def test_simulated_allen_brain_division_dice(simulated):
                 d = 2 * n_both.get(rid, 0) / (n + n_found.get(rid, 0))
                 if d < 0.85:
                     failing[onto.acronym(int(rid))] = round(d, 3)
-    # benchmark: 1 of 287 (alv, 1.5 mm³, 0.80); 36 with the unregularised B-spline
-    assert len(failing) <= 2, failing
+    # measured: none of 287 (lowest ENTm3 0.862, lotg 0.869, alv 0.879); 1 without the
+    # per-region contrast matching (alv 0.80), 36 with the unregularised B-spline. Other
+    # seeds still lose up to 2 sheets one voxel thick (docs/registration.md).
+    assert not failing, failing
 
 
 @pytest.mark.slow
