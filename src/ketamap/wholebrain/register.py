@@ -371,12 +371,10 @@ def _affine(fixed, moving, params, mask):
 def _bspline(fixed, moving, affine, params, moving_mask, labels=None):
     """Regularised B-spline stage: ``x -> affine(x + u(x))``, see :func:`register_ffd`.
 
-    ``labels``: atlas region ids on the moving grid, for
-    ``params.bspline_region_contrast``.
-
     Each level halves the control spacing of the one before (the finest is about
     ``bspline_grid_spacing_um``), so the grids nest and the coarse levels' fields
-    are exactly representable on the finest grid.
+    are exactly representable on the finest grid. ``labels`` (atlas region ids on
+    the moving grid) serve ``params.bspline_region_contrast``.
     """
     n_levels = len(params.bspline_levels_um)
     coarsest = grid_mesh_size(
