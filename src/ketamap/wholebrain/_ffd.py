@@ -173,9 +173,10 @@ def match_region_contrast(
         ``moving`` times its region's gain, from the least-squares fit of
         ``fixed = gain[region] * warped moving + offset`` (one offset for the
         brain), relative to the median gain over regions and clipped to
-        [1 / max_gain, max_gain]. Regions with fewer
-        than ``min_voxels`` usable voxels, and the outside (label 0), keep
-        gain 1.
+        [1 / max_gain, max_gain] (a region whose fitted gain is not positive,
+        such as one with no tissue in the sample, gets ``1 / max_gain``).
+        Regions with fewer than ``min_voxels`` usable voxels, and the outside
+        (label 0), keep gain 1.
     gains : (n_regions,) ndarray
         The gain of each region found, for the log.
     """
@@ -338,6 +339,10 @@ def register_ffd(
     spacing = np.asarray(fixed.GetSpacing(), float)[::-1]
     f = sitk.GetArrayFromImage(fixed).astype(np.float32)
     m = sitk.GetArrayFromImage(moving).astype(np.float32)
+    if moving_labels is not None and moving_labels.shape != m.shape:
+        raise ValueError(
+            f"moving_labels has shape {moving_labels.shape}, the moving image {m.shape}."
+        )
     matrix, offset = linear_part(affine)  # affine(x) = matrix @ x + offset, (z, y, x)
     if not np.any(weight > 0):
         # the affine put no sample voxel inside the atlas brain: nothing to fit (QC flags it)

@@ -439,8 +439,9 @@ def register_to_atlas(
     atlas_mask : (Z, Y, X) bool ndarray, optional
         Brain mask on the atlas grid (e.g. ``annotation > 0``). It restricts the
         metric (dilated by 3 voxels) and defines the atlas brain for QC; when
-        absent the brain is found by Otsu's threshold on the reference (and
-        restricts only the B-spline's metric).
+        absent it is ``atlas_labels > 0``, and without labels either the brain
+        is found by Otsu's threshold on the reference (and restricts only the
+        B-spline's metric).
     atlas_labels : (Z, Y, X) integer ndarray, optional
         Atlas annotation (region ids, 0 outside the brain). The B-spline stage
         uses it to match the reference's contrast to the sample's region by
@@ -495,6 +496,8 @@ def register_to_atlas(
                 f"atlas_labels has shape {atlas_labels.shape} but atlas_reference has shape "
                 f"{atlas_reference.shape}; they must match."
             )
+        if not atlas_labels.any():
+            raise InputError("atlas_labels holds no region (all zero); it must mark the brain.")
         if atlas_mask is None:
             atlas_mask = atlas_labels > 0
     if atlas_mask is not None:
