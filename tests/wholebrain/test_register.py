@@ -424,6 +424,7 @@ def test_qc_flags_wrong_orientation(reference, truth):
         (dict(atlas_labels=np.zeros(ATLAS_SHAPE)), InputError, "atlas_labels .*integer"),
         (dict(atlas_labels=np.zeros((5, 5, 5), np.uint32)), InputError, "atlas_labels has shape"),
         (dict(atlas_labels=np.zeros(ATLAS_SHAPE, np.uint32)), InputError, "atlas_labels holds no"),
+        (dict(atlas_mask=np.zeros(ATLAS_SHAPE, bool)), InputError, "atlas_mask holds no"),
     ],
 )
 def test_bad_inputs_raise_one_sentence(reference, kwargs, error, words):

@@ -491,24 +491,20 @@ def register_to_atlas(
             raise InputError(
                 f"atlas_labels must hold integer region ids, not {atlas_labels.dtype} values."
             )
-        if atlas_labels.shape != atlas_reference.shape:
-            raise InputError(
-                f"atlas_labels has shape {atlas_labels.shape} but atlas_reference has shape "
-                f"{atlas_reference.shape}; they must match."
-            )
-        if not atlas_labels.any():
-            raise InputError("atlas_labels holds no region (all zero); it must mark the brain.")
-        if atlas_mask is None:
-            atlas_mask = atlas_labels > 0
     if atlas_mask is not None:
         atlas_mask = np.asarray(atlas_mask).astype(bool)
-        if atlas_mask.shape != atlas_reference.shape:
+    for name, array in (("atlas_labels", atlas_labels), ("atlas_mask", atlas_mask)):
+        if array is None:
+            continue
+        if array.shape != atlas_reference.shape:
             raise InputError(
-                f"atlas_mask has shape {atlas_mask.shape} but atlas_reference has shape "
+                f"{name} has shape {array.shape} but atlas_reference has shape "
                 f"{atlas_reference.shape}; they must match."
             )
-        if not atlas_mask.any():
-            raise InputError("atlas_mask is empty; it must mark the brain.")
+        if not array.any():
+            raise InputError(f"{name} holds no brain voxel (all zero); it must mark the brain.")
+    if atlas_mask is None and atlas_labels is not None:
+        atlas_mask = atlas_labels > 0
 
     prepared = prepare_sample(
         sample,
