@@ -193,7 +193,7 @@ def simulate(atlas, seed: int, deformation_um: float = 100.0):
         atlas,
         fold_changes={},
         densities={},
-        default_density=20.0,
+        default_density=100.0,  # cells per mm³: ~2,700 at the deepest level scored
         params=BrainParams(
             voxel_size_um=(50.0, 40.0, 40.0), orientation="psl", deformation_um=deformation_um
         ),

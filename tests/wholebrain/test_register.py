@@ -499,3 +499,45 @@ def test_50um_atlas_registers_on_the_100um_work_grid(truth):
     assert not reg.flagged, reg.qc
     labels = warp_labels_to_sample(reg, (reference > 0.5).astype(np.uint8))
     assert labels.shape == reg.prepared_shape_vox
+
+
+# --------------------------------------------------------------------------- blur matching
+
+
+@pytest.mark.parametrize("true_sigma_um", [0.0, 60.0, 100.0])
+def test_matching_blur_recovers_the_sample_blur_under_noise(true_sigma_um):
+    from ketamap.wholebrain.transforms import matching_blur
+
+    rng = np.random.default_rng(1)
+    reference = ndi.gaussian_filter(rng.normal(size=(48, 48, 48)), 1.0).astype(np.float32)
+    sample = ndi.gaussian_filter(reference, true_sigma_um / 50.0) if true_sigma_um else reference
+    # noise as large as the signal lowers every candidate's correlation alike
+    sample = sample + rng.normal(0, float(sample.std()), sample.shape).astype(np.float32)
+    mask = np.zeros(sample.shape, bool)
+    mask[4:-4, 4:-4, 4:-4] = True
+    sigmas = np.arange(0.0, 200.1, 12.5)
+    sigma, correlations = matching_blur(sample, reference, mask, sigmas, 50.0)
+    assert len(correlations) == len(sigmas)
+    assert abs(sigma - true_sigma_um) <= 12.5, (sigma, correlations)
+
+
+def test_reference_blur_is_chosen_and_reported(reference, truth):
+    """A sample blurred by 100 µm gets a blurred reference; the choice is in the QC."""
+    vs = (100.0, 100.0, 100.0)
+    sample, _ = make_sample("asr", vs, truth, gradient=0.0)
+    blurred = ndi.gaussian_filter(sample, 1.0)
+    common = dict(
+        voxel_size_um=vs,
+        orientation="asr",
+        atlas_resolution_um=ATLAS_RES_UM,
+        atlas_orientation="asr",
+    )
+    on = register_to_atlas(blurred, reference, **common, params=RegistrationParams(deformable=False))
+    assert 50.0 <= on.qc["reference_blur_um"] <= 150.0, on.qc["reference_blur_um"]
+    off = register_to_atlas(
+        blurred,
+        reference,
+        **common,
+        params=RegistrationParams(deformable=False, match_reference_blur=False),
+    )
+    assert off.qc["reference_blur_um"] is None

@@ -40,6 +40,7 @@ from ketamap.wholebrain.transforms import (
     dense_atlas_vox,
     flatten_intensity,
     grid_mesh_size,
+    matching_blur,
     normalise_intensity,
     prepare_sample,
     prepared_shape,
@@ -93,6 +94,17 @@ class RegistrationParams:
     affine_levels_um: tuple[float, ...] = field(
         default=(800.0, 400.0, 200.0),
         metadata=bounds(gt=0, doc="affine levels, effective voxel size per level (µm)"),
+    )
+    match_reference_blur: bool = field(
+        default=True,
+        metadata=bounds(
+            doc="blur the reference to the sample's sharpness (chosen by correlation after "
+            "the affine stage, which is then refined; SimpleITK engine)"
+        ),
+    )
+    max_reference_blur_um: float = field(
+        default=200.0,
+        metadata=bounds(ge=0, doc="largest Gaussian sigma tried for the reference blur (µm)"),
     )
     deformable: bool = field(
         default=True,
@@ -342,7 +354,8 @@ def _decimate(array, factor: int) -> np.ndarray:
     )
 
 
-def _affine(fixed, moving, params, mask):
+def _affine(fixed, moving, params, mask, start=None):
+    """Affine stage from the moments' centring, or refined from ``start`` when given."""
     initial = sitk.CenteredTransformInitializer(
         fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS
     )
@@ -357,7 +370,7 @@ def _affine(fixed, moving, params, mask):
     reg.SetOptimizerScalesFromPhysicalShift()
     if mask is not None:
         reg.SetMetricMovingMask(mask)
-    reg.SetInitialTransform(initial, inPlace=False)
+    reg.SetInitialTransform(initial if start is None else start, inPlace=False)
     affine = reg.Execute(fixed, moving)
     logger.info(
         "affine stage: metric %.4f after %d iterations (%s)",
@@ -366,6 +379,48 @@ def _affine(fixed, moving, params, mask):
         reg.GetOptimizerStopConditionDescription(),
     )
     return initial, affine
+
+
+def _work_image(array, name, res, params, blur_um=0.0):
+    """Image the optimiser sees: blurred, scaled to [0, 1], flattened inside its tissue.
+
+    ``blur_um`` is a Gaussian sigma, applied before the intensity scaling so
+    that the scaling clips the blurred image as it clips the (optically
+    blurred) sample. The tissue is found by Otsu's rule, for sample and
+    reference alike: flattening the reference inside the annotation instead
+    treats its edge differently from the sample's, which the B-spline then
+    chases (docs/registration.md). Returns (scaled array, flattened SimpleITK
+    image, tissue mask).
+    """
+    if blur_um > 0:
+        array = ndi.gaussian_filter(array, blur_um / np.asarray(res, float))
+    scaled = normalise_intensity(array, name)
+    tissue = brain_mask(scaled)
+    flat = flatten_intensity(scaled, tissue, params.intensity_flattening_um, res)
+    return scaled, to_sitk(flat, res), tissue
+
+
+def _reference_blur(fixed, moving, affine, fixed_brain, params) -> float:
+    """Gaussian sigma (µm) that brings the reference to the sample's sharpness.
+
+    The sample is seen through its optics and its resampling to the atlas grid,
+    the reference often through less, and LNCC pulls thin bright or dark
+    layers (layer 1, fibre sheets) towards where their blurred images peak
+    (docs/registration.md). Candidates a quarter of a work voxel apart up to
+    ``params.max_reference_blur_um``, compared through ``affine``.
+    """
+    spacing = np.asarray(fixed.GetSpacing(), float)[::-1]
+    warped = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, affine, sitk.sitkLinear, 0.0))
+    sigmas = np.arange(0.0, params.max_reference_blur_um + 1e-9, spacing.min() / 4)
+    sigma, correlations = matching_blur(
+        sitk.GetArrayFromImage(fixed), warped, fixed_brain, sigmas, spacing
+    )
+    logger.info(
+        "reference blur: correlation by sigma (µm) %s; %.0f µm chosen",
+        " ".join(f"{s:.0f}:{c:.4f}" for s, c in zip(sigmas, correlations, strict=True)),
+        sigma,
+    )
+    return round(sigma, 1)
 
 
 def _bspline(fixed, moving, affine, params, moving_mask, labels=None):
@@ -527,27 +582,23 @@ def register_to_atlas(
     # as a 100 µm one. Work voxel i is prepared / atlas voxel i * factor (origin 0).
     factor = _work_factor(params, res)
     work_res = tuple(r * factor for r in res)
-    fixed_arr = normalise_intensity(_decimate(prepared, factor), "sample")
-    moving_arr = normalise_intensity(_decimate(atlas_reference, factor), "atlas_reference")
-    # Both images are flattened inside masks found by the same (Otsu) rule: flattening
-    # the reference inside the annotation instead treats its edge differently from the
-    # sample's, which the B-spline then chases (docs/registration.md).
-    fixed_brain = brain_mask(fixed_arr)
-    moving_tissue = brain_mask(moving_arr)
+    reference = _decimate(atlas_reference, factor)
+    fixed_arr, fixed, fixed_brain = _work_image(
+        _decimate(prepared, factor), "sample", work_res, params
+    )
+    moving_arr, moving, moving_tissue = _work_image(reference, "atlas_reference", work_res, params)
     if atlas_mask is not None:
         atlas_brain = _decimate(atlas_mask, factor) >= 0.5
         if not atlas_brain.any():
             atlas_brain = _decimate(atlas_mask, factor) > 0
     else:
         atlas_brain = moving_tissue
-    sigma_um = params.intensity_flattening_um
-    fixed = to_sitk(flatten_intensity(fixed_arr, fixed_brain, sigma_um, work_res), work_res)
-    moving = to_sitk(flatten_intensity(moving_arr, moving_tissue, sigma_um, work_res), work_res)
     dilated = ndi.binary_dilation(atlas_brain, iterations=max(1, math.ceil(3 / factor)))
     brain_region = to_sitk(dilated.astype(np.uint8), work_res)
     metric_mask = brain_region if atlas_mask is not None else None
     marks["preprocess"] = time.perf_counter()
 
+    blur_um = None  # the reference blur chosen (SimpleITK engine with match_reference_blur)
     try:
         with _itk_threads(params.n_threads):
             if params.engine == "antspyx":
@@ -560,6 +611,13 @@ def register_to_atlas(
                 affine, transform = register_ants(fixed, moving, params, metric_mask)
             else:
                 initial, transform = _affine(fixed, moving, params, metric_mask)
+                if params.match_reference_blur:
+                    blur_um = _reference_blur(fixed, moving, transform, fixed_brain, params)
+                    if blur_um > 0:
+                        _, moving, _ = _work_image(
+                            reference, "atlas_reference", work_res, params, blur_um
+                        )
+                        _, transform = _affine(fixed, moving, params, metric_mask, start=transform)
                 affine = transform
                 if params.deformable:
                     labels = None
@@ -591,6 +649,7 @@ def register_to_atlas(
         step=1 if params.engine == "antspyx" else 2,
     )
     marks["qc"] = time.perf_counter()
+    qc["reference_blur_um"] = blur_um
     qc["seconds"] = round(marks["qc"] - t0, 3)
     starts = [t0, *marks.values()]
     qc["stage_seconds"] = {
