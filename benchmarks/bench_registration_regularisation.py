@@ -20,9 +20,10 @@ convergence. This sweeps the weight (and the affine alone) on
   sample -> atlas maps in atlas voxels, and the share of voxels with the same
   leaf label.
 
-The row ``"0.01, no region contrast"`` is the default weight with the
-reference's per-region contrast matching turned off
-(``bspline_region_contrast=False``).
+The row ``"0.01, no reference blur"`` is the default weight without the
+reference blur (``match_reference_blur=False``), and ``"0.01, no region
+contrast"`` without that and without the reference's per-region contrast
+matching (``bspline_region_contrast=False``) as well.
 
 Run::
 
@@ -44,8 +45,14 @@ import bench_registration_sim as sim_bench
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-# None: affine only; "plain": the default weight without per-region contrast matching
-WEIGHTS = (None, "plain", 0.0, 0.001, 0.003, 0.01, 0.02, 0.03, 0.1)
+# None: affine only; "sharp": the default weight without the reference blur; "plain":
+# without the per-region contrast matching as well
+WEIGHTS = (None, "plain", "sharp", 0.0, 0.001, 0.003, 0.01, 0.02, 0.03, 0.1)
+LABELS = {
+    None: "affine only",
+    "plain": "0.01, no region contrast",
+    "sharp": "0.01, no reference blur",
+}
 
 
 def _params(weight):
@@ -54,14 +61,16 @@ def _params(weight):
     if weight is None:
         return RegistrationParams(n_threads=2, deformable=False)
     if weight == "plain":
-        return RegistrationParams(n_threads=2, bspline_region_contrast=False)
+        return RegistrationParams(
+            n_threads=2, bspline_region_contrast=False, match_reference_blur=False
+        )
+    if weight == "sharp":
+        return RegistrationParams(n_threads=2, match_reference_blur=False)
     return RegistrationParams(n_threads=2, bspline_bending_weight=weight)
 
 
 def _label(weight):
-    if weight is None:
-        return "affine only"
-    return "0.01, no region contrast" if weight == "plain" else weight
+    return LABELS.get(weight, weight)
 
 
 def simulated(atlas, deformation_um: float, weight, seeds) -> dict:
@@ -131,8 +140,10 @@ def main():
         "--weights",
         nargs="+",
         type=float,
-        help="bending weights to sweep (default: affine only, the default without region "
-        "contrast, and " + ", ".join(str(w) for w in WEIGHTS[2:]) + ")",
+        help="bending weights to sweep (default: affine only, the default without the "
+        "reference blur and without region contrast, and "
+        + ", ".join(str(w) for w in WEIGHTS[3:])
+        + ")",
     )
     ap.add_argument("--seeds", nargs="+", type=int, default=[11, 12], help="simulated brains")
     args = ap.parse_args()

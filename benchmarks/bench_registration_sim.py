@@ -237,6 +237,7 @@ def run(atlas_name: str, seed: int, engine: str) -> dict:
         "truth_rule_max_error_vox": truth_error,
         "qc_flagged": reg.flagged,
         "correlation_after": reg.qc["correlation_after"],
+        "reference_blur_um": reg.qc["reference_blur_um"],
         **score(atlas, brain, reg, res),
     }
     return row
