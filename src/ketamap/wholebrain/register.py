@@ -517,7 +517,9 @@ def register_to_atlas(
         ``dice_atlas_mask`` (sample mask vs warped ``atlas_mask``, reported
         only), ``affine_scale``, ``affine_rotation_deg`` and
         ``affine_mirrored`` (pose of the affine stage, whose implausible
-        values point at a wrong voxel size or orientation code), ``seconds`` and
+        values point at a wrong voxel size or orientation code),
+        ``reference_blur_um`` (the Gaussian sigma by which the reference was
+        blurred to the sample's sharpness; None when not matched), ``seconds`` and
         ``stage_seconds`` (wall time of prepare, preprocess, register, qc),
         ``flagged`` and ``reasons`` (one sentence per failed check). See
         docs/registration.md for the thresholds.

@@ -358,8 +358,10 @@ def matching_blur(
     Notes
     -----
     Noise in the sample lowers every candidate's correlation alike, so it
-    does not pull the choice towards blur; a residual misalignment does, a
-    little, which is why the affine is refined after the blur is chosen.
+    does not pull the choice towards blur. A misalignment does, a little:
+    compare after an affine, when what is left is the local deformation
+    (on the simulated brains the choice after the affine matches the one
+    after the first B-spline level).
     """
     spacing = np.broadcast_to(np.asarray(spacing_um, dtype=float), (3,))
     correlations = [
