@@ -435,15 +435,13 @@ def linear_part(transform, at_um=(0.0, 0.0, 0.0), step_um: float = 100.0):
     Finite differences over ``step_um`` at ``at_um`` (exact for an affine
     transform), so that ``T(x) ~ T(at) + A (x - at)`` with all points (z, y, x) µm.
     """
+
+    def image(point_zyx):  # ITK takes and returns (x, y, z)
+        return np.asarray(transform.TransformPoint(tuple(map(float, point_zyx[::-1]))))[::-1]
+
     at = np.asarray(at_um, dtype=float)
-    p0 = np.asarray(transform.TransformPoint(tuple(float(v) for v in at[::-1])))[::-1]
-    cols = [
-        np.asarray(transform.TransformPoint(tuple(float(v) for v in (at + step_um * e)[::-1])))[
-            ::-1
-        ]
-        - p0
-        for e in np.eye(3)
-    ]
+    p0 = image(at)
+    cols = [image(at + step_um * e) - p0 for e in np.eye(3)]
     return np.stack(cols, axis=1) / step_um, p0
 
 
