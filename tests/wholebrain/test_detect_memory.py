@@ -48,7 +48,9 @@ _SCRIPT = textwrap.dedent(
     vol = da.map_blocks(block, chunks=tuple(
         tuple(min(c, n - i) for i in range(0, n, c)) for n, c in zip(shape, chunks)),
         dtype=np.float32, meta=np.empty((0, 0, 0), np.float32))
-    params = DetectionParams(chunk_size_vox=(32, 128, 128))
+    # the tissue mask's own memory is bounded by its coarse grid (volume / block^3,
+    # tests/wholebrain/test_tissue.py); 800 µm blocks keep it out of the chunk budget here
+    params = DetectionParams(chunk_size_vox=(32, 128, 128), tissue_block_um=800.0)
     vs = (25.0, 25.0, 25.0)
     dask.config.set(scheduler="synchronous")
     detect_cells(vol[:32, :256, :256], voxel_size_um=vs, params=params)  # warm-up imports
@@ -73,7 +75,11 @@ def test_volume_four_times_the_memory_limit():
     env = dict(os.environ, MALLOC_ARENA_MAX="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-c", _SCRIPT, str(BUDGET_MIB)],
-        capture_output=True, text=True, env=env, timeout=600, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -84,6 +84,7 @@ _DEVICES = ("auto", "cpu", "cuda", "torch-cpu")
 _SAMPLE_VOXELS = 250_000  # voxels sampled to fit the background-channel scale
 _COARSE_MIN_SOMA_SIGMA = 1.5  # the soma-smoothed image is sampled finely enough for 2x ...
 _COARSE_MIN_REST_SIGMA = 3.0  # ... and the background is wide enough to gain from it
+_MIN_NEIGHBOUR_RATIO = 0.2  # the spike test runs on axes where a soma's neighbour holds this
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,30 @@ class DetectionParams:
         Along every axis, on both sides, the band-passed signal must drop by
         this fraction of the peak within three soma diameters (0 disables the
         test).
+    min_dip : float
+        Two maxima of the band-passed signal closer than ``min_separation_um`` are two
+        somata only if the signal dips between them by this fraction of the weaker peak
+        (and by at least twice its noise SD); otherwise the weaker is dropped. The same
+        saddle ends an object's extent, so touching somata are split at the valley.
+    min_step_drop : float
+        Along every axis, on both sides, the soma-smoothed intensity must fall by this
+        many band-passed peaks within three soma diameters (a soma is a bump; the maximum
+        beside a tile seam or on the bright side of the tissue edge is not). 0 disables.
+    min_spike_extent : float
+        Along every axis on which a soma spans several voxels, the two neighbours of the
+        centre voxel must hold this share of what the smallest soma's profile predicts
+        (within three noise SDs): hot pixels, cosmic hits and one-plane streaks fail.
+        0 disables.
+    tissue_mask : bool
+        Find the tissue on a coarse grid (:func:`ketamap.wholebrain.tissue.find_tissue`,
+        from the background channel when given, else the signal), skip chunks with no
+        tissue and drop candidates outside it.
+    tissue_block_um : float
+        Block size of the coarse tissue mask (µm).
+    tissue_floor_snr : float
+        Floor on a candidate's estimated peak intensity, in SDs of the tissue's typical
+        (median) noise: in the void the local noise is tiny and camera noise passes the
+        local test; real somata are bright against the tissue. 0 disables.
     psf_sigma_um : tuple of float
         Blur of the microscope per axis (z, y, x), as a Gaussian sigma in µm: a soma is
         imaged as the soma convolved with it (light-sheet axial blur stretches somata
@@ -155,6 +180,37 @@ class DetectionParams:
         default=0.25,
         metadata=bounds(
             ge=0, le=1, doc="Fraction of the peak the signal must drop along every axis."
+        ),
+    )
+    min_dip: float = field(
+        default=0.05,
+        metadata=bounds(
+            ge=0, lt=1, doc="Saddle depth (fraction of the weaker peak) that separates somata."
+        ),
+    )
+    min_step_drop: float = field(
+        default=0.5,
+        metadata=bounds(
+            ge=0, doc="Fall of the smoothed intensity on both sides, in band-passed peaks."
+        ),
+    )
+    min_spike_extent: float = field(
+        default=0.5,
+        metadata=bounds(
+            ge=0, le=1, doc="Share of a soma's profile the neighbours of a centre must hold."
+        ),
+    )
+    tissue_mask: bool = field(
+        default=True,
+        metadata=bounds(doc="Find the tissue and drop candidates outside it (the void)."),
+    )
+    tissue_block_um: float = field(
+        default=50.0, metadata=bounds(gt=0, doc="Block size of the coarse tissue mask (µm).")
+    )
+    tissue_floor_snr: float = field(
+        default=3.0,
+        metadata=bounds(
+            ge=0, doc="Minimum soma peak intensity in SDs of the tissue's typical noise."
         ),
     )
     psf_sigma_um: tuple[float, float, float] = field(
@@ -206,6 +262,8 @@ class _Plan:
     soma_gain: float = 1.0  # band-passed peak for a centred soma of unit peak intensity
     noise_gain: float = 1.0  # SD of the band-passed signal for unit white noise
     single_width: tuple[float, float, float] = (1.0, 1.0, 1.0)  # response half-max width
+    # raw intensity one voxel from the centre of the smallest soma, relative to its peak
+    neighbour_ratio: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 def _radius(sigma: float) -> int:
@@ -279,6 +337,14 @@ def _plan(
         ),
         walk=walk,
         axes_used=tuple(n > 1 for n in shape),
+        # a soma of diameter d images as a Gaussian of sigma d / 4 (its FWHM is 0.59 d)
+        # blurred by the microscope; its profile one voxel away, per axis
+        neighbour_ratio=tuple(
+            math.exp(-0.5 * (v / math.hypot(params.soma_diameter_um / 4, psf)) ** 2)
+            if n > 1
+            else 0.0
+            for n, v, psf in zip(shape, voxel_size_um, params.psf_sigma_um)
+        ),
     )
     soma_gain, noise_gain, width = _gains(plan, voxel_size_um, imaged_um)
     return replace(
@@ -448,6 +514,39 @@ def _gains(plan: _Plan, voxel_size_um, sigma_um: tuple) -> tuple[float, float, t
     return float(np.mean(soma_gain)), float(np.sqrt(np.mean(noise_sq))), tuple(widths)
 
 
+def _mask_on_grid(tissue, coords: list[np.ndarray]) -> np.ndarray:
+    """Read the tissue mask at the grid of voxel coordinates ``coords`` (one array per axis)."""
+    index = [
+        np.clip(np.floor_divide(np.rint(c).astype(np.int64), b), 0, n - 1)
+        for c, b, n in zip(coords, tissue.block_vox, tissue.mask.shape)
+    ]
+    return tissue.mask[np.ix_(*index)]
+
+
+# log10 bins of the noise histogram: 0.2 % wide, from 1e-6 to 1e8 input units
+_NOISE_EDGES = np.linspace(-6.0, 8.0, 7001)
+
+
+def _noise_histogram(sd: np.ndarray) -> np.ndarray:
+    """Count noise SDs in the log10 bins of ``_NOISE_EDGES`` (zeros in the first bin)."""
+    n_bins = len(_NOISE_EDGES) - 1
+    width = (_NOISE_EDGES[-1] - _NOISE_EDGES[0]) / n_bins
+    logs = np.log10(np.maximum(sd.ravel(), np.float32(1e-6)), dtype=np.float32)
+    logs -= np.float32(_NOISE_EDGES[0])
+    logs *= np.float32(1 / width)
+    index = np.clip(logs, 0, n_bins - 1).astype(np.int32)
+    return np.bincount(index, minlength=n_bins).astype(np.int64)
+
+
+def _histogram_median(hist: np.ndarray) -> float:
+    """Median of the values binned in ``hist`` (bin centre), NaN for an empty histogram."""
+    total = hist.sum()
+    if total == 0:
+        return float("nan")
+    i = int(np.searchsorted(np.cumsum(hist), 0.5 * total))
+    return float(10 ** (0.5 * (_NOISE_EDGES[i] + _NOISE_EDGES[i + 1])))
+
+
 def _empty_table() -> pd.DataFrame:
     return pd.DataFrame({c: np.empty(0, dtype=np.float64) for c in CELL_COLUMNS})
 
@@ -574,17 +673,32 @@ def _suppress_duplicates(cells: pd.DataFrame, min_separation_um: float) -> pd.Da
 
 
 def _box_test(
-    f: np.ndarray, pos: np.ndarray, peak: np.ndarray, offsets: np.ndarray, *, ties: bool
+    f: np.ndarray,
+    pos: np.ndarray,
+    peak: np.ndarray,
+    offsets: np.ndarray,
+    *,
+    ties: bool,
+    dip: np.ndarray | None = None,
 ) -> np.ndarray:
     """Whether each voxel ``pos`` is >= ``f`` at every offset (clipped to the array).
 
     With ``ties``, a voxel that has an equal value at an offset earlier in (z, y, x)
-    order (inside the array) fails too.
+    order (inside the array) fails too. With ``dip`` (one height per voxel), a higher
+    voxel counts only if ``f`` stays above ``peak - dip`` on the straight segment between
+    the two (sampled at the nearest voxels): a saddle of that depth makes them separate
+    objects.
     """
     ok = np.ones(len(pos), dtype=bool)
     earlier = _lex_earlier(offsets)
     shape = np.asarray(f.shape)
-    step = max(1, 2**20 // max(len(offsets), 1))
+    if dip is not None:
+        steps = np.abs(offsets).max(axis=1)
+        n_mid = max(int(steps.max()) - 1, 1)
+        t = np.arange(1, n_mid + 1)[None, :, None] / steps[:, None, None]
+        mid = np.rint(offsets[:, None, :] * np.minimum(t, 1.0)).astype(offsets.dtype)
+    per = len(offsets) * (1 if dip is None else 1 + n_mid)
+    step = max(1, 2**20 // max(per, 1))
     for start in range(0, len(pos), step):
         p = pos[start : start + step]
         top = peak[start : start + step, None]
@@ -595,6 +709,13 @@ def _box_test(
         bad = vals > top
         if ties:
             bad |= inside & earlier[None, :] & (vals == top)
+        if dip is not None and bad.any():
+            rows = np.nonzero(bad.any(axis=1))[0]
+            q = p[rows][:, None, None, :] + mid[None]
+            np.clip(q, 0, shape - 1, out=q)
+            low = f[q[..., 0], q[..., 1], q[..., 2]].min(axis=2)
+            saddle = low < (top[rows] - dip[start : start + step][rows, None])
+            bad[rows] &= ~saddle
         ok[start : start + step] = ~bad.any(axis=1)
     return ok
 
@@ -605,49 +726,116 @@ def _lex_earlier(offsets: np.ndarray) -> np.ndarray:
     return (dz < 0) | ((dz == 0) & (dy < 0)) | ((dz == 0) & (dy == 0) & (dx < 0))
 
 
+def _rays(a: np.ndarray, pos: np.ndarray, axis: int, sign: int, n: int):
+    """Values of ``a`` at 1..n voxels from each ``pos`` along ``axis`` (clipped), and inside."""
+    k = np.arange(1, n + 1)
+    q = np.repeat(pos[:, None, :], n, axis=1)
+    q[:, :, axis] += sign * k[None, :]
+    inside = (q[:, :, axis] >= 0) & (q[:, :, axis] < a.shape[axis])
+    q[:, :, axis] = np.clip(q[:, :, axis], 0, a.shape[axis] - 1)
+    return a[q[..., 0], q[..., 1], q[..., 2]].astype(np.float64), inside
+
+
 def _half_max_extents(
-    f: np.ndarray, pos: np.ndarray, peak: np.ndarray, plan: _Plan, level: float = 0.5
+    f: np.ndarray,
+    pos: np.ndarray,
+    peak: np.ndarray,
+    plan: _Plan,
+    level: float = 0.5,
+    valley: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distances (n, 3) from each maximum to where f falls below level x peak, below and above.
 
     Linear interpolation between voxels; the volume edge counts as a crossing half a voxel
     beyond the last voxel; no crossing within plan.walk voxels gives plan.walk. Axes that
-    are not searched (a single plane) get 0.5 on both sides.
+    are not searched (a single plane) get 0.5 on both sides. With ``valley`` (one height
+    per maximum), a walk that climbs more than that height above the lowest value it has
+    passed stops there: the object ends at the saddle to its neighbour.
     """
     lo = np.full(pos.shape, 0.5, dtype=np.float64)
     hi = np.full(pos.shape, 0.5, dtype=np.float64)
     if len(pos) == 0:
         return lo, hi
     half = level * peak
+    rows = np.arange(len(pos))
     for a in range(3):
         n_walk = plan.walk[a]
         if not plan.axes_used[a] or n_walk < 1:
             continue
         edges = []
         for sign in (-1, 1):
-            k = np.arange(1, n_walk + 1)
-            q = np.repeat(pos[:, None, :], n_walk, axis=1)
-            q[:, :, a] += sign * k[None, :]
-            inside = (q[:, :, a] >= 0) & (q[:, :, a] < f.shape[a])
-            q[:, :, a] = np.clip(q[:, :, a], 0, f.shape[a] - 1)
-            v = f[q[..., 0], q[..., 1], q[..., 2]].astype(np.float64)
+            v, inside = _rays(f, pos, a, sign, n_walk)
             below = (v < half[:, None]) | ~inside
             first = np.where(below.any(axis=1), below.argmax(axis=1), n_walk)  # index into k
-            prev = np.where(first > 0, v[np.arange(len(pos)), np.maximum(first - 1, 0)], peak)
-            prev = np.where(first > 0, prev, peak)
+            prev = np.where(first > 0, v[rows, np.maximum(first - 1, 0)], peak)
             j = np.minimum(first, n_walk - 1)
-            cur = v[np.arange(len(pos)), j]
+            cur = v[rows, j]
             crossed = first < n_walk
-            out = crossed & ~inside[np.arange(len(pos)), j]
+            out = crossed & ~inside[rows, j]
             # linear interpolation between the last voxel above half and the first below;
             # the volume edge counts as a crossing half a voxel beyond the last voxel
             denom = prev - cur
             t = np.divide(prev - half, denom, out=np.full_like(prev, 0.5), where=denom > 0)
             dist = np.where(crossed, first + np.clip(t, 0.0, 1.0), n_walk)
             dist = np.where(out, first + 0.5, dist)
+            if valley is not None:
+                low = np.minimum.accumulate(np.where(inside, v, np.inf), axis=1)
+                rise = inside & (v > low + valley[:, None])
+                at = np.where(rise.any(axis=1), rise.argmax(axis=1), n_walk)
+                # the saddle: where the lowest value before the rise was reached (distance
+                # index + 1 voxels from the maximum)
+                before = np.arange(n_walk)[None, :] < at[:, None]
+                saddle = np.where(
+                    at < n_walk, np.argmin(np.where(before, v, np.inf), axis=1) + 1.0, n_walk
+                )
+                dist = np.minimum(dist, saddle)
             edges.append(dist)
         lo[:, a], hi[:, a] = edges
     return lo, hi
+
+
+def _spike_test(
+    x: np.ndarray, back: tuple[slice, ...], g2: np.ndarray, c: dict, plan: _Plan, extent: float
+) -> np.ndarray:
+    """Whether each candidate spans more than one voxel on every axis a soma resolves.
+
+    ``x`` is the raw block around the work region W (``back`` is W inside it), ``g2`` the
+    background on W, ``c`` the candidates (``pos`` in W coordinates, ``raw_sd``).
+    """
+    pos = c["pos"]
+    off = np.asarray([s.start for s in back])
+    centre_at = pos + off
+    base = g2[pos[:, 0], pos[:, 1], pos[:, 2]].astype(np.float64)
+    centre = x[centre_at[:, 0], centre_at[:, 1], centre_at[:, 2]] - base
+    ok = np.ones(len(pos), dtype=bool)
+    shape = np.asarray(x.shape)
+    for a, ratio in enumerate(plan.neighbour_ratio):
+        if ratio < _MIN_NEIGHBOUR_RATIO:
+            continue  # a soma is about one voxel thick along this axis: nothing to test
+        side = []
+        for sign in (-1, 1):
+            q = centre_at.copy()
+            q[:, a] = np.clip(q[:, a] + sign, 0, shape[a] - 1)
+            side.append(x[q[:, 0], q[:, 1], q[:, 2]] - base)
+        mean = 0.5 * (side[0] + side[1])
+        ok &= mean >= extent * ratio * centre - 3.0 * c["raw_sd"] / math.sqrt(2.0)
+    return ok
+
+
+def _step_test(f: np.ndarray, g2: np.ndarray, c: dict, plan: _Plan, drop: float) -> np.ndarray:
+    """Whether the soma-smoothed image g1 = f + g2 falls by drop x peak on both sides, per axis."""
+    pos, peak = c["pos"], c["peak"]
+    top = peak + g2[pos[:, 0], pos[:, 1], pos[:, 2]]
+    need = top - drop * peak
+    ok = np.ones(len(pos), dtype=bool)
+    for a in range(3):
+        if not plan.split_axes[a]:
+            continue  # a soma narrower than 2 voxels: a bump on a ramp falls on one side only
+        for sign in (-1, 1):
+            v, inside = _rays(f, pos, a, sign, plan.walk[a])
+            v += _rays(g2, pos, a, sign, plan.walk[a])[0]
+            ok &= ((v <= need[:, None]) & inside).any(axis=1) | ~inside.all(axis=1)
+    return ok
 
 
 def _negative_power(
@@ -699,13 +887,19 @@ def _detect_block(
     threshold: float,
     threshold_contrast: float,
     min_axis_drop: float,
+    min_dip: float = 0.0,
+    min_spike_extent: float = 0.0,
+    min_step_drop: float = 0.0,
+    tissue=None,
     pad_lo: tuple[int, int, int],
     core_shape: tuple[int, int, int],
     origin: tuple[int, int, int],
     voxel_size_um: tuple[float, float, float],
     device: str = "cpu",
-) -> pd.DataFrame:
+) -> tuple[pd.DataFrame, np.ndarray]:
     """Detect the maxima whose voxel lies in the core of one overlapped block.
+
+    Returns the cells and a histogram of the raw noise SD over the core's tissue.
 
     The block starts on the coarse grid of ``plan.coarse`` (its first voxel's global index
     is a multiple of the grid factor), so the coarse fields do not depend on the chunking.
@@ -761,11 +955,27 @@ def _detect_block(
     window = tuple(2 * r + 1 for r in plan.radius_noise_coarse)
     var = ndi.uniform_filter(_negative_power(x, used, back, plan.coarse), window, mode="reflect")
     np.maximum(var, 0, out=var)  # running sums can round a zero mean to -1e-12
-    del x
+    spikes = min_spike_extent > 0 and max(plan.neighbour_ratio) >= _MIN_NEIGHBOUR_RATIO
+    if not spikes:
+        del x  # the raw block is needed further only by the spike test
     var_f = ndi.uniform_filter(_negative_power(f, [], None, plan.coarse), window, mode="reflect")
     np.maximum(var_f, 0, out=var_f)
     # white-noise variance of the residual (1 + 1 / 2n) over 1.5^2, in SD^2
     noise_c = (1 + 1 / (2 * len(used))) / 2.25
+
+    # The raw noise SD of the tissue in the core, as a histogram (summed over the chunks it
+    # gives the tissue's typical noise, whatever the chunking; see _noise_histogram).
+    sl = tuple(slice(p // k, -(-(p + c) // k)) for p, c, k in zip(pad_lo, core_shape, plan.coarse))
+    sd_cells = var[sl] * np.float32(2.0 / noise_c)
+    np.sqrt(sd_cells, out=sd_cells)
+    if tissue is not None:
+        centres = [
+            np.arange(s.start, s.stop) * k + (k - 1) / 2 + o - p
+            for s, k, o, p in zip(sl, plan.coarse, origin, pad_lo)
+        ]
+        sd_cells = sd_cells[_mask_on_grid(tissue, centres)]
+    hist = _noise_histogram(sd_cells)
+    del sd_cells
 
     # Candidates: core voxels above a lower bound of both thresholds (the exact SDs add a
     # relative floor), read per coarse cell; the tests below are then exact.
@@ -786,7 +996,7 @@ def _detect_block(
     idx = np.nonzero(fc > np.maximum(bound, 0))
     del bound
     if len(idx[0]) == 0:
-        return _empty_table()
+        return _empty_table(), hist
     peak = fc[idx].astype(np.float64)
     level = np.abs(g2[core][idx].astype(np.float64)) * _RELATIVE_FLOOR
     cell = tuple((i + p) // k for i, p, k in zip(idx, pad_lo, plan.coarse))
@@ -798,52 +1008,82 @@ def _detect_block(
     snr = np.divide(amplitude, raw_sd, out=np.full_like(peak, np.inf), where=raw_sd > 0)
     contrast = np.divide(peak, f_sd, out=np.full_like(peak, np.inf), where=f_sd > 0)
     keep = (snr > threshold) & (contrast > threshold_contrast)
-    pos = np.stack([i[keep] for i in idx], axis=1) + np.asarray(pad_lo)  # block coordinates
-    peak, snr = peak[keep], snr[keep]
-    amplitude, contrast = amplitude[keep], contrast[keep]
+    c = {
+        "pos": np.stack([i[keep] for i in idx], axis=1) + np.asarray(pad_lo),  # W coordinates
+        "peak": peak[keep],
+        "snr": snr[keep],
+        "amplitude": amplitude[keep],
+        "contrast": contrast[keep],
+        "raw_sd": raw_sd[keep],
+    }
 
-    # Local maxima in the suppression box (the volume edge clips the box): first among the
-    # 26 neighbours, then in the whole box; a maximum that has an equal voxel earlier in
-    # (z, y, x) order inside the box is dropped, so each plateau yields one cell.
+    def take(ok):
+        for k in c:
+            c[k] = c[k][ok]
+
+    # Local maxima: first among the 6 face neighbours, then the 26 (each strict, ties broken
+    # by (z, y, x) order); then in the whole suppression box, where a stronger voxel removes
+    # the candidate only if the band-passed signal does not dip between them (two touching
+    # somata are two maxima with a saddle between; noise on one soma's plateau is not).
     rm = plan.radius_max
     grid = np.mgrid[-rm[0] : rm[0] + 1, -rm[1] : rm[1] + 1, -rm[2] : rm[2] + 1]
     offsets = grid.reshape(3, -1).T
     offsets = offsets[np.any(offsets != 0, axis=1)]
     faces = offsets[np.abs(offsets).sum(axis=1) == 1]
     near = offsets[np.all(np.abs(offsets) <= 1, axis=1)]
-    for subset, ties in ((faces, False), (near, False), (offsets, True)):
-        ok = _box_test(f, pos, peak.astype(np.float32), subset, ties=ties)
-        pos, peak, snr = pos[ok], peak[ok], snr[ok]
-        amplitude, contrast = amplitude[ok], contrast[ok]
+    for subset in (faces, near):
+        take(_box_test(f, c["pos"], c["peak"].astype(np.float32), subset, ties=True))
+    far = offsets[np.any(np.abs(offsets) > 1, axis=1)]
+    # the dip that separates two somata: a fraction of the weaker peak, and at least twice
+    # the band-passed noise SD (so noise on a plateau does not pass for a saddle)
+    dip = np.maximum(min_dip * c["peak"], 2.0 * plan.noise_gain * c["raw_sd"])
+    if len(far):
+        take(_box_test(f, c["pos"], c["peak"].astype(np.float32), far, ties=True, dip=dip))
+
+    # Spikes: a hot pixel, a cosmic hit or a one-plane streak is one voxel thick along some
+    # axis, a soma is not. Along every axis on which a soma spans several voxels, the mean
+    # raw excess of the two neighbours must reach min_spike_extent of what the smallest
+    # soma's profile predicts from the centre voxel, within three noise SDs.
+    if spikes and len(c["pos"]):
+        take(_spike_test(x, back, g2, c, plan, min_spike_extent))
 
     # Shape: along every axis, on both sides, the band-passed signal must fall below
     # (1 - min_axis_drop) of the peak within plan.walk voxels (3 soma diameters). Planes,
     # edges, light-sheet stripes and fibres stay flat along some axis for longer and fail;
     # a cell elongated by the axial blur, or cells stacked along an axis, pass.
-    if min_axis_drop > 0 and len(pos):
-        lo_d, hi_d = _half_max_extents(f, pos, peak, plan, level=1.0 - min_axis_drop)
+    if min_axis_drop > 0 and len(c["pos"]):
+        lo_d, hi_d = _half_max_extents(f, c["pos"], c["peak"], plan, level=1.0 - min_axis_drop)
         walk = np.asarray(plan.walk, dtype=np.float64)[None, :]
         used = np.asarray(plan.axes_used)[None, :]
-        ok = np.all(~used | ((lo_d < walk) & (hi_d < walk)), axis=1)
-        pos, peak, snr, amplitude, contrast = (v[ok] for v in (pos, peak, snr, amplitude, contrast))
+        take(np.all(~used | ((lo_d < walk) & (hi_d < walk)), axis=1))
+
+    # Steps: a soma is a bump of intensity, so the soma-smoothed image g1 = f + g2 falls on
+    # both sides along every axis, by min_step_drop of the band-passed peak, within
+    # plan.walk voxels (a ray that leaves the volume first is no evidence). On a one-sided
+    # step (a tile seam, the tissue edge) the band-pass peaks on the bright side, where g1
+    # stays high.
+    if min_step_drop > 0 and len(c["pos"]):
+        take(_step_test(f, g2, c, plan, min_step_drop))
 
     # Sub-voxel centre: along each axis through the maximum, the midpoint of the two points
     # where the band-passed signal falls to half the peak (linear interpolation), searched
-    # up to plan.walk voxels away: the centre of the object, wherever on a plateau (e.g. a
-    # soma elongated along z by the axial blur) the noise put the maximum.
+    # up to plan.walk voxels away and stopped at a saddle to a neighbouring soma: the centre
+    # of the object, wherever on a plateau (e.g. a soma elongated along z by the axial blur)
+    # the noise put the maximum.
     # Touching cells: an object whose half-maximum extent along an axis exceeds that of one
     # soma by more than half a spacing holds 1 + round(excess / spacing) cells along that
-    # axis, placed evenly (somata stacked along the blurred z axis, or side by side closer
-    # than the suppression box). The spacing is one soma diameter, or the width of one
+    # axis, placed evenly (somata stacked along the blurred z axis, or side by side without
+    # a saddle between them). The spacing is one soma diameter, or the width of one
     # soma's response where that is larger (closer cells cannot be told apart); only axes
     # with at least 2 voxels per soma diameter are split.
-    lo, hi = _half_max_extents(f, pos, peak, plan)
+    dip = np.maximum(min_dip * c["peak"], 2.0 * plan.noise_gain * c["raw_sd"])
+    lo, hi = _half_max_extents(f, c["pos"], c["peak"], plan, valley=dip)
     extent = lo + hi
     excess = (extent - np.asarray(plan.single_width)) / np.asarray(plan.split_spacing)
     pieces = 1 + np.maximum(np.rint(excess), 0).astype(np.int64)
     pieces = np.where(np.asarray(plan.split_axes)[None, :], pieces, 1)
     counts = pieces.prod(axis=1)
-    owner = np.repeat(np.arange(len(pos)), counts)
+    owner = np.repeat(np.arange(len(c["pos"])), counts)
     frac = np.zeros((len(owner), 3))
     start = np.concatenate([[0], np.cumsum(counts)[:-1]])
     for i in np.nonzero(counts > 1)[0]:
@@ -851,7 +1091,8 @@ def _detect_block(
         frac[start[i] : start[i] + counts[i]] = grid.reshape(-1, 3)
     # centre of piece k of n along an axis: from -lo to +hi, at (k + 0.5) / n of the way
     shift = -lo[owner] + (frac + 0.5) / pieces[owner] * extent[owner]
-    pos, peak, snr, amplitude, contrast = (v[owner] for v in (pos, peak, snr, amplitude, contrast))
+    take(owner)
+    pos, snr, amplitude, contrast = c["pos"], c["snr"], c["amplitude"], c["contrast"]
     vox = pos + shift + (np.asarray(origin) - np.asarray(pad_lo))
     vs = np.asarray(voxel_size_um)
     table = {
@@ -865,7 +1106,7 @@ def _detect_block(
         "snr": snr,
         "contrast": contrast,
     }
-    return pd.DataFrame({k: np.asarray(v, dtype=np.float64) for k, v in table.items()})
+    return pd.DataFrame({k: np.asarray(v, dtype=np.float64) for k, v in table.items()}), hist
 
 
 def detect_cells(
@@ -874,7 +1115,9 @@ def detect_cells(
     voxel_size_um: tuple[float, float, float],
     params: DetectionParams = DetectionParams(),  # noqa: B008 - frozen, immutable default
     background=None,
-) -> pd.DataFrame:
+    tissue=None,
+    return_qc: bool = False,
+):
     """Detect somata in a 3D volume; one row per cell.
 
     Parameters
@@ -947,7 +1190,11 @@ def detect_cells(
                 "both channels must be on the same grid."
             )
     if sig.size == 0:
-        return _empty_table()
+        return (
+            (_empty_table(), _qc(0, 0, 0, None, float("nan"), 0.0, 0))
+            if return_qc
+            else _empty_table()
+        )
 
     _torch_device(params.device)  # an unusable device fails here, before any work
     plan = _plan(vs, params, sig.shape)
@@ -974,6 +1221,17 @@ def detect_cells(
     if bg is not None:
         scale = _background_scale(sig, bg)
         log.info("detect_cells: background channel scaled by %.4g and subtracted", scale)
+    if tissue is None and params.tissue_mask:
+        from ketamap.wholebrain.tissue import find_tissue
+
+        tissue = find_tissue(
+            bg if bg is not None else sig, voxel_size_um=vs, block_um=params.tissue_block_um
+        )
+    if tissue is not None and tuple(tissue.shape) != tuple(sig.shape):
+        raise InputError(
+            f"The tissue mask covers shape {tuple(tissue.shape)} but the signal has shape "
+            f"{sig.shape}; compute it from this volume."
+        )
     # blocks are cut from the input as it is (e.g. uint16) and cast inside each task
     overlapped = [
         da.overlap.overlap(v.rechunk(chunks), depth=dict(enumerate(depth)), boundary="none")
@@ -981,11 +1239,15 @@ def detect_cells(
     ]
     starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in chunks]
     blocks = [v.to_delayed() for v in overlapped]
-    tasks = []
+    tasks, skipped = [], 0
     for key in np.ndindex(blocks[0].shape):
         pad_lo = tuple(depth[a] if key[a] > 0 else 0 for a in range(3))
         core_shape = tuple(chunks[a][key[a]] for a in range(3))
         origin = tuple(int(starts[a][key[a]]) for a in range(3))
+        core = tuple(slice(o, o + n) for o, n in zip(origin, core_shape))
+        if tissue is not None and not tissue.full_resolution(core).any():
+            skipped += 1  # no tissue: every candidate there would be dropped
+            continue
         tasks.append(
             dask.delayed(_detect_block)(
                 blocks[0][key],
@@ -995,6 +1257,10 @@ def detect_cells(
                 threshold=params.threshold_snr,
                 threshold_contrast=params.threshold_contrast,
                 min_axis_drop=params.min_axis_drop,
+                min_dip=params.min_dip,
+                min_spike_extent=params.min_spike_extent,
+                min_step_drop=params.min_step_drop,
+                tissue=tissue,
                 pad_lo=pad_lo,
                 core_shape=core_shape,
                 origin=origin,
@@ -1002,12 +1268,53 @@ def detect_cells(
                 device=params.device,
             )
         )
-    tables = [t for t in dask.compute(*tasks) if len(t)]
-    if not tables:
-        log.info("detect_cells: no cells found")
-        return _empty_table()
-    cells = pd.concat(tables, ignore_index=True)
+    results = dask.compute(*tasks)
+    hist = sum((h for _, h in results), np.zeros(len(_NOISE_EDGES) - 1, np.int64))
+    tables = [t for t, _ in results if len(t)]
+    cells = pd.concat(tables, ignore_index=True) if tables else _empty_table()
+    n_candidates = len(cells)
+    n_outside = 0
+    if tissue is not None and len(cells):
+        inside = tissue.contains(cells[["z_vox", "y_vox", "x_vox"]].to_numpy())
+        n_outside = int((~inside).sum())
+        cells = cells[inside]
+    # the floor: bright against the tissue's typical noise, not only against the local noise
+    noise_sd = _histogram_median(hist)
+    floor = params.tissue_floor_snr * noise_sd if np.isfinite(noise_sd) else 0.0
+    below = cells["intensity"].to_numpy() <= floor
+    cells = cells[~below]
     cells = cells.sort_values(["z_vox", "y_vox", "x_vox"], kind="mergesort", ignore_index=True)
-    cells = _suppress_duplicates(cells, params.min_separation_um)
-    log.info("detect_cells: %d cells", len(cells))
-    return cells
+    cells = _suppress_duplicates(cells, 0.5 * params.soma_diameter_um)
+    log.info(
+        "detect_cells: %d cells (%d candidates outside the tissue and %d below the floor of "
+        "%.4g dropped; %d of %d chunks had no tissue)",
+        len(cells),
+        n_outside,
+        int(below.sum()),
+        floor,
+        skipped,
+        skipped + len(tasks),
+    )
+    if not return_qc:
+        return cells
+    return cells, _qc(n_candidates, n_outside, int(below.sum()), tissue, noise_sd, floor, skipped)
+
+
+def _qc(n_candidates, n_outside, n_below, tissue, noise_sd, floor, skipped) -> dict:
+    """Build the detection QC record (JSON-ready numbers, and the tissue mask itself)."""
+
+    def num(v):
+        return None if v is None or not np.isfinite(v) else float(v)
+
+    return {
+        "n_candidates": int(n_candidates),
+        "n_outside_tissue": int(n_outside),
+        "n_below_tissue_floor": int(n_below),
+        "tissue_fraction": None if tissue is None else num(tissue.tissue_fraction),
+        "tissue_void_level": None if tissue is None else num(tissue.void_level),
+        "tissue_level": None if tissue is None else num(tissue.tissue_level),
+        "tissue_noise_sd": num(noise_sd),
+        "tissue_floor": num(floor),
+        "chunks_without_tissue": int(skipped),
+        "tissue": tissue,
+    }
