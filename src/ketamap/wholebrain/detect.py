@@ -1244,8 +1244,11 @@ def detect_cells(
         pad_lo = tuple(depth[a] if key[a] > 0 else 0 for a in range(3))
         core_shape = tuple(chunks[a][key[a]] for a in range(3))
         origin = tuple(int(starts[a][key[a]]) for a in range(3))
-        core = tuple(slice(o, o + n) for o, n in zip(origin, core_shape))
-        if tissue is not None and not tissue.full_resolution(core).any():
+        cells_of_core = tuple(
+            slice(o // b, -(-(o + n) // b))
+            for o, n, b in zip(origin, core_shape, tissue.block_vox if tissue else (1, 1, 1))
+        )
+        if tissue is not None and not tissue.mask[cells_of_core].any():
             skipped += 1  # no tissue: every candidate there would be dropped
             continue
         tasks.append(

@@ -429,13 +429,18 @@ def _chunk_moments(x: np.ndarray, block_info=None, *, block) -> np.ndarray:
         v = np.add.reduceat(v.sum(axis=0), y_starts, axis=0)
         return np.add.reduceat(v, x_starts, axis=1)
 
+    integer = np.issubdtype(x.dtype, np.integer)
     for k in range(len(z_starts)):  # one slab of cells at a time: float64 copies stay small
         slab = x[z_bounds[k] : z_bounds[k + 1]].astype(np.float64)
-        finite = np.isfinite(slab)
-        all_finite = bool(finite.all())
-        if not all_finite:
-            slab[~finite] = 0.0
-        n = cells(finite.astype(np.float64))
+        if integer:  # every voxel is finite: the counts are the pieces' sizes
+            all_finite = True
+            n = float(len(slab)) * np.multiply.outer(y_len, x_len).astype(np.float64)
+        else:
+            finite = np.isfinite(slab)
+            all_finite = bool(finite.all())
+            if not all_finite:
+                slab[~finite] = 0.0
+            n = cells(finite.astype(np.float64))
         total = cells(slab)
         mean = np.divide(total, n, out=np.zeros_like(total), where=n > 0)
         dev = slab - np.repeat(np.repeat(mean, y_len, axis=0), x_len, axis=1)

@@ -1,0 +1,139 @@
+"""Detection on the failure modes of real tissue, simulated with ground truth.
+
+The void around the brain (camera offset, read noise, hot pixels), hot pixels and
+one-plane streaks inside the tissue, stitched tiles with gain steps and a bright tissue
+edge (``ketamap.simulate.crop``). Figures over larger volumes are in
+``benchmarks/bench_detect_artefacts.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+from ketamap.errors import InputError
+from ketamap.simulate.crop import CropParams, score_detections, simulate_crop
+from ketamap.wholebrain import DetectionParams, detect_cells
+
+VS = (5.0, 2.0, 2.0)
+SHAPE = (40, 256, 256)
+
+
+def _detect(crop, background=False, **kwargs):
+    cells, qc = detect_cells(
+        crop.signal,
+        voxel_size_um=VS,
+        background=crop.background if background else None,
+        params=DetectionParams(**kwargs),
+        return_qc=True,
+    )
+    return cells, cells[["z_vox", "y_vox", "x_vox"]].to_numpy(), qc
+
+
+def _score(crop, xyz):
+    truth = crop.cells[["z_vox", "y_vox", "x_vox"]].to_numpy()
+    return score_detections(xyz, truth, crop.signal.shape, voxel_size_um=VS)
+
+
+def _in_void(crop, xyz):
+    idx = np.clip(np.rint(xyz).astype(int), 0, np.asarray(crop.signal.shape) - 1)
+    return ~crop.tissue[tuple(idx.T)]
+
+
+def _hits(points_vox, xyz, within_um=4.0):
+    """How many points have a detection within ``within_um``."""
+    if len(points_vox) == 0 or len(xyz) == 0:
+        return 0
+    d, _ = cKDTree(xyz * np.asarray(VS)).query(np.asarray(points_vox) * np.asarray(VS))
+    return int((d < within_um).sum())
+
+
+VOID = dict(tissue_fraction=0.5, camera_offset=12.0, read_noise=1.5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_no_candidates_in_the_void_with_hot_pixels(seed):
+    """Real-like void (~12 counts, read noise 1.5) with hot pixels: nothing detected there."""
+    crop = simulate_crop(
+        SHAPE,
+        params=CropParams(density_per_mm3=5000, hot_pixel_rate_per_voxel=1e-4, **VOID),
+        seed=seed,
+    )
+    cells, xyz, qc = _detect(crop)
+    assert (~crop.tissue).sum() > 1e6 and len(crop.hot_pixels) > 100
+    assert _in_void(crop, xyz).sum() == 0
+    assert _hits(crop.hot_pixels, xyz) <= 1  # a hot pixel may sit on a real soma
+    score = _score(crop, xyz)
+    assert score["recall"] >= 0.9 and score["precision"] >= 0.95, score
+    # the mask finds the void: tissue is half the crop plus the one-block dilation
+    assert 0.5 <= qc["tissue_fraction"] <= 0.75
+    assert qc["tissue_void_level"] < 20 < qc["tissue_level"]
+
+
+def test_each_defence_alone_is_needed_somewhere():
+    """Without the spike test, hot pixels and streaks inside the tissue become cells."""
+    crop = simulate_crop(
+        SHAPE,
+        params=CropParams(
+            density_per_mm3=5000, hot_pixel_rate_per_voxel=1e-4, streak_rate_per_plane=2.0
+        ),
+        seed=0,
+    )
+    _, xyz, _ = _detect(crop)
+    _, xyz_off, _ = _detect(crop, min_spike_extent=0.0)
+    on, off = _score(crop, xyz), _score(crop, xyz_off)
+    assert on["precision"] >= 0.98 and off["precision"] < 0.85, (on, off)
+    assert on["recall"] >= off["recall"] - 0.01
+
+
+def test_seams_and_bright_edge_with_background_channel():
+    """Tiles with 30 % gain steps, a bright tissue edge and a void: precision >= 0.98."""
+    params = CropParams(
+        density_per_mm3=5000,
+        bleed_through=1.0,
+        tile_shape_vox=(128, 128),
+        tile_gain_cv=0.3,
+        edge_photons=1500.0,
+        tissue_fraction=0.6,
+    )
+    for seed in (0, 1):
+        crop = simulate_crop(SHAPE, params=params, seed=seed)
+        _, xyz, _ = _detect(crop, background=True)
+        score = _score(crop, xyz)
+        assert score["precision"] >= 0.98 and score["recall"] >= 0.9, (seed, score)
+
+
+def test_step_test_removes_seam_candidates_signal_only():
+    """Signal only: the maxima beside a tile seam fail the step test."""
+    params = CropParams(
+        density_per_mm3=5000,
+        bleed_through=1.0,
+        tile_shape_vox=(128, 128),
+        tile_gain_cv=0.3,
+        edge_photons=1500.0,
+        tissue_fraction=0.6,
+    )
+    crop = simulate_crop(SHAPE, params=params, seed=0)
+    _, xyz, _ = _detect(crop)
+    _, xyz_off, _ = _detect(crop, min_step_drop=0.0)
+    on, off = _score(crop, xyz), _score(crop, xyz_off)
+    assert on["fp"] < off["fp"] and on["tp"] >= off["tp"] - 1, (on, off)
+
+
+def test_all_dark_and_all_tissue_volumes():
+    """An all-dark volume gives an empty table; a volume that is all tissue is all tissue."""
+    dark = np.random.default_rng(0).normal(12, 1.5, (20, 64, 64)).round().astype(np.uint16)
+    cells, qc = detect_cells(dark, voxel_size_um=VS, return_qc=True)
+    assert len(cells) == 0
+    crop = simulate_crop((20, 128, 128), params=CropParams(density_per_mm3=5000), seed=2)
+    cells, qc = detect_cells(crop.signal, voxel_size_um=VS, return_qc=True)
+    assert qc["tissue_fraction"] == 1.0 and qc["n_outside_tissue"] == 0 and len(cells) > 10
+
+
+def test_background_of_another_shape_or_dtype_is_one_sentence():
+    vol = np.zeros((10, 32, 32), np.uint16)
+    with pytest.raises(InputError, match="same grid"):
+        detect_cells(vol, voxel_size_um=VS, background=np.zeros((10, 32, 31), np.uint16))
+    with pytest.raises(InputError, match="integers or floats"):
+        detect_cells(vol, voxel_size_um=VS, background=np.zeros((10, 32, 32), bool))
