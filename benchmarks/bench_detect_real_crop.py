@@ -109,7 +109,8 @@ def main() -> dict:
     )
     ax.set_title(
         f"Shared real crop (max projection of 30 planes): tissue mask (yellow), "
-        f"recall {run['recall_10um']:.3f}, candidates in the void {run['candidates_in_void_independent']}",
+        f"recall {run['recall_10um']:.3f}, "
+        f"candidates in the void {run['candidates_in_void_independent']}",
         fontsize=9,
     )
     ax.legend(loc="lower right", fontsize=8)
