@@ -1,6 +1,7 @@
 """Accuracy curves of cell detection: F1 against signal-to-noise and against cell density.
 
-Small simulated light-sheet volumes with known cells at 5 x 2 x 2 µm, imaged with the
+Small simulated light-sheet volumes with known cells at 5 x 2 x 2 µm
+(``ketamap.simulate.crop.simulate_crop`` with every failure mode off), imaged with the
 imaging model and the defaults of ``ketamap.simulate.BrainParams`` (the census
 simulator): somata of 12-18 µm rendered as Gaussians of sigma sqrt((d/4)^2 + psf^2)
 (psf (4, 1.5, 1.5) µm), peak photons log-normal (CV 0.25) around a mean brightness,
@@ -47,10 +48,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
 VOXEL_UM = (5.0, 2.0, 2.0)
 TOLERANCE_UM = 10.0
 MARGIN_UM = 10.0
@@ -91,7 +92,6 @@ def _cellfinder_key(sd: float) -> str:
 
 def _imaging():
     """Imaging constants of the census simulator (``BrainParams`` defaults)."""
-    sys.path.insert(0, str(ROOT / "src"))
     from ketamap.simulate import BrainParams
 
     p = BrainParams()
@@ -113,76 +113,16 @@ def noise_sd(imaging: dict) -> float:
     return float(np.sqrt(imaging["background_photons"] + imaging["read_noise"] ** 2))
 
 
-def _hard_core_points(n: int, extent_um: np.ndarray, min_dist_um: float, rng) -> np.ndarray:
-    """Up to ``n`` uniform points in a box, no two closer than ``min_dist_um``.
+def simulate_volume(shape, *, snr: float, density_per_mm3: float, seed: int):
+    """A light-sheet-like uint16 volume and its true cell centres (voxels, (n, 3)).
 
-    Random sequential addition in batches: candidates near an accepted point are
-    dropped, conflicts inside a batch are resolved in drawing order.
+    The library's crop simulator (``ketamap.simulate.crop``) with every failure mode off.
     """
-    pts = np.empty((0, 3))
-    for _ in range(100):
-        need = n - len(pts)
-        if need <= 0:
-            break
-        cand = rng.uniform(0, 1, (need, 3)) * extent_um
-        if len(pts):
-            d, _ = cKDTree(pts).query(cand, distance_upper_bound=min_dist_um)
-            cand = cand[~(d < min_dist_um)]
-        keep = np.ones(len(cand), bool)
-        neighbours: dict[int, list[int]] = {}
-        for i, j in cKDTree(cand).query_pairs(min_dist_um):
-            neighbours.setdefault(min(i, j), []).append(max(i, j))
-        for i in range(len(cand)):
-            if keep[i]:
-                for j in neighbours.get(i, ()):
-                    keep[j] = False
-        pts = np.vstack([pts, cand[keep]])
-    return pts[:n]
+    from ketamap.simulate.crop import CropParams, simulate_crop
 
-
-def simulate_volume(shape, *, snr: float, density_per_mm3: float, seed: int, imaging: dict):
-    """A light-sheet-like uint16 volume and its true cell centres (voxels, (n, 3))."""
-    rng = np.random.default_rng(seed)
-    from scipy import ndimage as ndi
-
-    vs = np.asarray(VOXEL_UM)
-    shape = tuple(int(s) for s in shape)
-    extent = (np.asarray(shape) - 1) * vs
-    n = rng.poisson(density_per_mm3 * np.prod(np.asarray(shape) * vs) * 1e-9)
-    truth_um = _hard_core_points(n, extent, HARD_CORE_UM, rng)
-    truth = truth_um / vs
-
-    # smooth autofluorescence bleed-through (+-30 % over ~100 µm), gradient, stripes
-    field = ndi.gaussian_filter(rng.standard_normal(shape), 50.0 / vs)
-    field = 1 + 0.3 * field / (np.abs(field).max() or 1)
-    photons = (imaging["background_photons"] * field).astype(np.float32)
-    brightness = snr * noise_sd(imaging)
-    cv = imaging["brightness_cv"]
-    peaks = brightness * np.exp(
-        rng.normal(-0.5 * np.log1p(cv**2), np.sqrt(np.log1p(cv**2)), len(truth))
-    )
-    diam = rng.uniform(12.0, 18.0, len(truth))
-    psf = np.asarray(imaging["psf_sigma_um"])
-    for c, peak, d in zip(truth, peaks, diam, strict=True):
-        sig = np.sqrt((d / 4) ** 2 + psf**2) / vs
-        lo = np.maximum(np.floor(c - 4 * sig).astype(int), 0)
-        hi = np.minimum(np.ceil(c + 4 * sig).astype(int) + 1, shape)
-        prof = [np.exp(-0.5 * ((np.arange(lo[a], hi[a]) - c[a]) / sig[a]) ** 2) for a in range(3)]
-        blob = prof[0][:, None, None] * prof[1][None, :, None] * prof[2][None, None, :]
-        photons[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] += np.float32(peak) * blob
-    x = np.linspace(0, 1, shape[2], dtype=np.float32)
-    gradient = 1 - imaging["illumination_gradient"] * x
-    stripes = ndi.gaussian_filter1d(rng.standard_normal(shape[:2]), 0.7, axis=1)
-    stripes = ndi.gaussian_filter1d(stripes, 3.0, axis=0)
-    stripes = 1 + imaging["stripe_amplitude"] * stripes / (stripes.std() or 1)
-    photons *= (np.clip(stripes, 0.2, None)[:, :, None] * gradient[None, None, :]).astype(
-        np.float32
-    )
-    sd = np.sqrt(photons + np.float32(imaging["read_noise"] ** 2))
-    photons += sd * rng.standard_normal(shape, dtype=np.float32)
-    photons += np.float32(imaging["camera_offset"])
-    volume = np.clip(np.rint(photons), 0, 65535).astype(np.uint16)
-    return volume, truth
+    params = CropParams(voxel_size_um=VOXEL_UM, snr=snr, density_per_mm3=density_per_mm3)
+    crop = simulate_crop(shape, params=params, seed=seed)
+    return crop.signal, crop.cells[["z_vox", "y_vox", "x_vox"]].to_numpy()
 
 
 def score(found_vox: np.ndarray, truth_vox: np.ndarray, shape) -> dict:
@@ -190,37 +130,16 @@ def score(found_vox: np.ndarray, truth_vox: np.ndarray, shape) -> dict:
 
     Cells and unmatched detections within ``MARGIN_UM`` of a face are not scored.
     """
-    vs = np.asarray(VOXEL_UM)
-    found = np.asarray(found_vox, float).reshape(-1, 3) * vs
-    truth = np.asarray(truth_vox, float).reshape(-1, 3) * vs
-    hi = (np.asarray(shape) - 1) * vs - MARGIN_UM
+    from ketamap.simulate.crop import score_detections
 
-    def inner(p):
-        return np.all((p >= MARGIN_UM) & (p <= hi), axis=1)
-
-    matched_t = np.zeros(len(truth), bool)
-    matched_f = np.zeros(len(found), bool)
-    if len(found) and len(truth):
-        pairs = cKDTree(truth).sparse_distance_matrix(
-            cKDTree(found), TOLERANCE_UM, output_type="coo_matrix"
-        )
-        if pairs.nnz:
-            rows = np.unique(pairs.row)
-            cols = np.unique(pairs.col)
-            cost = np.full((len(rows), len(cols)), 1e6)
-            cost[np.searchsorted(rows, pairs.row), np.searchsorted(cols, pairs.col)] = pairs.data
-            r, c = linear_sum_assignment(cost)
-            ok = cost[r, c] <= TOLERANCE_UM
-            matched_t[rows[r[ok]]] = True
-            matched_f[cols[c[ok]]] = True
-    t_in = inner(truth)
-    tp = int(np.sum(matched_t & t_in))
-    fn = int(np.sum(~matched_t & t_in))
-    fp = int(np.sum(~matched_f & inner(found)))
-    recall = tp / (tp + fn) if tp + fn else float("nan")
-    precision = tp / (tp + fp) if tp + fp else float("nan")
-    f1 = 2 * tp / (2 * tp + fn + fp) if tp + fn + fp else float("nan")
-    return {"tp": tp, "fn": fn, "fp": fp, "recall": recall, "precision": precision, "f1": f1}
+    return score_detections(
+        found_vox,
+        truth_vox,
+        shape,
+        voxel_size_um=VOXEL_UM,
+        tolerance_um=TOLERANCE_UM,
+        margin_um=MARGIN_UM,
+    )
 
 
 def _touching_fraction(truth_vox: np.ndarray, diameter_um: float) -> float:
@@ -349,7 +268,7 @@ def main(argv=None) -> dict:
         rows, paths = [], []
         for i, (sweep, snr, density) in enumerate(runs):
             volume, truth = simulate_volume(
-                args.shape, snr=snr, density_per_mm3=density, seed=args.seed + i, imaging=imaging
+                args.shape, snr=snr, density_per_mm3=density, seed=args.seed + i
             )
             found, wall = _ketamap(volume)
             row = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from ketamap.atlas import make_phantom
 from ketamap.simulate import BrainParams, get_scenario, simulate_brain
@@ -93,3 +94,119 @@ def test_params_are_validated():
         BrainParams(voxel_size_um=(0.0, 1.0, 1.0))
     with pytest.raises(KetamapError, match="orientation"):
         BrainParams(orientation="xyz")
+
+
+# ----------------------------------------------------------------- artefacts (off by default)
+
+# sha256 of signal, background and true cell voxels of sim(atlas, seed=3) ("psl", 60 µm),
+# measured before the artefact fields existed: the demo's and tests' truth must not move.
+_UNCHANGED_SHA256 = "620ed70ca07f252fa41c4f0358dffba34b530c0225d3641f95f6c13fde548b96"
+
+
+def _sha256(b) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(b.signal.tobytes())
+    h.update(b.background.tobytes())
+    h.update(np.ascontiguousarray(b.cells[["z_vox", "y_vox", "x_vox"]].to_numpy()).tobytes())
+    return h.hexdigest()
+
+
+def test_artefacts_off_by_default_leave_the_volume_unchanged(atlas):
+    plain = sim(atlas, seed=3)
+    assert plain.artefacts == {}
+    assert _sha256(plain) == _UNCHANGED_SHA256
+    explicit = sim(atlas, seed=3, hot_pixel_rate_per_voxel=0.0, hot_pixel_counts=(30.0, 3000.0),
+                   tile_shape_um=None, tile_gain_cv=0.0, edge_photons=0.0, edge_width_um=40.0)
+    np.testing.assert_array_equal(plain.signal, explicit.signal)
+    np.testing.assert_array_equal(plain.background, explicit.background)
+
+
+SMALL = {"voxel_size_um": (80.0, 80.0, 80.0)}
+
+
+@pytest.fixture(scope="module")
+def base(atlas):
+    return sim(atlas, seed=1, **SMALL)
+
+
+def test_hot_pixels_are_single_voxel_spikes_in_counts(atlas, base):
+    b = sim(atlas, seed=1, hot_pixel_rate_per_voxel=1e-4, hot_pixel_counts=(50.0, 2000.0),
+            **SMALL)
+    hot, amp = b.artefacts["hot_pixels"], b.artefacts["hot_pixel_amplitudes"]
+    assert hot.shape == (len(amp), 3) and abs(len(hot) / (1e-4 * b.signal.size) - 1) < 0.3
+    assert (amp >= 50).all() and (amp <= 2000).all()
+    diff = b.signal.astype(np.int64) - base.signal.astype(np.int64)
+    expected = np.minimum(base.signal[tuple(hot.T)] + np.rint(amp), 65535) - base.signal[
+        tuple(hot.T)
+    ]
+    np.testing.assert_array_equal(diff[tuple(hot.T)], expected)
+    assert np.count_nonzero(diff) == len(hot)  # nothing else moved, void included
+    np.testing.assert_array_equal(b.background, base.background)
+    in_void = base.background[tuple(hot.T)] < base.background.min() + 40
+    assert in_void.any()  # spikes land in the empty margin too
+    np.testing.assert_array_equal(b.cells[["z_vox", "x_vox"]], base.cells[["z_vox", "x_vox"]])
+
+
+def test_tile_gains_multiply_both_channels_per_raw_yx_tile(atlas, base):
+    b = sim(atlas, seed=1, tile_shape_um=(2000.0, 2000.0), tile_gain_cv=0.2, **SMALL)
+    a = b.artefacts
+    gains = a["tile_gains"]
+    assert a["tile_shape_vox"] == (25, 25)
+    assert gains.shape == (a["y_tile"].max() + 1, a["x_tile"].max() + 1) and gains.size >= 9
+    assert 0.1 < np.std(np.log(gains)) < 0.35
+    off = 100.0
+    for r, c in np.ndindex(*gains.shape):
+        sel = (a["y_tile"][:, None] == r) & (a["x_tile"][None, :] == c)
+        ref = base.background[:, sel].astype(float) - off
+        if sel.sum() < 100 or ref.mean() < 20:
+            continue
+        for new, old in ((b.background, base.background), (b.signal, base.signal)):
+            ratio = (new[:, sel] - off).mean() / (old[:, sel] - off).mean()
+            assert abs(ratio / gains[r, c] - 1) < 0.03, (r, c, ratio, gains[r, c])
+
+
+def test_edge_rim_is_brighter_just_inside_the_surface(atlas, base):
+    b = sim(atlas, seed=1, edge_photons=100.0, edge_width_um=80.0, **SMALL)
+    rim = b.artefacts["edge_rim"]
+    assert rim.shape == b.signal.shape and rim.dtype == bool and rim.any()
+    d_bg = b.background.astype(float) - base.background.astype(float)
+    d_sig = b.signal.astype(float) - base.signal.astype(float)
+    assert (d_bg[~rim] == 0).all() and (d_sig[~rim] == 0).all()
+    assert d_bg[rim].mean() > 50 and d_sig[rim].mean() > 0.5 * 0.2 * 100
+    # the rim is a thin shell of tissue that borders the empty margin
+    smooth = ndi.uniform_filter(base.background.astype(float), 3)
+    tissue, void = smooth > 100 + 30, smooth < 100 + 10
+    assert tissue[rim].mean() > 0.8
+    to_void = ndi.distance_transform_edt(~void)
+    assert np.median(to_void[rim]) < 4.5 and np.median(to_void[tissue & ~rim]) > 8
+    assert rim.sum() < 0.5 * tissue.sum()
+
+
+def test_with_artefacts_switches_on_the_realistic_set():
+    from ketamap.simulate.brain import REALISTIC_ARTEFACTS
+
+    p = BrainParams().with_artefacts()
+    for k, v in REALISTIC_ARTEFACTS.items():
+        assert getattr(p, k) == v
+    assert p.voxel_size_um == BrainParams().voxel_size_um
+    assert BrainParams().with_artefacts(edge_photons=0.0).edge_photons == 0.0
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"hot_pixel_rate_per_voxel": -1.0},
+        {"hot_pixel_counts": (2000.0, 50.0)},
+        {"tile_shape_um": (0.0, 100.0)},
+        {"tile_gain_cv": -0.1},
+        {"edge_photons": -1.0},
+        {"edge_width_um": 0.0},
+    ],
+)
+def test_artefact_params_are_validated(kw):
+    from ketamap.errors import ParameterError
+
+    with pytest.raises(ParameterError):
+        BrainParams(**kw)

@@ -17,6 +17,17 @@ and are stored as uint16 in the sample's orientation. Every cell's true
 position in sample voxels and in atlas voxels, its region and hemisphere are
 returned, with the true transform.
 
+Artefacts of real light-sheet data, each off by default
+(:data:`REALISTIC_ARTEFACTS` switches them all on with realistic values through
+:meth:`BrainParams.with_artefacts`): single-voxel spikes (hot pixels, cosmic
+hits) anywhere, void included, added to the signal channel in camera counts
+after the camera model; stitched tiles in the raw volume's (y, x) plane (the
+light-sheet imaging plane), each with its own multiplicative gain on both
+channels; a brighter rim of autofluorescence just inside the brain surface
+(both channels, the signal through bleed-through). Their randomness comes from
+generators separate from the rest, so with them off the volumes are the same,
+bit for bit, as without them.
+
 Coordinate frames (all arrays are (axis0, axis1, axis2)):
 
 ``raw``
@@ -32,6 +43,7 @@ Coordinate frames (all arrays are (axis0, axis1, axis2)):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,12 +54,37 @@ from brainglobe_space import AnatomicalSpace
 from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
 
+from ketamap.errors import ParameterError
 from ketamap.params import bounds, validate
 from ketamap.space import check_orientation
 
-__all__ = ["BrainParams", "SimulatedBrain", "simulate_brain", "region_fold_and_density"]
+__all__ = [
+    "BrainParams",
+    "SimulatedBrain",
+    "simulate_brain",
+    "region_fold_and_density",
+    "REALISTIC_ARTEFACTS",
+]
 
 log = logging.getLogger(__name__)
+
+#: Realistic artefacts of cleared-tissue light-sheet data (see
+#: :meth:`BrainParams.with_artefacts`): hot pixels and cosmic hits (one per 10^6
+#: voxels, 50-2000 counts), stitched 2 mm tiles with 10 % gain CV, and 100 extra
+#: autofluorescence photons in a 40 µm rim under the brain surface.
+REALISTIC_ARTEFACTS: dict = {
+    "hot_pixel_rate_per_voxel": 1e-6,
+    "hot_pixel_counts": (50.0, 2000.0),
+    "tile_shape_um": (2000.0, 2000.0),
+    "tile_gain_cv": 0.1,
+    "edge_photons": 100.0,
+    "edge_width_um": 40.0,
+}
+
+# Stream ids of the artefacts' generators, np.random.default_rng([seed, id]); the rest of
+# the brain draws from np.random.default_rng(seed) in a fixed order.
+_STREAM_TILES = 1
+_STREAM_HOT = 2
 
 
 @dataclass(frozen=True)
@@ -90,10 +127,52 @@ class BrainParams:
     )
     mouse_cv: float = field(default=0.05, metadata=bounds(ge=0, le=2, doc="whole-brain count CV"))
     region_cv: float = field(default=0.13, metadata=bounds(ge=0, le=2, doc="per-region count CV"))
+    hot_pixel_rate_per_voxel: float = field(
+        default=0.0,
+        metadata=bounds(ge=0, le=0.01, doc="single-voxel spikes per voxel (hot pixels, cosmics)"),
+    )
+    hot_pixel_counts: tuple[float, float] = field(
+        default=(30.0, 3000.0),
+        metadata=bounds(gt=0, le=65535, doc="range (min, max) of the log-uniform spike counts"),
+    )
+    tile_shape_um: tuple[float, float] | None = field(
+        default=None,
+        metadata=bounds(gt=0, doc="stitched tile size (raw y, raw x); None: one tile"),
+    )
+    tile_gain_cv: float = field(
+        default=0.0, metadata=bounds(ge=0, le=2, doc="CV of the tiles' log-normal gains")
+    )
+    edge_photons: float = field(
+        default=0.0,
+        metadata=bounds(ge=0, doc="extra autofluorescence photons in a rim under the surface"),
+    )
+    edge_width_um: float = field(
+        default=40.0, metadata=bounds(gt=0, doc="depth of the bright rim under the surface")
+    )
 
     def __post_init__(self):
         validate(self)
         check_orientation(self.orientation, where="BrainParams.orientation")
+        lo, hi = self.hot_pixel_counts
+        if lo > hi:
+            raise ParameterError(
+                "BrainParams.hot_pixel_counts must be a range (min, max) with min <= max, "
+                f"got {(lo, hi)!r}."
+            )
+
+    def with_artefacts(self, **overrides) -> BrainParams:
+        """Return a copy with the realistic artefacts of :data:`REALISTIC_ARTEFACTS` on.
+
+        Parameters
+        ----------
+        **overrides
+            Fields to set instead of (or besides) the realistic values.
+
+        Returns
+        -------
+        BrainParams
+        """
+        return dataclasses.replace(self, **(REALISTIC_ARTEFACTS | overrides))
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,6 +203,13 @@ class SimulatedBrain:
         Raw voxel size.
     orientation : str
         Raw orientation code.
+    artefacts : dict
+        Truth of the artefacts switched on (empty when none): ``hot_pixels``
+        ((n, 3) int raw voxels, sorted) and ``hot_pixel_amplitudes`` (counts added,
+        before clipping to uint16); ``tile_gains`` ((rows, columns) gains),
+        ``tile_shape_vox`` (raw y, x) and ``y_tile``, ``x_tile`` (the tile row of
+        every raw y and the tile column of every raw x); ``edge_rim`` ((Z, Y, X)
+        bool, raw orientation: the voxels that got ``edge_photons``).
     """
 
     signal: np.ndarray
@@ -133,6 +219,7 @@ class SimulatedBrain:
     transform: dict
     voxel_size_um: tuple[float, float, float]
     orientation: str
+    artefacts: dict = field(default_factory=dict)
 
 
 def region_fold_and_density(
@@ -393,7 +480,20 @@ def simulate_brain(
     _splat(cells_img, q_cells / vf, brightness * max(1.0, (2 * np.pi) ** 1.5 * np.prod(sigma_vox)))
     cells_img = ndi.gaussian_filter(cells_img, sigma_vox, truncate=3.0)
 
+    artefacts: dict = {}
+    space = AnatomicalSpace(atlas.orientation, shape=frame_shape)
+    if params.edge_photons > 0:
+        rim = _edge_rim(labels, ratio, frame_shape, vf, params.edge_width_um)
+        auto[rim] += np.float32(params.edge_photons)
+        artefacts["edge_rim"] = np.ascontiguousarray(space.map_stack_to(params.orientation, rim))
     illum = _illumination(frame_shape, params, rng)
+    if params.tile_shape_um is not None:
+        gain, tiles = _tile_gains(
+            frame_shape, params, atlas.orientation, np.random.default_rng([seed, _STREAM_TILES])
+        )
+        illum = illum * gain
+        artefacts.update(tiles)
+        del gain
     signal = (cells_img + params.bleed_through * auto) * illum
     background = auto * illum
     del cells_img, auto
@@ -401,9 +501,19 @@ def simulate_brain(
     background = _camera(background, params, rng)
 
     # ---- back to the raw orientation (through brainglobe-space)
-    space = AnatomicalSpace(atlas.orientation, shape=frame_shape)
     signal = np.ascontiguousarray(space.map_stack_to(params.orientation, signal))
     background = np.ascontiguousarray(space.map_stack_to(params.orientation, background))
+    if params.hot_pixel_rate_per_voxel > 0:
+        hot_rng = np.random.default_rng([seed, _STREAM_HOT])
+        size = signal.size
+        n_hot = min(int(hot_rng.poisson(params.hot_pixel_rate_per_voxel * size)), size)
+        flat = np.sort(hot_rng.choice(size, n_hot, replace=False))
+        lo, hi = np.log(params.hot_pixel_counts[0]), np.log(params.hot_pixel_counts[1])
+        amplitude = np.exp(hot_rng.uniform(lo, hi, n_hot))
+        view = signal.reshape(-1)
+        view[flat] = np.clip(view[flat] + np.rint(amplitude), 0, 65535).astype(np.uint16)
+        artefacts["hot_pixels"] = np.stack(np.unravel_index(flat, signal.shape), axis=1)
+        artefacts["hot_pixel_amplitudes"] = amplitude
     raw_vox = space.map_points_to(params.orientation, q_cells / vf + 0.5) - 0.5
     vraw = np.asarray(params.voxel_size_um)
 
@@ -444,6 +554,7 @@ def simulate_brain(
         tf,
         tuple(float(v) for v in vraw),
         params.orientation,
+        artefacts,
     )
 
 
@@ -541,6 +652,61 @@ def _splat(volume: np.ndarray, points_vox: np.ndarray, weights: np.ndarray) -> N
         pos = base + c
         ok = np.all((pos >= 0) & (pos < shape), axis=1)
         np.add.at(volume, tuple(pos[ok].T), w[ok].astype(volume.dtype))
+
+
+def _edge_rim(labels, ratio, frame_shape, vf, width_um: float) -> np.ndarray:
+    """Frame voxels of brain within ``width_um`` of its surface (boolean, frame shape).
+
+    The brain is the coarse labelled grid upsampled like the autofluorescence; a
+    voxel's depth is its distance to the nearest voxel outside less half a voxel.
+    """
+    inside = ndi.zoom(
+        (labels > 0).astype(np.float32),
+        ratio,
+        order=1,
+        grid_mode=True,
+        mode="grid-constant",
+        cval=0.0,
+    )[: frame_shape[0], : frame_shape[1], : frame_shape[2]]
+    inside = inside > 0.5
+    depth = ndi.distance_transform_edt(inside, sampling=vf) - 0.5 * float(np.min(vf))
+    return inside & (depth < width_um)
+
+
+def _tile_gains(frame_shape, params: BrainParams, atlas_orientation: str, rng):
+    """Per-tile multiplicative gain in the frame orientation; tiles in the raw (y, x) plane.
+
+    Tiles start at the raw volume's first voxel; gains are log-normal with mean 1.
+    """
+    perm = _perm_raw_to_frame(atlas_orientation, params.orientation)
+    raw_shape = [0, 0, 0]
+    for i, p in enumerate(perm):
+        raw_shape[p] = int(frame_shape[i])
+    raw_shape = tuple(raw_shape)
+    vy, vx = params.voxel_size_um[1], params.voxel_size_um[2]
+    ty = max(1, int(round(params.tile_shape_um[0] / vy)))
+    tx = max(1, int(round(params.tile_shape_um[1] / vx)))
+    y_tile = np.arange(raw_shape[1]) // ty
+    x_tile = np.arange(raw_shape[2]) // tx
+    cv = params.tile_gain_cv
+    gains = np.exp(
+        rng.normal(
+            -0.5 * np.log1p(cv**2),
+            np.sqrt(np.log1p(cv**2)),
+            (int(y_tile[-1]) + 1, int(x_tile[-1]) + 1),
+        )
+    )
+    plane = gains[y_tile[:, None], x_tile[None, :]].astype(np.float32)
+    raw = np.broadcast_to(plane[None], raw_shape)
+    raw_space = AnatomicalSpace(params.orientation, shape=raw_shape)
+    frame = np.ascontiguousarray(raw_space.map_stack_to(atlas_orientation, raw))
+    tiles = {
+        "tile_gains": gains,
+        "tile_shape_vox": (ty, tx),
+        "y_tile": y_tile,
+        "x_tile": x_tile,
+    }
+    return frame, tiles
 
 
 def _illumination(shape, params: BrainParams, rng) -> np.ndarray:

@@ -8,6 +8,8 @@
       data/<subject>/background.zarr  autofluorescence channel
       ground_truth/cells/<subject>.parquet   every true cell (sample and atlas voxels)
       ground_truth/transforms/<subject>.npz  the true sample→atlas transform
+      ground_truth/artefacts/<subject>.npz   imaging artefacts, when any are on
+                                      (see SimulatedBrain.artefacts)
       ground_truth/counts.csv         true cell counts per subject and leaf region
       ground_truth/effects.csv        true fold change per region and contrast
       ground_truth/scenario.json      scenario, parameters, seeds
@@ -136,6 +138,10 @@ def _simulate_one(
     with atomic_path(truth / "transforms" / f"{subject}.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **tf)
+    if brain.artefacts:
+        with atomic_path(truth / "artefacts" / f"{subject}.npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **{k: np.asarray(v) for k, v in brain.artefacts.items()})
     counts = brain.expected_counts.assign(subject=subject, group=group)
     with atomic_path(truth / "counts" / f"{subject}.csv") as tmp:
         counts.to_csv(tmp, index=False)
