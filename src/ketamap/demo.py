@@ -21,7 +21,7 @@ __all__ = ["run_demo", "print_summary"]
 
 
 def _demo_params(artefacts: bool = False):
-    """The demo's brain parameters; ``artefacts`` adds the realistic imaging artefacts."""
+    """Return the demo's brain parameters; ``artefacts`` adds the realistic imaging artefacts."""
     from ketamap.simulate import BrainParams
 
     # 40 µm voxels over the whole brain keep the demo within about two minutes on

@@ -663,7 +663,7 @@ def match_detections(
 
 
 def inner_mask(points_vox, shape, *, voxel_size_um, margin_um: float = 10.0) -> np.ndarray:
-    """True for points at least ``margin_um`` inside every face of the volume.
+    """Mark the points at least ``margin_um`` inside every face of the volume.
 
     Parameters
     ----------
