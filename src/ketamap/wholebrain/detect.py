@@ -85,6 +85,8 @@ _SAMPLE_VOXELS = 250_000  # voxels sampled to fit the background-channel scale
 _COARSE_MIN_SOMA_SIGMA = 1.5  # the soma-smoothed image is sampled finely enough for 2x ...
 _COARSE_MIN_REST_SIGMA = 3.0  # ... and the background is wide enough to gain from it
 _MIN_NEIGHBOUR_RATIO = 0.2  # the spike test runs on axes where a soma's neighbour holds this
+_MAX_PIECES = 8  # most somata one object is split into
+_MOMENT_FLOOR = 0.2  # an object's moments weigh its band-passed signal above this x its peak
 
 
 @dataclass(frozen=True)
@@ -264,6 +266,9 @@ class _Plan:
     single_width: tuple[float, float, float] = (1.0, 1.0, 1.0)  # response half-max width
     # raw intensity one voxel from the centre of the smallest soma, relative to its peak
     neighbour_ratio: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    patch: tuple[int, int, int] = (1, 1, 1)  # half-size (voxels) of an object's moment window
+    single_cov: tuple = ()  # covariance (µm²) of one soma's response in its window, 3 x 3
+    pair_excess: tuple[float, float, float] = (0.0, 0.0, 0.0)  # two somata 1.25 d apart
 
 
 def _radius(sigma: float) -> int:
@@ -346,8 +351,8 @@ def _plan(
             for n, v, psf in zip(shape, voxel_size_um, params.psf_sigma_um)
         ),
     )
-    soma_gain, noise_gain, width = _gains(plan, voxel_size_um, imaged_um)
-    return replace(
+    soma_gain, noise_gain, width, (resp, at) = _gains(plan, voxel_size_um, imaged_um)
+    plan = replace(
         plan,
         soma_gain=soma_gain,
         noise_gain=noise_gain,
@@ -355,7 +360,27 @@ def _plan(
         split_spacing=tuple(
             max(params.soma_diameter_um / v, w) for v, w in zip(voxel_size_um, width)
         ),
+        patch=tuple(max(1, w // 2) for w in walk),
     )
+    # The moments of one soma's response, and the extra variance of two somata 1.25
+    # diameters apart along each axis (the middle of the 1-1.5 diameters of touching
+    # somata), computed by the very function that measures the candidates.
+    vs = np.asarray(voxel_size_um, dtype=np.float64)
+    centre = np.asarray([at])
+    resp = resp.astype(np.float32)
+    _, single = _object_moments(resp, centre, np.asarray([resp[at]]), plan, vs, markers=False)
+    excess = []
+    for a in range(3):
+        half = 0.625 * params.soma_diameter_um / vs[a]
+        if not plan.split_axes[a]:
+            excess.append(0.0)
+            continue
+        move = np.zeros(3)
+        move[a] = half
+        pair = ndi.shift(resp, move, order=1) + ndi.shift(resp, -move, order=1)
+        _, cov = _object_moments(pair, centre, np.asarray([pair[at]]), plan, vs, markers=False)
+        excess.append(float(cov[0, a, a] - single[0, a, a]))
+    return replace(plan, single_cov=tuple(map(tuple, single[0])), pair_excess=tuple(excess))
 
 
 def _block_mean(a: np.ndarray, coarse: tuple[int, int, int]) -> np.ndarray:
@@ -460,8 +485,10 @@ def _gaussian(x: np.ndarray, sigma, radius, device=None) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def _gains(plan: _Plan, voxel_size_um, sigma_um: tuple) -> tuple[float, float, tuple]:
+def _gains(plan: _Plan, voxel_size_um, sigma_um: tuple) -> tuple[float, float, tuple, tuple]:
     """Band-pass response to a centred unit-peak soma, white-noise gain, response width.
+
+    Also returns the response itself and its centre voxel.
 
     The gain is the kernel's L2 norm; the width (voxels, per axis) is that of the
     band-passed image of the soma at half its maximum. On coarse axes the operator
@@ -511,7 +538,12 @@ def _gains(plan: _Plan, voxel_size_um, sigma_um: tuple) -> tuple[float, float, t
             prev, cur = line[c + sign * (k - 1)], line[c + sign * k]
             side.append(k - 1 + float((prev - 0.5 * top) / (prev - cur)))
         widths.append(side[0] + side[1])
-    return float(np.mean(soma_gain)), float(np.sqrt(np.mean(noise_sq))), tuple(widths)
+    return (
+        float(np.mean(soma_gain)),
+        float(np.sqrt(np.mean(noise_sq))),
+        tuple(widths),
+        (resp, at),
+    )
 
 
 def _mask_on_grid(tissue, coords: list[np.ndarray]) -> np.ndarray:
@@ -794,6 +826,64 @@ def _half_max_extents(
     return lo, hi
 
 
+def _object_moments(
+    f: np.ndarray,
+    pos: np.ndarray,
+    peak: np.ndarray,
+    plan: _Plan,
+    vs: np.ndarray,
+    *,
+    markers: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Centroid (voxels, from ``pos``) and covariance (µm²) of each object's signal.
+
+    The weights are the band-passed signal above ``_MOMENT_FLOOR`` x the peak in a window
+    of ``plan.patch`` voxels around each maximum (voxels outside the array weigh
+    nothing). With ``markers``, a voxel counts only if no other local maximum of ``f``
+    above that floor is nearer to it (in µm) than this maximum: a neighbour that has a
+    maximum of its own keeps its voxels.
+    """
+    n = len(pos)
+    mean = np.zeros((n, 3))
+    cov = np.zeros((n, 3, 3))
+    if n == 0:
+        return mean, cov
+    half = np.asarray(plan.patch)
+    shape_p = tuple(2 * half + 1)
+    grid = np.mgrid[tuple(slice(-h, h + 1) for h in half)].reshape(3, -1).T
+    um = grid * vs
+    centre = int(np.ravel_multi_index(tuple(half), shape_p))
+    shape = np.asarray(f.shape)
+    step = max(1, 2**21 // len(grid))
+    for start in range(0, n, step):
+        p = pos[start : start + step]
+        top = peak[start : start + step]
+        q = p[:, None, :] + grid[None]
+        inside = np.all((q >= 0) & (q < shape), axis=2)
+        np.clip(q, 0, shape - 1, out=q)
+        v = f[q[..., 0], q[..., 1], q[..., 2]].astype(np.float32)
+        floor = _MOMENT_FLOOR * top[:, None]
+        w = np.where(inside, np.maximum(v - floor, 0), 0).astype(np.float64)
+        if markers:
+            v = np.where(inside, v, -np.inf).reshape(len(p), *shape_p)
+            top_n = ndi.maximum_filter(v, size=(1, 3, 3, 3), mode="nearest")
+            mark = (v == top_n) & (v >= _MOMENT_FLOOR * top[:, None, None, None])
+            mark = mark.reshape(len(p), -1)
+            mark[:, centre] = False
+            own = np.sum(um * um, axis=1)  # squared distance to this object's maximum
+            for i in np.nonzero(mark.any(axis=1))[0]:
+                others = um[mark[i]]
+                d2 = np.min(((um[:, None, :] - others[None]) ** 2).sum(axis=2), axis=1)
+                w[i] *= own <= d2
+        total = w.sum(axis=1)
+        total = np.where(total > 0, total, 1.0)
+        m_um = (w @ um) / total[:, None]
+        d = um[None, :, :] - m_um[:, None, :]
+        cov[start : start + step] = np.einsum("np,npa,npb->nab", w, d, d) / total[:, None, None]
+        mean[start : start + step] = m_um / vs
+    return mean, cov
+
+
 def _spike_test(
     x: np.ndarray, back: tuple[slice, ...], g2: np.ndarray, c: dict, plan: _Plan, extent: float
 ) -> np.ndarray:
@@ -1070,12 +1160,19 @@ def _detect_block(
     # up to plan.walk voxels away and stopped at a saddle to a neighbouring soma: the centre
     # of the object, wherever on a plateau (e.g. a soma elongated along z by the axial blur)
     # the noise put the maximum.
-    # Touching cells: an object whose half-maximum extent along an axis exceeds that of one
-    # soma by more than half a spacing holds 1 + round(excess / spacing) cells along that
-    # axis, placed evenly (somata stacked along the blurred z axis, or side by side without
-    # a saddle between them). The spacing is one soma diameter, or the width of one
-    # soma's response where that is larger (closer cells cannot be told apart); only axes
-    # with at least 2 voxels per soma diameter are split.
+    # Touching cells, two ways; the one that finds more somata wins.
+    # (a) Along the axes: an object whose half-maximum extent along an axis exceeds that of
+    # one soma by more than half a spacing holds 1 + round(excess / spacing) cells along
+    # that axis, placed evenly (somata stacked along the blurred z axis in long columns).
+    # The spacing is one soma diameter, or the width of one soma's response where that is
+    # larger (closer cells cannot be told apart).
+    # (b) Along any direction: from the covariance of the object's band-passed signal (in
+    # its own share of a window of 1.5 diameters, _object_moments) minus one soma's, the
+    # largest excess e along the principal direction v gives
+    # n = round(sqrt(1 + 3 e / e_pair(v))) somata, e_pair being the excess of two somata
+    # 1.25 diameters apart (a chain of n somata s apart has excess s^2 (n^2 - 1) / 12),
+    # placed evenly about the centroid along v (two somata touching diagonally).
+    # Only axes with at least 2 voxels per soma diameter take part.
     dip = np.maximum(min_dip * c["peak"], 2.0 * plan.noise_gain * c["raw_sd"])
     lo, hi = _half_max_extents(f, c["pos"], c["peak"], plan, valley=dip)
     extent = lo + hi
@@ -1083,14 +1180,37 @@ def _detect_block(
     pieces = 1 + np.maximum(np.rint(excess), 0).astype(np.int64)
     pieces = np.where(np.asarray(plan.split_axes)[None, :], pieces, 1)
     counts = pieces.prod(axis=1)
+    vs = np.asarray(voxel_size_um, dtype=np.float64)
+    n_dir = np.ones(len(c["pos"]), dtype=np.int64)
+    split = np.asarray(plan.split_axes)
+    if split.any() and len(c["pos"]):
+        mean, cov = _object_moments(f, c["pos"], c["peak"], plan, vs)
+        cov -= np.asarray(plan.single_cov)[None]
+        cov[:, ~split, :] = 0.0
+        cov[:, :, ~split] = 0.0
+        e, vec = np.linalg.eigh(cov)
+        e1, v1 = e[:, -1], vec[:, :, -1]
+        e_pair = (v1 * v1) @ np.asarray(plan.pair_excess)
+        ratio = np.divide(e1, e_pair, out=np.zeros_like(e1), where=e_pair > 0)
+        n_dir = np.rint(np.sqrt(1.0 + 3.0 * np.maximum(ratio, 0.0))).astype(np.int64)
+        n_dir = np.clip(n_dir, 1, _MAX_PIECES)
+    directional = n_dir > counts
+    counts = np.where(directional, n_dir, counts)
     owner = np.repeat(np.arange(len(c["pos"])), counts)
+    piece = np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
+    # (a): piece k of the grid of pieces, from -lo to +hi along each axis at (k + 0.5) / n
     frac = np.zeros((len(owner), 3))
-    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    for i in np.nonzero(counts > 1)[0]:
+    for i in np.nonzero((counts > 1) & ~directional)[0]:
         grid = np.stack(np.meshgrid(*[np.arange(k) for k in pieces[i]], indexing="ij"), -1)
-        frac[start[i] : start[i] + counts[i]] = grid.reshape(-1, 3)
-    # centre of piece k of n along an axis: from -lo to +hi, at (k + 0.5) / n of the way
+        frac[owner == i] = grid.reshape(-1, 3)
     shift = -lo[owner] + (frac + 0.5) / pieces[owner] * extent[owner]
+    # (b): evenly about the centroid along v
+    d = directional[owner]
+    if d.any():
+        k, m = piece[d], counts[owner][d]
+        spacing = np.sqrt(12.0 * np.maximum(e1[owner][d], 0.0) / (m * m - 1.0))  # µm
+        along = (k - 0.5 * (m - 1))[:, None] * spacing[:, None] * v1[owner][d]
+        shift[d] = mean[owner][d] + along / vs
     take(owner)
     pos, snr, amplitude, contrast = c["pos"], c["snr"], c["amplitude"], c["contrast"]
     vox = pos + shift + (np.asarray(origin) - np.asarray(pad_lo))
