@@ -712,7 +712,7 @@ def score_detections(
 
     Examples
     --------
-    >>> score_detections([[5, 5, 5]], [[5, 6, 5]], (10, 10, 10), voxel_size_um=(2, 2, 2))["f1"]
+    >>> score_detections([[9, 9, 9]], [[9, 10, 9]], (20, 20, 20), voxel_size_um=(2, 2, 2))["f1"]
     1.0
     """
     matched_t, matched_f = match_detections(
