@@ -155,3 +155,35 @@ def test_convert_tiff_planes_to_ome_zarr(run_cli, tmp_path):
     assert run_cli("convert", src, "--voxel-size", 5, 2, 2, "--out", dst) == 0
     np.testing.assert_array_equal(open_volume(dst).compute(), data)
     assert read_voxel_size_um(dst) == (5.0, 2.0, 2.0)
+
+
+def test_detect_writes_the_tissue_mask_and_detection_qc(run_cli, capsys, tmp_path):
+    """A bright block of tissue in a dark, flat void, three somata and a hot pixel in the void."""
+    import json
+
+    import numpy as np
+
+    from ketamap.io.volumes import open_volume, read_voxel_size_um
+
+    rng = np.random.default_rng(0)
+    vol = rng.normal(100.0, 6.0, (30, 80, 80))
+    vol[:, 15:65, 15:65] += rng.poisson(200.0, (30, 50, 50))
+    zz, yy, xx = np.ogrid[:30, :80, :80]
+    for z, y, x in [(10, 30, 30), (20, 40, 50), (15, 55, 25)]:
+        vol += 800.0 * np.exp(-((zz - z) ** 2 + (yy - y) ** 2 + (xx - x) ** 2) / 2.0)
+    vol[5, 5, 5] += 3000.0
+    np.save(tmp_path / "signal.npy", vol.astype(np.uint16))
+    out = tmp_path / "cells"
+    code = run_cli("detect", tmp_path / "signal.npy", "--voxel-size", 10, 10, 10,
+                   "--soma-diameter", 20, "--out", out)  # fmt: skip
+    assert code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "3 cells; 1 candidate outside the tissue dropped (tissue 56.2 % of the volume)" in text
+    qc = json.loads((out / "detection_qc.json").read_text())
+    assert qc["n_outside_tissue"] == 1 and qc["tissue_fraction"] == pytest.approx(0.5625)
+    assert qc["tissue_block_vox"] == [5, 5, 5] and qc["volume_shape_vox"] == [30, 80, 80]
+    mask = np.asarray(open_volume(out / "tissue_mask.ome.zarr").compute())
+    assert mask.shape == (6, 16, 16) and mask.dtype == np.uint8
+    assert mask[:, 4:12, 4:12].all() and not mask[:, 0, 0].any()
+    assert read_voxel_size_um(out / "tissue_mask.ome.zarr") == (50.0, 50.0, 50.0)
+    assert len(pd.read_csv(out / "cells.csv")) == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -140,3 +141,98 @@ def test_cli_single_stages_on_the_study(ran_study, tmp_path, run_cli, capsys):
     assert run("stats", manifest) == 0
     assert run("report", manifest) == 0
     assert "report.html" in capsys.readouterr().out
+
+
+DETECTION_QC_KEYS = ("n_candidates", "n_outside_tissue", "n_below_tissue_floor",
+                     "tissue_fraction", "tissue_void_level", "tissue_level", "tissue_noise_sd",
+                     "tissue_floor", "chunks_without_tissue")  # fmt: skip
+
+
+def _qc_html(report) -> str:
+    """The per-mouse QC table of a report.html."""
+    html = report.read_text()
+    start = html.index('<table id="qc-table">')
+    return html[start : html.index("</table>", start)]
+
+
+def test_detect_writes_the_tissue_mask_and_its_qc(ran_study):
+    from ketamap.io.volumes import open_volume, read_voxel_size_um
+
+    root, _, _ = ran_study
+    for sid in ("saline-01", "ket100-02"):
+        det = root / "subjects" / sid / "detect"
+        qc = json.loads((det / "detection_qc.json").read_text())
+        result = json.loads((det / "provenance.json").read_text())["result"]
+        for key in DETECTION_QC_KEYS:
+            assert key in qc and result[key] == qc[key], key
+        assert "tissue" not in qc and "tissue" not in result
+        # the simulated brain sits in 300 µm of empty space: part of the volume is void
+        assert 0.2 < qc["tissue_fraction"] < 0.95, qc
+        assert qc["n_candidates"] >= result["n_cells"] + qc["n_outside_tissue"]
+        mask = np.asarray(open_volume(det / "tissue_mask.ome.zarr").compute())
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+        assert list(mask.shape) == qc["tissue_grid_shape"]
+        assert mask.mean() > 0.1
+        block = np.asarray(qc["tissue_block_vox"]) * np.asarray(PARAMS.voxel_size_um)
+        assert read_voxel_size_um(det / "tissue_mask.ome.zarr") == pytest.approx(tuple(block))
+
+
+def test_tissue_mask_agrees_with_the_registered_atlas_brain(ran_study):
+    root, _, _ = ran_study
+    values = {}
+    for sid in sorted(p.name for p in (root / "subjects").iterdir()):
+        quant = root / "subjects" / sid / "quantify"
+        summary = json.loads((quant / "summary.json").read_text())
+        result = json.loads((quant / "provenance.json").read_text())["result"]
+        dice = summary["tissue_atlas_dice"]
+        assert isinstance(dice, float) and result["tissue_atlas_dice"] == dice
+        values[sid] = dice
+    assert all(0.0 <= d <= 1.0 for d in values.values()), values
+    assert min(values.values()) > 0.8, values
+
+
+def test_report_qc_table_shows_the_tissue_columns(ran_study):
+    from ketamap.pipeline import _qc_table
+    from ketamap.study import load_study
+
+    root, manifest, _ = ran_study
+    qc = _qc_table(load_study(manifest))
+    new = ["n_outside_tissue", "n_below_tissue_floor", "tissue_fraction", "tissue_atlas_dice"]
+    assert set(new) <= set(qc.columns)
+    assert qc[new].notna().all().all()
+    table = _qc_html(root / "report.html")
+    for key, label in [("n_outside_tissue", "cells dropped outside tissue"),
+                       ("n_below_tissue_floor", "cells dropped below tissue noise floor"),
+                       ("tissue_fraction", "tissue fraction of volume"),
+                       ("tissue_atlas_dice", "tissue vs atlas brain Dice")]:  # fmt: skip
+        assert f'<th title="{key}">{label}</th>' in table
+
+
+def test_study_folders_without_the_tissue_qc_still_report(ran_study, tmp_path):
+    """Folders from before the tissue mask: no QC keys, no mask; the report shows dashes."""
+    from ketamap.pipeline import _qc_table, run_report
+    from ketamap.study import load_study
+
+    root, _, _ = ran_study
+    copy = tmp_path / "old"
+    shutil.copytree(root, copy)
+    for det in (copy / "subjects").glob("*/detect"):
+        prov = json.loads((det / "provenance.json").read_text())
+        prov["result"] = {k: prov["result"][k] for k in ("n_cells", "shape")}
+        (det / "provenance.json").write_text(json.dumps(prov))
+        shutil.rmtree(det / "tissue_mask.ome.zarr")
+        (det / "detection_qc.json").unlink()
+    # quantify again without a mask: the Dice is null
+    run_study(copy / "study.toml", stages=["quantify"], force=True)
+    summary = json.loads((copy / "subjects" / "saline-01" / "quantify" / "summary.json")
+                         .read_text())  # fmt: skip
+    assert summary["tissue_atlas_dice"] is None
+    for summ in (copy / "subjects").glob("*/quantify/summary.json"):
+        summ.write_text(json.dumps({k: v for k, v in json.loads(summ.read_text()).items()
+                                    if k != "tissue_atlas_dice"}))  # fmt: skip
+    study = load_study(copy / "study.toml")
+    qc = _qc_table(study)
+    assert qc[["n_outside_tissue", "tissue_fraction", "tissue_atlas_dice"]].isna().all().all()
+    run_report(study, force=True)
+    table = _qc_html(copy / "report.html")
+    assert "<td>\u2014</td>" in table

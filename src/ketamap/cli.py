@@ -193,10 +193,13 @@ def detect(
     cluster: ClusterKind = None,
     workers: ClusterWorkers = 2,
 ):
-    """Detect labelled somata; writes cells.parquet, cells.csv and cells.xml.
+    """Detect labelled somata; writes the cells, the tissue mask and the detection QC.
 
-    Train a classifier for --classifier with "ketamap detect train" (see
-    "ketamap detect train --help").
+    Writes cells.parquet, cells.csv and cells.xml; tissue_mask.ome.zarr (the
+    coarse mask of where cells were searched for, 1 = tissue); and
+    detection_qc.json (candidates dropped outside the tissue and below its
+    noise floor, tissue fraction and levels). Train a classifier for
+    --classifier with "ketamap detect train" (see "ketamap detect train --help").
     """
     import contextlib
 
@@ -209,6 +212,7 @@ def detect(
     from ketamap.scheduler import use_scheduler
     from ketamap.wholebrain.classify import classify_cells, load_classifier
     from ketamap.wholebrain.detect import DetectionParams, detect_cells
+    from ketamap.wholebrain.tissue import write_detection_qc
 
     params = from_mapping(
         DetectionParams, {"soma_diameter_um": soma_diameter}, where="--soma-diameter"
@@ -219,13 +223,23 @@ def detect(
     local = not (scheduler or cluster)
     bar = ProgressBar(out=sys.stderr) if err.is_terminal and local else contextlib.nullcontext()
     with use_scheduler(scheduler, cluster, n_workers=workers), bar:
-        cells = detect_cells(vol, voxel_size_um=voxel_size, params=params, background=bg)
+        cells, qc = detect_cells(
+            vol, voxel_size_um=voxel_size, params=params, background=bg, return_qc=True
+        )
     if model is not None:
         cells = classify_cells(cells, model)
     with atomic_dir(out_dir) as tmp:
         write_cells(cells, tmp)
+        write_detection_qc(qc, tmp, voxel_size_um=voxel_size)
+    fraction = qc["tissue_fraction"]
+    tissue = (
+        "no tissue mask" if fraction is None else f"tissue {100 * fraction:.1f} % of the volume"
+    )
+    n_out = qc["n_outside_tissue"]
     out.print(
-        f"{len(cells)} cells in {vol.shape} voxels -> {out_dir}/cells.parquet, cells.csv, cells.xml"
+        f"{len(cells)} cells; {n_out} candidate{'' if n_out == 1 else 's'} outside the tissue "
+        f"dropped ({tissue}) -> {out_dir}",
+        highlight=False,
     )
 
 

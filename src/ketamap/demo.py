@@ -42,7 +42,7 @@ def run_demo(
     seed: int = 0,
     progress_factory: Callable | None = None,
     tick: Callable | None = None,
-    artefacts: bool = False,
+    artefacts: bool = True,
 ) -> dict:
     """Simulate ``ketamine-10day``, run every stage and score the run.
 
@@ -64,7 +64,8 @@ def run_demo(
     artefacts : bool
         Image the brains with realistic light-sheet artefacts (hot pixels, stitched
         tiles with uneven gains, a bright rim under the brain surface; see
-        :data:`ketamap.simulate.brain.REALISTIC_ARTEFACTS`). Off by default.
+        :data:`ketamap.simulate.brain.REALISTIC_ARTEFACTS`). On by default: the demo
+        shows the detector on what real tissue does to it.
 
     Returns
     -------

@@ -3,10 +3,11 @@
 Layout of a study folder after ``run_study``::
 
     study.toml
-    subjects/<id>/detect/      cells.parquet, cells.csv, cells.xml, provenance.json
+    subjects/<id>/detect/      cells.parquet, cells.csv, cells.xml, tissue_mask.ome.zarr,
+                               detection_qc.json, provenance.json
     subjects/<id>/register/    transform, registration.json, volumes.csv, qc.png, provenance.json
-    subjects/<id>/quantify/    cells_atlas.parquet/.csv, regions.parquet/.csv, summary.json,
-                               provenance.json
+    subjects/<id>/quantify/    cells_atlas.parquet/.csv, regions.parquet/.csv, summary.json
+                               (with tissue_atlas_dice), provenance.json
     stats/                     regions.parquet/.csv, counts.parquet/.csv, provenance.json,
                                voxel_maps/ (*.ome.zarr, *.nii.gz), voxel_clusters.parquet/.csv,
                                network_edges/_groups/_summary.parquet/.csv
@@ -41,8 +42,16 @@ from ketamap.errors import InputNotFoundError, ParameterError
 from ketamap.io.atomic import atomic_dir, atomic_path, write_json, write_table
 from ketamap.params import did_you_mean, from_mapping, to_dict
 from ketamap.study import Study, Subject, load_study
+from ketamap.wholebrain.tissue import read_tissue_mask, tissue_atlas_dice, write_detection_qc
 
-__all__ = ["SUBJECT_STAGES", "STUDY_STAGES", "run_study", "run_subject", "fingerprint", "versions"]
+__all__ = [
+    "SUBJECT_STAGES",
+    "STUDY_STAGES",
+    "run_study",
+    "run_subject",
+    "fingerprint",
+    "versions",
+]
 
 log = logging.getLogger(__name__)
 
@@ -331,14 +340,16 @@ def run_subject(
         def detect(tmp: Path) -> dict:
             signal = open_volume(subject.signal)
             background = open_volume(subject.background) if subject.background else None
-            cells = detect_cells(
+            cells, qc = detect_cells(
                 signal,
                 voxel_size_um=subject.voxel_size_um,
                 params=det_params,
                 background=background,
+                return_qc=True,
             )
             write_cells(cells, tmp)
-            return {"n_cells": len(cells), "shape": list(signal.shape)}
+            numbers = write_detection_qc(qc, tmp, voxel_size_um=subject.voxel_size_um)
+            return {"n_cells": len(cells), "shape": list(signal.shape)} | numbers
 
         done["detect"], _ = _run_stage(
             det_out,
@@ -396,8 +407,11 @@ def run_subject(
         def quantify(tmp: Path) -> dict:
             cells = pd.read_parquet(det_out / "cells.parquet")
             volumes = pd.read_parquet(reg_out / "volumes_by_label.parquet")
-            cells_atlas, table, summary = quantify_cells(
-                cells, load_registration(reg_out), atlas, volumes
+            reg = load_registration(reg_out)
+            cells_atlas, table, summary = quantify_cells(cells, reg, atlas, volumes)
+            tissue = read_tissue_mask(det_out)
+            summary["tissue_atlas_dice"] = (
+                None if tissue is None else tissue_atlas_dice(tissue, reg, atlas)
             )
             write_table(cells_atlas, tmp / "cells_atlas.parquet")
             write_table(table, tmp / "regions.parquet")
@@ -615,21 +629,31 @@ def _qc_table(study: Study) -> pd.DataFrame:
         reg = json.loads((subject_dir(study, s, "register") / "registration.json").read_text())
         summ = json.loads((subject_dir(study, s, "quantify") / "summary.json").read_text())
         qc = reg.get("qc", {})
+        found = det["result"]  # folders from before the tissue mask lack its keys: None
         rows.append(
             {
                 "subject": s.id,
                 "group": s.group,
-                "n_cells": det["result"]["n_cells"],
+                "n_cells": found["n_cells"],
+                "n_outside_tissue": found.get("n_outside_tissue"),
+                "n_below_tissue_floor": found.get("n_below_tissue_floor"),
+                "tissue_fraction": found.get("tissue_fraction"),
                 "n_in_regions": summ["n_in_regions"],
                 "n_outside_volume": summ["n_outside_volume"],
                 "n_unlabelled": summ["n_unlabelled"],
                 "registration_correlation": qc.get("correlation_after"),
                 "registration_dice": qc.get("dice_brain_mask"),
+                "tissue_atlas_dice": summ.get("tissue_atlas_dice"),
                 "registration_flagged": bool(qc.get("flagged", False)),
                 "registration_reasons": "; ".join(qc.get("reasons", [])),
             }
         )
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    for col in ("n_outside_tissue", "n_below_tissue_floor"):  # counts stay whole numbers
+        table[col] = table[col].astype("Int64")
+    for col in ("tissue_fraction", "tissue_atlas_dice"):
+        table[col] = table[col].astype("Float64")
+    return table
 
 
 def _map_sections(study: Study, regions: pd.DataFrame, alpha: float):

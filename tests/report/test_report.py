@@ -163,3 +163,22 @@ def test_save_figures_writes_png_and_svg(tmp_path, data):
     for p in paths:
         head = p.read_bytes()[:200]
         assert head.startswith(b"\x89PNG") if p.suffix == ".png" else b"<svg" in p.read_bytes()
+
+
+def test_qc_table_has_readable_headers_and_dashes_for_missing_values(data):
+    study, subjects, qc, regions, counts = data
+    qc = qc.assign(
+        n_outside_tissue=pd.array([12] * 11 + [None], dtype="Int64"),
+        tissue_fraction=pd.array([0.5] * 11 + [None], dtype="Float64"),
+        tissue_atlas_dice=[0.91] * 11 + [np.nan],
+    )
+    html = render_report(study=study, subjects=subjects, qc=qc, regions=regions, counts=counts)
+    start = html.index('<table id="qc-table">')
+    table = html[start:html.index("</table>", start)]
+    assert '<th title="n_outside_tissue">cells dropped outside tissue</th>' in table
+    assert '<th title="tissue_atlas_dice">tissue vs atlas brain Dice</th>' in table
+    assert '<th title="extra_metric">extra_metric</th>' in table  # unknown: its own name
+    assert "<td>12</td>" in table and "<td>0.91</td>" in table
+    last = table[table.rindex("<tr"):]
+    assert last.count("<td>\u2014</td>") == 3  # the three missing values of the last mouse
+    assert "<td>\u2014</td>" not in table[: table.rindex("<tr")]  # blank reasons stay blank

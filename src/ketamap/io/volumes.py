@@ -383,6 +383,7 @@ def write_ome_zarr(
     chunks: tuple[int, int, int] = (64, 128, 128),
     compressor="blosc-zstd",
     levels: int | None = 1,
+    translation_um: tuple[float, float, float] | None = None,
 ) -> Path:
     """Write a (z, y, x) volume as a multiscale OME-Zarr image (NGFF 0.4), atomically.
 
@@ -405,6 +406,11 @@ def write_ome_zarr(
         2×2 (y, x) or 2×2×2 voxel blocks of the level before (see
         :func:`pyramid_factors`), computed chunk-wise from the level already
         written, so memory stays bounded by a few chunks per worker.
+    translation_um : tuple of float, optional
+        Position (z, y, x) in µm of the centre of the first voxel, stored as a
+        ``translation`` after the ``scale`` of every level (e.g. half a block
+        minus half a voxel for a coarse grid of blocks of a finer image, so
+        that the two overlay). None: the first voxel's centre is at 0.
 
     Returns
     -------
@@ -431,6 +437,17 @@ def write_ome_zarr(
     arr = array if isinstance(array, da.Array) else np.asarray(array)
     if arr.ndim != 3:
         raise InputError(f"Cannot write a volume of shape {tuple(arr.shape)}; expected (z, y, x).")
+    origin = np.zeros(3)
+    if translation_um is not None:
+        try:
+            origin = np.asarray(translation_um, dtype=float).reshape(3)
+        except (TypeError, ValueError):
+            origin = np.full(3, np.nan)
+        if not np.isfinite(origin).all():
+            raise ParameterError(
+                f"translation_um must be three finite numbers (z, y, x) in µm, got "
+                f"{translation_um!r}."
+            )
     factors = pyramid_factors(arr.shape, vs, levels=levels, chunks=chunks)
     path = Path(path)
     datasets = []
@@ -460,8 +477,8 @@ def write_ome_zarr(
             transforms = [
                 {"type": "scale", "scale": [float(v * f) for v, f in zip(vs, total, strict=False)]}
             ]
-            if k:
-                shift = [float((f - 1) / 2 * v) for v, f in zip(vs, total, strict=False)]
+            shift = [float(o + (f - 1) / 2 * v) for o, v, f in zip(origin, vs, total, strict=False)]
+            if k or translation_um is not None:
                 transforms.append({"type": "translation", "translation": shift})
             datasets.append({"path": str(k), "coordinateTransformations": transforms})
             log.info("write_ome_zarr: level %d %s", k, level_arr.shape)

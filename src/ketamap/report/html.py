@@ -29,6 +29,24 @@ _REGION_COLUMNS = (
     "spearman_p", "method", "converged", "reason",
 )  # fmt: skip
 _ALPHA = 0.05
+# readable headers of the per-mouse QC table; the column name is kept as the tooltip
+_QC_HEADERS = {
+    "subject": "mouse",
+    "group": "group",
+    "n_cells": "cells detected",
+    "n_outside_tissue": "cells dropped outside tissue",
+    "n_below_tissue_floor": "cells dropped below tissue noise floor",
+    "tissue_fraction": "tissue fraction of volume",
+    "n_in_regions": "cells in atlas regions",
+    "n_outside_volume": "cells outside atlas",
+    "n_unlabelled": "cells in unlabelled voxels",
+    "registration_correlation": "registration correlation",
+    "registration_dice": "registration brain Dice",
+    "tissue_atlas_dice": "tissue vs atlas brain Dice",
+    "registration_flagged": "registration flagged",
+    "registration_reasons": "flag reasons",
+}
+_MISSING = "\u2014"  # an em dash marks a QC value the run did not record (older folders)
 
 
 def _fmt(value) -> str:
@@ -46,6 +64,15 @@ def _fmt(value) -> str:
 
 def _rows(df: pd.DataFrame, columns) -> list[list[str]]:
     return [[_fmt(v) for v in rec] for rec in df[list(columns)].itertuples(index=False)]
+
+
+def _fmt_qc(value) -> str:
+    """Like :func:`_fmt`, but a missing number (None, NaN, NA) shows as an em dash."""
+    try:
+        missing = value is None or bool(pd.isna(value))
+    except (TypeError, ValueError):
+        missing = False
+    return _MISSING if missing else _fmt(value)
 
 
 def _png_uri(data: bytes) -> str:
@@ -199,7 +226,9 @@ def render_report(
     qc : DataFrame
         One row per subject (``subject``, ``n_cells``, ``registration_correlation``,
         ``registration_flagged``, ``registration_reasons`` ...); every column is shown
-        and flagged rows are highlighted.
+        under a readable header (known columns, e.g. ``n_outside_tissue`` as "cells
+        dropped outside tissue"), missing values as "—", and flagged rows are
+        highlighted.
     regions : DataFrame
         Output of :func:`ketamap.stats.compare_regions`; every row is listed.
     counts : DataFrame
@@ -260,8 +289,10 @@ def render_report(
         "design": design,
         "subject_columns": list(subjects.columns),
         "subject_rows": _rows(subjects, subjects.columns),
-        "qc_columns": list(qc.columns),
-        "qc_rows": list(zip(_rows(qc, qc.columns), flagged)),
+        "qc_columns": [(str(c), _QC_HEADERS.get(str(c), str(c))) for c in qc.columns],
+        "qc_rows": list(
+            zip([[_fmt_qc(v) for v in rec] for rec in qc.itertuples(index=False)], flagged)
+        ),
         "n_flagged": int(sum(flagged)),
         "region_columns": region_cols,
         "region_rows": _rows(regions, region_cols),

@@ -58,10 +58,12 @@ Arrays are (z, y, x); physical sizes are in micrometres.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
 from numbers import Integral, Real
+from pathlib import Path
 
 import dask.array as da
 import numpy as np
@@ -69,9 +71,16 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
 from ketamap.errors import InputError, ParameterError
+from ketamap.io.atomic import write_json
 from ketamap.space import check_voxel_size
 
-__all__ = ["TissueMask", "find_tissue"]
+__all__ = [
+    "TissueMask",
+    "find_tissue",
+    "write_detection_qc",
+    "read_tissue_mask",
+    "tissue_atlas_dice",
+]
 
 log = logging.getLogger(__name__)
 
@@ -487,7 +496,11 @@ def _block_moments(arr: da.Array, block) -> tuple[np.ndarray, np.ndarray, np.nda
         chunks=tuple(out_chunks),
         dtype=np.float64,
         meta=np.empty((0, 0, 0, 0), dtype=np.float64),
-    ).compute()
+    )
+    # one row of chunks along z at a time: whatever order the scheduler picks, only one
+    # row of source chunks is ever held (a lazily generated volume is never materialised)
+    rows = [pieces.blocks[:, i].compute() for i in range(pieces.numblocks[1])]
+    pieces = np.concatenate(rows, axis=1) if rows else np.zeros((3, 0, 0, 0))
     n, mean, m2 = pieces
     for axis, owner in enumerate(owners):
         n, mean, m2 = _merge_axis(n, mean, m2, owner, axis)
@@ -552,3 +565,191 @@ def _remove_specks(tissue: np.ndarray) -> np.ndarray:
         return tissue
     small[0] = False
     return tissue & ~small[labels]
+
+
+# --------------------------------------------------------------------------- files and QC
+
+TISSUE_MASK_FILE = "tissue_mask.ome.zarr"
+DETECTION_QC_FILE = "detection_qc.json"
+
+
+def _finite_or_none(value) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def write_detection_qc(qc: dict, folder: Path, *, voxel_size_um) -> dict:
+    """Write the QC of :func:`~ketamap.wholebrain.detect.detect_cells` into a folder.
+
+    Writes ``detection_qc.json`` (the QC numbers, plus the tissue grid:
+    ``tissue_block_vox``, ``tissue_block_um``, ``tissue_grid_shape``,
+    ``tissue_threshold`` and ``volume_shape_vox``) and, when there is a tissue
+    mask, ``tissue_mask.ome.zarr``: the coarse mask as uint8 (1 = tissue), one
+    voxel per block, scale = voxel size × ``block_vox`` and a translation that
+    puts each block's centre over the full-resolution volume. Both files are
+    written atomically.
+
+    Parameters
+    ----------
+    qc : dict
+        The second value of ``detect_cells(..., return_qc=True)``.
+    folder : path-like
+        Output folder (it must exist), e.g. a stage's temporary folder.
+    voxel_size_um : float or sequence of 3 float
+        Voxel size (z, y, x) in µm of the detected volume.
+
+    Returns
+    -------
+    dict
+        The JSON-ready numbers written to ``detection_qc.json`` (without the
+        mask object); the tissue keys are None when there is no mask.
+    """
+    from ketamap.io.volumes import write_ome_zarr
+    from ketamap.space import check_voxel_size
+
+    folder = Path(folder)
+    vs = check_voxel_size(voxel_size_um)
+    tissue = qc.get("tissue")
+    numbers = {k: v for k, v in qc.items() if k != "tissue"}
+    numbers |= {
+        "tissue_block_vox": None,
+        "tissue_block_um": None,
+        "tissue_grid_shape": None,
+        "tissue_threshold": None,
+        "volume_shape_vox": None,
+    }
+    if tissue is not None:
+        block_um = tissue.block_size_um(vs)
+        numbers |= {
+            "tissue_block_vox": list(tissue.block_vox),
+            "tissue_block_um": list(block_um),
+            "tissue_grid_shape": list(tissue.mask.shape),
+            "tissue_threshold": _finite_or_none(tissue.threshold),
+            "volume_shape_vox": list(tissue.shape),
+        }
+        write_ome_zarr(
+            tissue.mask.astype(np.uint8),
+            folder / TISSUE_MASK_FILE,
+            voxel_size_um=block_um,
+            translation_um=[(b - 1) / 2 * v for b, v in zip(tissue.block_vox, vs)],
+            levels=1,
+        )
+    write_json(numbers, folder / DETECTION_QC_FILE)
+    return numbers
+
+
+def read_tissue_mask(folder: Path):
+    """Read the tissue mask that :func:`write_detection_qc` wrote into a folder.
+
+    Parameters
+    ----------
+    folder : path-like
+        A detect output folder.
+
+    Returns
+    -------
+    TissueMask or None
+        None when the folder has no ``tissue_mask.ome.zarr`` (tissue masking
+        was off, or the folder predates it).
+
+    Raises
+    ------
+    InputError
+        If the mask is there but ``detection_qc.json`` is missing or does not
+        describe its grid.
+    """
+    from ketamap.errors import InputError
+    from ketamap.io.volumes import open_volume
+
+    folder = Path(folder)
+    path = folder / TISSUE_MASK_FILE
+    if not path.is_dir():
+        return None
+    try:
+        qc = json.loads((folder / DETECTION_QC_FILE).read_text())
+        block, shape = tuple(qc["tissue_block_vox"]), tuple(qc["volume_shape_vox"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(
+            f"{path} has no readable {DETECTION_QC_FILE} beside it giving its block size and "
+            f"volume shape ({e}); run the detect stage again."
+        ) from e
+
+    def level(key):
+        value = qc.get(key)
+        return float("nan") if value is None else float(value)
+
+    mask = np.asarray(open_volume(path).compute()) > 0
+    return TissueMask(
+        mask, block, shape, level("tissue_void_level"), level("tissue_level"),
+        level("tissue_threshold"),
+    )  # fmt: skip
+
+
+_DICE_POINTS = 2**20  # coarse cells mapped to the atlas per call (bounds memory)
+
+
+def tissue_atlas_dice(tissue, registration, atlas) -> float:
+    """Dice of the tissue mask and the atlas brain carried into the sample, on the coarse grid.
+
+    The centre of every coarse cell of the mask (raw sample voxels) is mapped
+    to the atlas through the registration
+    (:func:`~ketamap.wholebrain.register.cells_to_atlas`); the cell belongs to
+    the atlas brain when the atlas voxel it lands in is labelled
+    (``annotation > 0``). The Dice coefficient of that coarse brain and the
+    tissue mask is 1 when the detector's tissue and the registered atlas cover
+    the same blocks. The mask is dilated by a block and blocks at the brain's
+    surface are partly tissue, so a good registration of a whole brain scores
+    somewhat below 1; a low value means the registration or the tissue mask is
+    wrong (or the sample is not a whole brain, e.g. a hemisphere or a crop).
+
+    Parameters
+    ----------
+    tissue : TissueMask
+        From :func:`~ketamap.wholebrain.tissue.find_tissue` or
+        :func:`read_tissue_mask`.
+    registration : Registration
+        The sample's registration; its raw sample shape must be the mask's
+        full-resolution shape.
+    atlas : Atlas
+        The atlas registered to.
+
+    Returns
+    -------
+    float
+        In [0, 1]; 0 when both the mask and the mapped brain are empty.
+
+    Raises
+    ------
+    InputError
+        If the mask and the registration cover different sample shapes.
+    """
+    from ketamap.errors import InputError
+    from ketamap.wholebrain.register import cells_to_atlas
+    from ketamap.wholebrain.transforms import dice
+
+    if tuple(tissue.shape) != tuple(registration.sample_shape_vox):
+        raise InputError(
+            f"The tissue mask covers a volume of shape {tuple(tissue.shape)} but the "
+            f"registration one of shape {tuple(registration.sample_shape_vox)}; both must "
+            "come from the same mouse's volumes."
+        )
+    grid = tissue.mask.shape
+    if 0 in grid:
+        return 0.0
+    # centre of each coarse cell in raw voxels; the last cell of an axis may be shorter
+    centres = []
+    for n, b in zip(tissue.shape, tissue.block_vox):
+        starts = np.arange(0, n, b)
+        centres.append((starts + np.minimum(starts + b, n) - 1) / 2.0)
+    plane = grid[1] * grid[2]
+    zs_per_call = max(1, _DICE_POINTS // plane)
+    brain = np.zeros(grid, dtype=bool)
+    yy, xx = np.meshgrid(centres[1], centres[2], indexing="ij")
+    for z0 in range(0, grid[0], zs_per_call):
+        zc = centres[0][z0 : z0 + zs_per_call]
+        pts = np.column_stack([
+            np.repeat(zc, plane), np.tile(yy.ravel(), len(zc)), np.tile(xx.ravel(), len(zc))
+        ])  # fmt: skip
+        labels, _ = atlas.labels_at(cells_to_atlas(registration, pts))
+        brain[z0 : z0 + len(zc)] = (labels > 0).reshape(len(zc), *grid[1:])
+    return dice(tissue.mask, brain)
