@@ -86,6 +86,8 @@ _COARSE_MIN_SOMA_SIGMA = 1.5  # the soma-smoothed image is sampled finely enough
 _COARSE_MIN_REST_SIGMA = 3.0  # ... and the background is wide enough to gain from it
 _MIN_NEIGHBOUR_RATIO = 0.2  # the spike test runs on axes where a soma's neighbour holds this
 _MAX_PIECES = 8  # most somata one object is split into
+_MAX_MARKERS = 8  # other maxima that share an object's moment window, nearest first
+_PATCH_DIV = 3.0  # moment window half-size: one imaged soma diameter (a third of the walk)
 _MOMENT_FLOOR = 0.2  # an object's moments weigh its band-passed signal above this x its peak
 
 
@@ -360,9 +362,10 @@ def _plan(
         split_spacing=tuple(
             max(params.soma_diameter_um / v, w) for v, w in zip(voxel_size_um, width)
         ),
-        patch=tuple(max(1, w // 2) for w in walk),
+        patch=tuple(max(1, round(w / _PATCH_DIV)) for w in walk),
     )
-    # The moments of one soma's response, and the extra variance of two somata 1.25
+    # The moments of one soma's response (in a window of one imaged diameter), and the
+    # extra variance of two somata 1.25
     # diameters apart along each axis (the middle of the 1-1.5 diameters of touching
     # somata), computed by the very function that measures the candidates.
     vs = np.asarray(voxel_size_um, dtype=np.float64)
@@ -871,10 +874,19 @@ def _object_moments(
             mark = mark.reshape(len(p), -1)
             mark[:, centre] = False
             own = np.sum(um * um, axis=1)  # squared distance to this object's maximum
-            for i in np.nonzero(mark.any(axis=1))[0]:
-                others = um[mark[i]]
-                d2 = np.min(((um[:, None, :] - others[None]) ** 2).sum(axis=2), axis=1)
-                w[i] *= own <= d2
+            rows = np.nonzero(mark.any(axis=1))[0]
+            if len(rows):
+                # up to _MAX_MARKERS other maxima per window, the nearest first
+                k = min(_MAX_MARKERS, len(own))
+                score = np.where(mark[rows], own[None, :], np.inf)
+                idx = np.argpartition(score, k - 1, axis=1)[:, :k]
+                valid = np.isfinite(np.take_along_axis(score, idx, axis=1))
+                others = um[idx]  # (rows, k, 3)
+                d2 = np.full((len(rows), len(own)), np.inf)
+                for j in range(k):  # one marker rank at a time: (rows, P) temporaries
+                    dj = ((um[None, :, :] - others[:, j, None, :]) ** 2).sum(axis=2)
+                    np.minimum(d2, np.where(valid[:, j, None], dj, np.inf), out=d2)
+                w[rows] *= own[None, :] <= d2
         total = w.sum(axis=1)
         total = np.where(total > 0, total, 1.0)
         m_um = (w @ um) / total[:, None]
@@ -1183,9 +1195,13 @@ def _detect_block(
     vs = np.asarray(voxel_size_um, dtype=np.float64)
     n_dir = np.ones(len(c["pos"]), dtype=np.int64)
     split = np.asarray(plan.split_axes)
-    if split.any() and len(c["pos"]):
-        mean, cov = _object_moments(f, c["pos"], c["peak"], plan, vs)
-        cov -= np.asarray(plan.single_cov)[None]
+    # only an object wider than one soma's response along some axis can hold several
+    wide = np.any(split[None, :] & (extent > np.asarray(plan.single_width)[None, :]), axis=1)
+    if split.any() and wide.any():
+        mean = np.zeros((len(c["pos"]), 3))
+        cov = np.zeros((len(c["pos"]), 3, 3))
+        mean[wide], cov[wide] = _object_moments(f, c["pos"][wide], c["peak"][wide], plan, vs)
+        cov[wide] -= np.asarray(plan.single_cov)[None]
         cov[:, ~split, :] = 0.0
         cov[:, :, ~split] = 0.0
         e, vec = np.linalg.eigh(cov)

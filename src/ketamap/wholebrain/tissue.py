@@ -262,6 +262,7 @@ class TissueMask:
         return (np.minimum(starts + b, n) - starts).astype(np.float64)
 
 
+_STRIDE = 2  # blocks of >= 8 voxels along an axis are sampled every other voxel on it
 _MIN_BLOCK_VOX = 4  # coarse cells hold at least 4 voxels per axis (memory on coarse grids)
 
 
@@ -339,6 +340,11 @@ def find_tissue(
     dilate_blocks = int(dilate_blocks)
 
     block = tuple(max(_MIN_BLOCK_VOX, round(block_um / v)) for v in vs)
+    # Blocks of 8 voxels or more along an axis are estimated from every other voxel (the
+    # level and the spread of a block of thousands of voxels need no more): such blocks
+    # are made even, so that the sampled voxels tile them exactly.
+    stride = tuple(_STRIDE if b >= 4 * _STRIDE else 1 for b in block)
+    block = tuple(b + (-b) % s for b, s in zip(block, stride))
     arr = _as_dask(volume, block)
     shape = tuple(int(n) for n in arr.shape)
     grid = tuple(-(-n // b) for n, b in zip(shape, block))
@@ -346,7 +352,9 @@ def find_tissue(
         log.info("find_tissue: empty volume of shape %s, no tissue", shape)
         return TissueMask(np.zeros(grid, dtype=bool), block, shape, math.nan, math.nan, math.nan)
 
-    count, mean, m2 = _block_moments(arr, block)
+    if any(s > 1 for s in stride):
+        arr = arr[tuple(slice(None, None, s) for s in stride)]
+    count, mean, m2 = _block_moments(arr, tuple(b // s for b, s in zip(block, stride)))
     has_data = count > 0
     sd = np.sqrt(np.divide(m2, count, out=np.zeros_like(m2), where=has_data))
     void_level, tissue_level, threshold = _levels(
