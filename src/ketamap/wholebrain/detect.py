@@ -51,6 +51,7 @@ from scipy import special
 from ketamap.errors import InputError, ParameterError
 from ketamap.params import bounds, validate
 from ketamap.space import check_voxel_size
+from ketamap.wholebrain.tissue import find_tissue
 
 __all__ = ["DetectionParams", "detect_cells", "CELL_COLUMNS"]
 
@@ -1358,8 +1359,6 @@ def detect_cells(
         scale = _background_scale(sig, bg)
         log.info("detect_cells: background channel scaled by %.4g and subtracted", scale)
     if tissue is None and params.tissue_mask:
-        from ketamap.wholebrain.tissue import find_tissue
-
         tissue = find_tissue(
             bg if bg is not None else sig, voxel_size_um=vs, block_um=params.tissue_block_um
         )
