@@ -50,6 +50,16 @@ def _hits(points_vox, xyz, within_um=4.0):
 
 
 VOID = dict(tissue_fraction=0.5, camera_offset=12.0, read_noise=1.5)
+# stitched tiles with 30 % gain CV, a bright tissue edge and a void; the autofluorescence
+# bleeds fully into the signal channel, as on the real crops
+SEAMS = CropParams(
+    density_per_mm3=5000,
+    bleed_through=1.0,
+    tile_shape_vox=(128, 128),
+    tile_gain_cv=0.3,
+    edge_photons=1500.0,
+    tissue_fraction=0.6,
+)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -89,14 +99,7 @@ def test_each_defence_alone_is_needed_somewhere():
 
 def test_seams_and_bright_edge_with_background_channel():
     """Tiles with 30 % gain steps, a bright tissue edge and a void: precision >= 0.98."""
-    params = CropParams(
-        density_per_mm3=5000,
-        bleed_through=1.0,
-        tile_shape_vox=(128, 128),
-        tile_gain_cv=0.3,
-        edge_photons=1500.0,
-        tissue_fraction=0.6,
-    )
+    params = SEAMS
     for seed in (0, 1):
         crop = simulate_crop(SHAPE, params=params, seed=seed)
         _, xyz, _ = _detect(crop, background=True)
@@ -106,14 +109,7 @@ def test_seams_and_bright_edge_with_background_channel():
 
 def test_step_test_removes_seam_candidates_signal_only():
     """Signal only: the maxima beside a tile seam fail the step test."""
-    params = CropParams(
-        density_per_mm3=5000,
-        bleed_through=1.0,
-        tile_shape_vox=(128, 128),
-        tile_gain_cv=0.3,
-        edge_photons=1500.0,
-        tissue_fraction=0.6,
-    )
+    params = SEAMS
     crop = simulate_crop(SHAPE, params=params, seed=0)
     _, xyz, _ = _detect(crop)
     _, xyz_off, _ = _detect(crop, min_step_drop=0.0)

@@ -213,6 +213,31 @@ def _open_zarr(path: Path, chunks, level: int = 0) -> da.Array:
     return out
 
 
+def check_volume(array, name: str):
+    """Return ``array`` as a 3D numeric NumPy or Dask array, or raise one sentence.
+
+    Parameters
+    ----------
+    array : array_like or dask.array.Array
+    name : str
+        What the array is, for the message (e.g. ``"signal"``).
+
+    Raises
+    ------
+    InputError
+        If the array is not 3D (z, y, x) or does not hold integers or floats.
+    """
+    arr = array if isinstance(array, da.Array) else np.asarray(array)
+    if arr.ndim != 3:
+        raise InputError(
+            f"{name} must be a 3D array (z, y, x), got {arr.ndim} dimensions with shape "
+            f"{tuple(arr.shape)}; add a leading axis for a single plane."
+        )
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise InputError(f"{name} must hold integers or floats, got dtype {arr.dtype}.")
+    return arr
+
+
 def _as_volume(arr: da.Array, path: Path) -> da.Array:
     if arr.ndim == 2:
         arr = arr[None]

@@ -49,6 +49,7 @@ from scipy import ndimage as ndi
 from scipy import special
 
 from ketamap.errors import InputError, ParameterError
+from ketamap.io.volumes import check_volume
 from ketamap.params import bounds, validate
 from ketamap.space import check_voxel_size
 from ketamap.wholebrain.tissue import find_tissue
@@ -624,17 +625,7 @@ def _axis_chunks(
 
 
 def _as_dask(array, name: str) -> da.Array:
-    if isinstance(array, da.Array):
-        arr = array
-    else:
-        arr = np.asarray(array)
-    if arr.ndim != 3:
-        raise InputError(
-            f"{name} must be a 3D array (z, y, x), got {arr.ndim} dimensions with shape "
-            f"{tuple(arr.shape)}; add a leading axis for a single plane."
-        )
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise InputError(f"{name} must hold integers or floats, got dtype {arr.dtype}.")
+    arr = check_volume(array, name)
     if isinstance(arr, np.ndarray):
         arr = da.from_array(arr, chunks=arr.shape, name=False)  # no hashing of the data
     return arr
@@ -981,6 +972,33 @@ def _negative_power(
     return out / count[:, None, None]
 
 
+def _finite_block(
+    block, background, background_scale: float = 0.0, *, pad_lo, origin, check_only=False
+):
+    """Subtract the scaled background from the block (float32); NaN or inf raise a sentence.
+
+    With ``check_only`` (a chunk without tissue, not detected), only the check is made
+    and an empty result returned.
+    """
+    x = np.asarray(block).astype(np.float32, copy=True)
+    if background is not None:
+        x -= np.multiply(background, np.float32(background_scale), dtype=np.float32)
+    floats = any(
+        a is not None and np.issubdtype(np.asarray(a).dtype, np.floating)
+        for a in (block, background)
+    )
+    if floats and not np.isfinite(x).all():
+        bad = np.argwhere(~np.isfinite(x))[0]
+        where = tuple(int(o - p + i) for o, p, i in zip(origin, pad_lo, bad))
+        raise InputError(
+            f"The volume holds NaN or infinite values (first at voxel (z, y, x) = {where}); "
+            "replace them before detection."
+        )
+    if check_only:
+        return _empty_table(), np.zeros(len(_NOISE_EDGES) - 1, np.int64)
+    return x
+
+
 def _detect_block(
     block: np.ndarray,
     background: np.ndarray | None = None,
@@ -1008,20 +1026,7 @@ def _detect_block(
     is a multiple of the grid factor), so the coarse fields do not depend on the chunking.
     """
     device = _torch_device(device)
-    x = np.asarray(block).astype(np.float32, copy=True)
-    if background is not None:
-        x -= np.multiply(background, np.float32(background_scale), dtype=np.float32)
-    floats = any(
-        a is not None and np.issubdtype(np.asarray(a).dtype, np.floating)
-        for a in (block, background)
-    )
-    if floats and not np.isfinite(x).all():
-        bad = np.argwhere(~np.isfinite(x))[0]
-        where = tuple(int(o - p + i) for o, p, i in zip(origin, pad_lo, bad))
-        raise InputError(
-            f"The volume holds NaN or infinite values (first at voxel (z, y, x) = {where}); "
-            "replace them before detection."
-        )
+    x = _finite_block(block, background, background_scale, pad_lo=pad_lo, origin=origin)
     g1 = _gaussian(x, plan.sigma_soma, plan.radius_soma, device)
     background = _coarse_background(g1, plan, device)
     # From here on only the work region W (the core and plan.margin around it, on the coarse
@@ -1375,6 +1380,7 @@ def detect_cells(
     starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in chunks]
     blocks = [v.to_delayed() for v in overlapped]
     tasks, skipped = [], 0
+    floats = any(v is not None and np.issubdtype(v.dtype, np.floating) for v in (sig, bg))
     for key in np.ndindex(blocks[0].shape):
         pad_lo = tuple(depth[a] if key[a] > 0 else 0 for a in range(3))
         core_shape = tuple(chunks[a][key[a]] for a in range(3))
@@ -1385,6 +1391,16 @@ def detect_cells(
         )
         if tissue is not None and not tissue.mask[cells_of_core].any():
             skipped += 1  # no tissue: every candidate there would be dropped
+            if floats:  # ... but a float volume is still checked for NaN and inf
+                tasks.append(
+                    dask.delayed(_finite_block)(
+                        blocks[0][key],
+                        blocks[1][key] if bg is not None else None,
+                        pad_lo=pad_lo,
+                        origin=origin,
+                        check_only=True,
+                    )
+                )
             continue
         tasks.append(
             dask.delayed(_detect_block)(
@@ -1431,7 +1447,7 @@ def detect_cells(
         int(below.sum()),
         floor,
         skipped,
-        skipped + len(tasks),
+        math.prod(blocks[0].shape),
     )
     if not return_qc:
         return cells

@@ -72,6 +72,7 @@ from skimage.filters import threshold_otsu
 
 from ketamap.errors import InputError, ParameterError
 from ketamap.io.atomic import write_json
+from ketamap.io.volumes import check_volume
 from ketamap.space import check_voxel_size
 
 __all__ = [
@@ -399,14 +400,7 @@ def _positive_float(value, name: str, *, minimum: float, strict: bool = False) -
 
 def _as_dask(volume, block: tuple[int, int, int]) -> da.Array:
     """Check a volume and return it as a Dask array (NumPy input: block-aligned chunks)."""
-    arr = volume if isinstance(volume, da.Array) else np.asarray(volume)
-    if arr.ndim != 3:
-        raise InputError(
-            f"volume must be a 3D array (z, y, x), got {arr.ndim} dimensions with shape "
-            f"{tuple(arr.shape)}; add a leading axis for a single plane."
-        )
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise InputError(f"volume must hold integers or floats, got dtype {arr.dtype}.")
+    arr = check_volume(volume, "volume")
     if isinstance(arr, np.ndarray):
         chunks = [max(n, 1) for n in arr.shape]
         while math.prod(chunks) > _CHUNK_VOXELS:  # halve the longest axis, block-aligned
