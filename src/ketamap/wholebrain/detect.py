@@ -568,11 +568,13 @@ def _noise_histogram(sd: np.ndarray) -> np.ndarray:
     """Count noise SDs in the log10 bins of ``_NOISE_EDGES`` (zeros in the first bin)."""
     n_bins = len(_NOISE_EDGES) - 1
     width = (_NOISE_EDGES[-1] - _NOISE_EDGES[0]) / n_bins
-    logs = np.log10(np.maximum(sd.ravel(), np.float32(1e-6)), dtype=np.float32)
-    logs -= np.float32(_NOISE_EDGES[0])
-    logs *= np.float32(1 / width)
-    index = np.clip(logs, 0, n_bins - 1).astype(np.int32)
-    return np.bincount(index, minlength=n_bins).astype(np.int64)
+    counts = np.zeros(n_bins, dtype=np.int64)
+    flat = sd.ravel()
+    for start in range(0, len(flat), 2**16):  # small temporaries: memory stays per chunk
+        logs = np.log10(np.maximum(flat[start : start + 2**16], np.float32(1e-6)))
+        logs = (logs.astype(np.float32) - np.float32(_NOISE_EDGES[0])) * np.float32(1 / width)
+        counts += np.bincount(np.clip(logs, 0, n_bins - 1).astype(np.int32), minlength=n_bins)
+    return counts
 
 
 def _histogram_median(hist: np.ndarray) -> float:
