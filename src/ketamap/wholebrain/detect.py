@@ -739,12 +739,13 @@ def _box_test(
         if ties:
             bad |= inside & earlier[None, :] & (vals == top)
         if dip is not None and bad.any():
-            rows = np.nonzero(bad.any(axis=1))[0]
-            q = p[rows][:, None, None, :] + mid[None]
+            # only the (candidate, higher voxel) pairs: is there a saddle between them?
+            rr, oo = np.nonzero(bad)
+            q = p[rr][:, None, :] + mid[oo]
             np.clip(q, 0, shape - 1, out=q)
-            low = f[q[..., 0], q[..., 1], q[..., 2]].min(axis=2)
-            saddle = low < (top[rows] - dip[start : start + step][rows, None])
-            bad[rows] &= ~saddle
+            low = f[q[..., 0], q[..., 1], q[..., 2]].min(axis=1)
+            saddle = low < (top[rr, 0] - dip[start : start + step][rr])
+            bad[rr[saddle], oo[saddle]] = False
         ok[start : start + step] = ~bad.any(axis=1)
     return ok
 
@@ -851,14 +852,26 @@ def _object_moments(
     um = grid * vs
     centre = int(np.ravel_multi_index(tuple(half), shape_p))
     shape = np.asarray(f.shape)
+    windows = None
+    if np.all(shape >= 2 * half + 1):
+        windows = np.lib.stride_tricks.sliding_window_view(f, tuple(2 * half + 1))
     step = max(1, 2**21 // len(grid))
     for start in range(0, n, step):
         p = pos[start : start + step]
         top = peak[start : start + step]
-        q = p[:, None, :] + grid[None]
-        inside = np.all((q >= 0) & (q < shape), axis=2)
-        np.clip(q, 0, shape - 1, out=q)
-        v = f[q[..., 0], q[..., 1], q[..., 2]].astype(np.float32)
+        # windows that lie inside the array are cut as strided views (one gather per
+        # window, not per voxel); the few at the array's edge voxel by voxel
+        fits = np.all((p - half >= 0) & (p + half < shape), axis=1) & (windows is not None)
+        v = np.empty((len(p), len(grid)), dtype=np.float32)
+        inside = np.ones((len(p), len(grid)), dtype=bool)
+        if fits.any():
+            lo = p[fits] - half
+            v[fits] = windows[lo[:, 0], lo[:, 1], lo[:, 2]].reshape(int(fits.sum()), -1)
+        if not fits.all():
+            q = p[~fits][:, None, :] + grid[None]
+            inside[~fits] = np.all((q >= 0) & (q < shape), axis=2)
+            np.clip(q, 0, shape - 1, out=q)
+            v[~fits] = f[q[..., 0], q[..., 1], q[..., 2]]
         floor = _MOMENT_FLOOR * top[:, None]
         w = np.where(inside, np.maximum(v - floor, 0), 0).astype(np.float64)
         if markers:
@@ -875,12 +888,14 @@ def _object_moments(
                 score = np.where(mark[rows], own[None, :], np.inf)
                 idx = np.argpartition(score, k - 1, axis=1)[:, :k]
                 valid = np.isfinite(np.take_along_axis(score, idx, axis=1))
-                others = um[idx]  # (rows, k, 3)
-                d2 = np.full((len(rows), len(own)), np.inf)
-                for j in range(k):  # one marker rank at a time: (rows, P) temporaries
-                    dj = ((um[None, :, :] - others[:, j, None, :]) ** 2).sum(axis=2)
-                    np.minimum(d2, np.where(valid[:, j, None], dj, np.inf), out=d2)
-                w[rows] *= own[None, :] <= d2
+                others = um[idx].astype(np.float32)  # (rows, k, 3), µm from the maximum
+                # a voxel u is nearer the maximum (origin) than marker o iff u.o <= |o|^2 / 2
+                dots = others[:, :, 0, None] * um[None, None, :, 0].astype(np.float32)
+                for a in (1, 2):
+                    dots += others[:, :, a, None] * um[None, None, :, a].astype(np.float32)
+                half_sq = 0.5 * np.sum(others * others, axis=2)
+                nearer = (dots <= half_sq[:, :, None]) | ~valid[:, :, None]
+                w[rows] *= nearer.all(axis=1)
         total = w.sum(axis=1)
         total = np.where(total > 0, total, 1.0)
         m_um = (w @ um) / total[:, None]
