@@ -34,8 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ketamap.errors import InputError, InputNotFoundError
-from ketamap.invivo.suite2p_io import Recording
-from ketamap.invivo.traces import check_traces
+from ketamap.invivo.traces import Recording, check_traces
 
 __all__ = ["read_nwb"]
 

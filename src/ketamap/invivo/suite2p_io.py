@@ -22,49 +22,16 @@ Every reading problem is one :class:`~ketamap.errors.InputError` or
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ketamap.errors import InputError, InputNotFoundError
-from ketamap.invivo.traces import check_traces
+from ketamap.invivo.traces import Recording, check_traces
 
 __all__ = ["Recording", "find_plane_folder", "read_suite2p", "read_array", "read_recording"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Recording:
-    """Traces of one session.
-
-    Attributes
-    ----------
-    F : ndarray of float32, shape (cells, frames)
-        ROI fluorescence of the kept cells.
-    Fneu : ndarray of float32, shape (cells, frames) or None
-        Neuropil fluorescence, when known.
-    cell_index : ndarray of int, shape (cells,)
-        Index of each kept cell in the input (suite2p ROI number or array row).
-    frame_rate_hz : float or None
-        Frame rate read from the input, if it records one.
-    source : str
-        Where the traces came from.
-    footprints : list of dict or None
-        ROI footprints of the kept cells (suite2p ``stat`` entries with
-        ``ypix, xpix, lam``), when the input has them.
-    mean_image : ndarray of float32, shape (y, x), or None
-        Mean image of the session, when the input has one.
-    """
-
-    F: np.ndarray
-    Fneu: np.ndarray | None
-    cell_index: np.ndarray
-    frame_rate_hz: float | None
-    source: str
-    footprints: list | None = None
-    mean_image: np.ndarray | None = None
 
 
 def _load_npy(path: Path, *, allow_pickle: bool = False):

@@ -22,12 +22,14 @@ themselves can pick it with ``deconvolve(..., method="oasis")``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
 from ketamap.errors import InputError, ParameterError
 
 __all__ = [
+    "Recording",
     "check_traces",
     "neuropil_correct",
     "delta_f_over_f",
@@ -38,6 +40,38 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recording:
+    """Traces of one session.
+
+    Attributes
+    ----------
+    F : ndarray of float32, shape (cells, frames)
+        ROI fluorescence of the kept cells.
+    Fneu : ndarray of float32, shape (cells, frames) or None
+        Neuropil fluorescence, when known.
+    cell_index : ndarray of int, shape (cells,)
+        Index of each kept cell in the input (suite2p ROI number or array row).
+    frame_rate_hz : float or None
+        Frame rate read from the input, if it records one.
+    source : str
+        Where the traces came from.
+    footprints : list of dict or None
+        ROI footprints of the kept cells (suite2p ``stat`` entries with
+        ``ypix, xpix, lam``), when the input has them.
+    mean_image : ndarray of float32, shape (y, x), or None
+        Mean image of the session, when the input has one.
+    """
+
+    F: np.ndarray
+    Fneu: np.ndarray | None
+    cell_index: np.ndarray
+    frame_rate_hz: float | None
+    source: str
+    footprints: list | None = None
+    mean_image: np.ndarray | None = None
 
 
 def check_traces(F: np.ndarray, *, name: str = "traces") -> np.ndarray:
