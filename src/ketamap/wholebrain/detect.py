@@ -367,9 +367,9 @@ def _plan(
         patch=tuple(max(1, round(w / _PATCH_DIV)) for w in walk),
     )
     # The moments of one soma's response (in a window of one imaged diameter), and the
-    # extra variance of two somata 1.25
-    # diameters apart along each axis (the middle of the 1-1.5 diameters of touching
-    # somata), computed by the very function that measures the candidates.
+    # extra variance of two somata 1.25 diameters apart along each axis (the middle of the
+    # 1-1.5 diameters of touching somata), computed by the function that measures the
+    # candidates.
     vs = np.asarray(voxel_size_um, dtype=np.float64)
     centre = np.asarray([at])
     resp = resp.astype(np.float32)
@@ -1141,6 +1141,9 @@ def _detect_block(
         "contrast": contrast[keep],
         "raw_sd": raw_sd[keep],
     }
+    # the dip that separates two somata: a fraction of the weaker peak, and at least twice
+    # the band-passed noise SD (so noise on a plateau does not pass for a saddle)
+    c["dip"] = np.maximum(min_dip * c["peak"], 2.0 * plan.noise_gain * c["raw_sd"])
 
     def take(ok):
         for k in c:
@@ -1159,11 +1162,8 @@ def _detect_block(
     for subset in (faces, near):
         take(_box_test(f, c["pos"], c["peak"].astype(np.float32), subset, ties=True))
     far = offsets[np.any(np.abs(offsets) > 1, axis=1)]
-    # the dip that separates two somata: a fraction of the weaker peak, and at least twice
-    # the band-passed noise SD (so noise on a plateau does not pass for a saddle)
-    dip = np.maximum(min_dip * c["peak"], 2.0 * plan.noise_gain * c["raw_sd"])
     if len(far):
-        take(_box_test(f, c["pos"], c["peak"].astype(np.float32), far, ties=True, dip=dip))
+        take(_box_test(f, c["pos"], c["peak"].astype(np.float32), far, ties=True, dip=c["dip"]))
 
     # Spikes: a hot pixel, a cosmic hit or a one-plane streak is one voxel thick along some
     # axis, a soma is not. Along every axis on which a soma spans several voxels, the mean
@@ -1202,14 +1202,13 @@ def _detect_block(
     # The spacing is one soma diameter, or the width of one soma's response where that is
     # larger (closer cells cannot be told apart).
     # (b) Along any direction: from the covariance of the object's band-passed signal (in
-    # its own share of a window of 1.5 diameters, _object_moments) minus one soma's, the
-    # largest excess e along the principal direction v gives
+    # its own share of a window of one imaged diameter, _object_moments) minus one soma's,
+    # the largest excess e along the principal direction v gives
     # n = round(sqrt(1 + 3 e / e_pair(v))) somata, e_pair being the excess of two somata
     # 1.25 diameters apart (a chain of n somata s apart has excess s^2 (n^2 - 1) / 12),
     # placed evenly about the centroid along v (two somata touching diagonally).
     # Only axes with at least 2 voxels per soma diameter take part.
-    dip = np.maximum(min_dip * c["peak"], 2.0 * plan.noise_gain * c["raw_sd"])
-    lo, hi = _half_max_extents(f, c["pos"], c["peak"], plan, valley=dip)
+    lo, hi = _half_max_extents(f, c["pos"], c["peak"], plan, valley=c["dip"])
     extent = lo + hi
     excess = (extent - np.asarray(plan.single_width)) / np.asarray(plan.split_spacing)
     pieces = 1 + np.maximum(np.rint(excess), 0).astype(np.int64)
@@ -1236,12 +1235,13 @@ def _detect_block(
     directional = n_dir > counts
     counts = np.where(directional, n_dir, counts)
     owner = np.repeat(np.arange(len(c["pos"])), counts)
-    piece = np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
+    start = np.cumsum(counts) - counts  # first piece of each object
+    piece = np.arange(len(owner)) - np.repeat(start, counts)  # k of its n
     # (a): piece k of the grid of pieces, from -lo to +hi along each axis at (k + 0.5) / n
     frac = np.zeros((len(owner), 3))
     for i in np.nonzero((counts > 1) & ~directional)[0]:
         grid = np.stack(np.meshgrid(*[np.arange(k) for k in pieces[i]], indexing="ij"), -1)
-        frac[owner == i] = grid.reshape(-1, 3)
+        frac[start[i] : start[i] + counts[i]] = grid.reshape(-1, 3)
     shift = -lo[owner] + (frac + 0.5) / pieces[owner] * extent[owner]
     # (b): evenly about the centroid along v
     d = directional[owner]
@@ -1413,6 +1413,7 @@ def detect_cells(
                     dask.delayed(_finite_block)(
                         blocks[0][key],
                         blocks[1][key] if bg is not None else None,
+                        scale,
                         pad_lo=pad_lo,
                         origin=origin,
                         check_only=True,
