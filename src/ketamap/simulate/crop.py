@@ -279,11 +279,20 @@ class SimulatedCrop:
     params: CropParams
 
 
-def _hard_core_points(n: int, extent_um: np.ndarray, min_dist_um: float, rng) -> np.ndarray:
+def _hard_core_points(
+    n: int,
+    extent_um: np.ndarray,
+    min_dist_um: float,
+    rng,
+    *,
+    avoid: np.ndarray | None = None,
+    avoid_um: float = 0.0,
+) -> np.ndarray:
     """Up to ``n`` uniform points in a box, no two closer than ``min_dist_um``.
 
     Random sequential addition in batches: candidates near an accepted point are
-    dropped, conflicts inside a batch are resolved in drawing order.
+    dropped, conflicts inside a batch are resolved in drawing order. Points of ``avoid``
+    keep candidates ``avoid_um`` away.
     """
     pts = np.empty((0, 3))
     for _ in range(100):
@@ -291,6 +300,9 @@ def _hard_core_points(n: int, extent_um: np.ndarray, min_dist_um: float, rng) ->
         if need <= 0:
             break
         cand = rng.uniform(0, 1, (need, 3)) * extent_um
+        if avoid is not None and len(avoid):
+            d, _ = cKDTree(avoid).query(cand, distance_upper_bound=avoid_um)
+            cand = cand[~(d < avoid_um)]
         if len(pts):
             d, _ = cKDTree(pts).query(cand, distance_upper_bound=min_dist_um)
             cand = cand[~(d < min_dist_um)]
@@ -358,24 +370,9 @@ def _clustered_points(
             failures += 1
     clustered, in_cluster = pts[:m], flag[:m]
     # unclustered cells: hard core among themselves, min_cl from the clustered ones
-    singles = np.empty((0, 3))
-    for _ in range(100):
-        need = n - m - len(singles)
-        if need <= 0:
-            break
-        cand = rng.uniform(0, 1, (need, 3)) * extent_um
-        if len(clustered):
-            d, _ = cKDTree(clustered).query(cand, distance_upper_bound=min_cl)
-            cand = cand[~(d < min_cl)]
-        if len(singles):
-            d, _ = cKDTree(singles).query(cand, distance_upper_bound=params.hard_core_um)
-            cand = cand[~(d < params.hard_core_um)]
-        keep = np.ones(len(cand), bool)
-        for i, j in sorted(cKDTree(cand).query_pairs(params.hard_core_um)):
-            if keep[i]:
-                keep[j] = False
-        singles = np.vstack([singles, cand[keep]])
-    singles = singles[: max(n - m, 0)]
+    singles = _hard_core_points(
+        max(n - m, 0), extent_um, params.hard_core_um, rng, avoid=clustered, avoid_um=min_cl
+    )
     return (
         np.vstack([clustered, singles]),
         np.concatenate([in_cluster, np.zeros(len(singles), bool)]),
@@ -406,9 +403,7 @@ def _tiles(shape, params: CropParams, rng) -> dict:
     x_tile = (np.arange(shape[2]) + ox) // tx
     n_rows, n_cols = int(y_tile[-1]) + 1, int(x_tile[-1]) + 1
     cv = params.tile_gain_cv
-    gains = np.exp(
-        rng.normal(-0.5 * np.log1p(cv**2), np.sqrt(np.log1p(cv**2)), (n_rows, n_cols))
-    )
+    gains = np.exp(rng.normal(-0.5 * np.log1p(cv**2), np.sqrt(np.log1p(cv**2)), (n_rows, n_cols)))
     dark = None
     if params.dark_tile:
         area = np.bincount(y_tile)[:, None] * np.bincount(x_tile)[None, :]
