@@ -44,14 +44,7 @@ from ketamap.params import did_you_mean, from_mapping, to_dict
 from ketamap.study import Study, Subject, load_study
 from ketamap.wholebrain.tissue import read_tissue_mask, tissue_atlas_dice, write_detection_qc
 
-__all__ = [
-    "SUBJECT_STAGES",
-    "STUDY_STAGES",
-    "run_study",
-    "run_subject",
-    "fingerprint",
-    "versions",
-]
+__all__ = ["SUBJECT_STAGES", "STUDY_STAGES", "run_study", "run_subject", "fingerprint", "versions"]
 
 log = logging.getLogger(__name__)
 
