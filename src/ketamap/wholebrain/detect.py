@@ -1485,6 +1485,7 @@ def _qc(n_candidates, n_outside, n_below, tissue, noise_sd, floor, skipped) -> d
         "tissue_fraction": None if tissue is None else num(tissue.tissue_fraction),
         "tissue_void_level": None if tissue is None else num(tissue.void_level),
         "tissue_level": None if tissue is None else num(tissue.tissue_level),
+        "tissue_threshold": None if tissue is None else num(tissue.threshold),
         "tissue_noise_sd": num(noise_sd),
         "tissue_floor": num(floor),
         "chunks_without_tissue": int(skipped),

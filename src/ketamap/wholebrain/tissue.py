@@ -575,17 +575,12 @@ TISSUE_MASK_FILE = "tissue_mask.ome.zarr"
 DETECTION_QC_FILE = "detection_qc.json"
 
 
-def _finite_or_none(value) -> float | None:
-    value = float(value)
-    return value if np.isfinite(value) else None
-
-
 def write_detection_qc(qc: dict, folder: Path, *, voxel_size_um) -> dict:
     """Write the QC of :func:`~ketamap.wholebrain.detect.detect_cells` into a folder.
 
     Writes ``detection_qc.json`` (the QC numbers, plus the tissue grid:
-    ``tissue_block_vox``, ``tissue_block_um``, ``tissue_grid_shape``,
-    ``tissue_threshold`` and ``volume_shape_vox``) and, when there is a tissue
+    ``tissue_block_vox``, ``tissue_block_um``, ``tissue_grid_shape`` and
+    ``volume_shape_vox``) and, when there is a tissue
     mask, ``tissue_mask.ome.zarr``: the coarse mask as uint8 (1 = tissue), one
     voxel per block, scale = voxel size × ``block_vox`` and a translation that
     puts each block's centre over the full-resolution volume. Both files are
@@ -617,7 +612,6 @@ def write_detection_qc(qc: dict, folder: Path, *, voxel_size_um) -> dict:
         "tissue_block_vox": None,
         "tissue_block_um": None,
         "tissue_grid_shape": None,
-        "tissue_threshold": None,
         "volume_shape_vox": None,
     }
     if tissue is not None:
@@ -626,7 +620,6 @@ def write_detection_qc(qc: dict, folder: Path, *, voxel_size_um) -> dict:
             "tissue_block_vox": list(tissue.block_vox),
             "tissue_block_um": list(block_um),
             "tissue_grid_shape": list(tissue.mask.shape),
-            "tissue_threshold": _finite_or_none(tissue.threshold),
             "volume_shape_vox": list(tissue.shape),
         }
         write_ome_zarr(
