@@ -564,16 +564,21 @@ def _mask_on_grid(tissue, coords: list[np.ndarray]) -> np.ndarray:
 _NOISE_EDGES = np.linspace(-6.0, 8.0, 7001)
 
 
-def _noise_histogram(sd: np.ndarray) -> np.ndarray:
-    """Count noise SDs in the log10 bins of ``_NOISE_EDGES`` (zeros in the first bin)."""
+def _noise_histogram(var: np.ndarray, scale: float, inside: np.ndarray | None) -> np.ndarray:
+    """Count the SDs sqrt(scale x var) in the log10 bins of ``_NOISE_EDGES``, where ``inside``.
+
+    Plane by plane along the first axis, so the temporaries stay a plane in size.
+    """
     n_bins = len(_NOISE_EDGES) - 1
     width = (_NOISE_EDGES[-1] - _NOISE_EDGES[0]) / n_bins
     counts = np.zeros(n_bins, dtype=np.int64)
-    flat = sd.ravel()
-    for start in range(0, len(flat), 2**16):  # small temporaries: memory stays per chunk
-        logs = np.log10(np.maximum(flat[start : start + 2**16], np.float32(1e-6)))
-        logs = (logs.astype(np.float32) - np.float32(_NOISE_EDGES[0])) * np.float32(1 / width)
-        counts += np.bincount(np.clip(logs, 0, n_bins - 1).astype(np.int32), minlength=n_bins)
+    for i in range(len(var)):
+        plane = var[i] if inside is None else var[i][inside[i]]
+        logs = np.log10(np.maximum(plane * np.float32(scale), np.float32(1e-12)))
+        logs = (0.5 * logs - np.float32(_NOISE_EDGES[0])) * np.float32(1 / width)
+        counts += np.bincount(
+            np.clip(logs, 0, n_bins - 1).astype(np.int32).ravel(), minlength=n_bins
+        )
     return counts
 
 
@@ -1091,16 +1096,14 @@ def _detect_block(
     # The raw noise SD of the tissue in the core, as a histogram (summed over the chunks it
     # gives the tissue's typical noise, whatever the chunking; see _noise_histogram).
     sl = tuple(slice(p // k, -(-(p + c) // k)) for p, c, k in zip(pad_lo, core_shape, plan.coarse))
-    sd_cells = var[sl] * np.float32(2.0 / noise_c)
-    np.sqrt(sd_cells, out=sd_cells)
+    inside = None
     if tissue is not None:
         centres = [
             np.arange(s.start, s.stop) * k + (k - 1) / 2 + o - p
             for s, k, o, p in zip(sl, plan.coarse, origin, pad_lo)
         ]
-        sd_cells = sd_cells[_mask_on_grid(tissue, centres)]
-    hist = _noise_histogram(sd_cells)
-    del sd_cells
+        inside = _mask_on_grid(tissue, centres)
+    hist = _noise_histogram(var[sl], 2.0 / noise_c, inside)
 
     # Candidates: core voxels above a lower bound of both thresholds (the exact SDs add a
     # relative floor), read per coarse cell; the tests below are then exact.
