@@ -564,10 +564,15 @@ def _mask_on_grid(tissue, coords: list[np.ndarray]) -> np.ndarray:
 _NOISE_EDGES = np.linspace(-6.0, 8.0, 7001)
 
 
-def _noise_histogram(var: np.ndarray, scale: float, inside: np.ndarray | None) -> np.ndarray:
+def _noise_histogram(
+    var: np.ndarray, scale: float, inside: np.ndarray | None
+) -> tuple[int, np.ndarray]:
     """Count the SDs sqrt(scale x var) in the log10 bins of ``_NOISE_EDGES``, where ``inside``.
 
-    Plane by plane along the first axis, so the temporaries stay a plane in size.
+    Plane by plane along the first axis, so the temporaries stay a plane in size. Returns
+    the first non-empty bin and the counts from there to the last non-empty one: the
+    results of all chunks are held until the last is done, and a chunk's noise spans a few
+    hundred of the 7,000 bins.
     """
     n_bins = len(_NOISE_EDGES) - 1
     width = (_NOISE_EDGES[-1] - _NOISE_EDGES[0]) / n_bins
@@ -579,7 +584,18 @@ def _noise_histogram(var: np.ndarray, scale: float, inside: np.ndarray | None) -
         counts += np.bincount(
             np.clip(logs, 0, n_bins - 1).astype(np.int32).ravel(), minlength=n_bins
         )
-    return counts
+    used = np.flatnonzero(counts)
+    if len(used) == 0:
+        return 0, counts[:0]
+    return int(used[0]), counts[used[0] : used[-1] + 1].copy()
+
+
+def _sum_histograms(parts) -> np.ndarray:
+    """Add the ``(first bin, counts)`` parts of :func:`_noise_histogram` into one histogram."""
+    total = np.zeros(len(_NOISE_EDGES) - 1, dtype=np.int64)
+    for first, counts in parts:
+        total[first : first + len(counts)] += counts
+    return total
 
 
 def _histogram_median(hist: np.ndarray) -> float:
@@ -1017,7 +1033,7 @@ def _finite_block(
             "replace them before detection."
         )
     if check_only:
-        return _empty_table(), np.zeros(len(_NOISE_EDGES) - 1, np.int64)
+        return _empty_table(), (0, np.zeros(0, np.int64))
     return x
 
 
@@ -1042,7 +1058,8 @@ def _detect_block(
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Detect the maxima whose voxel lies in the core of one overlapped block.
 
-    Returns the cells and a histogram of the raw noise SD over the core's tissue.
+    Returns the cells and a histogram of the raw noise SD over the core's tissue (as
+    ``(first bin, counts)``, see :func:`_noise_histogram`).
 
     The block starts on the coarse grid of ``plan.coarse`` (its first voxel's global index
     is a multiple of the grid factor), so the coarse fields do not depend on the chunking.
@@ -1107,21 +1124,24 @@ def _detect_block(
 
     # Candidates: core voxels above a lower bound of both thresholds (the exact SDs add a
     # relative floor), read per coarse cell; the tests below are then exact.
+    # (computed on the core's coarse cells only, in place: the block's peak memory is here)
     core = tuple(slice(p, p + c) for p, c in zip(pad_lo, core_shape))
-    bound = np.maximum(
-        np.sqrt(var * np.float32(2.0 / noise_c)) * np.float32(threshold * plan.soma_gain),
-        np.sqrt(var_f * np.float32(2.0)) * np.float32(threshold_contrast),
-    ) * np.float32(1 - 1e-4)
-    bound = bound[
-        tuple(slice(p // k, -(-(p + c) // k)) for p, c, k in zip(pad_lo, core_shape, plan.coarse))
-    ]
+    bound = var[sl] * np.float32(2.0 / noise_c)
+    np.sqrt(bound, out=bound)
+    bound *= np.float32(threshold * plan.soma_gain * (1 - 1e-4))
+    bound_f = var_f[sl] * np.float32(2.0)
+    np.sqrt(bound_f, out=bound_f)
+    bound_f *= np.float32(threshold_contrast * (1 - 1e-4))
+    np.maximum(bound, bound_f, out=bound)
+    np.maximum(bound, 0, out=bound)
+    del bound_f
     for axis, k in enumerate(plan.coarse):
         if k > 1:
             bound = np.repeat(bound, k, axis=axis)[
                 (slice(None),) * axis + (slice(0, core_shape[axis]),)
             ]
     fc = f[core]
-    idx = np.nonzero(fc > np.maximum(bound, 0))
+    idx = np.nonzero(fc > bound)
     del bound
     if len(idx[0]) == 0:
         return _empty_table(), hist
@@ -1444,7 +1464,7 @@ def detect_cells(
             )
         )
     results = dask.compute(*tasks)
-    hist = sum((h for _, h in results), np.zeros(len(_NOISE_EDGES) - 1, np.int64))
+    hist = _sum_histograms(h for _, h in results)
     tables = [t for t, _ in results if len(t)]
     cells = pd.concat(tables, ignore_index=True) if tables else _empty_table()
     n_candidates = len(cells)
