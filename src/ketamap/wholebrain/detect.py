@@ -124,6 +124,7 @@ class DetectionParams:
         somata only if the signal dips between them by this fraction of the weaker peak
         (and by at least twice its noise SD); otherwise the weaker is dropped. The same
         saddle ends an object's extent, so touching somata are split at the valley.
+        Default 0: the noise SD alone decides (a dim soma beside a bright one dips little).
     min_step_drop : float
         Along every axis, on both sides, the soma-smoothed intensity must fall by this
         many band-passed peaks within three soma diameters (a soma is a bump; the maximum
@@ -146,9 +147,11 @@ class DetectionParams:
     psf_sigma_um : tuple of float
         Blur of the microscope per axis (z, y, x), as a Gaussian sigma in µm: a soma is
         imaged as the soma convolved with it (light-sheet axial blur stretches somata
-        along z). The matched filter, the gains and the width of one soma's response
-        (which decides the splitting of touching cells) use the blurred soma, so a single
-        blurred soma is not split. Default: no blur.
+        along z). The gains, the spike test and the width of one soma's response (which
+        decides the splitting of touching cells) use the blurred soma, so a single
+        blurred soma is not split. The smoothing itself stays at the soma's own scale:
+        the image already carries the blur, and blurring it again (the matched filter of
+        the blurred soma) fills the dip between touching somata. Default: no blur.
     min_sigma_vox : float
         Smallest Gaussian sigma (voxels) on any axis, so that somata smaller
         than a voxel on coarse grids are still matched.
@@ -189,7 +192,7 @@ class DetectionParams:
         ),
     )
     min_dip: float = field(
-        default=0.05,
+        default=0.0,
         metadata=bounds(
             ge=0, lt=1, doc="Saddle depth (fraction of the weaker peak) that separates somata."
         ),
@@ -288,9 +291,13 @@ def _plan(
 ) -> _Plan:
     s_um = params.soma_diameter_um * _SIGMA_PER_DIAMETER
     b_um = params.background_diameter_um * _SIGMA_PER_DIAMETER
-    # the imaged soma: the soma's own Gaussian scale blurred by the microscope, per axis
+    # the imaged soma: the soma's own Gaussian scale blurred by the microscope, per axis.
+    # The smoothing is at the soma's own scale, not the imaged soma's (the matched filter):
+    # the image carries the blur already, and a second blur fills the dip between touching
+    # somata (recall of somata 1-1.5 diameters apart under a 4 µm axial blur: 0.78 -> 0.86,
+    # benchmarks/bench_detect_artefacts.py); the gains and widths use the imaged soma.
     imaged_um = tuple(math.hypot(s_um, psf) for psf in params.psf_sigma_um)
-    soma = tuple(max(i / v, params.min_sigma_vox) for i, v in zip(imaged_um, voxel_size_um))
+    soma = tuple(max(s_um / v, params.min_sigma_vox) for v in voxel_size_um)
     outer = tuple(max(b_um / v, _MIN_OUTER_RATIO * s) for v, s in zip(voxel_size_um, soma))
     rest = [math.sqrt(o * o - s * s) for o, s in zip(outer, soma)]
     # The background (and the noise fields) are smooth: where the soma-smoothed image is
