@@ -7,6 +7,7 @@ one sentence without a traceback and the command exits with status 2.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -669,10 +670,29 @@ def _route_detect_train(argv: list[str]) -> None:
 
 
 def main() -> None:
-    """Entry point: run the app, turning KetamapError into one sentence and exit 2."""
+    """Entry point: run the app, turning KetamapError into one sentence and exit 2.
+
+    Ctrl-C and SIGTERM stop the run (worker processes included), print "aborted" and
+    exit 130 and 143; what was being written is a temporary a re-run removes.
+    """
+    import threading
+
     _route_detect_train(sys.argv)
+    _interrupt.clear()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _on_interrupt)
     try:
-        app(standalone_mode=False)
+        _main()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main() -> None:
+    try:
+        code = app(standalone_mode=False)  # an Exit's code is returned, not raised
     except KetamapError as e:
         from rich.markup import escape  # a message may hold brackets ("ketamap[ants]", paths)
 
@@ -687,8 +707,7 @@ def main() -> None:
         err.print(f"[bold red]error:[/] {mapped}", highlight=False)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
-        err.print("aborted")
-        sys.exit(130)
+        code = 130
     except Exception as e:  # click usage errors and the like
         import click
 
@@ -698,3 +717,17 @@ def main() -> None:
         if isinstance(e, click.exceptions.Exit):
             sys.exit(e.exit_code)
         raise
+    if _interrupt or code == 130:  # typer returns 130 for an interrupt it caught
+        err.print("aborted")
+        sys.exit(128 + (_interrupt[-1] if _interrupt else signal.SIGINT))
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+_interrupt: list[int] = []  # the signal that stopped this run, if any
+
+
+def _on_interrupt(signum, frame):
+    """SIGINT or SIGTERM: unwind from wherever the main thread is, as Ctrl-C does."""
+    _interrupt.append(int(signum))
+    raise KeyboardInterrupt()

@@ -30,7 +30,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -880,22 +879,15 @@ def run_study(
             (str(Path(manifest).resolve()), s.id, sub_stages, force, threads)
             for s in study.subjects
         ]
-        from ketamap.scheduler import distributed_active
+        from ketamap.scheduler import distributed_active, map_jobs
 
         # under a dask.distributed client, subjects run one after the other in this
         # process and each subject's chunks are spread over the cluster's workers
-        if n_jobs > 1 and len(jobs) > 1 and not distributed_active():
-            with ProcessPoolExecutor(max_workers=n_jobs) as pool:
-                for res in pool.map(_run_subject_job, *zip(*jobs)):
-                    results.append(res)
-                    if progress:
-                        progress(res["subject"])
-        else:
-            for job in jobs:
-                res = _run_subject_job(*job)
-                results.append(res)
-                if progress:
-                    progress(res["subject"])
+        workers = 1 if distributed_active() else n_jobs
+        for res in map_jobs(_run_subject_job, jobs, workers):
+            results.append(res)
+            if progress:
+                progress(res["subject"])
     stats_ran = report_ran = False
     if "stats" in stages:
         stats_ran = run_stats(study, force=force)

@@ -20,11 +20,11 @@ import contextlib
 import logging
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from ketamap.errors import ParameterError
 
-__all__ = ["use_scheduler", "distributed_active", "CLUSTERS"]
+__all__ = ["use_scheduler", "distributed_active", "map_jobs", "CLUSTERS"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,68 @@ def distributed_active() -> bool:
         except (ImportError, ValueError):
             return False
     return False
+
+
+def map_jobs(fn: Callable, jobs: Iterable[tuple], n_jobs: int = 1) -> Iterator:
+    """Run ``fn(*job)`` for every job, in worker processes when ``n_jobs > 1``.
+
+    The one place where ketamap starts worker processes. Results come back in the
+    order of ``jobs`` as each is ready. If the caller is interrupted (Ctrl-C, or
+    SIGTERM turned into :class:`KeyboardInterrupt` by the command line) or a job
+    fails, queued jobs are cancelled and running workers are terminated before the
+    exception propagates, so no worker is left computing; what they had begun is
+    only ever a temporary that a re-run cleans up (outputs are written atomically).
+
+    Parameters
+    ----------
+    fn : callable
+        A picklable, top-level function.
+    jobs : iterable of tuple
+        Positional arguments of each call.
+    n_jobs : int
+        Worker processes; 1 (or a single job) runs in this process.
+
+    Yields
+    ------
+    object
+        ``fn(*job)`` for each job, in order.
+
+    Examples
+    --------
+    >>> list(map_jobs(pow, [(2, 3), (3, 2)]))
+    [8, 9]
+    """
+    jobs = list(jobs)
+    if n_jobs <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield fn(*job)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(max_workers=min(n_jobs, len(jobs)), initializer=_worker_signals)
+    try:
+        futures = [pool.submit(fn, *job) for job in jobs]
+        for fut in futures:
+            yield fut.result()
+    except BaseException:
+        # a running job is not cancelled by shutdown: its worker is terminated (taken
+        # before the shutdown, which forgets the executor's processes)
+        workers = list((getattr(pool, "_processes", None) or {}).values())
+        for proc in workers:
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in workers:
+            proc.join(timeout=10)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _worker_signals() -> None:
+    """In a worker: Ctrl-C is for the parent (it stops the workers), SIGTERM ends it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _distributed():

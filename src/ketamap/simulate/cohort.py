@@ -26,7 +26,6 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ import pandas as pd
 
 from ketamap.io.atomic import atomic_dir, atomic_path, write_json
 from ketamap.params import to_dict
+from ketamap.scheduler import map_jobs
 from ketamap.simulate.brain import BrainParams, region_fold_and_density, simulate_brain
 from ketamap.simulate.scenarios import Scenario, get_scenario
 
@@ -229,16 +229,9 @@ def simulate_census(
                 progress(sid)
             continue
         jobs.append((str(out), atlas, sid, group, scenario, params, seed * 1000 + i, key))
-    if n_jobs > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=n_jobs) as pool:
-            for res in pool.map(_simulate_one, *zip(*jobs)):
-                if progress:
-                    progress(res["subject"])
-    else:
-        for job in jobs:
-            res = _simulate_one(*job)
-            if progress:
-                progress(res["subject"])
+    for res in map_jobs(_simulate_one, jobs, n_jobs):
+        if progress:
+            progress(res["subject"])
 
     truth = out / "ground_truth"
     counts = pd.concat([pd.read_csv(truth / "counts" / f"{sid}.csv") for sid, _ in ids])
