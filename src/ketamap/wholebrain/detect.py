@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 from scipy import special
+from scipy.spatial import cKDTree
 
 from ketamap.errors import InputError, ParameterError
 from ketamap.io.volumes import check_volume
@@ -91,6 +92,8 @@ _MAX_PIECES = 8  # most somata one object is split into
 _MAX_MARKERS = 8  # other maxima that share an object's moment window, nearest first
 _PATCH_DIV = 3.0  # moment window half-size: one imaged soma diameter (a third of the walk)
 _MOMENT_FLOOR = 0.2  # an object's moments weigh its band-passed signal above this x its peak
+_MODEL_CUT = 0.02  # one soma's response is modelled where it exceeds 2 % of its peak (its
+# positive part: the shallow negative surround of the band-pass is left out)
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,14 @@ class DetectionParams:
         centre voxel must hold this share of what the smallest soma's profile predicts
         (within three noise SDs): hot pixels, cosmic hits and one-plane streaks fail.
         0 disables.
+    deblend : bool
+        After the maxima are judged, subtract each found soma's modelled response (one
+        imaged soma scaled to its band-passed peak) and search the residual once more: a
+        dim soma beside a brighter one, whose peak sits on the neighbour's shoulder and
+        is no maximum, becomes one where the residual exceeds the model, passes both
+        thresholds and the spike test, and lies outside every found soma's suppression
+        box. Costs a wider chunk overlap (the model's reach) and one subtraction per
+        soma.
     tissue_mask : bool
         Find the tissue on a coarse grid (:func:`ketamap.wholebrain.tissue.find_tissue`,
         from the background channel when given, else the signal), skip chunks with no
@@ -209,6 +220,10 @@ class DetectionParams:
             ge=0, le=1, doc="Share of a soma's profile the neighbours of a centre must hold."
         ),
     )
+    deblend: bool = field(
+        default=True,
+        metadata=bounds(doc="Subtract the found somata and search the residual once more."),
+    )
     tissue_mask: bool = field(
         default=True,
         metadata=bounds(doc="Find the tissue and drop candidates outside it (the void)."),
@@ -276,6 +291,12 @@ class _Plan:
     patch: tuple[int, int, int] = (1, 1, 1)  # half-size (voxels) of an object's moment window
     single_cov: tuple = ()  # covariance (µm²) of one soma's response in its window, 3 x 3
     pair_excess: tuple[float, float, float] = (0.0, 0.0, 0.0)  # two somata 1.25 d apart
+    # band-passed response of one imaged soma, unit peak, cut where it is below 2 %
+    model: np.ndarray | None = field(default=None, compare=False, repr=False)
+    model_centre: tuple[int, int, int] = (0, 0, 0)
+    # how far beyond the core maxima are judged (0 without deblending): every soma whose
+    # model reaches a residual candidate in the core or its suppression box is known
+    ext: tuple[int, int, int] = (0, 0, 0)
 
 
 def _radius(sigma: float) -> int:
@@ -379,6 +400,14 @@ def _plan(
     # candidates.
     vs = np.asarray(voxel_size_um, dtype=np.float64)
     centre = np.asarray([at])
+    unit = resp / resp[at]
+    keep = np.argwhere(np.abs(unit) >= _MODEL_CUT)
+    lo_m, hi_m = keep.min(axis=0), keep.max(axis=0) + 1
+    plan = replace(
+        plan,
+        model=unit[tuple(slice(a, b) for a, b in zip(lo_m, hi_m))].astype(np.float32),
+        model_centre=tuple(int(a - lo) for a, lo in zip(at, lo_m)),
+    )
     resp = resp.astype(np.float32)
     _, single = _object_moments(resp, centre, np.asarray([resp[at]]), plan, vs, markers=False)
     excess = []
@@ -392,7 +421,21 @@ def _plan(
         pair = ndi.shift(resp, move, order=1) + ndi.shift(resp, -move, order=1)
         _, cov = _object_moments(pair, centre, np.asarray([pair[at]]), plan, vs, markers=False)
         excess.append(float(cov[0, a, a] - single[0, a, a]))
-    return replace(plan, single_cov=tuple(map(tuple, single[0])), pair_excess=tuple(excess))
+    plan = replace(plan, single_cov=tuple(map(tuple, single[0])), pair_excess=tuple(excess))
+    if not params.deblend:
+        return plan
+    mc = np.asarray(plan.model_centre)
+    reach = np.maximum(mc, np.asarray(plan.model.shape) - 1 - mc)  # the model's half-size
+    ext = tuple(
+        _round_up(int(h) + 1 + r, k) if n > 1 else 0
+        for h, r, k, n in zip(reach, plan.radius_max, plan.coarse, shape)
+    )
+    return replace(
+        plan,
+        ext=ext,
+        margin=tuple(m + e for m, e in zip(plan.margin, ext)),
+        depth=tuple(d + e for d, e in zip(plan.depth, ext)),
+    )
 
 
 def _block_mean(a: np.ndarray, coarse: tuple[int, int, int]) -> np.ndarray:
@@ -1056,6 +1099,7 @@ def _detect_block(
     min_dip: float = 0.0,
     min_spike_extent: float = 0.0,
     min_step_drop: float = 0.0,
+    deblend: bool = False,
     tissue=None,
     pad_lo: tuple[int, int, int],
     core_shape: tuple[int, int, int],
@@ -1131,30 +1175,25 @@ def _detect_block(
 
     # Candidates: core voxels above a lower bound of both thresholds (the exact SDs add a
     # relative floor), read per coarse cell; the tests below are then exact.
-    # (computed on the core's coarse cells only, in place: the block's peak memory is here)
-    core = tuple(slice(p, p + c) for p, c in zip(pad_lo, core_shape))
-    bound = var[sl] * np.float32(2.0 / noise_c)
-    np.sqrt(bound, out=bound)
-    bound *= np.float32(threshold * plan.soma_gain * (1 - 1e-4))
-    bound_f = var_f[sl] * np.float32(2.0)
-    np.sqrt(bound_f, out=bound_f)
-    bound_f *= np.float32(threshold_contrast * (1 - 1e-4))
-    np.maximum(bound, bound_f, out=bound)
-    np.maximum(bound, 0, out=bound)
-    del bound_f
-    for axis, k in enumerate(plan.coarse):
-        if k > 1:
-            bound = np.repeat(bound, k, axis=axis)[
-                (slice(None),) * axis + (slice(0, core_shape[axis]),)
-            ]
-    fc = f[core]
+    # (computed on the search region's coarse cells only, in place: the block's peak
+    # memory is here). With deblending the maxima are searched and judged beyond the core
+    # by plan.ext (the residual in the core needs every soma whose model reaches it);
+    # only the core's are returned.
+    ext = plan.ext if deblend else (0, 0, 0)
+    s_lo = tuple(max(p - e, 0) for p, e in zip(pad_lo, ext))
+    s_hi = tuple(min(p + c + e, n) for p, c, e, n in zip(pad_lo, core_shape, ext, f.shape))
+    search = tuple(slice(a, b) for a, b in zip(s_lo, s_hi))
+    bound = _threshold_bound(
+        var, var_f, noise_c, plan, threshold, threshold_contrast, s_lo, s_hi
+    )
+    fc = f[search]
     idx = np.nonzero(fc > bound)
     del bound
     if len(idx[0]) == 0:
         return _empty_table(), hist
     peak = fc[idx].astype(np.float64)
-    level = np.abs(g2[core][idx].astype(np.float64)) * _RELATIVE_FLOOR
-    cell = tuple((i + p) // k for i, p, k in zip(idx, pad_lo, plan.coarse))
+    level = np.abs(g2[search][idx].astype(np.float64)) * _RELATIVE_FLOOR
+    cell = tuple((i + p) // k for i, p, k in zip(idx, s_lo, plan.coarse))
     raw_sd = np.sqrt(2.0 * var[cell] / noise_c + level**2)
     f_sd = np.sqrt(2.0 * var_f[cell] + (level * plan.noise_gain) ** 2)
     # Express the peak in soma units: the band-passed peak over the response to a centred
@@ -1164,7 +1203,7 @@ def _detect_block(
     contrast = np.divide(peak, f_sd, out=np.full_like(peak, np.inf), where=f_sd > 0)
     keep = (snr > threshold) & (contrast > threshold_contrast)
     c = {
-        "pos": np.stack([i[keep] for i in idx], axis=1) + np.asarray(pad_lo),  # W coordinates
+        "pos": np.stack([i[keep] for i in idx], axis=1) + np.asarray(s_lo),  # W coordinates
         "peak": peak[keep],
         "snr": snr[keep],
         "amplitude": amplitude[keep],
@@ -1195,30 +1234,40 @@ def _detect_block(
     if len(far):
         take(_box_test(f, c["pos"], c["peak"].astype(np.float32), far, ties=True, dip=c["dip"]))
 
-    # Spikes: a hot pixel, a cosmic hit or a one-plane streak is one voxel thick along some
-    # axis, a soma is not. Along every axis on which a soma spans several voxels, the mean
-    # raw excess of the two neighbours must reach min_spike_extent of what the smallest
-    # soma's profile predicts from the centre voxel, within three noise SDs.
-    if spikes and len(c["pos"]):
-        take(_spike_test(x, back, g2, c, plan, min_spike_extent))
+    def judge(sig: np.ndarray, cand: dict) -> np.ndarray:
+        """Which candidates (maxima of ``sig``, the band-passed signal) pass the tests."""
+        ok = np.ones(len(cand["pos"]), dtype=bool)
+        if not len(ok):
+            return ok
+        # Spikes: a hot pixel, a cosmic hit or a one-plane streak is one voxel thick
+        # along some axis, a soma is not. Along every axis on which a soma spans several
+        # voxels, the mean raw excess of the two neighbours must reach min_spike_extent
+        # of what the smallest soma's profile predicts from the centre voxel, within
+        # three noise SDs.
+        if spikes:
+            ok &= _spike_test(x, back, g2, cand, plan, min_spike_extent)
+        # Shape: along every axis, on both sides, the band-passed signal must fall below
+        # (1 - min_axis_drop) of the peak within plan.walk voxels (3 soma diameters).
+        # Planes, edges, light-sheet stripes and fibres stay flat along some axis for
+        # longer and fail; a cell elongated by the axial blur, or cells stacked along an
+        # axis, pass.
+        if min_axis_drop > 0:
+            lo_d, hi_d = _half_max_extents(
+                sig, cand["pos"], cand["peak"], plan, level=1.0 - min_axis_drop
+            )
+            walk = np.asarray(plan.walk, dtype=np.float64)[None, :]
+            used = np.asarray(plan.axes_used)[None, :]
+            ok &= np.all(~used | ((lo_d < walk) & (hi_d < walk)), axis=1)
+        # Steps: a soma is a bump of intensity, so the soma-smoothed image g1 = sig + g2
+        # falls on both sides along every axis, by min_step_drop of the band-passed peak,
+        # within plan.walk voxels (a ray that leaves the volume first is no evidence). On
+        # a one-sided step (a tile seam, the tissue edge) the band-pass peaks on the
+        # bright side, where g1 stays high.
+        if min_step_drop > 0:
+            ok &= _step_test(sig, g2, cand, plan, min_step_drop)
+        return ok
 
-    # Shape: along every axis, on both sides, the band-passed signal must fall below
-    # (1 - min_axis_drop) of the peak within plan.walk voxels (3 soma diameters). Planes,
-    # edges, light-sheet stripes and fibres stay flat along some axis for longer and fail;
-    # a cell elongated by the axial blur, or cells stacked along an axis, pass.
-    if min_axis_drop > 0 and len(c["pos"]):
-        lo_d, hi_d = _half_max_extents(f, c["pos"], c["peak"], plan, level=1.0 - min_axis_drop)
-        walk = np.asarray(plan.walk, dtype=np.float64)[None, :]
-        used = np.asarray(plan.axes_used)[None, :]
-        take(np.all(~used | ((lo_d < walk) & (hi_d < walk)), axis=1))
-
-    # Steps: a soma is a bump of intensity, so the soma-smoothed image g1 = f + g2 falls on
-    # both sides along every axis, by min_step_drop of the band-passed peak, within
-    # plan.walk voxels (a ray that leaves the volume first is no evidence). On a one-sided
-    # step (a tile seam, the tissue edge) the band-pass peaks on the bright side, where g1
-    # stays high.
-    if min_step_drop > 0 and len(c["pos"]):
-        take(_step_test(f, g2, c, plan, min_step_drop))
+    take(judge(f, c))
 
     # Sub-voxel centre: along each axis through the maximum, the midpoint of the two points
     # where the band-passed signal falls to half the peak (linear interpolation), searched
@@ -1282,7 +1331,31 @@ def _detect_block(
         shift[d] = mean[owner][d] + along / vs
     take(owner)
     pos, snr, amplitude, contrast = c["pos"], c["snr"], c["amplitude"], c["contrast"]
-    vox = pos + shift + (np.asarray(origin) - np.asarray(pad_lo))
+    vox_w = pos + shift
+    in_core = np.all((pos >= np.asarray(pad_lo)) & (pos < np.asarray(pad_lo) + core_shape), axis=1)
+    if deblend and len(pos):
+        # the residual's candidates in the core and the suppression box around it
+        reach = tuple(
+            slice(max(p - r, 0), min(p + c + r, n))
+            for p, c, r, n in zip(pad_lo, core_shape, plan.radius_max, f.shape)
+        )
+        extra = _residual_candidates(
+            f, vox_w, c["peak"], plan, reach, (var, var_f, noise_c, g2), threshold,
+            threshold_contrast,
+        )
+        if spikes and len(extra["pos"]):
+            ok = _spike_test(x, back, g2, extra, plan, min_spike_extent)
+            extra = {k: v[ok] for k, v in extra.items()}
+        mine = np.all(
+            (extra["pos"] >= np.asarray(pad_lo)) & (extra["pos"] < np.asarray(pad_lo) + core_shape),
+            axis=1,
+        )
+        extra = {k: v[mine] for k, v in extra.items()}
+        vox_w = np.concatenate([vox_w[in_core], extra["pos"] + extra["shift"]])
+        snr = np.concatenate([snr[in_core], extra["snr"]])
+        amplitude = np.concatenate([amplitude[in_core], extra["amplitude"]])
+        contrast = np.concatenate([contrast[in_core], extra["contrast"]])
+    vox = vox_w + (np.asarray(origin) - np.asarray(pad_lo))
     vs = np.asarray(voxel_size_um)
     table = {
         "z_vox": vox[:, 0],
@@ -1296,6 +1369,142 @@ def _detect_block(
         "contrast": contrast,
     }
     return pd.DataFrame({k: np.asarray(v, dtype=np.float64) for k, v in table.items()}), hist
+
+
+def _threshold_bound(var, var_f, noise_c, plan, threshold, threshold_contrast, lo, hi):
+    """Bound from below, per voxel of ``[lo, hi)``, the band-passed value passing both tests.
+
+    ``lo`` and ``hi`` are W coordinates. The exact SDs add a relative floor to the noise
+    fields read here (per coarse cell, for the cells covering the region, in place).
+    """
+    k = np.asarray(plan.coarse)
+    lo_a = np.asarray(lo) - np.asarray(lo) % k  # the first coarse cell's first voxel
+    cells = tuple(slice(a // kk, -(-b // kk)) for a, b, kk in zip(lo_a, hi, k))
+    bound = var[cells] * np.float32(2.0 / noise_c)
+    np.sqrt(bound, out=bound)
+    bound *= np.float32(threshold * plan.soma_gain * (1 - 1e-4))
+    bound_f = var_f[cells] * np.float32(2.0)
+    np.sqrt(bound_f, out=bound_f)
+    bound_f *= np.float32(threshold_contrast * (1 - 1e-4))
+    np.maximum(bound, bound_f, out=bound)
+    np.maximum(bound, 0, out=bound)
+    del bound_f
+    for axis, kk in enumerate(plan.coarse):
+        if kk > 1:
+            bound = np.repeat(bound, kk, axis=axis)
+    return bound[tuple(slice(a - b, c - b) for a, b, c in zip(lo, lo_a, hi))]
+
+
+def _residual_candidates(
+    f: np.ndarray,
+    centres: np.ndarray,
+    peaks: np.ndarray,
+    plan: _Plan,
+    region: tuple[slice, ...],
+    noise: tuple,
+    threshold: float,
+    threshold_contrast: float,
+) -> dict:
+    """Candidate somata left in the band-passed signal once the found ones are subtracted.
+
+    Each found soma (``centres`` in W coordinates, band-passed ``peaks``) is modelled as
+    one imaged soma's response (``plan.model``) scaled to its peak and centred on its
+    nearest voxel. A voxel of ``region`` is a candidate where the residual ``r`` is a
+    local maximum (26 neighbours) that exceeds what the model holds there (a dim soma
+    beside a bright one, not the misfit of a bright one), where ``f`` itself has no
+    maximum (those were judged already), that passes both thresholds against the local
+    noise (``noise``: the raw and band-passed noise variance fields on the coarse grid,
+    their white-noise factor and the background ``g2``), and that lies outside the
+    suppression box of every found soma and of every stronger candidate. Returns the
+    candidates as the first pass's table of columns (``pos`` in W coordinates).
+    """
+    var, var_f, noise_c, g2 = noise
+    out = {k: np.zeros(0) for k in ("peak", "snr", "amplitude", "contrast", "raw_sd")}
+    out["pos"] = np.zeros((0, 3), dtype=np.int64)
+    out["shift"] = np.zeros((0, 3))
+    model, mc = plan.model, np.asarray(plan.model_centre)
+    shape = np.asarray(f.shape)
+    # the model and the residual on the region and one voxel around it
+    lo1 = np.asarray([max(s.start - 1, 0) for s in region])
+    hi1 = np.asarray([min(s.stop + 1, n) for s, n in zip(region, f.shape)])
+    win = tuple(slice(a, b) for a, b in zip(lo1, hi1))
+    m = np.zeros(tuple(hi1 - lo1), dtype=np.float32)
+    for p, pk in zip(np.rint(centres).astype(np.int64), peaks):
+        lo = p - mc - lo1  # the model's first voxel, in window coordinates
+        a = np.maximum(lo, 0)
+        b = np.minimum(lo + model.shape, hi1 - lo1)
+        if np.all(b > a):
+            m[tuple(slice(i, j) for i, j in zip(a, b))] += np.float32(pk) * model[
+                tuple(slice(i - l0, j - l0) for i, j, l0 in zip(a, b, lo))
+            ]
+    r = f[win] - m
+    # above the model and the thresholds' lower bound, then a maximum of its 26 neighbours
+    inner = tuple(slice(s.start - a, s.stop - a) for s, a in zip(region, lo1))
+    bound = _threshold_bound(
+        var, var_f, noise_c, plan, threshold, threshold_contrast,
+        [s.start for s in region], [s.stop for s in region],
+    )
+    ri = r[inner]
+    at = np.argwhere((ri > m[inner]) & (ri > bound)) + np.asarray([s.start for s in region]) - lo1
+    del bound, ri
+    if len(at):
+        offs = np.argwhere(np.ones((3, 3, 3), dtype=bool)) - 1
+        offs = offs[np.any(offs != 0, axis=1)]
+        q = np.clip(at[:, None, :] + offs[None], 0, np.asarray(r.shape) - 1)
+        at = at[np.all(r[q[..., 0], q[..., 1], q[..., 2]] <= r[tuple(at.T)][:, None], axis=1)]
+    idx = at + lo1
+    if len(idx) == 0:
+        return out
+    peak = r[tuple((idx - lo1).T)].astype(np.float64)
+    cell = tuple(i // k for i, k in zip(idx.T, plan.coarse))
+    level = np.abs(g2[tuple(idx.T)].astype(np.float64)) * _RELATIVE_FLOOR
+    raw_sd = np.sqrt(2.0 * var[cell] / noise_c + level**2)
+    f_sd = np.sqrt(2.0 * var_f[cell] + (level * plan.noise_gain) ** 2)
+    amplitude = peak / plan.soma_gain
+    snr = np.divide(amplitude, raw_sd, out=np.full_like(peak, np.inf), where=raw_sd > 0)
+    contrast = np.divide(peak, f_sd, out=np.full_like(peak, np.inf), where=f_sd > 0)
+    ok = (snr > threshold) & (contrast > threshold_contrast)
+    if ok.any():  # ... and no maximum of f (26 neighbours): those were judged already
+        offs = np.argwhere(np.ones((3, 3, 3), dtype=bool)) - 1
+        offs = offs[np.any(offs != 0, axis=1)]
+        cand = np.flatnonzero(ok)
+        q = np.clip(idx[cand][:, None, :] + offs[None], 0, shape - 1)
+        top = f[tuple(idx[cand].T)][:, None]
+        ok[cand[np.all(f[q[..., 0], q[..., 1], q[..., 2]] <= top, axis=1)]] = False
+    if not ok.any():
+        return out
+    idx, peak = idx[ok], peak[ok]
+    # outside every found soma's box and every stronger candidate's (not greedy: the
+    # answer for one candidate depends on its box alone, whatever the chunking)
+    box = np.asarray(plan.radius_max, dtype=np.float64)
+    free = np.ones(len(idx), dtype=bool)
+    if len(centres):
+        d, _ = cKDTree(centres / box).query(idx / box, p=np.inf)
+        free &= d > 1.0
+    alive = np.flatnonzero(free)
+    tree = cKDTree(idx[alive] / box)
+    for i, near in zip(alive, tree.query_ball_point(idx[alive] / box, 1.0, p=np.inf)):
+        mine = (peak[i], *(-idx[i]))  # ties: the first in (z, y, x) order wins
+        if any((peak[j], *(-idx[j])) > mine for j in alive[near] if j != i):
+            free[i] = False
+    sel = np.flatnonzero(ok)[free]
+    idx = idx[free]
+    # sub-voxel centre: the vertex of the parabola through the residual at -1, 0, +1
+    shift = np.zeros(idx.shape)
+    at = idx - lo1
+    for a in range(3):
+        step = np.zeros(3, dtype=np.int64)
+        step[a] = 1
+        lo_v = r[tuple(np.clip(at - step, 0, np.asarray(r.shape) - 1).T)].astype(np.float64)
+        hi_v = r[tuple(np.clip(at + step, 0, np.asarray(r.shape) - 1).T)].astype(np.float64)
+        mid = peak[free]
+        curv = lo_v - 2 * mid + hi_v
+        shift[:, a] = np.clip(
+            np.divide(0.5 * (lo_v - hi_v), curv, out=np.zeros_like(mid), where=curv < 0), -0.5, 0.5
+        )
+    out.update(pos=idx, shift=shift, peak=peak[free], snr=snr[sel], amplitude=amplitude[sel],
+               contrast=contrast[sel], raw_sd=raw_sd[sel])
+    return out
 
 
 def detect_cells(
@@ -1462,6 +1671,7 @@ def detect_cells(
                 min_dip=params.min_dip,
                 min_spike_extent=params.min_spike_extent,
                 min_step_drop=params.min_step_drop,
+                deblend=params.deblend,
                 tissue=tissue,
                 pad_lo=pad_lo,
                 core_shape=core_shape,
