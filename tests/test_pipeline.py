@@ -143,6 +143,27 @@ def test_cli_single_stages_on_the_study(ran_study, tmp_path, run_cli, capsys):
     assert "report.html" in capsys.readouterr().out
 
 
+def test_quantify_refuses_cells_of_another_image(ran_study, tmp_path, run_cli, capsys):
+    """Cells that do not fit the registered image's shape or voxel size: one sentence."""
+    root, _, _ = ran_study
+    subject = root / "subjects" / "ket30-01"
+    cells = pd.read_parquet(subject / "detect" / "cells.parquet")
+    args = ("--registration", subject / "register", "--atlas", "phantom:100")
+    # detected in an image three times larger
+    bigger = cells.assign(**{c: cells[c] * 3 for c in ("z_vox", "y_vox", "x_vox")})
+    bigger.drop(columns=["z_um", "y_um", "x_um"]).to_csv(tmp_path / "big.csv", index=False)
+    assert run_cli("quantify", "--cells", tmp_path / "big.csv", *args, "--out", tmp_path / "a") == 2
+    err = capsys.readouterr().err
+    assert "lie outside the registered image" in err and "Traceback" not in err
+    # detected at another voxel size (the µm columns say 30 µm, the image has 60)
+    other = cells.assign(**{c: cells[c] / 2 for c in ("z_um", "y_um", "x_um")})
+    other.to_csv(tmp_path / "other.csv", index=False)
+    out = tmp_path / "b"
+    assert run_cli("quantify", "--cells", tmp_path / "other.csv", *args, "--out", out) == 2
+    assert "voxel size of 30 µm along z" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not out.exists()
+
+
 DETECTION_QC_KEYS = ("n_candidates", "n_outside_tissue", "n_below_tissue_floor",
                      "tissue_fraction", "tissue_void_level", "tissue_level", "tissue_noise_sd",
                      "tissue_floor", "chunks_without_tissue")  # fmt: skip

@@ -289,10 +289,22 @@ def quantify_cells(cells: pd.DataFrame, reg, atlas, volumes: pd.DataFrame):
         See :func:`ketamap.wholebrain.quantify.count_regions`.
     summary : dict
         See :func:`ketamap.wholebrain.quantify.cell_summary`.
+
+    Raises
+    ------
+    InputError
+        If the cells were not detected in the registered image (see
+        :func:`ketamap.wholebrain.quantify.check_cells_match_image`).
     """
-    from ketamap.wholebrain.quantify import assign_regions, cell_summary, count_regions
+    from ketamap.wholebrain.quantify import (
+        assign_regions,
+        cell_summary,
+        check_cells_match_image,
+        count_regions,
+    )
     from ketamap.wholebrain.register import cells_to_atlas
 
+    check_cells_match_image(cells, reg.sample_shape_vox, reg.sample_voxel_size_um)
     pts = cells_to_atlas(reg, cells[["z_vox", "y_vox", "x_vox"]].to_numpy(float))
     assigned = assign_regions(pts, atlas)
     cells_atlas = (

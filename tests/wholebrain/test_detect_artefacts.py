@@ -13,7 +13,13 @@ import pytest
 from scipy.spatial import cKDTree
 
 from ketamap.errors import InputError
-from ketamap.simulate.crop import CropParams, score_detections, simulate_crop
+from ketamap.simulate.crop import (
+    CropParams,
+    inner_mask,
+    match_detections,
+    score_detections,
+    simulate_crop,
+)
 from ketamap.wholebrain import DetectionParams, detect_cells
 
 VS = (5.0, 2.0, 2.0)
@@ -133,3 +139,32 @@ def test_background_of_another_shape_or_dtype_is_one_sentence():
         detect_cells(vol, voxel_size_um=VS, background=np.zeros((10, 32, 31), np.uint16))
     with pytest.raises(InputError, match="integers or floats"):
         detect_cells(vol, voxel_size_um=VS, background=np.zeros((10, 32, 32), bool))
+
+
+def test_dense_clusters_touching_somata_are_split_and_deblended():
+    """Somata 1-1.5 diameters apart in clusters of 3-8 under a 4 µm axial blur: most are
+    found, and deblending finds dim somata beside bright ones that the first pass misses."""
+    p = CropParams(
+        voxel_size_um=VS,
+        density_per_mm3=10_000.0,
+        soma_diameter_um=(12.0, 12.0),
+        psf_sigma_um=(4.0, 1.5, 1.5),
+        cluster_fraction=0.5,
+        cluster_size=(3, 8),
+        cluster_spacing_diameters=(1.0, 1.5),
+    )
+    crop = simulate_crop((40, 384, 384), params=p, seed=2)
+    truth = crop.cells[["z_vox", "y_vox", "x_vox"]].to_numpy()
+    nn = crop.cells["nn_distance_um"].to_numpy() / 12.0
+    close = inner_mask(truth, crop.signal.shape, voxel_size_um=VS) & (nn >= 1) & (nn <= 1.5)
+    assert close.sum() > 400
+    recall = {}
+    for deblend in (False, True):
+        _, xyz, _ = _detect(
+            crop, soma_diameter_um=12.0, psf_sigma_um=(4.0, 1.5, 1.5), deblend=deblend
+        )
+        found, _ = match_detections(xyz, truth, voxel_size_um=VS)
+        recall[deblend] = found[close].mean()
+        assert _score(crop, xyz)["precision"] >= 0.97, deblend
+    assert recall[True] >= 0.92, recall  # measured 0.944
+    assert recall[True] >= recall[False] + 0.02, recall  # measured 0.912 without

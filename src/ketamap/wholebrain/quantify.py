@@ -14,9 +14,74 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["assign_regions", "label_volumes_mm3", "count_regions", "cell_summary"]
+from ketamap.errors import InputError
+
+__all__ = [
+    "assign_regions",
+    "label_volumes_mm3",
+    "count_regions",
+    "cell_summary",
+    "check_cells_match_image",
+]
+
+# cells may lie at most this share outside the registered image (sub-voxel centres at the
+# border), and their µm columns may imply a voxel size at most this far from the image's
+_MAX_OUTSIDE_SHARE = 0.01
+_VOXEL_SIZE_RTOL = 0.01
 
 _HEMI = {1: "left", 2: "right"}
+
+
+def check_cells_match_image(
+    cells: pd.DataFrame, shape_vox: tuple[int, int, int], voxel_size_um
+) -> None:
+    """Raise one sentence if ``cells`` were not detected in the image of this shape and size.
+
+    Parameters
+    ----------
+    cells : DataFrame
+        ``z_vox, y_vox, x_vox`` (and optionally ``z_um, y_um, x_um``).
+    shape_vox : tuple of int
+        The registered image's shape (z, y, x).
+    voxel_size_um : tuple of float
+        Its voxel size (z, y, x).
+
+    Raises
+    ------
+    InputError
+        If more than 1 % of the cells lie outside the image, or the µm columns imply a
+        voxel size more than 1 % away from the image's.
+
+    Examples
+    --------
+    >>> cells = pd.DataFrame({"z_vox": [1.0], "y_vox": [2.0], "x_vox": [3.0]})
+    >>> check_cells_match_image(cells, (10, 10, 10), (5.0, 2.0, 2.0))
+    """
+    if len(cells) == 0:
+        return
+    vox = cells[["z_vox", "y_vox", "x_vox"]].to_numpy(float)
+    shape = np.asarray(shape_vox, dtype=float)
+    outside = ~np.all((vox > -1.0) & (vox < shape), axis=1)
+    if outside.mean() > _MAX_OUTSIDE_SHARE:
+        raise InputError(
+            f"{int(outside.sum())} of {len(vox)} cells lie outside the registered image "
+            f"(shape {tuple(int(s) for s in shape_vox)} voxels): the cells and the "
+            "registration come from different images."
+        )
+    if all(c in cells for c in ("z_um", "y_um", "x_um")):
+        um = cells[["z_um", "y_um", "x_um"]].to_numpy(float)
+        want = np.asarray(voxel_size_um, dtype=float)
+        for a, axis in enumerate("zyx"):
+            ok = np.abs(vox[:, a]) > 0.5
+            if not ok.any():
+                continue
+            got = float(np.median(um[ok, a] / vox[ok, a]))
+            if not np.isclose(got, want[a], rtol=_VOXEL_SIZE_RTOL):
+                raise InputError(
+                    f"The cells were detected at a voxel size of {got:.4g} µm along {axis}, "
+                    f"the registered image has {want[a]:.4g} µm: the cells and the "
+                    "registration come from different images (or voxel sizes)."
+                )
 
 
 def assign_regions(atlas_points_vox: np.ndarray, atlas) -> pd.DataFrame:
