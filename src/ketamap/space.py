@@ -20,6 +20,9 @@ _AXIS_PAIRS = ({"a", "p"}, {"s", "i"}, {"l", "r"})
 
 #: Largest voxel size accepted on any axis (µm): beyond 1 mm a mouse brain spans a few voxels.
 MAX_VOXEL_UM = 1000.0
+#: Smallest (µm): whole-brain light-sheet and serial two-photon voxels are 0.5 µm or more; a
+#: smaller number is almost always a size given in millimetres (0.005 for 5 µm).
+MIN_VOXEL_UM = 0.5
 
 
 def check_orientation(code: Any, *, where: str = "orientation") -> str:
@@ -78,7 +81,8 @@ def check_voxel_size(value: Any, *, where: str = "voxel_size_um") -> tuple[float
     Raises
     ------
     InputError
-        If the value is not one or three finite positive numbers.
+        If the value is not one or three finite numbers from ``MIN_VOXEL_UM`` (0.5 µm) to
+        ``MAX_VOXEL_UM`` (1 mm); below, the message asks whether millimetres were given.
 
     Examples
     --------
@@ -95,5 +99,12 @@ def check_voxel_size(value: Any, *, where: str = "voxel_size_um") -> tuple[float
         raise InputError(
             f"{where} must be one or three positive numbers of at most {MAX_VOXEL_UM:g} µm "
             f"(z, y, x), got {value!r}."
+        )
+    if min(out) < MIN_VOXEL_UM:
+        shown = ", ".join(f"{v:g}" for v in out)
+        in_um = ", ".join(f"{v * 1000:g}" for v in out)
+        raise InputError(
+            f"{where} is ({shown}) µm, below {MIN_VOXEL_UM:g} µm: did you give millimetres? "
+            f"In µm that is ({in_um})."
         )
     return out

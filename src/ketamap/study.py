@@ -20,9 +20,9 @@ from typing import Any
 
 import pandas as pd
 
-from ketamap.errors import InputNotFoundError, KetamapError, ManifestError
+from ketamap.errors import InputError, InputNotFoundError, KetamapError, ManifestError
 from ketamap.params import did_you_mean
-from ketamap.space import MAX_VOXEL_UM, check_orientation
+from ketamap.space import check_orientation, check_voxel_size
 from ketamap.tomlfile import check_keys, read_toml
 
 __all__ = [
@@ -226,17 +226,10 @@ def _voxel_size(value: Any, where: str) -> tuple[float, float, float]:
             f"voxel_size_um in {where} must be a list of three numbers (z, y, x) in µm, "
             f"got {value!r}."
         )
-    out = []
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ManifestError(f"voxel_size_um in {where} must hold numbers, got {v!r}.")
-        if not 0 < v <= MAX_VOXEL_UM:
-            raise ManifestError(
-                f"voxel_size_um in {where} must be positive and at most {MAX_VOXEL_UM:g} µm "
-                f"per axis, got {value!r}."
-            )
-        out.append(float(v))
-    return (out[0], out[1], out[2])
+    try:
+        return check_voxel_size(value, where=f"voxel_size_um in {where}")
+    except InputError as e:  # the one rule for voxel sizes, reported as a manifest error
+        raise ManifestError(str(e)) from None
 
 
 def _path(value: Any, root: Path, what: str, where: str, *, check_exists: bool) -> Path:

@@ -139,6 +139,29 @@ def test_absurd_voxel_sizes(voxel, tmp_path, run_cli, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_voxel_size_in_millimetres_is_caught_before_any_allocation(tmp_path, run_cli, capsys):
+    """0.005 mm given for 5 µm: detect and validate say so in one sentence, before compute."""
+    import resource
+
+    path = planes(tmp_path / "in")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    code = run_cli("detect", path, "--voxel-size", 0.005, 0.002, 0.002, "--out", tmp_path / "o")
+    err = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+    assert code == 2 and "did you give millimetres? In µm that is (5, 2, 2)" in err, err
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB
+    assert not (tmp_path / "o").exists()
+    study = tmp_path / "study"
+    study.mkdir()
+    tifffile.imwrite(study / "m1.tif", np.zeros((5, 16, 16), np.uint16), photometric="minisblack")
+    (study / "study.toml").write_text(
+        '[study]\nname = "s"\n[imaging]\nvoxel_size_um = [0.005, 0.002, 0.002]\n'
+        'orientation = "psl"\n[[groups]]\nname = "a"\ndose_mg_per_kg = 0\n'
+        '[[subjects]]\nid = "m1"\ngroup = "a"\nsignal = "m1.tif"\n'
+    )
+    assert run_cli("validate", study / "study.toml") == 2
+    assert "did you give millimetres?" in " ".join(capsys.readouterr().err.split())
+
+
 def test_mismatched_background(tmp_path, run_cli, capsys):
     sig = planes(tmp_path / "sig", shape=(16, 16))
     bg = planes(tmp_path / "bg", shape=(16, 20))
