@@ -164,6 +164,31 @@ def test_quantify_refuses_cells_of_another_image(ran_study, tmp_path, run_cli, c
     assert not (tmp_path / "a").exists() and not out.exists()
 
 
+def test_flagged_subjects_stop_unless_allowed(ran_study, tmp_path, run_cli, capsys):
+    """A flagged subject is not counted: the others finish, the run exits 2 naming it; with
+    --allow-flagged it is counted and the report marks it."""
+    root, _, _ = ran_study
+    work = tmp_path / "study"
+    shutil.copytree(root, work)
+    manifest = work / "study.toml"
+    text = manifest.read_text()
+    assert "[detection]\n" in text
+    # every brain "near-empty": the detection QC flags all six
+    manifest.write_text(text.replace("[detection]\n", "[detection]\nqc_min_cells = 1000000\n"))
+    shutil.rmtree(work / "report")
+    assert run_cli("run", manifest) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "6 of 6 subjects stopped before counting" in err, err
+    assert "detection flagged:" in err and "--allow-flagged" in err and "Traceback" not in err
+    assert not (work / "report").exists()
+    assert run_cli("run", manifest, "--allow-flagged") == 0
+    captured = capsys.readouterr()
+    assert "counted although detection flagged" in " ".join(captured.err.split())
+    assert f"report: {work / 'report' / 'report.html'}" in " ".join(captured.out.split())
+    html = (work / "report" / "report.html").read_text()
+    assert "6 of 6 mice flagged" in html
+
+
 DETECTION_QC_KEYS = ("n_candidates", "n_outside_tissue", "n_below_tissue_floor",
                      "tissue_fraction", "tissue_void_level", "tissue_level", "tissue_noise_sd",
                      "tissue_floor", "chunks_without_tissue")  # fmt: skip

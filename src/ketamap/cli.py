@@ -30,8 +30,9 @@ atlas_app = typer.Typer(no_args_is_help=True, help="Build and inspect atlases.")
 app.add_typer(simulate_app, name="simulate")
 app.add_typer(atlas_app, name="atlas")
 
-out = Console()
-err = Console(stderr=True)
+# soft wrap: the terminal wraps long lines itself, so paths and commands stay copyable
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 VoxelSize = Annotated[
     tuple[float, float, float],
@@ -123,6 +124,14 @@ def run(
     ] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Subjects in parallel.")] = 1,
     force: Annotated[bool, typer.Option(help="Recompute outputs that are up to date.")] = False,
+    allow_flagged: Annotated[
+        bool,
+        typer.Option(
+            "--allow-flagged",
+            help="Count subjects whose detection or registration QC is flagged (the report "
+            "marks them); by default they are stopped before counting.",
+        ),
+    ] = False,
     scheduler: SchedulerAddress = None,
     cluster: ClusterKind = None,
     workers: ClusterWorkers = 2,
@@ -137,12 +146,28 @@ def run(
         use_scheduler(scheduler, cluster, n_workers=workers),
         _progress(len(study.subjects) + 2, "census") as bar,
     ):
-        summary = run_study(manifest, stages=stage, n_jobs=jobs, force=force, progress=_tick(bar))
+        summary = run_study(
+            manifest,
+            stages=stage,
+            n_jobs=jobs,
+            force=force,
+            allow_flagged=allow_flagged,
+            progress=_tick(bar),
+        )
     ran = sum(v is True for r in summary.subjects for v in r.values())
     out.print(
         f"{study.name}: {len(study.subjects)} subjects, {ran} subject stages run, "
         f"outputs in {study.root} ({summary.seconds:.0f} s)"
     )
+    from rich.markup import escape
+
+    for r in summary.subjects:
+        if r.get("flags"):
+            text = escape(f"{r['subject']} counted although " + " and ".join(r["flags"]))
+            err.print(f"[yellow]warning:[/] {text}", highlight=False)
+    report = study.root / "report" / "report.html"
+    if report.exists() and (stage is None or "report" in stage):
+        out.print(f"report: {report}")
 
 
 @app.command()

@@ -60,5 +60,9 @@ class RegistrationError(KetamapError, RuntimeError):
     """Registration could not run, or failed its quality control."""
 
 
+class QCError(KetamapError, RuntimeError):
+    """A subject failed quality control (detection or registration) and was stopped."""
+
+
 class StatsError(KetamapError, ValueError):
     """The statistical design cannot be fitted (e.g. a single group)."""

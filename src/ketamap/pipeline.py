@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ketamap.errors import InputNotFoundError, ParameterError
+from ketamap.errors import InputNotFoundError, ParameterError, QCError
 from ketamap.io.atomic import atomic_dir, atomic_path, write_json, write_table
 from ketamap.params import did_you_mean, from_mapping, to_dict
 from ketamap.study import Study, Subject, load_study
@@ -319,14 +319,24 @@ def quantify_cells(cells: pd.DataFrame, reg, atlas, volumes: pd.DataFrame):
 
 
 def run_subject(
-    study: Study, subject: Subject, *, stages=SUBJECT_STAGES, force: bool = False
+    study: Study,
+    subject: Subject,
+    *,
+    stages=SUBJECT_STAGES,
+    force: bool = False,
+    allow_flagged: bool = False,
 ) -> dict:
     """Run the per-subject stages (detect, register, quantify) for one subject.
+
+    A subject whose detection or registration is flagged by its QC is not counted:
+    quantify does not run for it unless ``allow_flagged``.
 
     Returns
     -------
     dict
-        ``subject``, and for each stage whether it ran (True) or was skipped.
+        ``subject``, for each stage whether it ran (True) or was skipped, ``flags`` (the
+        QC reasons, as sentences) and, for a subject stopped before counting,
+        ``stopped`` (True).
     """
     from ketamap.io.points import write_cells
     from ketamap.io.volumes import open_volume
@@ -407,6 +417,11 @@ def run_subject(
         )
 
     if "quantify" in stages:
+        done["flags"] = subject_flags(det_out, reg_out)
+        if done["flags"] and not allow_flagged:
+            done["stopped"] = True
+            log.warning("%s: stopped before counting: %s", subject.id, "; ".join(done["flags"]))
+            return done
 
         def quantify(tmp: Path) -> dict:
             cells = pd.read_parquet(det_out / "cells.parquet")
@@ -436,7 +451,27 @@ def run_subject(
     return done
 
 
-def _run_subject_job(manifest: str, subject_id: str, stages, force: bool, threads: int) -> dict:
+def subject_flags(detect_dir: Path, register_dir: Path) -> list[str]:
+    """Return the QC flags of a subject's detection and registration, one sentence each.
+
+    Read from the stages' outputs (``provenance.json`` of detect, ``registration.json``);
+    outputs written before detection had a flag carry none.
+    """
+    flags = []
+    prov = Path(detect_dir) / "provenance.json"
+    if prov.exists():
+        found = json.loads(prov.read_text()).get("result", {})
+        flags += [f"detection flagged: {r}" for r in found.get("reasons", [])]
+    meta = Path(register_dir) / "registration.json"
+    if meta.exists():
+        qc = json.loads(meta.read_text()).get("qc", {})
+        flags += [f"registration flagged: {r}" for r in qc.get("reasons", [])]
+    return flags
+
+
+def _run_subject_job(
+    manifest: str, subject_id: str, stages, force: bool, threads: int, allow_flagged: bool
+) -> dict:
     import dask
     import SimpleITK as sitk
 
@@ -444,12 +479,15 @@ def _run_subject_job(manifest: str, subject_id: str, stages, force: bool, thread
 
     study = load_study(manifest)
     subject = next(s for s in study.subjects if s.id == subject_id)
+    run = functools.partial(
+        run_subject, study, subject, stages=stages, force=force, allow_flagged=allow_flagged
+    )
     if distributed_active():  # chunks go to the cluster's workers, not to local threads
-        return run_subject(study, subject, stages=stages, force=force)
+        return run()
     # each job gets its share of the cores, for dask and for ITK alike
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     with dask.config.set(scheduler="threads", num_workers=threads):
-        return run_subject(study, subject, stages=stages, force=force)
+        return run()
 
 
 # --------------------------------------------------------------------------- study stages
@@ -648,6 +686,8 @@ def _qc_table(study: Study) -> pd.DataFrame:
                 "registration_correlation": qc.get("correlation_after"),
                 "registration_dice": qc.get("dice_brain_mask"),
                 "tissue_atlas_dice": summ.get("tissue_atlas_dice"),
+                "detection_flagged": bool(found.get("flagged", False)),
+                "detection_reasons": "; ".join(found.get("reasons", [])),
                 "registration_flagged": bool(qc.get("flagged", False)),
                 "registration_reasons": "; ".join(qc.get("reasons", [])),
             }
@@ -840,6 +880,7 @@ def run_study(
     stages: Iterable[str] | None = None,
     n_jobs: int = 1,
     force: bool = False,
+    allow_flagged: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> RunSummary:
     """Run every stage of a study, skipping what is up to date.
@@ -858,6 +899,10 @@ def run_study(
         each spread over the cluster.
     force : bool
         Recompute even when outputs are up to date.
+    allow_flagged : bool
+        Count subjects whose detection or registration QC is flagged (the report marks
+        them). Without it such a subject is stopped before counting, the other subjects
+        are finished, and the run ends with :class:`~ketamap.errors.QCError`.
     progress : callable, optional
         Called with a subject id when its stages are done, and with
         ``"stats"`` / ``"report"``.
@@ -868,6 +913,8 @@ def run_study(
 
     Raises
     ------
+    QCError
+        If subjects were stopped by their QC flags (without ``allow_flagged``).
     KetamapError
         For an invalid manifest, missing inputs or a failed stage.
     """
@@ -888,7 +935,7 @@ def run_study(
     if sub_stages:
         threads = max(1, (os.cpu_count() or 1) // n_jobs)
         jobs = [
-            (str(Path(manifest).resolve()), s.id, sub_stages, force, threads)
+            (str(Path(manifest).resolve()), s.id, sub_stages, force, threads, allow_flagged)
             for s in study.subjects
         ]
         from ketamap.scheduler import distributed_active, map_jobs
@@ -900,6 +947,15 @@ def run_study(
             results.append(res)
             if progress:
                 progress(res["subject"])
+        stopped = [r for r in results if r.get("stopped")]
+        if stopped:
+            raise QCError(
+                f"{len(stopped)} of {len(results)} subjects stopped before counting: "
+                + "; ".join(f'"{r["subject"]}": {" and ".join(r["flags"])}' for r in stopped)
+                + ". Look at their QC images (subjects/<id>/register/qc.png), fix the manifest "
+                "and run again, or pass --allow-flagged to count them anyway (the report "
+                "marks them)."
+            )
     stats_ran = report_ran = False
     if "stats" in stages:
         stats_ran = run_stats(study, force=force)

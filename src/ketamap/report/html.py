@@ -43,6 +43,8 @@ _QC_HEADERS = {
     "registration_correlation": "registration correlation",
     "registration_dice": "registration brain Dice",
     "tissue_atlas_dice": "tissue vs atlas brain Dice",
+    "detection_flagged": "detection flagged",
+    "detection_reasons": "detection flag reasons",
     "registration_flagged": "registration flagged",
     "registration_reasons": "flag reasons",
 }
@@ -279,8 +281,10 @@ def render_report(
     design = [[_fmt(g.get("name")), _fmt(g.get("dose_mg_per_kg")), _fmt(g.get("schedule", "")),
                str(int(n_by_group.get(str(g.get("name")), 0)))]
               for g in study.get("groups", [])]  # fmt: skip
-    flagged = qc["registration_flagged"].astype(bool).tolist() if "registration_flagged" in qc \
-        else [False] * len(qc)  # fmt: skip
+    flagged = [False] * len(qc)  # a subject counted although its QC flagged it
+    for col in ("detection_flagged", "registration_flagged"):
+        if col in qc:
+            flagged = [a or bool(b) for a, b in zip(flagged, qc[col])]
     region_cols = [c for c in _REGION_COLUMNS if c in regions.columns]
     csv = regions.to_csv(index=False).encode("utf-8")
     context = {

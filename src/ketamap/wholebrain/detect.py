@@ -137,6 +137,10 @@ class DetectionParams:
         centre voxel must hold this share of what the smallest soma's profile predicts
         (within three noise SDs): hot pixels, cosmic hits and one-plane streaks fail.
         0 disables.
+    qc_min_cells : int
+        A brain in which fewer cells are found flags its detection (``flagged`` and
+        ``reasons`` in the QC): an empty or near-empty result is a failure (a wrong
+        channel, voxel size or soma diameter), not a finding. 0 disables.
     deblend : bool
         After the maxima are judged, subtract each found soma's modelled response (one
         imaged soma scaled to its band-passed peak) and search the residual once more: a
@@ -219,6 +223,10 @@ class DetectionParams:
         metadata=bounds(
             ge=0, le=1, doc="Share of a soma's profile the neighbours of a centre must hold."
         ),
+    )
+    qc_min_cells: int = field(
+        default=10,
+        metadata=bounds(ge=0, doc="A brain with fewer cells than this flags its detection."),
     )
     deblend: bool = field(
         default=True,
@@ -1588,11 +1596,8 @@ def detect_cells(
                 "both channels must be on the same grid."
             )
     if sig.size == 0:
-        return (
-            (_empty_table(), _qc(0, 0, 0, None, float("nan"), 0.0, 0))
-            if return_qc
-            else _empty_table()
-        )
+        qc = _flag(_qc(0, 0, 0, None, float("nan"), 0.0, 0), 0, params.qc_min_cells)
+        return (_empty_table(), qc) if return_qc else _empty_table()
 
     _torch_device(params.device)  # an unusable device fails here, before any work
     plan = _plan(vs, params, sig.shape)
@@ -1709,7 +1714,19 @@ def detect_cells(
     )
     if not return_qc:
         return cells
-    return cells, _qc(n_candidates, n_outside, int(below.sum()), tissue, noise_sd, floor, skipped)
+    qc = _qc(n_candidates, n_outside, int(below.sum()), tissue, noise_sd, floor, skipped)
+    return cells, _flag(qc, len(cells), params.qc_min_cells)
+
+
+def _flag(qc: dict, n_cells: int, min_cells: int) -> dict:
+    """Add ``n_cells``, ``flagged`` and ``reasons`` (a near-empty detection) to the QC."""
+    reasons = []
+    if n_cells < min_cells:
+        reasons.append(
+            f"{n_cells} cells found, fewer than {min_cells} (is it the signal channel, and "
+            "are the voxel size and the soma diameter right?)"
+        )
+    return qc | {"n_cells": int(n_cells), "flagged": bool(reasons), "reasons": reasons}
 
 
 def _qc(n_candidates, n_outside, n_below, tissue, noise_sd, floor, skipped) -> dict:
