@@ -530,6 +530,14 @@ def atlas_build(
     )
     path = write_brainglobe(at, out_dir)
     out.print(f"wrote {path} ({at.shape}, {len(at.ontology.ids)} structures)")
+    if reference is None:
+        err.print(
+            f"[yellow]warning:[/] no --reference: {path.name} holds a synthetic reference made "
+            "from the annotation (one grey level per region), not an image. Simulated brains "
+            "register to it; a real brain cannot. Give an intensity template at "
+            f"{resolution:g} µm with --reference to register real brains.",
+            highlight=False,
+        )
 
 
 @atlas_app.command("info")
@@ -543,7 +551,12 @@ def atlas_info(
     out.print(
         f"{at.name}: shape {at.shape}, resolution {at.resolution_um} µm, orientation "
         f"{at.orientation}, {len(at.ontology.ids)} structures, reference "
-        f"{'yes' if at.reference is not None else 'no'}"
+        + (
+            "synthetic (made from the annotation, not an image: a real brain cannot be "
+            "registered to it)"
+            if at.synthetic_reference
+            else ("yes" if at.reference is not None else "no")
+        )
     )
 
 

@@ -418,6 +418,11 @@ def run_subject(
 
     if "quantify" in stages:
         done["flags"] = subject_flags(det_out, reg_out)
+        if atlas.synthetic_reference and any(f.startswith("registration") for f in done["flags"]):
+            done["flags"].append(
+                "the atlas reference is synthetic (made from the annotation, not an image): a "
+                "real brain cannot be registered to it; rebuild the atlas with --reference"
+            )
         if done["flags"] and not allow_flagged:
             done["stopped"] = True
             log.warning("%s: stopped before counting: %s", subject.id, "; ".join(done["flags"]))

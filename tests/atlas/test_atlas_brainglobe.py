@@ -81,6 +81,18 @@ def test_synthetic_reference_when_missing(phantom, tmp_path):
     assert meta["ketamap_reference"].startswith("synthetic")
     back = load_brainglobe(folder)
     assert ((back.reference > 0) == (phantom.annotation > 0)).all()
+    assert back.synthetic_reference  # known as such when loaded again
+    assert not load_brainglobe(write_brainglobe(phantom, tmp_path / "t")).synthetic_reference
+
+
+def test_atlas_info_says_a_reference_is_synthetic(phantom, tmp_path, run_cli, capsys):
+    bare = Atlas(name="bare_mouse_200um", annotation=phantom.annotation,
+                 hemispheres=phantom.hemispheres, resolution_um=phantom.resolution_um,
+                 orientation="asr", ontology=phantom.ontology)  # fmt: skip
+    folder = write_brainglobe(bare, tmp_path)
+    assert run_cli("atlas", "info", folder) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "reference synthetic (made from the annotation, not an image" in text
 
 
 def test_other_orientation_is_mapped_to_asr(phantom, tmp_path):

@@ -247,6 +247,7 @@ def _read_folder(folder: Path) -> Atlas:
         orientation=str(bg.metadata.get("orientation", "asr")),
         ontology=Ontology(table),
         reference=reference,
+        synthetic_reference=str(bg.metadata.get("ketamap_reference", "")).startswith("synthetic"),
     )
 
 

@@ -47,6 +47,10 @@ class Atlas:
         The region tree.
     reference : ndarray, optional
         Intensity template with the same shape, float32 or uint16.
+    synthetic_reference : bool
+        The reference is no image but one grey level per region, made from the
+        annotation (an atlas folder written without a template): fine for simulated
+        brains drawn from the same atlas, useless for registering a real brain.
 
     Raises
     ------
@@ -75,6 +79,7 @@ class Atlas:
     orientation: str
     ontology: Ontology
     reference: np.ndarray | None = None
+    synthetic_reference: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise once, here
