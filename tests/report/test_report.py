@@ -182,3 +182,27 @@ def test_qc_table_has_readable_headers_and_dashes_for_missing_values(data):
     last = table[table.rindex("<tr"):]
     assert last.count("<td>\u2014</td>") == 3  # the three missing values of the last mouse
     assert "<td>\u2014</td>" not in table[: table.rindex("<tr")]  # blank reasons stay blank
+
+
+def test_planted_vs_recovered_counts_only_planted_effects(data):
+    """A truth table as the simulator writes it (every region, most with no effect): only
+    the planted rows are planted effects; the no-effect rows score the false calls."""
+    study, subjects, qc, regions, counts = data
+    contrast = "ketamine_100_vs_saline"
+    acr = regions.loc[regions.contrast == contrast, "acronym"].astype(str).unique()
+    truth = pd.DataFrame({"acronym": acr, "contrast": contrast, "true_fold_change": 1.0,
+                          "planted": False})  # fmt: skip
+    truth.loc[truth.acronym == "VTA", ["true_fold_change", "planted"]] = [0.5, True]
+    html = render_report(study=study, subjects=subjects, qc=qc, regions=regions, counts=counts,
+                         truth=truth)  # fmt: skip
+    r = regions[regions.contrast == contrast]
+    n_null_called = int(((r.q < 0.05) & (r.acronym != "VTA")).sum())
+    import html as html_lib
+
+    text = " ".join(html_lib.unescape(re.sub(r"<[^>]+>", " ", html)).split())
+    assert "1 of 1 planted effects were called at q < 0.05 in the right direction" in text
+    assert f"of {len(acr) - 1} tests of regions with no effect" in text
+    assert f"{n_null_called} were called" in text
+    start = html.index('id="truth"')
+    table = html[start : html.index("</table>", start)]
+    assert table.count("<tr") == 2  # the header and VTA: no null region listed as planted
