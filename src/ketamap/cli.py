@@ -320,6 +320,15 @@ def detect_train(
     threshold: Annotated[
         float, typer.Option(help="Cell probability at or above which a candidate is kept.")
     ] = 0.5,
+    non_cells_beyond: Annotated[
+        Optional[float],
+        typer.Option(
+            "--non-cells-beyond",
+            help="Every cell of the volume is annotated: candidates farther than this many µm "
+            "from every annotated cell are non-cells.",
+            show_default=False,
+        ),
+    ] = None,
 ):
     """Train the second-pass cell classifier from annotated cells and non-cells.
 
@@ -328,7 +337,7 @@ def detect_train(
     Runs detection with the same parameters as "ketamap detect", labels the
     candidates, trains, prints the cross-validated accuracy and writes the model.
     """
-    from ketamap.errors import ParameterError
+    from ketamap.errors import InputError, ParameterError
     from ketamap.io.atomic import atomic_path
     from ketamap.io.volumes import open_volume
     from ketamap.params import from_mapping
@@ -341,8 +350,13 @@ def detect_train(
     )
     from ketamap.wholebrain.detect import DetectionParams, detect_cells
 
-    if points is None and (cells is None or non_cells is None):
-        raise ParameterError("Give both --cells and --non-cells, or --points with both types.")
+    if points is None and cells is None:
+        raise ParameterError("Give the annotated cells: --cells (and --non-cells), or --points.")
+    if non_cells_beyond is not None and not non_cells_beyond > tolerance:
+        raise ParameterError(
+            f"--non-cells-beyond must exceed --tolerance ({tolerance:g} µm), got "
+            f"{non_cells_beyond:g}."
+        )
     if not tolerance > 0:
         raise ParameterError(f"--tolerance must be > 0 µm, got {tolerance}.")
     if not 0 < threshold < 1:
@@ -359,8 +373,22 @@ def detect_train(
     bg = open_volume(background) if background else None
     candidates = detect_cells(vol, voxel_size_um=voxel_size, params=params, background=bg)
     labels = label_candidates(
-        candidates, annotations, voxel_size_um=voxel_size, tolerance_um=tolerance
+        candidates,
+        annotations,
+        voxel_size_um=voxel_size,
+        tolerance_um=tolerance,
+        non_cells_beyond_um=non_cells_beyond,
     )
+    n_ann = annotations["cell_type"].value_counts()
+    if not (labels == 0).any():
+        raise InputError(
+            f"The annotations hold {int(n_ann.get(2, 0))} cells and {int(n_ann.get(1, 0))} "
+            f"non-cells ({int((labels == 1).sum())} candidates matched a cell, none a "
+            "non-cell); training needs both. Give non-cells with --non-cells (a cellfinder "
+            "XML or a CSV), a --points XML with both types, or, if every cell of this volume "
+            "is annotated, --non-cells-beyond 30 to take candidates farther than 30 µm from "
+            "every annotated cell as non-cells."
+        )
     model = train_classifier(candidates, labels, threshold=threshold)
     cv = cross_validate(candidates, labels, threshold=threshold)
     with atomic_path(out_path) as tmp:

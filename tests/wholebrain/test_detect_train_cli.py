@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -241,3 +242,22 @@ def test_real_crop_train_on_one_half_test_on_the_other(shared_data):
     assert table["after_planes"].sum() <= 0.5 * table["before_planes"].sum()
     # ... and keeps most of cellfinder's cells (measured 0.786)
     assert after >= 0.7, (before, after)
+
+
+@pytest.mark.shared_data
+def test_train_from_the_cells_only_xml_of_the_real_crop(run_cli, capsys, tmp_path, shared_data):
+    """The only real annotations are 56 cells and no non-cells: the count is the file's, the
+    sentence says how to give non-cells, and --non-cells-beyond trains from far candidates."""
+    crop = shared_data / "cellfinder_crop"
+    train = ("detect", "train", crop / "ch0", "--voxel-size", 5, 2, 2, "--background",
+             crop / "ch1", "--cells", crop / "cell_classification.xml")  # fmt: skip
+    model = tmp_path / "m.json"
+    assert run_cli(*train, "--out", model) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "The annotations hold 56 cells and 0 non-cells" in err, err
+    assert "--non-cells-beyond" in err and not model.exists()
+    assert run_cli(*train, "--non-cells-beyond", 30, "--out", model) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    n_cells = int(re.search(r"trained on (\d+) cells", out).group(1))
+    assert 50 <= n_cells <= 56, out  # one candidate per annotated cell, at most
+    assert model.exists()

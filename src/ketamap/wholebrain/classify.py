@@ -86,8 +86,13 @@ def label_candidates(
     *,
     voxel_size_um: tuple[float, float, float],
     tolerance_um: float = 10.0,
+    non_cells_beyond_um: float | None = None,
 ) -> np.ndarray:
     """Label each candidate from annotated points: 1 cell, 0 non-cell, -1 unlabelled.
+
+    One annotation labels one candidate: pairs closer than ``tolerance_um`` are matched
+    nearest first, each annotation and each candidate at most once, so a marker with
+    several candidates around it (a soma split in two) labels only the nearest.
 
     Parameters
     ----------
@@ -100,24 +105,46 @@ def label_candidates(
     voxel_size_um : tuple of float
         Voxel size (z, y, x) in µm.
     tolerance_um : float
-        A candidate takes the label of the nearest annotated point within this
-        distance (µm); farther candidates are unlabelled (-1).
+        Largest distance (µm) between a candidate and the annotation that labels it.
+    non_cells_beyond_um : float, optional
+        For annotations that mark every cell of the volume (and nothing else):
+        unmatched candidates farther than this (µm) from every annotated cell are
+        labelled non-cells. Wrong where cells were left unannotated.
 
     Returns
     -------
     numpy.ndarray of int64, shape (n,)
+
+    Examples
+    --------
+    >>> cand = pd.DataFrame({"z_vox": [5.0, 5.0, 5.0], "y_vox": [10.0, 12.0, 90.0],
+    ...                      "x_vox": [10.0, 10.0, 90.0]})
+    >>> ann = pd.DataFrame({"z_vox": [5.0], "y_vox": [10.5], "x_vox": [10.0]})
+    >>> label_candidates(cand, ann, voxel_size_um=(5, 2, 2)).tolist()
+    [1, -1, -1]
+    >>> label_candidates(cand, ann, voxel_size_um=(5, 2, 2), non_cells_beyond_um=30).tolist()
+    [1, -1, 0]
     """
     labels = np.full(len(cells), -1, dtype=np.int64)
     if len(cells) == 0 or len(points) == 0:
         return labels
     vs = np.asarray(voxel_size_um, dtype=np.float64)
     cols = ["z_vox", "y_vox", "x_vox"]
-    d, i = cKDTree(points[cols].to_numpy(dtype=np.float64) * vs).query(
-        cells[cols].to_numpy(dtype=np.float64) * vs
-    )
-    near = d <= tolerance_um
+    ann = points[cols].to_numpy(dtype=np.float64) * vs
+    cand = cells[cols].to_numpy(dtype=np.float64) * vs
     types = points["cell_type"].to_numpy() if "cell_type" in points else np.full(len(points), 2)
-    labels[near] = (types[i[near]] == 2).astype(np.int64)
+    pairs = cKDTree(ann).sparse_distance_matrix(
+        cKDTree(cand), tolerance_um, output_type="coo_matrix"
+    )
+    taken_a = np.zeros(len(ann), dtype=bool)
+    for k in np.argsort(pairs.data, kind="stable"):  # nearest pairs first
+        a, c = pairs.row[k], pairs.col[k]
+        if not taken_a[a] and labels[c] < 0:
+            taken_a[a] = True
+            labels[c] = int(types[a] == 2)
+    if non_cells_beyond_um is not None and (types == 2).any():
+        d, _ = cKDTree(ann[types == 2]).query(cand)
+        labels[(labels < 0) & (d > non_cells_beyond_um)] = 0
     return labels
 
 
