@@ -218,3 +218,54 @@ def test_all_48_codes_accepted_as_brainglobe_does():
     for c in codes:
         assert check_orientation(c) == c
         AnatomicalSpace(c)  # brainglobe-space agrees
+
+
+@pytest.fixture
+def imaged_dir(tmp_path):
+    """The GOOD study with real (small) images: m1 signal, m2 signal and background."""
+    import numpy as np
+    import tifffile
+
+    (tmp_path / "data").mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("m1.tif", "m2.tif", "m2_bg.tif"):
+        vol = rng.integers(0, 1000, (6, 20, 24)).astype(np.uint16)
+        tifffile.imwrite(tmp_path / "data" / name, vol, photometric="minisblack")
+    return tmp_path
+
+
+def _validate_error(run_cli, capsys, manifest) -> str:
+    assert run_cli("validate", manifest) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return " ".join(err.split())
+
+
+def test_validate_loads_the_atlas_and_opens_every_image(imaged_dir, run_cli, capsys):
+    import numpy as np
+    import tifffile
+
+    manifest = write(imaged_dir, GOOD.replace('atlas = "phantom"', 'atlas = "phantom:200"'))
+    assert run_cli("validate", manifest) == 0
+    assert "atlas phantom:200 ((66, 40, 57) at 200 µm)" in " ".join(capsys.readouterr().out.split())
+    # two mice given one image
+    manifest = write(imaged_dir, GOOD.replace('signal = "data/m2.tif"', 'signal = "data/m1.tif"'))
+    assert 'Subjects "m1" and "m2" share the image' in _validate_error(run_cli, capsys, manifest)
+    # a background that is a copy of the signal
+    data = imaged_dir / "data"
+    (data / "copy.tif").write_bytes((data / "m2.tif").read_bytes())
+    manifest = write(imaged_dir, GOOD.replace('"data/m2_bg.tif"', '"data/copy.tif"'))
+    assert "hold the same image" in _validate_error(run_cli, capsys, manifest)
+    # a background of another shape
+    tifffile.imwrite(data / "small.tif", np.zeros((6, 20, 20), np.uint16), photometric="minisblack")
+    manifest = write(imaged_dir, GOOD.replace('"data/m2_bg.tif"', '"data/small.tif"'))
+    assert "has shape (6, 20, 20) but the signal has (6, 20, 24)" in _validate_error(
+        run_cli, capsys, manifest
+    )
+    # the folder that "atlas build --out DIR" wrote into, instead of the atlas in it
+    from ketamap.atlas import make_phantom, write_brainglobe
+
+    folder = write_brainglobe(make_phantom(resolution_um=200), imaged_dir / "atlases")
+    manifest = write(imaged_dir, GOOD.replace('atlas = "phantom"', 'atlas = "atlases"'))
+    message = _validate_error(run_cli, capsys, manifest)
+    assert f"did you mean {folder}?" in message and ".brainglobe" not in message

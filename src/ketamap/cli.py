@@ -96,15 +96,18 @@ def _main(
 
 @app.command()
 def validate(manifest: Annotated[Path, typer.Argument(help="Study manifest (TOML).")]):
-    """Check a study manifest and print what it declares."""
-    from ketamap.pipeline import stage_params
+    """Check a study (manifest, parameters, atlas, images) and print what it declares."""
+    from ketamap.pipeline import check_study
     from ketamap.study import load_study
 
     study = load_study(manifest)
-    stage_params(study)
+    found = check_study(study)
+    at = found["atlas"]
     out.print(
-        f'[green]ok[/]: study "{study.name}", atlas {study.atlas}, marker {study.marker}, '
-        f"{len(study.groups)} groups, {len(study.subjects)} subjects"
+        f'[green]ok[/]: study "{study.name}", atlas {study.atlas} ({at.shape} at '
+        f"{at.resolution_um[0]:g} µm"
+        + (", synthetic reference" if at.synthetic_reference else "")
+        + f"), marker {study.marker}, {len(study.groups)} groups, {len(study.subjects)} subjects"
     )
     for g in study.groups:
         n = sum(s.group == g.name for s in study.subjects)

@@ -165,6 +165,64 @@ def stage_params(study: Study):
     )
 
 
+def check_study(study: Study) -> dict:
+    """Check a study before any compute: parameters, atlas and every subject's images.
+
+    Loads the atlas named in the manifest, opens every image lazily (its header only,
+    plus one small block to compare a signal with its background) and checks that the
+    two channels of a subject have the same shape, that no two subjects share an image,
+    and that no signal is its own background.
+
+    Returns
+    -------
+    dict
+        ``atlas`` (the loaded :class:`~ketamap.atlas.Atlas`) and ``shapes`` (subject id
+        -> image shape).
+
+    Raises
+    ------
+    KetamapError
+        One sentence for the first problem found.
+    """
+    from ketamap.errors import InputError
+    from ketamap.io.volumes import open_volume
+
+    stage_params(study)
+    atlas = _atlas(study.atlas, str(study.root))
+    shapes, owner = {}, {}
+    for s in study.subjects:
+        for path in (s.signal, s.background):
+            if path is None:
+                continue
+            key = Path(path).resolve()
+            if key in owner:
+                raise InputError(
+                    f'Subjects "{owner[key]}" and "{s.id}" share the image {path}; each mouse '
+                    "needs its own."
+                    if owner[key] != s.id
+                    else f'Subject "{s.id}" gives {path} as both signal and background.'
+                )
+            owner[key] = s.id
+        signal = open_volume(s.signal)
+        shapes[s.id] = tuple(int(n) for n in signal.shape)
+        if s.background is None:
+            continue
+        background = open_volume(s.background)
+        if tuple(background.shape) != tuple(signal.shape):
+            raise InputError(
+                f'Subject "{s.id}": the background {s.background} has shape '
+                f"{tuple(background.shape)} but the signal has {tuple(signal.shape)}."
+            )
+        mid = tuple(slice(n // 2, n // 2 + 1) if a == 0 else slice(0, min(n, 256))
+                    for a, n in enumerate(signal.shape))  # fmt: skip
+        if np.array_equal(np.asarray(signal[mid]), np.asarray(background[mid])):
+            raise InputError(
+                f'Subject "{s.id}": the signal {s.signal} and the background {s.background} '
+                "hold the same image (their middle planes are identical)."
+            )
+    return {"atlas": atlas, "shapes": shapes}
+
+
 def map_params(study: Study):
     """Return the checked ``[stats.voxels]`` and ``[stats.network]`` parameters."""
     from ketamap.stats.network import NetworkParams
@@ -934,7 +992,7 @@ def run_study(
         raise ParameterError(f"n_jobs must be at least 1, got {n_jobs}.")
     t0 = time.perf_counter()
     study = load_study(manifest)
-    stage_params(study)  # validate every table before any work
+    check_study(study)  # parameters, atlas and images, before any work
     sub_stages = tuple(s for s in stages if s in SUBJECT_STAGES)
     results = []
     if sub_stages:

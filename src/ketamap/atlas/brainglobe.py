@@ -373,9 +373,17 @@ def load_atlas(spec: str | os.PathLike, *, resolution_um: float | None = None) -
     allen_files = (path / ALLEN_ANNOTATION, path / ALLEN_STRUCTURES)
     if path.is_dir() and all(f.is_file() for f in allen_files):
         return _allen_folder(path, resolution_um)
-    root = default_brainglobe_dir()
-    tried.append(f"an installed BrainGlobe atlas {root}/{text}_v*")
+    if path.is_dir():  # e.g. the folder that "ketamap atlas build --out DIR" wrote into
+        inside = sorted(p.parent for p in path.glob("*/metadata.json"))
+        if inside:
+            names = " or ".join(str(p) for p in inside[:3])
+            raise AtlasNotFoundError(
+                f'Atlas "{text}" is a folder that holds atlases, not an atlas; did you mean '
+                f"{names}?"
+            )
     if "/" not in text and os.sep not in text:
+        root = default_brainglobe_dir()
+        tried.append(f"an installed BrainGlobe atlas {root / (text + '_v*')}")
         folder = _find_local(text, root)
         if folder is not None:
             atlas = _read_folder(folder)
