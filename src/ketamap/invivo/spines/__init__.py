@@ -14,6 +14,7 @@ from ketamap.invivo.spines.annotations import (
 )
 from ketamap.invivo.spines.core import SpineParams, analyse_dendrite
 from ketamap.invivo.spines.metrics import (
+    cluster_sign_flip,
     interval_rates,
     mixed_model,
     pooled_rates,
@@ -28,6 +29,7 @@ from ketamap.invivo.spines.track import track_spines
 __all__ = [
     "SpineParams",
     "analyse_dendrite",
+    "cluster_sign_flip",
     "export_annotations",
     "export_napari",
     "import_annotations",
