@@ -61,7 +61,7 @@ def test_report_is_one_offline_page_with_every_section(stress_study):
         "Cells matched across sessions",
         "Ensemble stability",
         "ketamine-24h",
-        "two-proportion z",
+        "block permutation (",
     ):
         assert words in page, words
     assert page.count("data:image/png;base64,") == 3

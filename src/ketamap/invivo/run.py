@@ -36,6 +36,7 @@ from ketamap.invivo.ensembles import (
     Assemblies,
     activation_strength,
     bin_activity,
+    block_permutation_test,
     coactive_bins,
     coactivity_matrix,
     detect_assemblies,
@@ -228,25 +229,17 @@ def _wilcoxon(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(res.statistic), float(res.pvalue)
 
 
-def _two_proportions(p1: float, n1: int, p2: float, n2: int) -> tuple[float, float]:
-    if n1 == 0 or n2 == 0:
-        return float("nan"), float("nan")
-    pooled = (p1 * n1 + p2 * n2) / (n1 + n2)
-    se = np.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
-    if se == 0:
-        return float("nan"), float("nan")
-    z = (p2 - p1) / se
-    return float(z), float(2 * sstats.norm.sf(abs(z)))
-
-
-def compare_sessions(sessions: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
+def compare_sessions(
+    sessions: pd.DataFrame, cells: pd.DataFrame, coactive: dict | None = None
+) -> pd.DataFrame:
     """Compare every session with the first one and with the previous one.
 
     Two tests per pair: a paired Wilcoxon signed-rank test on each cell's mean
     coactivity (cells present in both sessions, matched by ``global_cell`` when
-    the table has it, else by input index), and a two-proportion z-test on
-    the fraction of significantly coactive bins. p-values are Holm-adjusted
-    within each measure.
+    the table has it, else by input index), and a block permutation test
+    (:func:`~ketamap.invivo.ensembles.block_permutation_test`) on the fraction of
+    significantly coactive bins, which keeps the autocorrelation of the bins (they
+    are not independent samples). p-values are Holm-adjusted within each measure.
 
     Parameters
     ----------
@@ -254,6 +247,9 @@ def compare_sessions(sessions: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFram
         One row per session (``session``, ``fraction_coactive_bins``, ``n_bins``).
     cells : DataFrame
         ``session, cell, mean_coactivity`` and optionally ``global_cell``.
+    coactive : dict, optional
+        Session -> bool array, per time bin whether it was significantly coactive.
+        Without it the fraction of coactive bins is reported, not tested.
 
     Returns
     -------
@@ -292,7 +288,9 @@ def compare_sessions(sessions: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFram
         )
         fa, fb = by.loc[a, "fraction_coactive_bins"], by.loc[b, "fraction_coactive_bins"]
         na, nb = int(by.loc[a, "n_bins"]), int(by.loc[b, "n_bins"])
-        z, p = _two_proportions(fa, na, fb, nb)
+        test = {"difference": fb - fa, "p_value": np.nan, "block": 0}
+        if coactive is not None and a in coactive and b in coactive:
+            test = block_permutation_test(coactive[a], coactive[b])
         rows.append(
             {
                 "measure": "fraction_coactive_bins",
@@ -301,10 +299,12 @@ def compare_sessions(sessions: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFram
                 "comparison": kind,
                 "value_a": float(fa),
                 "value_b": float(fb),
-                "test": "two-proportion z",
-                "statistic": z,
+                "test": f"block permutation ({test['block']}-bin blocks)"
+                if test["block"]
+                else "not tested (too few bins)",
+                "statistic": test["difference"],
                 "n": na + nb,
-                "p_value": p,
+                "p_value": test["p_value"],
             }
         )
     cols = [
@@ -526,7 +526,11 @@ def run_ensembles(
         )
     )
     cell_map = pd.concat(map_rows, ignore_index=True)
-    statistics = compare_sessions(sessions_table, cells)
+    coactive = {
+        lab: (res.binned > 0).sum(axis=0) >= res.summary["coactive_threshold_cells"]
+        for lab, (res, *_) in results.items()
+    }
+    statistics = compare_sessions(sessions_table, cells, coactive)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         write_table(ensembles, tmp / "ensembles.parquet")
