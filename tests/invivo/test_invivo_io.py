@@ -98,6 +98,11 @@ def test_load_sessions_good(tmp_path):
     assert [s.label for s in sf.sessions] == ["baseline", "stress"]
     assert [s.frame_rate_hz for s in sf.sessions] == [10.0, 20.0]
     assert sf.sessions[0].data == (tmp_path / "a.npy").resolve()
+    # written out of order, or with names that sort otherwise: time decides
+    swapped = GOOD.replace('label = "baseline"\ntime_h = 0', 'label = "zz-base"\ntime_h = 0')
+    head, first, second = swapped.split("[[sessions]]")
+    (tmp_path / "t.toml").write_text(head + "[[sessions]]" + second + "[[sessions]]" + first)
+    assert [s.label for s in load_sessions(tmp_path / "t.toml").sessions] == ["zz-base", "stress"]
 
 
 @pytest.mark.parametrize(

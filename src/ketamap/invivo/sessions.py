@@ -97,7 +97,8 @@ class SessionsFile:
     name : str
         Field-of-view name.
     sessions : tuple of Session
-        In the order given (sorted by time is recommended, not required).
+        In time order (``time_h``; sessions at the same time keep the file's order):
+        the first is the reference of every comparison.
     params : dict
         The ``[params]`` table, validated by the stage.
     root : Path
@@ -204,6 +205,7 @@ def parse_sessions(
         if not isinstance(fov["cell_map"], str):
             raise ManifestError(f"cell_map in [field_of_view] of {where} must be a path string.")
         cell_map = (root / fov["cell_map"]).resolve()
+    sessions.sort(key=lambda s: s.time_h)  # stable: ties keep the file's order
     return SessionsFile(name, tuple(sessions), dict(params), root, cell_map)
 
 
