@@ -206,3 +206,20 @@ def test_planted_vs_recovered_counts_only_planted_effects(data):
     start = html.index('id="truth"')
     table = html[start : html.index("</table>", start)]
     assert table.count("<tr") == 2  # the header and VTA: no null region listed as planted
+
+
+def test_uninformative_intervals_are_not_printed_as_numbers(data):
+    """A region with no cells in one group has a CI over 2^-33 to 2^30: shown as not
+    estimable, never as "9.1e-11 to 1.8e+09"; the CSV download keeps the numbers."""
+    study, subjects, qc, regions, counts = data
+    regions = regions.copy()
+    row = (regions.acronym == "VTA") & (regions.contrast == "ketamine_100_vs_saline")
+    regions.loc[row, ["ci_low_log2", "ci_high_log2"]] = [-33.4, 30.7]
+    truth = pd.DataFrame({"acronym": ["VTA"], "contrast": ["ketamine_100_vs_saline"],
+                          "true_fold_change": [0.5], "planted": [True]})  # fmt: skip
+    html = render_report(study=study, subjects=subjects, qc=qc, regions=regions, counts=counts,
+                         truth=truth)  # fmt: skip
+    assert "not estimable" in html
+    assert "-33.4" not in region_table(html) and "30.7" not in region_table(html)
+    uri = re.search(r'href="data:text/csv;base64,([^"]+)"', html).group(1)
+    assert "-33.4" in base64.b64decode(uri).decode()

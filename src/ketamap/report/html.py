@@ -29,6 +29,9 @@ _REGION_COLUMNS = (
     "spearman_p", "method", "converged", "reason",
 )  # fmt: skip
 _ALPHA = 0.05
+# a 95 % CI wider than a factor 2^10 (e.g. a region with no cells in one group) says
+# nothing; it is shown blank ("not estimable") instead of as numbers
+_MAX_CI_WIDTH_LOG2 = 10.0
 # readable headers of the per-mouse QC table; the column name is kept as the tooltip
 _QC_HEADERS = {
     "subject": "mouse",
@@ -195,7 +198,11 @@ def _truth_table(truth: pd.DataFrame, regions: pd.DataFrame, alpha: float):
         m["log2_fold_change"]
     )
     m["ci_fold_change"] = [
-        "" if np.isnan(lo) else f"{2**lo:.3g} to {2**hi:.3g}"
+        ""
+        if np.isnan(lo)
+        else "not estimable"
+        if hi - lo > _MAX_CI_WIDTH_LOG2
+        else f"{2**lo:.3g} to {2**hi:.3g}"
         for lo, hi in zip(m["ci_low_log2"].astype(float), m["ci_high_log2"].astype(float))
     ]
     cols = ["acronym", "contrast", "true_fold_change", "fold_change", "ci_fold_change", "q",
@@ -298,7 +305,14 @@ def render_report(
         if col in qc:
             flagged = [a or bool(b) for a, b in zip(flagged, qc[col])]
     region_cols = [c for c in _REGION_COLUMNS if c in regions.columns]
-    csv = regions.to_csv(index=False).encode("utf-8")
+    csv = regions.to_csv(index=False).encode("utf-8")  # the download keeps every number
+    shown = regions
+    if {"ci_low_log2", "ci_high_log2"} <= set(regions.columns):
+        wide = (regions["ci_high_log2"] - regions["ci_low_log2"]) > _MAX_CI_WIDTH_LOG2
+        shown = regions.assign(
+            ci_low_log2=regions["ci_low_log2"].mask(wide),
+            ci_high_log2=regions["ci_high_log2"].mask(wide),
+        )
     context = {
         "study": study,
         "n_subjects": len(subjects),
@@ -311,7 +325,7 @@ def render_report(
         ),
         "n_flagged": int(sum(flagged)),
         "region_columns": region_cols,
-        "region_rows": _rows(regions, region_cols),
+        "region_rows": _rows(shown, region_cols),
         "n_called": int((regions["q"] < alpha).sum()),
         "alpha": alpha,
         "csv_uri": "data:text/csv;base64," + base64.b64encode(csv).decode("ascii"),
