@@ -282,3 +282,20 @@ def test_study_folders_without_the_tissue_qc_still_report(ran_study, tmp_path):
     run_report(study, force=True)
     table = _qc_html(copy / "report.html")
     assert "<td>\u2014</td>" in table
+
+
+def test_white_matter_and_ventricles_are_not_tested(ran_study):
+    """By default the fibre tracts and the ventricles (whole subtrees) get no density test."""
+    from ketamap.atlas import load_atlas
+
+    root, _, summary = ran_study
+    onto = load_atlas("phantom:100").ontology
+    skipped = {r for a in ("fiber tracts", "VS") for r in onto.descendants(onto.lookup(a),
+                                                                           include_self=True)}
+    assert len(skipped) > 2
+    regions = pd.read_csv(root / "stats" / "regions.csv")
+    assert not regions["region_id"].isin(skipped).any()
+    counts = pd.read_csv(root / "subjects" / "saline-01" / "quantify" / "regions.csv")
+    assert counts["region_id"].isin(skipped).any()  # still counted, only not tested
+    prov = json.loads((root / "stats" / "provenance.json").read_text())
+    assert prov["result"]["n_untested_regions"] == len(skipped)

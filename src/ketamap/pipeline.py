@@ -556,6 +556,15 @@ def _run_subject_job(
 # --------------------------------------------------------------------------- study stages
 
 
+def _subtrees(ontology, acronyms) -> set[int]:
+    """Ids of the regions named by ``acronyms`` and everything below them (absent ones: none)."""
+    ids: set[int] = set()
+    for acronym in acronyms:
+        if acronym in ontology:
+            ids.update(ontology.descendants(ontology.lookup(acronym), include_self=True))
+    return ids
+
+
 def _long_counts(study: Study) -> pd.DataFrame:
     frames = []
     for s in study.subjects:
@@ -677,6 +686,10 @@ def run_stats(study: Study, *, force: bool = False) -> bool:
 
     def stats(tmp: Path) -> dict:
         counts = _long_counts(study)
+        untested = _subtrees(
+            _atlas(study.atlas, str(study.root)).ontology, stats_params.untested_regions
+        )
+        counts = counts[~counts["region_id"].isin(untested)]
         regions = compare_regions(
             counts,
             subjects,
@@ -688,7 +701,7 @@ def run_stats(study: Study, *, force: bool = False) -> bool:
         write_table(counts, tmp / "counts.parquet")
         write_table(subjects, tmp / "subjects.parquet")
         n_called = int((regions["q"] < stats_params.alpha).sum())
-        result = {"n_rows": len(regions), "n_called": n_called}
+        result = {"n_rows": len(regions), "n_called": n_called, "n_untested_regions": len(untested)}
         if voxel_params.enabled:
             try:
                 result["voxels"] = _voxel_maps(study, tmp, voxel_params)

@@ -96,6 +96,12 @@ class StatsParams:
         group has only zeros and is negligible otherwise.
     max_iter : int
         Maximum IRLS iterations per fit.
+    untested_regions : tuple of str
+        Acronyms whose whole subtrees are not tested for cell density by the census
+        (default: Allen's ``fiber tracts`` and ``VS``, the ventricles: white matter and
+        cerebrospinal fluid hold no somata of interest, and their few cells, often
+        misregistered from the neighbouring grey matter, only add noisy tests).
+        Acronyms absent from the atlas are ignored; ``[]`` tests every region.
     """
 
     alpha: float = field(default=0.05, metadata=bounds(gt=0, lt=1, doc="FDR level"))
@@ -117,6 +123,10 @@ class StatsParams:
     )
     coef_prior_sd_log2: float = field(default=10.0, metadata=bounds(gt=0, doc="prior sd"))
     max_iter: int = field(default=100, metadata=bounds(ge=1, doc="IRLS iterations"))
+    untested_regions: tuple[str, ...] = field(
+        default=("fiber tracts", "VS"),
+        metadata=bounds(doc="acronyms whose subtrees are not tested (white matter, ventricles)"),
+    )
 
     def __post_init__(self):
         validate(self)
