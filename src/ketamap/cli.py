@@ -14,7 +14,14 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from ketamap.errors import KetamapError
 
@@ -64,6 +71,7 @@ def _progress(total: int, label: str) -> Progress:
         MofNCompleteColumn(),
         TextColumn("{task.description}"),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=err,
         transient=False,
         disable=not err.is_terminal,
@@ -76,7 +84,8 @@ def _tick(bar: Progress):
     def advance(name: str) -> None:
         bar.update(bar.task_ids[0], advance=1, description=name)
         if not err.is_terminal:
-            err.print(f"  done: {name}")
+            task = bar.tasks[0]
+            err.print(f"  [{int(task.completed)}/{int(task.total)}] {name}", highlight=False)
 
     return advance
 
@@ -753,13 +762,13 @@ def main() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, _on_interrupt)
     try:
-        _main()
+        _run_app()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _main() -> None:
+def _run_app() -> None:
     try:
         code = app(standalone_mode=False)  # an Exit's code is returned, not raised
     except KetamapError as e:

@@ -514,6 +514,16 @@ def run_subject(
     return done
 
 
+def _describe(res: dict) -> str:
+    """One line for a subject's progress: the stages run, skipped or stopped."""
+    ran = [k for k in SUBJECT_STAGES if res.get(k) is True]
+    if res.get("stopped"):
+        return f"{res['subject']}: stopped before counting (QC flagged)"
+    if not ran:
+        return f"{res['subject']}: up to date, skipped"
+    return f"{res['subject']}: {', '.join(ran)}"
+
+
 def subject_flags(detect_dir: Path, register_dir: Path) -> list[str]:
     """Return the QC flags of a subject's detection and registration, one sentence each.
 
@@ -1022,7 +1032,7 @@ def run_study(
         for res in map_jobs(_run_subject_job, jobs, workers):
             results.append(res)
             if progress:
-                progress(res["subject"])
+                progress(_describe(res))
         stopped = [r for r in results if r.get("stopped")]
         if stopped:
             raise QCError(
@@ -1036,11 +1046,11 @@ def run_study(
     if "stats" in stages:
         stats_ran = run_stats(study, force=force)
         if progress:
-            progress("stats")
+            progress("stats" if stats_ran else "stats: up to date, skipped")
     if "report" in stages:
         report_ran = run_report(study, force=force)
         if progress:
-            progress("report")
+            progress("report" if report_ran else "report: up to date, skipped")
     return RunSummary(tuple(results), stats_ran, report_ran, time.perf_counter() - t0)
 
 
