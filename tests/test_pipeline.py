@@ -186,8 +186,8 @@ def test_flagged_subjects_stop_unless_allowed(ran_study, tmp_path, run_cli, caps
     assert "counted although detection flagged" in " ".join(captured.err.split())
     # progress: counts, and which stages ran (detect and register were up to date)
     assert "saline-01: quantify\n" in captured.err and "[8/8] report" in captured.err
-    assert f"report: {work / 'report' / 'report.html'}" in " ".join(captured.out.split())
-    html = (work / "report" / "report.html").read_text()
+    assert f"report: {work / 'report.html'}" in " ".join(captured.out.split())
+    html = (work / "report.html").read_text()
     assert "6 of 6 mice flagged" in html
 
 

@@ -177,7 +177,7 @@ def run(
         if r.get("flags"):
             text = escape(f"{r['subject']} counted although " + " and ".join(r["flags"]))
             err.print(f"[yellow]warning:[/] {text}", highlight=False)
-    report = study.root / "report" / "report.html"
+    report = study.root / "report.html"  # the one the user opens (report/ holds its parts)
     if report.exists() and (stage is None or "report" in stage):
         out.print(f"report: {report}")
 
