@@ -298,3 +298,52 @@ def test_bad_imaris_or_nifti_for_detect(name, tmp_path, run_cli, capsys):
     assert code == 2, (name, err)
     assert err.startswith("error:") and "Traceback" not in err, err
     assert not out.exists() and not [p for p in tmp_path.rglob(".out*")]
+
+
+def _misuse_cases(tmp):
+    """Command lines a newcomer gets wrong; each must be one sentence and exit 2."""
+    vol = planes(tmp / "in")
+    (tmp / "cells.csv").write_text("a,b\n1,2\n")
+    (tmp / "notes.toml").write_text("this is not toml\n")
+    vs = ("--voxel-size", 5, 2, 2)
+    return {
+        "soma diameter 0": ("detect", vol, *vs, "--soma-diameter", 0, "--out", tmp / "o"),
+        "soma diameter NaN": ("detect", vol, *vs, "--soma-diameter", "nan", "--out", tmp / "o"),
+        "classifier file missing": ("detect", vol, *vs, "--classifier", tmp / "no.json",
+                                    "--out", tmp / "o"),  # fmt: skip
+        "train: non-cells nearer than the tolerance": (
+            "detect", "train", vol, *vs, "--cells", tmp / "cells.csv",
+            "--non-cells-beyond", 5, "--out", tmp / "m.json"),  # fmt: skip
+        "quantify: not a registration folder": (
+            "quantify", "--cells", tmp / "cells.csv", "--registration", tmp,
+            "--atlas", "phantom:200", "--out", tmp / "q"),  # fmt: skip
+        "run: manifest missing": ("run", tmp / "nope.toml"),
+        "run: manifest not TOML": ("run", tmp / "notes.toml"),
+        "stats: manifest missing": ("stats", tmp / "nope.toml"),
+        "convert: voxel size in mm": ("convert", vol, "--out", tmp / "c.ome.zarr",
+                                      "--voxel-size", 0.001, 0.002, 0.002),  # fmt: skip
+        "register: unknown atlas": ("register", vol, *vs, "--orientation", "psl",
+                                    "--atlas", "nope_atlas", "--out", tmp / "r"),  # fmt: skip
+        "atlas info: bad phantom resolution": ("atlas", "info", "phantom:-5"),
+        "simulate: too few mice": ("simulate", "census", "--out", tmp / "s",
+                                   "--n-per-group", 0),  # fmt: skip
+    }
+
+
+MISUSE = [  # the keys of _misuse_cases
+    "soma diameter 0", "soma diameter NaN", "classifier file missing",
+    "train: non-cells nearer than the tolerance", "quantify: not a registration folder",
+    "run: manifest missing", "run: manifest not TOML", "stats: manifest missing",
+    "convert: voxel size in mm", "register: unknown atlas",
+    "atlas info: bad phantom resolution", "simulate: too few mice",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", MISUSE)
+def test_command_line_misuse_is_one_sentence(name, tmp_path, run_cli, capsys):
+    args = _misuse_cases(tmp_path)[name]
+    before = sorted(tmp_path.rglob("*"))
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err, err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
