@@ -223,3 +223,15 @@ def test_uninformative_intervals_are_not_printed_as_numbers(data):
     assert "-33.4" not in region_table(html) and "30.7" not in region_table(html)
     uri = re.search(r'href="data:text/csv;base64,([^"]+)"', html).group(1)
     assert "-33.4" in base64.b64decode(uri).decode()
+
+
+def test_key_results_box_at_the_top(data):
+    """What changed, where and how sure, before anything else, as the console prints it."""
+    study, subjects, qc, regions, counts = data
+    html = render_report(study=study, subjects=subjects, qc=qc, regions=regions, counts=counts)
+    box = html[html.index('id="key-results"') : html.index("</div>", html.index('id="key-results"'))]
+    assert html.index('id="key-results"') < html.index('id="design"')
+    called = regions[(regions.contrast == "ketamine_100_vs_saline") & (regions.q < 0.05)]
+    assert f"ketamine_100_vs_saline: {len(called)} region" in box
+    assert "VTA ×0.48 (q 3e-06)" in box  # the planted halving, with its fold change and q
+    assert "1 of 12 mice counted although their QC flagged them" in box

@@ -221,6 +221,30 @@ def _truth_table(truth: pd.DataFrame, regions: pd.DataFrame, alpha: float):
             "95% CI", "q", "called", "direction correct"], _rows(m, cols), summary  # fmt: skip
 
 
+def _key_results(regions: pd.DataFrame, alpha: float, n_top: int = 5) -> list[str]:
+    """One sentence per contrast: how many regions changed at q < alpha, the surest first."""
+    lines = []
+    if "contrast" not in regions or "q" not in regions:
+        return lines
+    for contrast, grp in regions.groupby("contrast", sort=False):
+        called = grp[grp["q"] < alpha].sort_values(["q", "p"], kind="mergesort")
+        if called.empty:
+            lines.append(f"{contrast}: no region changed at q < {alpha:g}.")
+            continue
+        top = [
+            f"{r.acronym} ×{r.fold_change:.2g} (q {r.q:.1g})"
+            if np.isfinite(r.fold_change)
+            else f"{r.acronym} (q {r.q:.1g})"
+            for r in called.head(n_top).itertuples()
+        ]
+        more = f", and {len(called) - n_top} more" if len(called) > n_top else ""
+        lines.append(
+            f"{contrast}: {len(called)} region{'s' if len(called) != 1 else ''} changed at "
+            f"q < {alpha:g}: " + ", ".join(top) + more + "."
+        )
+    return lines
+
+
 def render_report(
     *,
     study: dict,
@@ -313,6 +337,7 @@ def render_report(
             ci_low_log2=regions["ci_low_log2"].mask(wide),
             ci_high_log2=regions["ci_high_log2"].mask(wide),
         )
+    truth_table = _truth_table(truth, regions, alpha) if truth is not None else None
     context = {
         "study": study,
         "n_subjects": len(subjects),
@@ -334,7 +359,11 @@ def render_report(
         "map_figures": map_figures,
         "map_tables": map_tables,
         "images": [{"name": k, "src": _png_uri(v)} for k, v in sorted((images or {}).items())],
-        "truth": _truth_table(truth, regions, alpha) if truth is not None else None,
+        "truth": truth_table,
+        "key_results": _key_results(regions, alpha)
+        + [f"{int(sum(flagged))} of {len(qc)} mice counted although their QC flagged them."]
+        * bool(sum(flagged))
+        + ([truth_table[2]] if truth_table is not None else []),
         "methods_text": _methods_text(methods, study) + _maps_methods_text(methods),
         "methods_rows": _flatten(methods),
         "missing_key_regions": [
