@@ -62,6 +62,8 @@ def test_report_is_one_offline_page_with_every_section(stress_study):
         "Ensemble stability",
         "ketamine-24h",
         "block permutation (",
+        "Key results",
+        "ketamine-24h vs baseline:",
     ):
         assert words in page, words
     assert page.count("data:image/png;base64,") == 3

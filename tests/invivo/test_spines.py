@@ -243,7 +243,11 @@ def test_cli_runs_and_reruns_from_corrected_annotations(small_study, tmp_path, r
     assert run_cli("spines", small_study, "--out", out) == 0
     rates = pd.read_csv(out / "rates.csv")
     assert {"dendrite", "interval", "formation_rate", "elimination_rate"} <= set(rates.columns)
-    assert (out / "report.html").read_text().count("<img") >= 3
+    page = (out / "report.html").read_text()
+    assert page.count("<img") >= 3
+    start = page.index("id='key-results'")
+    key = page[start : page.index("</div>", start)]
+    assert "formation" in key and "elimination" in key and "ketamine-24h" in key, key
     assert (out / "figures" / "turnover.svg").exists()
     # the user deletes one spine of the last session that was present before
     ann = pd.read_csv(out / "annotations.csv")

@@ -229,9 +229,9 @@ def test_key_results_box_at_the_top(data):
     """What changed, where and how sure, before anything else, as the console prints it."""
     study, subjects, qc, regions, counts = data
     html = render_report(study=study, subjects=subjects, qc=qc, regions=regions, counts=counts)
-    start = html.index('id="key-results"')
+    start = html.index("id='key-results'")
     box = html[start : html.index("</div>", start)]
-    assert html.index('id="key-results"') < html.index('id="design"')
+    assert start < html.index('id="design"')
     called = regions[(regions.contrast == "ketamine_100_vs_saline") & (regions.q < 0.05)]
     assert f"ketamine_100_vs_saline: {len(called)} region" in box
     assert "VTA ×0.48 (q 3e-06)" in box  # the planted halving, with its fold change and q

@@ -245,6 +245,30 @@ img{max-width:100%;height:auto;border:1px solid #eee}.note{color:#555;font-size:
 """
 
 
+_MEASURE_NAMES = {
+    "fraction_coactive_bins": "coactive bins",
+    "cell_mean_coactivity": "cell mean coactivity",
+}
+
+
+def _key_lines(sessions: pd.DataFrame, statistics: pd.DataFrame) -> list[str]:
+    """Per later session: ensembles, and the coordination measures against the first."""
+    lines = []
+    first = statistics[statistics["comparison"] == "vs first"] if len(statistics) else statistics
+    n_ens = dict(zip(sessions["session"], sessions.get("n_ensembles", [])))
+    for b, grp in first.groupby("session_b", sort=False):
+        parts = []
+        for r in grp.itertuples():
+            what = _MEASURE_NAMES.get(r.measure, r.measure)
+            p = "not tested" if not np.isfinite(r.p_holm) else f"p {r.p_holm:.2g}"
+            parts.append(f"{what} {r.value_a:.3g} → {r.value_b:.3g} ({p})")
+        lead = f"{b} vs {grp['session_a'].iloc[0]}: "
+        if b in n_ens:
+            lead += f"{int(n_ens[b])} ensembles; "
+        lines.append(lead + "; ".join(parts) + ".")
+    return lines
+
+
 def render_report(
     *,
     field_of_view: str,
@@ -263,7 +287,7 @@ def render_report(
         A complete HTML document with no external reference.
     """
     from ketamap.report.figures import figure_bytes
-    from ketamap.report.html import _png_uri
+    from ketamap.report.html import KEY_CSS, _png_uri, key_results_html
 
     def fig(name: str, alt: str) -> str:
         if name not in figures:
@@ -291,8 +315,12 @@ def render_report(
     p = html.escape
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>Ensembles — {p(field_of_view)}</title><style>{_CSS}</style></head><body>",
+        f"<title>Ensembles — {p(field_of_view)}</title><style>{_CSS}{KEY_CSS}</style></head>"
+        "<body>",
         f"<h1>Calcium-imaging ensembles — {p(field_of_view)}</h1>",
+        key_results_html(
+            _key_lines(sessions, statistics), "each session against the first; Holm-adjusted p"
+        ),
         f"<p class='note'>{len(sessions)} sessions. Cells matched across sessions by "
         f"{p(method_text)}. Coactive bins are tested against a circular-shift null; "
         "ensembles are found by PCA/ICA with a Marchenko–Pastur bound (Lopes-dos-Santos "

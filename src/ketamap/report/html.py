@@ -8,6 +8,7 @@ offline, needs no server, and references nothing outside itself.
 from __future__ import annotations
 
 import base64
+import html as html_lib
 import logging
 import os
 from pathlib import Path
@@ -221,6 +222,21 @@ def _truth_table(truth: pd.DataFrame, regions: pd.DataFrame, alpha: float):
             "95% CI", "q", "called", "direction correct"], _rows(m, cols), summary  # fmt: skip
 
 
+KEY_CSS = (
+    ".key{background:#f0f7ff;border:1px solid #9fc3eb;border-radius:4px;padding:0.6em 1em;"
+    "margin:1em 0}.key ul{margin:0.4em 0 0 0;padding-left:1.2em}"
+)
+
+
+def key_results_html(lines: list[str], note: str = "") -> str:
+    """Return the key-results box of a report: what changed, where and how sure (escaped)."""
+    if not lines:
+        return ""
+    items = "".join(f"<li>{html_lib.escape(line)}</li>" for line in lines)
+    head = "<strong>Key results</strong>" + (f" ({html_lib.escape(note)})" if note else "")
+    return f"<div class='key' id='key-results'>{head}<ul>{items}</ul></div>"
+
+
 def _key_results(regions: pd.DataFrame, alpha: float, n_top: int = 5) -> list[str]:
     """One sentence per contrast: how many regions changed at q < alpha, the surest first."""
     lines = []
@@ -360,10 +376,15 @@ def render_report(
         "map_tables": map_tables,
         "images": [{"name": k, "src": _png_uri(v)} for k, v in sorted((images or {}).items())],
         "truth": truth_table,
-        "key_results": _key_results(regions, alpha)
-        + [f"{int(sum(flagged))} of {len(qc)} mice counted although their QC flagged them."]
-        * bool(sum(flagged))
-        + ([truth_table[2]] if truth_table is not None else []),
+        "key_box": key_results_html(
+            _key_results(regions, alpha)
+            + [f"{int(sum(flagged))} of {len(qc)} mice counted although their QC flagged them."]
+            * bool(sum(flagged))
+            + ([truth_table[2]] if truth_table is not None else []),
+            "fold change and Benjamini-Hochberg q of the surest regions per contrast; every "
+            "region in the table below",
+        ),
+        "key_css": KEY_CSS,
         "methods_text": _methods_text(methods, study) + _maps_methods_text(methods),
         "methods_rows": _flatten(methods),
         "missing_key_regions": [

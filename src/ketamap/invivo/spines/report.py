@@ -122,6 +122,29 @@ def _table(df: pd.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _key_lines(pooled: pd.DataFrame, returns: pd.DataFrame, stats: pd.DataFrame) -> list[str]:
+    """Per interval the pooled rates and the test against the first; the return result."""
+    lines = []
+    tests = {}
+    for r in stats.itertuples() if len(stats) else []:
+        if isinstance(r.interval, str) and np.isfinite(r.p_value):
+            tests.setdefault(r.interval, []).append(
+                f"{r.measure.replace('_', ' ')} {r.estimate:+.3f} vs {r.reference} "
+                f"(p {r.p_value:.2g}{', sign-flip test' if 'sign-flip' in r.model else ''})"
+            )
+    for r in pooled.itertuples():
+        text = (f"{r.interval}: formation {100 * r.formation_rate:.1f} %, elimination "
+                f"{100 * r.elimination_rate:.1f} %")  # fmt: skip
+        lines.append(text + ("; " + "; ".join(tests[r.interval]) if r.interval in tests else ""))
+    for r in returns.itertuples() if len(returns) else []:
+        if getattr(r, "n_new", 0):
+            lines.append(
+                f"new spines near lost sites: {r.n_near} of {r.n_new} (chance "
+                f"{r.null_share_mean:.2f}, p {r.p_value:.2g})"
+            )
+    return lines
+
+
 def render_report(
     title: str,
     pooled: pd.DataFrame,
@@ -144,10 +167,13 @@ def render_report(
         "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
         "figure{display:inline-block;margin:0.5em}img{max-width:34em}"
     )
+    from ketamap.report.html import KEY_CSS, key_results_html
+
+    key = key_results_html(_key_lines(pooled, returns, stats), "pooled over dendrites")
     return (
         f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>{style}</style></head><body>"
-        f"<section id='spine-turnover'><h1>Spine turnover: {html.escape(title)}</h1>"
+        f"<title>{html.escape(title)}</title><style>{style}{KEY_CSS}</style></head><body>"
+        f"<section id='spine-turnover'><h1>Spine turnover: {html.escape(title)}</h1>{key}"
         f"<ul>{notes_html}</ul><h2>Rates per interval (pooled over dendrites)</h2>"
         f"{_table(pooled)}<h2>Return to lost sites</h2>{_table(returns)}"
         f"<h2>Intervals compared (mixed model)</h2>{_table(stats)}"
