@@ -27,6 +27,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -639,16 +640,27 @@ def _voxel_maps(study: Study, out: Path, params) -> dict:
             continue
         contrast = f"{g}_vs_{ref}"
         sel = np.array([x == g for x in groups])
+        lfc = (np.log2(means[g] + params.log_offset_per_mm3)
+               - np.log2(means[ref] + params.log_offset_per_mm3))  # fmt: skip
+        lfc = np.where(mask, lfc, 0).astype(np.float32)
+        _write_map(lfc, folder / f"log2_fold_change_{contrast}", vox_um)
+        # the exact permutation test cannot go below 1 / (number of relabellings)
+        n_labels = math.comb(int(is_ref.sum() + sel.sum()), int(sel.sum()))
+        if 1.0 / n_labels > params.alpha:
+            reason = (
+                f"{contrast}: with {int(is_ref.sum())} and {int(sel.sum())} mice there are only "
+                f"{n_labels} relabellings, so no FWE p below {1 / n_labels:.2g} is possible; "
+                "not tested"
+            )
+            log.warning("voxel test skipped: %s", reason)
+            contrasts.append({"contrast": contrast, "skipped": reason})
+            continue
         res = voxel_test(
             logs[is_ref], logs[sel], mask=mask, n_permutations=params.n_permutations,
             method=params.method, cluster_forming_p=params.cluster_forming_p,
             tfce_steps=params.tfce_steps, connectivity=params.connectivity, alpha=params.alpha,
             voxel_size_um=vox_um, seed=params.seed,
         )  # fmt: skip
-        lfc = (np.log2(means[g] + params.log_offset_per_mm3)
-               - np.log2(means[ref] + params.log_offset_per_mm3))  # fmt: skip
-        lfc = np.where(mask, lfc, 0).astype(np.float32)
-        _write_map(lfc, folder / f"log2_fold_change_{contrast}", vox_um)
         _write_map(res.t, folder / f"t_{contrast}", vox_um)
         _write_map(res.p_fwe, folder / f"p_fwe_{contrast}", vox_um)
         cl = res.clusters.copy()
@@ -807,15 +819,25 @@ def _map_sections(study: Study, regions: pd.DataFrame, alpha: float):
                                    orientation=atlas.orientation, alpha=alpha,
                                    focus=focus)  # fmt: skip
         figures.append((f"atlas_{value}", fig, caption))
+    # tests the design cannot support: said plainly, not shown as empty results
+    found = json.loads((stats_dir / "provenance.json").read_text()).get("result", {})
+    untestable = [found.get(k, {}).get("skipped") for k in ("voxels", "network")]
+    untestable += [c["skipped"] for c in found.get("voxels", {}).get("contrasts", [])
+                   if c.get("skipped")]  # fmt: skip
+    untestable = [u for u in untestable if u]
+    if untestable:
+        tables.append({"title": "Tests the design cannot support",
+                       "text": "Not tested: " + " ".join(f"{u}." for u in untestable),
+                       "columns": [], "frame": pd.DataFrame()})  # fmt: skip
     vox_dir = stats_dir / "voxel_maps"
     clusters_file = stats_dir / "voxel_clusters.parquet"
-    if vox_dir.is_dir() and clusters_file.exists():
+    names = sorted(p.name[len("t_") : -len(".ome.zarr")] for p in vox_dir.glob("t_*.ome.zarr"))
+    if vox_dir.is_dir() and clusters_file.exists() and names:
 
         def read(name):
             return np.asarray(open_volume(vox_dir / f"{name}.ome.zarr").compute())
 
         mask = read("mask") > 0
-        names = sorted(p.name[len("t_") : -len(".ome.zarr")] for p in vox_dir.glob("t_*.ome.zarr"))
         t_maps = {n: read(f"t_{n}") for n in names}
         p_maps = {n: read(f"p_fwe_{n}") for n in names}
         vox_alpha = float(map_params(study)[0].alpha)
