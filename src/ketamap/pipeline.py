@@ -644,13 +644,15 @@ def _voxel_maps(study: Study, out: Path, params) -> dict:
                - np.log2(means[ref] + params.log_offset_per_mm3))  # fmt: skip
         lfc = np.where(mask, lfc, 0).astype(np.float32)
         _write_map(lfc, folder / f"log2_fold_change_{contrast}", vox_um)
-        # the exact permutation test cannot go below 1 / (number of relabellings)
-        n_labels = math.comb(int(is_ref.sum() + sel.sum()), int(sel.sum()))
-        if 1.0 / n_labels > params.alpha:
+        # the exact permutation test cannot go below 1 / (number of relabellings), 2 / ...
+        # with equal groups (a relabelling and its mirror give the same |t|)
+        n_ref, n_grp = int(is_ref.sum()), int(sel.sum())
+        n_labels = math.comb(n_ref + n_grp, n_grp)
+        smallest = (2 if n_ref == n_grp else 1) / n_labels
+        if smallest > params.alpha:
             reason = (
-                f"{contrast}: with {int(is_ref.sum())} and {int(sel.sum())} mice there are only "
-                f"{n_labels} relabellings, so no FWE p below {1 / n_labels:.2g} is possible; "
-                "not tested"
+                f"{contrast}: with {n_ref} and {n_grp} mice there are only {n_labels} "
+                f"relabellings, so no FWE p below {smallest:.2g} is possible"
             )
             log.warning("voxel test skipped: %s", reason)
             contrasts.append({"contrast": contrast, "skipped": reason})
