@@ -316,3 +316,28 @@ def test_tests_the_design_cannot_support_are_said_plainly(ran_study):
     assert list((root / "stats" / "voxel_maps").glob("log2_fold_change_*.ome.zarr"))
     html = " ".join((root / "report.html").read_text().split())
     assert "Tests the design cannot support" in html and "only 6 relabellings" in html
+
+
+def test_classifier_named_in_the_manifest_is_the_second_pass(ran_study, tmp_path, run_cli):
+    """[study] classifier = "model.json": the detect stage applies it, records how many
+    candidates it rejected, and the stages downstream of detection run again."""
+    from ketamap.wholebrain.classify import save_classifier, train_classifier
+
+    root, _, _ = ran_study
+    work = tmp_path / "study"
+    shutil.copytree(root, work)
+    first = pd.read_parquet(work / "subjects" / "saline-01" / "detect" / "cells.parquet")
+    labels = (first["snr"] > first["snr"].median()).astype(np.int64).to_numpy()
+    save_classifier(train_classifier(first, labels), work / "model.json")
+    manifest = work / "study.toml"
+    text = manifest.read_text().replace("[study]\n", '[study]\nclassifier = "model.json"\n', 1)
+    manifest.write_text(text)
+    assert run_cli("run", manifest) == 0
+    det = work / "subjects" / "saline-01" / "detect"
+    cells = pd.read_parquet(det / "cells.parquet")
+    assert "cell_probability" in cells and 0 < len(cells) < len(first)
+    result = json.loads((det / "provenance.json").read_text())["result"]
+    assert result["n_rejected_by_classifier"] == len(first) - len(cells)
+    quant = work / "subjects" / "saline-01" / "quantify"
+    summary = json.loads((quant / "summary.json").read_text())
+    assert summary["n_cells"] == len(cells)  # the corrected cells are the ones counted

@@ -399,7 +399,8 @@ def run_subject(
     """
     from ketamap.io.points import write_cells
     from ketamap.io.volumes import open_volume
-    from ketamap.wholebrain.detect import detect_cells
+    from ketamap.wholebrain.classify import classify_cells, load_classifier
+    from ketamap.wholebrain.detect import detect_cells, flag_detection
     from ketamap.wholebrain.register import load_registration, register_to_atlas
 
     det_params, reg_params, _ = stage_params(study)
@@ -420,6 +421,11 @@ def run_subject(
                 background=background,
                 return_qc=True,
             )
+            if study.classifier is not None:  # the trained second pass
+                n = len(cells)
+                cells = classify_cells(cells, load_classifier(study.classifier))
+                qc = flag_detection(qc | {"n_rejected_by_classifier": n - len(cells)}, len(cells),
+                           det_params.qc_min_cells)  # fmt: skip
             write_cells(cells, tmp)
             numbers = write_detection_qc(qc, tmp, voxel_size_um=subject.voxel_size_um)
             return {"n_cells": len(cells), "shape": list(signal.shape)} | numbers
@@ -431,6 +437,7 @@ def run_subject(
                 "inputs": fingerprint([subject.signal, subject.background]),
                 "params": to_dict(det_params),
                 "imaging": imaging,
+                "classifier": fingerprint([study.classifier]) if study.classifier else None,
             },
             detect,
             force=force,

@@ -136,6 +136,9 @@ class Study:
     params : dict
         Per-stage parameter tables (``detection``, ``registration``,
         ``stats``), validated by each stage's parameters class.
+    classifier : Path or None
+        A trained candidate classifier (``ketamap detect train``) that the detect
+        stage applies as a second pass (``classifier`` in ``[study]``).
     """
 
     name: str
@@ -147,6 +150,7 @@ class Study:
     subjects: tuple[Subject, ...]
     root: Path
     params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    classifier: Path | None = None
 
     def group(self, name: str) -> Group:
         """Return the group called ``name``."""
@@ -179,7 +183,7 @@ class Study:
 # --------------------------------------------------------------------------- parsing
 
 _TOP_KEYS = ("study", "imaging", "groups", "subjects", "detection", "registration", "stats")
-_STUDY_KEYS = ("name", "atlas", "marker", "reference_group")
+_STUDY_KEYS = ("name", "atlas", "marker", "reference_group", "classifier")
 _IMAGING_KEYS = ("voxel_size_um", "orientation", "signal_channel", "background_channel")
 _GROUP_KEYS = ("name", "dose_mg_per_kg", "schedule", "duration_days", "description")
 _SUBJECT_KEYS = (
@@ -277,6 +281,11 @@ def parse_study(
     name = _typed(_require(st, "name", "[study]"), str, "name", "[study]")
     atlas = _typed(st.get("atlas", "phantom"), str, "atlas", "[study]")
     marker = _typed(st.get("marker", "TH"), str, "marker", "[study]")
+    classifier = (
+        None
+        if st.get("classifier") is None
+        else _path(st["classifier"], root, "classifier", "[study]", check_exists=check_paths)
+    )
 
     im = _typed(_require(data, "imaging", "the manifest"), dict, "[imaging]", "the manifest")
     check_keys(im, _IMAGING_KEYS, "[imaging]")
@@ -404,6 +413,7 @@ def parse_study(
         subjects=tuple(subjects),
         root=root,
         params=params,
+        classifier=classifier,
     )
 
 
@@ -469,7 +479,9 @@ def study_to_toml(study: Study) -> str:
 
     lines = ["[study]"]
     for key in _STUDY_KEYS:
-        lines.append(f"{key} = {_toml_value(getattr(study, key))}")
+        value = getattr(study, key)
+        if value is not None:
+            lines.append(f"{key} = {_toml_value(rel(value) if key == 'classifier' else value)}")
     lines.append("\n[imaging]")
     for f in dataclasses.fields(study.imaging):
         value = getattr(study.imaging, f.name)

@@ -55,7 +55,7 @@ from ketamap.params import bounds, validate
 from ketamap.space import check_voxel_size
 from ketamap.wholebrain.tissue import find_tissue
 
-__all__ = ["DetectionParams", "detect_cells", "CELL_COLUMNS"]
+__all__ = ["DetectionParams", "detect_cells", "flag_detection", "CELL_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -1596,7 +1596,7 @@ def detect_cells(
                 "both channels must be on the same grid."
             )
     if sig.size == 0:
-        qc = _flag(_qc(0, 0, 0, None, float("nan"), 0.0, 0), 0, params.qc_min_cells)
+        qc = flag_detection(_qc(0, 0, 0, None, float("nan"), 0.0, 0), 0, params.qc_min_cells)
         return (_empty_table(), qc) if return_qc else _empty_table()
 
     _torch_device(params.device)  # an unusable device fails here, before any work
@@ -1715,11 +1715,26 @@ def detect_cells(
     if not return_qc:
         return cells
     qc = _qc(n_candidates, n_outside, int(below.sum()), tissue, noise_sd, floor, skipped)
-    return cells, _flag(qc, len(cells), params.qc_min_cells)
+    return cells, flag_detection(qc, len(cells), params.qc_min_cells)
 
 
-def _flag(qc: dict, n_cells: int, min_cells: int) -> dict:
-    """Add ``n_cells``, ``flagged`` and ``reasons`` (a near-empty detection) to the QC."""
+def flag_detection(qc: dict, n_cells: int, min_cells: int) -> dict:
+    """Add ``n_cells``, ``flagged`` and ``reasons`` (a near-empty detection) to a QC record.
+
+    Parameters
+    ----------
+    qc : dict
+        The detection QC (see :func:`detect_cells`).
+    n_cells : int
+        Cells kept (after any second pass).
+    min_cells : int
+        Fewer cells flag the detection (``DetectionParams.qc_min_cells``).
+
+    Returns
+    -------
+    dict
+        A copy of ``qc`` with the three keys.
+    """
     reasons = []
     if n_cells < min_cells:
         reasons.append(
