@@ -248,6 +248,7 @@ def test_cli_runs_and_reruns_from_corrected_annotations(small_study, tmp_path, r
     start = page.index("id='key-results'")
     key = page[start : page.index("</div>", start)]
     assert "formation" in key and "elimination" in key and "ketamine-24h" in key, key
+    assert "<h2>Methods</h2>" in page and "version of statsmodels" in page
     assert (out / "figures" / "turnover.svg").exists()
     # the user deletes one spine of the last session that was present before
     ann = pd.read_csv(out / "annotations.csv")

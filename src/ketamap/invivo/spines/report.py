@@ -145,6 +145,20 @@ def _key_lines(pooled: pd.DataFrame, returns: pd.DataFrame, stats: pd.DataFrame)
     return lines
 
 
+_METHODS = (
+    "Each session is registered rigidly to the first; the dendrite is traced as a "
+    "centreline, spine heads are the maxima of the residual of a shaft model beside it, "
+    "and heads are tracked between consecutive sessions by arc position and side "
+    "(one-to-one, Hungarian assignment). Formation and elimination rates "
+    "are the fractions of spines gained and lost per interval, per dendrite and pooled. "
+    "New spines near lost sites are tested against a null of random positions on the same "
+    "dendrite (one-sided permutation p). Intervals are compared with the first by a "
+    "linear mixed model (random intercept per mouse, dendrite within mouse; statsmodels "
+    "MixedLM, REML); where it does not converge, by an exact sign-flip test of the "
+    "per-mouse mean paired differences, and the statistics table says which."
+)
+
+
 def render_report(
     title: str,
     pooled: pd.DataFrame,
@@ -152,8 +166,13 @@ def render_report(
     stats: pd.DataFrame,
     pngs: dict,
     notes: list[str],
+    params: dict | None = None,
 ) -> str:
-    """Render a self-contained HTML page (figures embedded) of the spine-turnover results."""
+    """Render a self-contained HTML page (figures embedded) of the spine-turnover results.
+
+    With ``params`` the page ends with the methods, the parameters and the versions of
+    the packages that shape the results.
+    """
     imgs = "".join(
         f'<figure><img alt="{html.escape(k)}" src="data:image/png;base64,'
         f'{base64.b64encode(v).decode("ascii")}"><figcaption>{html.escape(k)}</figcaption>'
@@ -177,5 +196,24 @@ def render_report(
         f"<ul>{notes_html}</ul><h2>Rates per interval (pooled over dendrites)</h2>"
         f"{_table(pooled)}<h2>Return to lost sites</h2>{_table(returns)}"
         f"<h2>Intervals compared (mixed model)</h2>{_table(stats)}"
-        f"<h2>Figures</h2>{imgs}</section></body></html>"
+        f"<h2>Figures</h2>{imgs}{_methods_html(params)}</section></body></html>"
     )
+
+
+def _methods_html(params: dict | None) -> str:
+    """Methods text, parameters and package versions, as HTML (empty without params)."""
+    if params is None:
+        return ""
+    from importlib import metadata
+
+    versions = {}
+    for name in ("ketamap", "numpy", "scipy", "pandas", "scikit-image", "statsmodels"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    table = pd.DataFrame(
+        {"parameter": list(params) + [f"version of {k}" for k in versions],
+         "value": [str(v) for v in params.values()] + list(versions.values())}
+    )  # fmt: skip
+    return f"<h2>Methods</h2><p>{html.escape(_METHODS)}</p>{_table(table)}"

@@ -226,7 +226,8 @@ def run_spines(
         pngs = write_figures(tmp / "figures", rates, pooled, presence, labels, times)
         with atomic_path(tmp / "report.html") as p:
             p.write_text(
-                render_report(sf.name, pooled, returns, stats, pngs, notes), encoding="utf-8"
+                render_report(sf.name, pooled, returns, stats, pngs, notes, to_dict(params)),
+                encoding="utf-8",
             )
         summary = {
             "sessions_file": str(Path(sessions_toml).resolve()),
