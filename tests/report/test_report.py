@@ -236,3 +236,20 @@ def test_key_results_box_at_the_top(data):
     assert f"ketamine_100_vs_saline: {len(called)} region" in box
     assert "VTA ×0.48 (q 3e-06)" in box  # the planted halving, with its fold change and q
     assert "1 of 12 mice counted although their QC flagged them" in box
+
+
+def test_dot_plots_carry_confidence_intervals_and_significance_marks(data):
+    """Each group: its mice, the mean, the mean's 95% CI; a group whose contrast with the
+    reference is called gets stars by its q."""
+    from ketamap.report.figures import dot_figure
+
+    study, subjects, qc, regions, counts = data
+    fig = dot_figure(counts, subjects, ["VTA", "R5"], regions=regions, alpha=0.05)
+    vta, other = fig.axes[0], fig.axes[1]
+    q = regions.loc[(regions.acronym == "VTA") & (regions.contrast == "ketamine_100_vs_saline"),
+                    "q"].iloc[0]  # fmt: skip
+    assert q < 0.05 / 50
+    assert [t.get_text() for t in vta.texts] == ["***"]  # only the called group is marked
+    called_r5 = (regions.acronym == "R5") & (regions.q < 0.05)
+    assert len(other.texts) == int(called_r5.sum())
+    assert len(vta.collections) >= 3 * 3  # per group: mice, mean bar, CI line

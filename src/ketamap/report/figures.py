@@ -153,8 +153,22 @@ def _small_multiples(n: int, ncol: int = 4):
     return fig, axes
 
 
-def dot_figure(counts: pd.DataFrame, subjects: pd.DataFrame, acronyms, *, title: str = ""):
-    """Density of every mouse per group, one panel per region.
+def _stars(q: float, alpha: float) -> str:
+    if not np.isfinite(q) or q >= alpha:
+        return ""
+    return "***" if q < alpha / 50 else "**" if q < alpha / 5 else "*"
+
+
+def dot_figure(
+    counts: pd.DataFrame,
+    subjects: pd.DataFrame,
+    acronyms,
+    *,
+    title: str = "",
+    regions: pd.DataFrame | None = None,
+    alpha: float = 0.05,
+):
+    """Density of every mouse per group, one panel per region, with mean and 95 % CI.
 
     Parameters
     ----------
@@ -164,11 +178,23 @@ def dot_figure(counts: pd.DataFrame, subjects: pd.DataFrame, acronyms, *, title:
         Regions to show; those absent from ``counts`` are skipped.
     title : str
         Figure title.
+    regions : DataFrame, optional
+        The region statistics: each group's contrast against the reference
+        (``<group>_vs_<reference>``) puts stars over the group by its q (* < alpha,
+        ** < alpha / 5, *** < alpha / 50).
+    alpha : float
 
     Returns
     -------
     matplotlib.figure.Figure
     """
+    from scipy import stats as sstats
+
+    ref = None  # the reference group, from the contrasts "<group>_vs_<reference>"
+    if regions is not None and "contrast" in regions:
+        refs = {str(c).split("_vs_")[-1] for c in regions["contrast"] if "_vs_" in str(c)}
+        ref = refs.pop() if len(refs) == 1 else None
+
     d = densities(counts, subjects)
     present = [a for a in acronyms if a in set(d["acronym"].astype(str))]
     order = _group_order(subjects)
@@ -182,6 +208,16 @@ def dot_figure(counts: pd.DataFrame, subjects: pd.DataFrame, acronyms, *, title:
             ax.scatter(i + rng.uniform(-0.12, 0.12, y.size), y, s=16, color=colour, lw=0)
             if y.size:
                 ax.hlines(y.mean(), i - 0.25, i + 0.25, color="black", lw=1.2)
+            if y.size >= 2:  # the mean's 95 % t interval over mice
+                half = sstats.t.ppf(0.975, y.size - 1) * y.std(ddof=1) / np.sqrt(y.size)
+                ax.vlines(i + 0.3, max(y.mean() - half, 0), y.mean() + half, color="black", lw=1)
+            if ref is not None and g != ref and y.size:
+                row = regions[(regions["acronym"].astype(str) == acr)
+                              & (regions["contrast"] == f"{g}_vs_{ref}")]  # fmt: skip
+                mark = _stars(float(row["q"].iloc[0]), alpha) if len(row) else ""
+                if mark:
+                    ax.annotate(mark, (i, y.max()), xytext=(0, 3), textcoords="offset points",
+                                ha="center", fontsize=9)  # fmt: skip
         ax.set_xticks(range(len(order)), order, rotation=30, ha="right", fontsize=7)
         ax.set_title(acr, fontsize=9)
         ax.set_ylabel("cells / mm³", fontsize=8)
@@ -250,9 +286,13 @@ def make_figures(regions, counts, subjects, *, key_regions=(), truth=None, alpha
     """
     figs = {"volcano": volcano_figure(regions, alpha=alpha, truth=truth)}
     hits = top_hits(regions, alpha=alpha)
-    figs["dots_top_hits"] = dot_figure(counts, subjects, hits, title="Top hits")
+    figs["dots_top_hits"] = dot_figure(
+        counts, subjects, hits, title="Top hits", regions=regions, alpha=alpha
+    )
     if key_regions:
-        figs["dots_key_regions"] = dot_figure(counts, subjects, key_regions, title="Key regions")
+        figs["dots_key_regions"] = dot_figure(
+            counts, subjects, key_regions, title="Key regions", regions=regions, alpha=alpha
+        )
         figs["dose_response"] = dose_response_figure(counts, subjects, key_regions)
     return figs
 

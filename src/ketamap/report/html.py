@@ -325,8 +325,11 @@ def render_report(
     captions = {
         "volcano": "Volcano plots: log2 fold change against -log10 p per contrast; red: "
                    f"q < {alpha:g}" + ("; rings: planted effects" if truth is not None else ""),
-        "dots_top_hits": "Density in every mouse for the top hits (bar: group mean).",
-        "dots_key_regions": "Density in every mouse for the key regions (bar: group mean).",
+        "dots_top_hits": "Density in every mouse for the top hits (bar: group mean; line: "
+        f"its 95% CI over mice; stars: q of the contrast with the reference, * < {alpha:g}, "
+        f"** < {alpha / 5:g}, *** < {alpha / 50:g}).",
+        "dots_key_regions": "Density in every mouse for the key regions (bar: group mean; "
+        "line: its 95% CI over mice; stars as above).",
         "dose_response": "Density against dose for the key regions (line: mean per dose).",
     }  # fmt: skip
     figures = [{"name": k, "caption": captions.get(k, k), "src": _png_uri(figure_bytes(f))}
