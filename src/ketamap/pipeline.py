@@ -811,7 +811,12 @@ def _map_sections(study: Study, regions: pd.DataFrame, alpha: float):
     """Atlas-slice, voxel-map and network figures and tables of the report."""
     from ketamap.io.volumes import open_volume
     from ketamap.report.figures import top_hits
-    from ketamap.report.maps import network_figure, region_slices_figure, voxel_slices_figure
+    from ketamap.report.maps import (
+        coronal_axis,
+        network_figure,
+        region_slices_figure,
+        voxel_slices_figure,
+    )
 
     stats_dir = study.root / "stats"
     atlas = _atlas(study.atlas, str(study.root))
@@ -820,13 +825,16 @@ def _map_sections(study: Study, regions: pd.DataFrame, alpha: float):
     focus = tuple(dict.fromkeys(top_hits(regions, 3, alpha=alpha) + list(KEY_REGIONS)))
     for value, caption in (
         ("log2_fold_change", "Atlas slices (coronal) coloured by each region's log2 fold change "
-                             "(most specific tested region), one row per contrast."),
+                             f"where it is called at q < {alpha:g} (most specific called "
+                             "region; the rest grey), one row per contrast; AP in mm from "
+                             "bregma (5.4 mm behind the front of the CCFv3 volume)."),
         ("q", "Atlas slices coloured by -log10 q signed by the direction of change (red: "
               f"increase); the lines on the colour bar mark q = {alpha:g}."),
     ):  # fmt: skip
         fig = region_slices_figure(regions, atlas.annotation, atlas.ontology, value=value,
-                                   orientation=atlas.orientation, alpha=alpha,
-                                   focus=focus)  # fmt: skip
+                                   orientation=atlas.orientation, alpha=alpha, focus=focus,
+                                   resolution_um=atlas.resolution_um[coronal_axis(
+                                       atlas.orientation)])  # fmt: skip
         figures.append((f"atlas_{value}", fig, caption))
     # tests the design cannot support: said plainly, not shown as empty results
     found = json.loads((stats_dir / "provenance.json").read_text()).get("result", {})

@@ -102,3 +102,23 @@ def test_report_shows_the_maps_section_and_methods():
     assert "<h3>Voxel clusters</h3>" in html and "k_vs_s" in html
     assert "density map on a 100 µm grid with a gaussian kernel of radius 250 µm" in html
     assert "cluster mass" in html and "Inter-regional covariance" in html
+
+
+def test_atlas_slices_in_mm_from_bregma_with_only_called_regions(atlas):
+    """Slices are titled by AP mm from bregma, with a 1 mm bar and L/R; only regions
+    called at q < alpha are painted."""
+    onto = atlas.ontology
+    ids = [onto.lookup(a) for a in ("VTA", "ZI", "MB")]
+    regions = pd.DataFrame({"region_id": ids, "contrast": "ket_vs_sal",
+                            "log2_fold_change": [-1.0, 1.0, 4.0], "p": 0.01,
+                            "q": [0.01, 0.02, 0.5]})  # fmt: skip
+    res = atlas.resolution_um[coronal_axis(atlas.orientation)]
+    fig = region_slices_figure(regions, atlas.annotation, onto, focus=("VTA",),
+                               resolution_um=res)  # fmt: skip
+    titles = [a.get_title() for a in fig.axes if a.get_title()]
+    assert titles and all(t.startswith("AP ") and " mm" in t for t in titles), titles
+    first = fig.axes[0]
+    assert {"1 mm", "L", "R"} <= {t.get_text() for t in first.texts}
+    # MB's fold change of 4 (q 0.5) is not painted: the colour scale ends near 1
+    painted = [im for im in first.get_images() if im.get_cmap().name == "RdBu_r"]
+    assert painted and painted[0].get_clim()[1] < 2

@@ -132,6 +132,24 @@ def _outline(ax, labels2d: np.ndarray) -> None:
               interpolation="nearest")  # fmt: skip
 
 
+#: Bregma's distance from the anterior face of the Allen CCFv3 volume (µm)
+BREGMA_AP_UM = 5400.0
+
+
+def _scale_and_sides(ax, shape, resolution_um: float, orientation: str, axis: int) -> None:
+    """Draw a 1 mm scale bar and the left and right sides on a coronal panel."""
+    rows, cols = shape
+    length = 1000.0 / resolution_um  # voxels per mm
+    ax.plot([cols * 0.05, cols * 0.05 + length], [rows * 0.95] * 2, color="black", lw=2)
+    ax.text(cols * 0.05 + length / 2, rows * 0.92, "1 mm", ha="center", va="bottom", fontsize=6)
+    rest = [c for i, c in enumerate(str(orientation).lower()) if i != axis]
+    if len(rest) == 2 and rest[1] in "lr":  # the columns run left-right
+        first = "L" if rest[1] == "l" else "R"  # the letter is where the axis starts
+        second = "R" if first == "L" else "L"
+        ax.text(0, -0.5, first, ha="left", va="bottom", fontsize=7, fontweight="bold")
+        ax.text(cols - 1, -0.5, second, ha="right", va="bottom", fontsize=7, fontweight="bold")
+
+
 def _take(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     return np.take(volume, index, axis=axis)
 
@@ -146,8 +164,14 @@ def region_slices_figure(
     n_slices: int = 5,
     alpha: float = 0.05,
     focus: tuple[str, ...] = (),
+    resolution_um: float | None = None,
+    bregma_ap_um: float = BREGMA_AP_UM,
 ):
     """Coronal atlas slices coloured by a per-region value, one row per contrast.
+
+    Only regions called at ``q < alpha`` are coloured (the rest stay grey): fold
+    changes of untested or uncalled regions, often small cortical layers with a few
+    cells, would otherwise dominate the picture.
 
     Parameters
     ----------
@@ -167,12 +191,20 @@ def region_slices_figure(
     focus : tuple of str
         Regions the slices should pass through first (e.g. key regions and
         top hits); remaining slices are spread evenly.
+    resolution_um : float, optional
+        The atlas' voxel size along the anterior-posterior axis. With it each slice
+        is titled by its position in mm from bregma (anterior positive) and the first
+        panel gets a 1 mm scale bar and its left and right sides.
+    bregma_ap_um : float
+        Bregma's distance from the anterior face of the atlas volume (µm), 5400 for
+        the Allen CCFv3 and atlases in its space (the phantom).
 
     Returns
     -------
     matplotlib.figure.Figure
     """
     axis = coronal_axis(orientation)
+    anterior_first = str(orientation).lower()[axis] == "a"
     chosen = region_slice_positions(annotation, ontology, focus, axis=axis, n=n_slices)
     positions = [p for p, _ in chosen]
     names = dict(chosen)
@@ -180,13 +212,14 @@ def region_slices_figure(
     fig = _figure(2.3 * len(positions) + 0.8, 2.0 * len(contrasts) + 0.4)
     axes = fig.subplots(len(contrasts), len(positions), squeeze=False)
     slabs = [_take(annotation, axis, p) for p in positions]
+    slabs_n = annotation.shape[axis]
     if value == "q":
         cmap, label = "RdBu_r", "signed -log10 q (red: increase)"
     else:
         cmap, label = "RdBu_r", "log2 fold change"
     image = None
     for row_i, (row, contrast) in enumerate(zip(axes, contrasts, strict=True)):
-        r = regions[(regions["contrast"] == contrast) & regions["p"].notna()]
+        r = regions[(regions["contrast"] == contrast) & (regions["q"] < alpha)]
         if value == "q":
             v = -np.log10(np.clip(r["q"].to_numpy(float), 1e-12, 1)) * np.sign(
                 r["log2_fold_change"].to_numpy(float)
@@ -208,8 +241,13 @@ def region_slices_figure(
             if ax is row[0]:
                 ax.set_ylabel(contrast, fontsize=8)
             if row_i == 0:
-                ax.set_title(f"slice {pos}" + (f" ({names[pos]})" if names[pos] else ""),
-                             fontsize=7)  # fmt: skip
+                where = f"slice {pos}"
+                if resolution_um:
+                    from_front = (pos if anterior_first else slabs_n - 1 - pos) * resolution_um
+                    where = f"AP {(bregma_ap_um - from_front) / 1000:+.1f} mm"
+                ax.set_title(where + (f" ({names[pos]})" if names[pos] else ""), fontsize=7)
+            if resolution_um and row_i == 0 and ax is row[0]:
+                _scale_and_sides(ax, slab.shape, resolution_um, orientation, axis)
         if image is not None:
             cb = fig.colorbar(image, ax=list(row), shrink=0.8, pad=0.01)
             cb.set_label(label, fontsize=7)
