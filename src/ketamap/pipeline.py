@@ -838,9 +838,11 @@ def _map_sections(study: Study, regions: pd.DataFrame, alpha: float):
         figures.append((f"atlas_{value}", fig, caption))
     # tests the design cannot support: said plainly, not shown as empty results
     found = json.loads((stats_dir / "provenance.json").read_text()).get("result", {})
-    untestable = [found.get(k, {}).get("skipped") for k in ("voxels", "network")]
-    untestable += [c["skipped"] for c in found.get("voxels", {}).get("contrasts", [])
-                   if c.get("skipped")]  # fmt: skip
+    # each entry is a dict ({"skipped": reason} or the voxel maps' record) or, for a
+    # network that ran, its summary records
+    parts = {k: v for k, v in found.items() if k in ("voxels", "network") and isinstance(v, dict)}
+    untestable = [v.get("skipped") for v in parts.values()]
+    untestable += [c.get("skipped") for c in parts.get("voxels", {}).get("contrasts", [])]
     untestable = [u for u in untestable if u]
     if untestable:
         tables.append({"title": "Tests the design cannot support",
