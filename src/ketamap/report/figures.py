@@ -221,7 +221,7 @@ def dot_figure(
         ax.set_xticks(range(len(order)), order, rotation=30, ha="right", fontsize=7)
         ax.set_title(acr, fontsize=9)
         ax.set_ylabel("cells / mm³", fontsize=8)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.12)  # room for the stars
     if not present:
         axes[0].text(0.5, 0.5, "no regions to show", ha="center", va="center")
         axes[0].set_axis_off()
