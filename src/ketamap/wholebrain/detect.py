@@ -1200,15 +1200,8 @@ def _detect_block(
     if len(idx[0]) == 0:
         return _empty_table(), hist
     peak = fc[idx].astype(np.float64)
-    level = np.abs(g2[search][idx].astype(np.float64)) * _RELATIVE_FLOOR
-    cell = tuple((i + p) // k for i, p, k in zip(idx, s_lo, plan.coarse))
-    raw_sd = np.sqrt(2.0 * var[cell] / noise_c + level**2)
-    f_sd = np.sqrt(2.0 * var_f[cell] + (level * plan.noise_gain) ** 2)
-    # Express the peak in soma units: the band-passed peak over the response to a centred
-    # soma of unit peak intensity is the soma's estimated peak intensity above background.
-    amplitude = peak / plan.soma_gain
-    snr = np.divide(amplitude, raw_sd, out=np.full_like(peak, np.inf), where=raw_sd > 0)
-    contrast = np.divide(peak, f_sd, out=np.full_like(peak, np.inf), where=f_sd > 0)
+    pos_w = tuple(i + p for i, p in zip(idx, s_lo))
+    amplitude, snr, contrast, raw_sd = _scores(peak, pos_w, (var, var_f, noise_c, g2), plan)
     keep = (snr > threshold) & (contrast > threshold_contrast)
     c = {
         "pos": np.stack([i[keep] for i in idx], axis=1) + np.asarray(s_lo),  # W coordinates
@@ -1403,6 +1396,36 @@ def _threshold_bound(var, var_f, noise_c, plan, threshold, threshold_contrast, l
     return bound[tuple(slice(a - b, c - b) for a, b, c in zip(lo, lo_a, hi))]
 
 
+def _scores(peak, pos, noise, plan) -> tuple:
+    """Soma amplitude, ``snr``, ``contrast`` and raw noise SD of band-passed peaks.
+
+    ``pos`` are W coordinates (one array per axis); ``noise`` holds the raw and
+    band-passed noise variance fields on the coarse grid, their white-noise factor and
+    the background ``g2``. The peak in soma units (the band-passed peak over the response
+    to a centred soma of unit peak intensity) is the soma's estimated peak intensity
+    above background.
+    """
+    var, var_f, noise_c, g2 = noise
+    level = np.abs(g2[pos].astype(np.float64)) * _RELATIVE_FLOOR
+    cell = tuple(i // k for i, k in zip(pos, plan.coarse))
+    raw_sd = np.sqrt(2.0 * var[cell] / noise_c + level**2)
+    f_sd = np.sqrt(2.0 * var_f[cell] + (level * plan.noise_gain) ** 2)
+    amplitude = peak / plan.soma_gain
+    snr = np.divide(amplitude, raw_sd, out=np.full_like(peak, np.inf), where=raw_sd > 0)
+    contrast = np.divide(peak, f_sd, out=np.full_like(peak, np.inf), where=f_sd > 0)
+    return amplitude, snr, contrast, raw_sd
+
+
+def _peaks_of_neighbourhood(a: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Whether ``a`` at each voxel of ``pos`` (n, 3) is at least its 26 neighbours'."""
+    if len(pos) == 0:
+        return np.zeros(0, dtype=bool)
+    offs = np.argwhere(np.ones((3, 3, 3), dtype=bool)) - 1
+    offs = offs[np.any(offs != 0, axis=1)]
+    q = np.clip(pos[:, None, :] + offs[None], 0, np.asarray(a.shape) - 1)
+    return np.all(a[q[..., 0], q[..., 1], q[..., 2]] <= a[tuple(pos.T)][:, None], axis=1)
+
+
 def _residual_candidates(
     f: np.ndarray,
     centres: np.ndarray,
@@ -1426,12 +1449,11 @@ def _residual_candidates(
     suppression box of every found soma and of every stronger candidate. Returns the
     candidates as the first pass's table of columns (``pos`` in W coordinates).
     """
-    var, var_f, noise_c, g2 = noise
+    var, var_f, noise_c, _ = noise
     out = {k: np.zeros(0) for k in ("peak", "snr", "amplitude", "contrast", "raw_sd")}
     out["pos"] = np.zeros((0, 3), dtype=np.int64)
     out["shift"] = np.zeros((0, 3))
     model, mc = plan.model, np.asarray(plan.model_centre)
-    shape = np.asarray(f.shape)
     # the model and the residual on the region and one voxel around it
     lo1 = np.asarray([max(s.start - 1, 0) for s in region])
     hi1 = np.asarray([min(s.stop + 1, n) for s, n in zip(region, f.shape)])
@@ -1455,30 +1477,16 @@ def _residual_candidates(
     ri = r[inner]
     at = np.argwhere((ri > m[inner]) & (ri > bound)) + np.asarray([s.start for s in region]) - lo1
     del bound, ri
-    if len(at):
-        offs = np.argwhere(np.ones((3, 3, 3), dtype=bool)) - 1
-        offs = offs[np.any(offs != 0, axis=1)]
-        q = np.clip(at[:, None, :] + offs[None], 0, np.asarray(r.shape) - 1)
-        at = at[np.all(r[q[..., 0], q[..., 1], q[..., 2]] <= r[tuple(at.T)][:, None], axis=1)]
+    at = at[_peaks_of_neighbourhood(r, at)]
     idx = at + lo1
     if len(idx) == 0:
         return out
     peak = r[tuple((idx - lo1).T)].astype(np.float64)
-    cell = tuple(i // k for i, k in zip(idx.T, plan.coarse))
-    level = np.abs(g2[tuple(idx.T)].astype(np.float64)) * _RELATIVE_FLOOR
-    raw_sd = np.sqrt(2.0 * var[cell] / noise_c + level**2)
-    f_sd = np.sqrt(2.0 * var_f[cell] + (level * plan.noise_gain) ** 2)
-    amplitude = peak / plan.soma_gain
-    snr = np.divide(amplitude, raw_sd, out=np.full_like(peak, np.inf), where=raw_sd > 0)
-    contrast = np.divide(peak, f_sd, out=np.full_like(peak, np.inf), where=f_sd > 0)
+    amplitude, snr, contrast, raw_sd = _scores(peak, tuple(idx.T), noise, plan)
     ok = (snr > threshold) & (contrast > threshold_contrast)
     if ok.any():  # ... and no maximum of f (26 neighbours): those were judged already
-        offs = np.argwhere(np.ones((3, 3, 3), dtype=bool)) - 1
-        offs = offs[np.any(offs != 0, axis=1)]
         cand = np.flatnonzero(ok)
-        q = np.clip(idx[cand][:, None, :] + offs[None], 0, shape - 1)
-        top = f[tuple(idx[cand].T)][:, None]
-        ok[cand[np.all(f[q[..., 0], q[..., 1], q[..., 2]] <= top, axis=1)]] = False
+        ok[cand[_peaks_of_neighbourhood(f, idx[cand])]] = False
     if not ok.any():
         return out
     idx, peak = idx[ok], peak[ok]
