@@ -13,7 +13,9 @@
     OUT/registration.csv              rotation, offset and score per session
     OUT/centrelines.parquet           traced dendrites (reference frame)
     OUT/annotations.csv, napari/      the detections, ready to correct
-    OUT/figures/*.png, *.svg          turnover, survival, presence map per dendrite
+    OUT/figures/*.png, *.svg          turnover, survival, presence map per dendrite, and
+                                      dendrite_<name>: up to three example dendrites across
+                                      sessions, spines coloured by fate
     OUT/report.html                   a self-contained page
     OUT/summary.json                  parameters, inputs, headline numbers
 
@@ -36,6 +38,7 @@ from ketamap.invivo.spines.core import (
     analyse_dendrite,
     locate_annotations,
 )
+from ketamap.invivo.spines.image import project
 from ketamap.invivo.spines.metrics import (
     interval_rates,
     mixed_model,
@@ -43,7 +46,13 @@ from ketamap.invivo.spines.metrics import (
     presence_matrix,
     return_to_lost_sites,
 )
-from ketamap.invivo.spines.report import render_report, write_figures
+from ketamap.invivo.spines.report import (
+    dendrite_crop,
+    dendrite_figure,
+    example_dendrites,
+    render_report,
+    write_figures,
+)
 from ketamap.invivo.spines.sessions import load_spine_sessions
 from ketamap.invivo.spines.track import track_spines
 from ketamap.io.atomic import atomic_dir, atomic_path, write_json, write_table
@@ -123,11 +132,19 @@ def run_spines(
         )
     points = import_annotations(annotations) if annotations is not None else None
     results: dict[str, DendriteResult] = {}
+    crops: dict[str, tuple] = {}
     frames, reg_rows, line_rows = [], [], []
     for d in sf.dendrites:
         images = {k: read_image(d.images[k]) for k in labels}
         res = analyse_dendrite(images, pixel_size_um=d.pixel_size_um, params=params)
         results[d.name] = res
+        # registered projections around the dendrite, for the example images
+        crops[d.name] = dendrite_crop(
+            {k: res.transforms[k].warp(project(images[k])) for k in labels},
+            res.centreline.points,
+            pixel_size_um=d.pixel_size_um,
+            margin_um=params.max_distance_um + 1.5,
+        )
         frames.append(res.detections.assign(dendrite=d.name))
         for k, tf in res.transforms.items():
             reg_rows.append(
@@ -223,7 +240,21 @@ def run_spines(
         export_annotations(detections, tmp / "annotations.csv")
         export_napari(detections, tmp / "napari")
         times = dict(zip(labels, sf.times_h, strict=True))
-        pngs = write_figures(tmp / "figures", rates, pooled, presence, labels, times)
+        pixel = {d.name: d.pixel_size_um for d in sf.dendrites}
+        examples = {
+            name: dendrite_figure(
+                crops[name][0],
+                detections[detections["dendrite"] == name],
+                origin=crops[name][1],
+                pixel_size_um=pixel[name],
+                times_h=times,
+                title=f"{name} (mouse {mice[name]}): spines by fate",
+            )
+            for name in example_dendrites(presence, labels, n=3)
+        }
+        pngs = write_figures(
+            tmp / "figures", rates, pooled, presence, labels, times, examples=examples
+        )
         with atomic_path(tmp / "report.html") as p:
             p.write_text(
                 render_report(sf.name, pooled, returns, stats, pngs, notes, to_dict(params)),
