@@ -92,7 +92,7 @@ def data():
 
 def region_table(html):
     start = html.index('id="region-table"')
-    return html[start:html.index("</table>", start)]
+    return html[start : html.index("</table>", start)]
 
 
 def test_report_without_truth_or_images(data):
@@ -121,8 +121,10 @@ def test_report_with_truth_images_and_methods(data):
         "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6"
         "kgAAAABJRU5ErkJggg=="
     )
-    methods = {"stats": {"alpha": 0.05, "fdr_family": "contrast_level",
-                         "dispersion_prior_df": 10.0}, "versions": {"numpy": np.__version__}}
+    methods = {
+        "stats": {"alpha": 0.05, "fdr_family": "contrast_level", "dispersion_prior_df": 10.0},
+        "versions": {"numpy": np.__version__},
+    }
     html = render_report(study=study, subjects=subjects, qc=qc, regions=regions, counts=counts,
                          truth=truth, key_regions=("VTA", "SNc", "ZI", "DMH"),
                          images={"registration/saline-0": png}, methods=methods)  # fmt: skip
@@ -174,12 +176,12 @@ def test_qc_table_has_readable_headers_and_dashes_for_missing_values(data):
     )
     html = render_report(study=study, subjects=subjects, qc=qc, regions=regions, counts=counts)
     start = html.index('<table id="qc-table">')
-    table = html[start:html.index("</table>", start)]
+    table = html[start : html.index("</table>", start)]
     assert '<th title="n_outside_tissue">cells dropped outside tissue</th>' in table
     assert '<th title="tissue_atlas_dice">tissue vs atlas brain Dice</th>' in table
     assert '<th title="extra_metric">extra_metric</th>' in table  # unknown: its own name
     assert "<td>12</td>" in table and "<td>0.91</td>" in table
-    last = table[table.rindex("<tr"):]
+    last = table[table.rindex("<tr") :]
     assert last.count("<td>\u2014</td>") == 3  # the three missing values of the last mouse
     assert "<td>\u2014</td>" not in table[: table.rindex("<tr")]  # blank reasons stay blank
 
@@ -253,3 +255,34 @@ def test_dot_plots_carry_confidence_intervals_and_significance_marks(data):
     called_r5 = (regions.acronym == "R5") & (regions.q < 0.05)
     assert len(other.texts) == int(called_r5.sum())
     assert len(vta.collections) >= 3 * 3  # per group: mice, mean bar, CI line
+
+
+def test_images_open_full_size_and_figures_link_to_their_files(data):
+    """Every figure and QC image opens in the page's own lightbox (no network, no
+    ``data:`` navigation, which browsers refuse); with a figure folder the captions
+    link to the PNG and SVG files, without one the page links to nothing outside."""
+    study, subjects, qc, regions, counts = data
+    png = base64.b64decode(
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6"
+        "kgAAAABJRU5ErkJggg=="
+    )
+    images = {"registration/saline-0": png, "checkerboard/saline-0": png}
+    html = render_report(study=study, subjects=subjects, qc=qc, regions=regions, counts=counts,
+                         images=images, figure_folder="report/figures",
+                         qc_boundary_level=5)  # fmt: skip
+    checker = parse(html)
+    assert not checker.errors
+    n_img = html.count("<img ")
+    assert n_img == 4 + 1  # volcano, top-hit dots, two QC images, and the lightbox's own
+    assert html.count('<img class="zoom"') == 4
+    assert 'id="lightbox" hidden' in html and 'addEventListener("keydown"' in html
+    assert "Atlas boundaries are drawn at depth 5 of the region hierarchy" in html
+    links = [r for r in checker.refs if not r.startswith(("data:", "#"))]
+    assert sorted(links) == sorted(f"report/figures/{name}.{fmt}"
+                                   for name in ("volcano", "dots_top_hits")
+                                   for fmt in ("png", "svg"))  # fmt: skip
+    assert "http://" not in html and "https://" not in html
+    plain = render_report(study=study, subjects=subjects, qc=qc, regions=regions, counts=counts,
+                          images=images)  # fmt: skip
+    assert all(r.startswith(("data:", "#")) for r in parse(plain).refs)
+    assert "Atlas boundaries are drawn" not in plain and "Click an image" in plain

@@ -2,7 +2,9 @@
 
 Figures are embedded as base64 PNG, the region table carries its own CSV as a
 ``data:`` URI, and the sorting/filtering script is inline: the file opens
-offline, needs no server, and references nothing outside itself.
+offline, needs no server, and needs nothing outside itself. Every figure and QC
+image opens full size on click (an inline lightbox); with ``figure_folder`` the
+captions also link to the same figures as PNG and SVG files beside the page.
 """
 
 from __future__ import annotations
@@ -274,6 +276,8 @@ def render_report(
     methods: dict | None = None,
     extra_figures: list[tuple[str, object, str]] | None = None,
     extra_tables: list[dict] | None = None,
+    figure_folder: str | None = None,
+    qc_boundary_level: int | None = None,
 ) -> str:
     """Render the study report as one self-contained HTML document.
 
@@ -310,6 +314,13 @@ def render_report(
     extra_tables : list of dict, optional
         Tables of the "Maps and networks" section: ``title``, ``columns``
         (names), ``frame`` (DataFrame) and optional ``text``.
+    figure_folder : str, optional
+        Folder, relative to the page, that holds every figure as ``<name>.png`` and
+        ``<name>.svg`` (as :func:`~ketamap.report.figures.save_figures` writes them);
+        each caption then links to both files. Without it the page links to nothing.
+    qc_boundary_level : int, optional
+        Hierarchy depth at which the QC images draw atlas boundaries, stated above
+        them (see :func:`ketamap.report.qc.registration_overlay_png`).
 
     Returns
     -------
@@ -388,6 +399,8 @@ def render_report(
             "region in the table below",
         ),
         "key_css": KEY_CSS,
+        "figure_folder": figure_folder.rstrip("/") if figure_folder else None,
+        "qc_level": qc_boundary_level,
         "methods_text": _methods_text(methods, study) + _maps_methods_text(methods),
         "methods_rows": _flatten(methods),
         "missing_key_regions": [
