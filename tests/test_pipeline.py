@@ -19,8 +19,9 @@ PARAMS = BrainParams(voxel_size_um=(60.0, 60.0, 60.0), orientation="psl")
 @pytest.fixture(scope="module")
 def small_study(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
-    manifest = simulate_census(root, atlas="phantom:100", scenario="ketamine-10day",
-                               n_per_group=2, params=PARAMS, seed=3)
+    manifest = simulate_census(
+        root, atlas="phantom:100", scenario="ketamine-10day", n_per_group=2, params=PARAMS, seed=3
+    )
     return root, manifest
 
 
@@ -39,7 +40,12 @@ def test_simulated_study_folder(small_study):
     planted = effects[effects["planted"]]
     assert set(planted["contrast"]) == {"ket30_vs_saline", "ket100_vs_saline"}
     assert set(planted.loc[planted["contrast"] == "ket30_vs_saline", "acronym"]) == {
-        "DR", "DMH", "MPN", "ZI", "SNr"}
+        "DR",
+        "DMH",
+        "MPN",
+        "ZI",
+        "SNr",
+    }
     for sid in ("saline-01", "ket30-02", "ket100-01"):
         assert (root / "data" / sid / "signal.zarr").is_dir()
         assert (root / "ground_truth" / "cells" / f"{sid}.parquet").is_file()
@@ -99,8 +105,9 @@ def test_interrupted_stage_leaves_no_output_and_resumes(ran_study, tmp_path, mon
     monkeypatch.undo()
     run_study(manifest)
     pd.testing.assert_frame_equal(pd.read_csv(victim / "regions.csv"), reference)
-    pd.testing.assert_frame_equal(pd.read_csv(copy / "stats" / "regions.csv"),
-                                  pd.read_csv(root / "stats" / "regions.csv"))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(copy / "stats" / "regions.csv"), pd.read_csv(root / "stats" / "regions.csv")
+    )
 
 
 def test_changed_parameter_reruns_downstream_only(ran_study, tmp_path):
@@ -113,6 +120,37 @@ def test_changed_parameter_reruns_downstream_only(ran_study, tmp_path):
     again = run_study(manifest)
     assert not any(v is True for r in again.subjects for v in r.values())
     assert again.stats_ran and again.report_ran
+
+
+def test_one_report_page_whose_figure_links_resolve(ran_study, tmp_path):
+    """The report is written once, at the study root (the path ``run`` prints); the
+    figure files its captions link to exist under report/figures; a deleted page is
+    rebuilt by the next run, and a run with nothing to do rebuilds nothing."""
+    import re
+
+    from ketamap.pipeline import run_report
+    from ketamap.study import load_study
+
+    root, _, _ = ran_study
+    pages = sorted(p.relative_to(root) for p in root.rglob("*.html"))
+    assert [str(p) for p in pages] == ["report.html"]
+    html = (root / "report.html").read_text()
+    links = re.findall(r'href="([^"#][^"]*)"', html)
+    files = [link for link in links if not link.startswith("data:")]
+    assert len(files) >= 6 and {f.rsplit(".", 1)[1] for f in files} == {"png", "svg"}
+    for link in files:
+        assert link.startswith("report/figures/") and (root / link).is_file(), link
+    assert html.count('class="zoom"') >= 6 + len(files) // 2  # QC images and figures
+    assert "Atlas boundaries are drawn at depth 4 of the region hierarchy" in html
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    study = load_study(copy / "study.toml")
+    assert run_report(study) is False
+    (copy / "report.html").unlink()
+    assert run_report(study) is True
+    assert (copy / "report.html").stat().st_size > 10_000
+    assert not (copy / "report" / "report.html").exists()
+    assert run_report(study) is False
 
 
 def test_accuracy_against_ground_truth(ran_study):
@@ -133,11 +171,23 @@ def test_cli_single_stages_on_the_study(ran_study, tmp_path, run_cli, capsys):
     assert "3 groups, 6 subjects" in capsys.readouterr().out
     subject = root / "subjects" / "ket30-01"
     out = tmp_path / "q"
-    assert run("quantify", "--cells", subject / "detect" / "cells.parquet",
-               "--registration", subject / "register", "--atlas", "phantom:100",
-               "--out", out) == 0
-    pd.testing.assert_frame_equal(pd.read_csv(out / "regions.csv"),
-                                  pd.read_csv(subject / "quantify" / "regions.csv"))
+    assert (
+        run(
+            "quantify",
+            "--cells",
+            subject / "detect" / "cells.parquet",
+            "--registration",
+            subject / "register",
+            "--atlas",
+            "phantom:100",
+            "--out",
+            out,
+        )
+        == 0
+    )
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out / "regions.csv"), pd.read_csv(subject / "quantify" / "regions.csv")
+    )
     assert run("stats", manifest) == 0
     assert run("report", manifest) == 0
     assert "report.html" in capsys.readouterr().out
@@ -292,8 +342,11 @@ def test_white_matter_and_ventricles_are_not_tested(ran_study):
 
     root, _, summary = ran_study
     onto = load_atlas("phantom:100").ontology
-    skipped = {r for a in ("fiber tracts", "VS") for r in onto.descendants(onto.lookup(a),
-                                                                           include_self=True)}
+    skipped = {
+        r
+        for a in ("fiber tracts", "VS")
+        for r in onto.descendants(onto.lookup(a), include_self=True)
+    }
     assert len(skipped) > 2
     regions = pd.read_csv(root / "stats" / "regions.csv")
     assert not regions["region_id"].isin(skipped).any()

@@ -11,8 +11,8 @@ Layout of a study folder after ``run_study``::
     stats/                     regions.parquet/.csv, counts.parquet/.csv, provenance.json,
                                voxel_maps/ (*.ome.zarr, *.nii.gz), voxel_clusters.parquet/.csv,
                                network_edges/_groups/_summary.parquet/.csv
-    report/                    figures (PNG, SVG), provenance.json
-    report.html
+    report/                    figures/ (PNG, SVG), provenance.json
+    report.html                the report (the only copy; figures embedded)
 
 Every stage writes into a temporary folder that replaces its output folder
 only when complete, with a ``provenance.json`` recording the stage's
@@ -283,8 +283,9 @@ def write_registration(
     Writes the transform and ``registration.json`` (QC numbers),
     ``volumes_by_label.parquet`` (leaf label, hemisphere, volume in mm³ in the
     animal's own space), ``volumes.csv`` (acronym, left and right volume),
-    ``qc.png`` (atlas boundaries over the sample in three planes) and, when the
-    atlas has a reference, ``qc_checkerboard.png`` (sample vs warped reference).
+    ``qc.png`` (atlas boundaries, at a coarse hierarchy level, over the sample in
+    three planes) and, when the atlas has a reference, ``qc_checkerboard.png``
+    (sample vs warped reference).
     """
     from ketamap.report.qc import registration_checkerboard_png, registration_overlay_png
     from ketamap.wholebrain.quantify import label_volumes_mm3
@@ -320,7 +321,9 @@ def write_registration(
         atlas_resolution_um=atlas.resolution_um,
     )
     with atomic_path(folder / "qc.png") as png:
-        png.write_bytes(registration_overlay_png(prepared, labels, title=title))
+        png.write_bytes(
+            registration_overlay_png(prepared, labels, ontology=atlas.ontology, title=title)
+        )
     if atlas.reference is not None:
         warped = warp_image_to_sample(reg, atlas.reference)
         with atomic_path(folder / "qc_checkerboard.png") as png:
@@ -901,13 +904,22 @@ def _map_sections(study: Study, regions: pd.DataFrame, alpha: float):
 
 
 def run_report(study: Study, *, force: bool = False) -> bool:
-    """Build ``report.html`` (and figures under ``report/``) from the stage outputs."""
+    """Build ``<root>/report.html`` (its figures and provenance under ``report/``).
+
+    The page is written once, at the study root (the path ``ketamap run`` prints);
+    ``report/`` holds the same figures as PNG and SVG files and the stage's
+    provenance. The page is written before ``report/`` is replaced, so an interrupted
+    run leaves a provenance that no longer matches and the next run rebuilds both; a
+    missing page is rebuilt too.
+    """
     from ketamap.report import render_report, save_figures
     from ketamap.report.figures import figure_bytes
+    from ketamap.report.qc import QC_BOUNDARY_LEVEL
 
     det_params, reg_params, stats_params = stage_params(study)
     voxel_params, network_params = map_params(study)
     truth_file = study.root / "ground_truth" / "effects.csv"
+    final = study.root / "report.html"
 
     def report(tmp: Path) -> dict:
         regions = pd.read_parquet(study.root / "stats" / "regions.parquet")
@@ -961,14 +973,18 @@ def run_report(study: Study, *, force: bool = False) -> bool:
             methods=methods,
             extra_figures=map_figures,
             extra_tables=map_tables,
+            figure_folder="report/figures",
+            qc_boundary_level=QC_BOUNDARY_LEVEL,
         )
         save_figures(regions, counts, subjects, tmp / "figures", key_regions=key)
         for name, fig, _ in map_figures:
             for fmt in ("png", "svg"):
                 (tmp / "figures" / f"{name}.{fmt}").write_bytes(figure_bytes(fig, fmt))
-        (tmp / "report.html").write_text(html, encoding="utf-8")
-        return {"bytes": len(html)}
+        with atomic_path(final) as page:
+            page.write_text(html, encoding="utf-8")
+        return {"bytes": len(html), "page": final.name}
 
+    _remove_stale_temporaries(final)
     ran, _ = _run_stage(
         study.root / "report",
         "report",
@@ -978,13 +994,8 @@ def run_report(study: Study, *, force: bool = False) -> bool:
             "atlas": _atlas_fingerprint(study),
         },
         report,
-        force=force,
+        force=force or not final.exists(),
     )
-    final = study.root / "report.html"
-    _remove_stale_temporaries(final)
-    if ran or not final.exists():
-        with atomic_path(final) as tmp:
-            tmp.write_bytes((study.root / "report" / "report.html").read_bytes())
     return ran
 
 
