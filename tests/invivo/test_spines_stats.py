@@ -60,3 +60,14 @@ def test_no_p_value_from_a_fit_that_did_not_converge():
     for row in out.itertuples():
         assert ("sign-flip" in row.model) != bool(row.converged), row
         assert 0 < row.p_value <= 1
+
+
+def test_sign_flip_over_dendrites_of_a_single_mouse():
+    """With one mouse the fallback flips the signs of dendrites (the cluster is the
+    dendrite column itself)."""
+    df = pd.DataFrame({"dendrite": list("aabbccdd"), "mouse": "m1",
+                       "interval": ["i1", "i2"] * 4,
+                       "rate": [0.1, 0.3, 0.2, 0.4, 0.1, 0.2, 0.3, 0.5]})  # fmt: skip
+    r = cluster_sign_flip(df, "rate", ["i1", "i2"], cluster="dendrite")[0]
+    assert np.isclose(r["estimate"], 0.175)
+    assert r["p_value"] == 2 / 16  # all four differences positive: 2 of the 16 flips

@@ -337,7 +337,7 @@ def cluster_sign_flip(
     (0.167, 0.25)
     """
     wide = df.pivot_table(index=["dendrite"], columns="interval", values=measure, aggfunc="mean")
-    owner = df.drop_duplicates("dendrite").set_index("dendrite")[cluster]
+    owner = df.drop_duplicates("dendrite").set_index("dendrite", drop=False)[cluster]
     rows = []
     for interval in intervals[1:]:
         row = {"measure": measure, "interval": interval, "reference": intervals[0],
