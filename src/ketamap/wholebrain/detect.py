@@ -82,6 +82,7 @@ _CENTROID_LEVEL = 0.5  # centre = midpoint of the half-maximum crossings of the 
 _WALK_DIAMETERS = 3.0  # ... searched up to this many soma diameters from the maximum
 _MIN_SPLIT_VOXELS = 2.0  # split touching cells only along axes with >= 2 voxels per soma
 _MIN_WALK = 2  # ... and at least this many voxels
+_NOISE_SLAB = 2  # planes per slab of the noise fields (bounds their temporaries)
 _RELATIVE_FLOOR = 1e-5  # noise floor relative to the local level: float32 round-off
 _DEVICES = ("auto", "cpu", "cuda", "torch-cpu")
 _SAMPLE_VOXELS = 250_000  # voxels sampled to fit the background-channel scale
@@ -469,13 +470,20 @@ def _upsample(c: np.ndarray, coarse: tuple[int, int, int], shape: tuple[int, ...
     for axis, k in enumerate(coarse):
         if k == 1:
             continue
-        c = np.moveaxis(c, axis, 0)
-        up = np.empty((2 * len(c),) + c.shape[1:], dtype=c.dtype)
-        quarter = np.subtract(c[1:], c[:-1]) * np.float32(0.25)
-        np.subtract(c[1:], quarter, out=up[2::2])  # 0.75 c[j] + 0.25 c[j - 1]
-        np.add(c[:-1], quarter, out=up[1:-1:2])  # 0.75 c[j] + 0.25 c[j + 1]
-        up[0], up[-1] = c[0], c[-1]
-        c = np.moveaxis(up[: shape[axis]], 0, axis)
+
+        def along(s: slice, axis=axis) -> tuple:
+            return (slice(None),) * axis + (s,)
+
+        n = c.shape[axis]
+        up = np.empty(c.shape[:axis] + (2 * n,) + c.shape[axis + 1 :], dtype=c.dtype)
+        quarter = np.subtract(c[along(slice(1, None))], c[along(slice(None, -1))])
+        quarter *= np.float32(0.25)
+        # 0.75 c[j] + 0.25 c[j - 1], and 0.75 c[j] + 0.25 c[j + 1]
+        np.subtract(c[along(slice(1, None))], quarter, out=up[along(slice(2, None, 2))])
+        np.add(c[along(slice(None, -1))], quarter, out=up[along(slice(1, -1, 2))])
+        up[along(slice(0, 1))] = c[along(slice(0, 1))]
+        up[along(slice(-1, None))] = c[along(slice(-1, None))]
+        c = up[along(slice(0, shape[axis]))]
     return c
 
 
@@ -807,12 +815,17 @@ def _box_test(
         mid = np.rint(offsets[:, None, :] * np.minimum(t, 1.0)).astype(offsets.dtype)
     per = len(offsets) * (1 if dip is None else 1 + n_mid)
     step = max(1, 2**20 // max(per, 1))
+    reach = np.abs(offsets).max(axis=0)
     for start in range(0, len(pos), step):
         p = pos[start : start + step]
         top = peak[start : start + step, None]
         nb = p[:, None, :] + offsets[None, :, :]
-        inside = np.all((nb >= 0) & (nb < shape), axis=2)
-        np.clip(nb, 0, shape - 1, out=nb)
+        # only boxes that cross the array's edge need clipping
+        edge = np.flatnonzero(np.any((p < reach) | (p >= shape - reach), axis=1))
+        inside = np.ones(nb.shape[:2], dtype=bool)
+        if len(edge):
+            inside[edge] = np.all((nb[edge] >= 0) & (nb[edge] < shape), axis=2)
+            nb[edge] = np.clip(nb[edge], 0, shape - 1)
         vals = f[nb[..., 0], nb[..., 1], nb[..., 2]]
         bad = vals > top
         if ties:
@@ -977,7 +990,8 @@ def _object_moments(
                 w[rows] *= nearer.all(axis=1)
         total = w.sum(axis=1)
         total = np.where(total > 0, total, 1.0)
-        m_um = (w @ um) / total[:, None]
+        # (einsum, not a BLAS product: BLAS threads would contend with the Dask workers)
+        m_um = np.einsum("np,pa->na", w, um) / total[:, None]
         d = um[None, :, :] - m_um[:, None, :]
         cov[start : start + step] = np.einsum("np,npa,npb->nab", w, d, d) / total[:, None, None]
         mean[start : start + step] = m_um / vs
@@ -1033,39 +1047,43 @@ def _negative_power(
 ) -> np.ndarray:
     """Coarse-grid block means of min(r, 0)^2, r = ``a`` minus the mean of its neighbours.
 
-    The neighbours are those along ``axes`` (none: r = a), the result is cropped to
-    ``crop``. Computed plane by plane along z when the axes lie in the plane, so only
-    plane-sized temporaries are made.
+    The neighbours are those along ``axes`` (none: r = a; the array's edge voxel is its
+    own neighbour beyond the edge), the result is cropped to ``crop``. Computed in slabs
+    of a few planes along z, so only slab-sized temporaries are made.
     """
-
-    def power(v: np.ndarray, ax: list[int]) -> np.ndarray:
-        if ax:
-            means = ndi.uniform_filter1d(v, 3, axis=ax[0], mode="reflect")
-            for b in ax[1:]:
-                means += ndi.uniform_filter1d(v, 3, axis=b, mode="reflect")
-            # 1 / 1.5 of (v - mean of the 2n neighbours), see noise_c in _detect_block
-            r = np.subtract(v, means * np.float32(1 / len(ax)), out=means)
+    crop = crop or tuple(slice(0, n) for n in a.shape)
+    z_lo, z_hi = crop[0].start, crop[0].stop
+    step = coarse[0] * max(1, _NOISE_SLAB // coarse[0])
+    out = []
+    for z0 in range(z_lo, z_hi, step):
+        box = (slice(z0, min(z0 + step, z_hi)), *crop[1:])
+        v = a[box]
+        if axes:
+            # r = v - mean over axes of (previous + v + next) / 3
+            #   = 2/3 v - (sum of the 2n neighbours) / 3n  (see noise_c in _detect_block)
+            r = None
+            for axis in axes:
+                for d in (-1, 1):
+                    nb = _shifted(a, box, axis, d)
+                    r = nb.astype(np.float32, copy=True) if r is None else np.add(r, nb, out=r)
+            r *= np.float32(-1 / (3 * len(axes)))
+            r += v * np.float32(2 / 3)
         else:
-            r = v.copy()
-        if crop is not None:
-            r = r[crop[-v.ndim :]]
+            r = v.astype(np.float32, copy=True)
         np.minimum(r, 0, out=r)
         r *= r
-        return r
+        out.append(_block_mean(r, coarse))
+    return np.concatenate(out)
 
-    if 0 in axes:  # neighbours along z: the whole block at once
-        return _block_mean(power(a, axes), coarse)
-    kz = coarse[0]
-    z_range = range(a.shape[0]) if crop is None else range(crop[0].start, crop[0].stop)
-    out = None
-    for i, z in enumerate(z_range):
-        plane = _block_mean(power(a[z], [b - 1 for b in axes])[None], (1, *coarse[1:]))[0]
-        if out is None:
-            out = np.zeros((-(-len(z_range) // kz), *plane.shape), dtype=np.float32)
-            count = np.zeros(len(out), dtype=np.float32)
-        out[i // kz] += plane
-        count[i // kz] += 1
-    return out / count[:, None, None]
+
+def _shifted(a: np.ndarray, box: tuple[slice, ...], axis: int, d: int) -> np.ndarray:
+    """Return ``a`` on ``box`` moved by ``d`` voxels along ``axis`` (edge voxel repeated)."""
+    s = box[axis]
+    lo, hi = s.start + d, s.stop + d
+    if lo >= 0 and hi <= a.shape[axis]:
+        return a[box[:axis] + (slice(lo, hi),) + box[axis + 1 :]]
+    at = np.clip(np.arange(lo, hi), 0, a.shape[axis] - 1)
+    return np.take(a[box[:axis] + (slice(None),) + box[axis + 1 :]], at, axis=axis)
 
 
 def _finite_block(
@@ -1191,17 +1209,15 @@ def _detect_block(
     s_lo = tuple(max(p - e, 0) for p, e in zip(pad_lo, ext))
     s_hi = tuple(min(p + c + e, n) for p, c, e, n in zip(pad_lo, core_shape, ext, f.shape))
     search = tuple(slice(a, b) for a, b in zip(s_lo, s_hi))
-    bound = _threshold_bound(
-        var, var_f, noise_c, plan, threshold, threshold_contrast, s_lo, s_hi
-    )
+    noise = (var, var_f, noise_c, g2)
+    bounds = (var, var_f, noise_c, plan, threshold, threshold_contrast)
     fc = f[search]
-    idx = np.nonzero(fc > bound)
-    del bound
+    idx = np.nonzero(_above_bound(f, (0, 0, 0), s_lo, s_hi, bounds, plan.coarse))
     if len(idx[0]) == 0:
         return _empty_table(), hist
     peak = fc[idx].astype(np.float64)
     pos_w = tuple(i + p for i, p in zip(idx, s_lo))
-    amplitude, snr, contrast, raw_sd = _scores(peak, pos_w, (var, var_f, noise_c, g2), plan)
+    amplitude, snr, contrast, raw_sd = _scores(peak, pos_w, noise, plan)
     keep = (snr > threshold) & (contrast > threshold_contrast)
     c = {
         "pos": np.stack([i[keep] for i in idx], axis=1) + np.asarray(s_lo),  # W coordinates
@@ -1318,10 +1334,9 @@ def _detect_block(
     start = np.cumsum(counts) - counts  # first piece of each object
     piece = np.arange(len(owner)) - np.repeat(start, counts)  # k of its n
     # (a): piece k of the grid of pieces, from -lo to +hi along each axis at (k + 0.5) / n
-    frac = np.zeros((len(owner), 3))
-    for i in np.nonzero((counts > 1) & ~directional)[0]:
-        grid = np.stack(np.meshgrid(*[np.arange(k) for k in pieces[i]], indexing="ij"), -1)
-        frac[start[i] : start[i] + counts[i]] = grid.reshape(-1, 3)
+    # (the grid index of piece k, in C order; (b) overrides it below)
+    _, ny, nx = pieces[owner].T
+    frac = np.stack([piece // (ny * nx), (piece // nx) % ny, piece % nx], axis=1).astype(float)
     shift = -lo[owner] + (frac + 0.5) / pieces[owner] * extent[owner]
     # (b): evenly about the centroid along v
     d = directional[owner]
@@ -1340,10 +1355,7 @@ def _detect_block(
             slice(max(p - r, 0), min(p + c + r, n))
             for p, c, r, n in zip(pad_lo, core_shape, plan.radius_max, f.shape)
         )
-        extra = _residual_candidates(
-            f, vox_w, c["peak"], plan, reach, (var, var_f, noise_c, g2), threshold,
-            threshold_contrast,
-        )
+        extra = _residual_candidates(f, vox_w, c["peak"], plan, reach, noise, bounds)
         if spikes and len(extra["pos"]):
             ok = _spike_test(x, back, g2, extra, plan, min_spike_extent)
             extra = {k: v[ok] for k, v in extra.items()}
@@ -1372,15 +1384,14 @@ def _detect_block(
     return pd.DataFrame({k: np.asarray(v, dtype=np.float64) for k, v in table.items()}), hist
 
 
-def _threshold_bound(var, var_f, noise_c, plan, threshold, threshold_contrast, lo, hi):
-    """Bound from below, per voxel of ``[lo, hi)``, the band-passed value passing both tests.
+def _threshold_bound(var, var_f, noise_c, plan, threshold, threshold_contrast, cells=None):
+    """Bound from below the band-passed value passing both tests, per coarse cell.
 
-    ``lo`` and ``hi`` are W coordinates. The exact SDs add a relative floor to the noise
-    fields read here (per coarse cell, for the cells covering the region, in place).
+    ``cells`` (a tuple of slices or of index arrays into the coarse grid; all cells when
+    None) picks where. The exact SDs add a relative floor to the noise fields read here,
+    so the bound is a lower bound and the tests are made exactly afterwards.
     """
-    k = np.asarray(plan.coarse)
-    lo_a = np.asarray(lo) - np.asarray(lo) % k  # the first coarse cell's first voxel
-    cells = tuple(slice(a // kk, -(-b // kk)) for a, b, kk in zip(lo_a, hi, k))
+    cells = (slice(None),) * 3 if cells is None else cells
     bound = var[cells] * np.float32(2.0 / noise_c)
     np.sqrt(bound, out=bound)
     bound *= np.float32(threshold * plan.soma_gain * (1 - 1e-4))
@@ -1388,12 +1399,36 @@ def _threshold_bound(var, var_f, noise_c, plan, threshold, threshold_contrast, l
     np.sqrt(bound_f, out=bound_f)
     bound_f *= np.float32(threshold_contrast * (1 - 1e-4))
     np.maximum(bound, bound_f, out=bound)
-    np.maximum(bound, 0, out=bound)
-    del bound_f
-    for axis, kk in enumerate(plan.coarse):
-        if kk > 1:
-            bound = np.repeat(bound, kk, axis=axis)
-    return bound[tuple(slice(a - b, c - b) for a, b, c in zip(lo, lo_a, hi))]
+    return np.maximum(bound, 0, out=bound)
+
+
+def _above_bound(a: np.ndarray, a_lo, lo, hi, bounds: tuple, coarse) -> np.ndarray:
+    """Whether ``a`` exceeds the thresholds' lower bound, on the voxels ``[lo, hi)``.
+
+    ``a`` covers the W-coordinate box from ``a_lo``; ``lo`` and ``hi`` are W coordinates
+    inside it; ``bounds`` holds the arguments of :func:`_threshold_bound` but ``cells``.
+    The comparison is made on the box of whole coarse cells around the region (``a``'s
+    edge voxels repeated where it ends first), with ``a`` reshaped so that each coarse
+    cell's voxels meet its bound by broadcasting: the bound is never copied onto the
+    fine grid.
+    """
+    k, a_lo = np.asarray(coarse), np.asarray(a_lo)
+    lo, hi = np.asarray(lo), np.asarray(hi)
+    lo_c, hi_c = lo - lo % k, hi + (-hi) % k  # whole coarse cells
+    v_lo, v_hi = np.maximum(lo_c, a_lo), np.minimum(hi_c, a_lo + a.shape)
+    v = a[tuple(slice(b - o, e - o) for b, e, o in zip(v_lo, v_hi, a_lo))]
+    pad = tuple(zip(v_lo - lo_c, hi_c - v_hi))
+    if any(n for side in pad for n in side):
+        v = np.pad(v, pad, mode="edge")
+    bound = _threshold_bound(
+        *bounds, cells=tuple(slice(b // kk, e // kk) for b, e, kk in zip(lo_c, hi_c, k))
+    )
+    # the last axis repeated (so the comparison's inner loop runs along whole rows), the
+    # others broadcast
+    bound = np.repeat(bound, k[2], axis=2) if k[2] > 1 else bound
+    split = (bound.shape[0], k[0], bound.shape[1], k[1], v.shape[2])
+    over = v.reshape(split) > bound[:, None, :, None, :]
+    return over.reshape(v.shape)[tuple(slice(b - c, e - c) for b, e, c in zip(lo, hi, lo_c))]
 
 
 def _scores(peak, pos, noise, plan) -> tuple:
@@ -1433,8 +1468,7 @@ def _residual_candidates(
     plan: _Plan,
     region: tuple[slice, ...],
     noise: tuple,
-    threshold: float,
-    threshold_contrast: float,
+    bounds: tuple,
 ) -> dict:
     """Candidate somata left in the band-passed signal once the found ones are subtracted.
 
@@ -1445,44 +1479,46 @@ def _residual_candidates(
     beside a bright one, not the misfit of a bright one), where ``f`` itself has no
     maximum (those were judged already), that passes both thresholds against the local
     noise (``noise``: the raw and band-passed noise variance fields on the coarse grid,
-    their white-noise factor and the background ``g2``), and that lies outside the
-    suppression box of every found soma and of every stronger candidate. Returns the
-    candidates as the first pass's table of columns (``pos`` in W coordinates).
+    their white-noise factor and the background ``g2``; ``bounds``: the arguments of
+    :func:`_threshold_bound`), and that lies outside the suppression box of every found
+    soma and of every stronger candidate. Returns the candidates as the first pass's
+    table of columns (``pos`` in W coordinates).
+
     """
-    var, var_f, noise_c, _ = noise
     out = {k: np.zeros(0) for k in ("peak", "snr", "amplitude", "contrast", "raw_sd")}
     out["pos"] = np.zeros((0, 3), dtype=np.int64)
     out["shift"] = np.zeros((0, 3))
     model, mc = plan.model, np.asarray(plan.model_centre)
-    # the model and the residual on the region and one voxel around it
+    # the model on the region and one voxel around it (r = fw - m there)
     lo1 = np.asarray([max(s.start - 1, 0) for s in region])
     hi1 = np.asarray([min(s.stop + 1, n) for s, n in zip(region, f.shape)])
-    win = tuple(slice(a, b) for a, b in zip(lo1, hi1))
-    m = np.zeros(tuple(hi1 - lo1), dtype=np.float32)
+    size = tuple(hi1 - lo1)
+    fw = f[tuple(slice(a, b) for a, b in zip(lo1, hi1))]
+    m = np.zeros(size, dtype=np.float32)
     for p, pk in zip(np.rint(centres).astype(np.int64), peaks):
         lo = p - mc - lo1  # the model's first voxel, in window coordinates
         a = np.maximum(lo, 0)
-        b = np.minimum(lo + model.shape, hi1 - lo1)
+        b = np.minimum(lo + model.shape, size)
         if np.all(b > a):
-            m[tuple(slice(i, j) for i, j in zip(a, b))] += np.float32(pk) * model[
-                tuple(slice(i - l0, j - l0) for i, j, l0 in zip(a, b, lo))
-            ]
-    r = f[win] - m
+            m[tuple(slice(i, j) for i, j in zip(a, b))] += (
+                np.float32(pk) * model[tuple(slice(i - l0, j - l0) for i, j, l0 in zip(a, b, lo))]
+            )
+    r = fw - m
     # above the model and the thresholds' lower bound, then a maximum of its 26 neighbours
-    inner = tuple(slice(s.start - a, s.stop - a) for s, a in zip(region, lo1))
-    bound = _threshold_bound(
-        var, var_f, noise_c, plan, threshold, threshold_contrast,
-        [s.start for s in region], [s.stop for s in region],
-    )
+    region_lo, region_hi = [s.start for s in region], [s.stop for s in region]
+    inner = tuple(slice(a - b, c - b) for a, b, c in zip(region_lo, lo1, region_hi))
     ri = r[inner]
-    at = np.argwhere((ri > m[inner]) & (ri > bound)) + np.asarray([s.start for s in region]) - lo1
-    del bound, ri
+    over = _above_bound(r, lo1, region_lo, region_hi, bounds, plan.coarse)
+    over &= ri > m[inner]
+    at = np.argwhere(over) + np.asarray(region_lo) - lo1
+    del over, ri, m
     at = at[_peaks_of_neighbourhood(r, at)]
     idx = at + lo1
     if len(idx) == 0:
         return out
-    peak = r[tuple((idx - lo1).T)].astype(np.float64)
+    peak = r[tuple(at.T)].astype(np.float64)
     amplitude, snr, contrast, raw_sd = _scores(peak, tuple(idx.T), noise, plan)
+    threshold, threshold_contrast = bounds[4:]
     ok = (snr > threshold) & (contrast > threshold_contrast)
     if ok.any():  # ... and no maximum of f (26 neighbours): those were judged already
         cand = np.flatnonzero(ok)
@@ -1499,9 +1535,9 @@ def _residual_candidates(
         free &= d > 1.0
     alive = np.flatnonzero(free)
     tree = cKDTree(idx[alive] / box)
-    for i, near in zip(alive, tree.query_ball_point(idx[alive] / box, 1.0, p=np.inf)):
+    for i, close in zip(alive, tree.query_ball_point(idx[alive] / box, 1.0, p=np.inf)):
         mine = (peak[i], *(-idx[i]))  # ties: the first in (z, y, x) order wins
-        if any((peak[j], *(-idx[j])) > mine for j in alive[near] if j != i):
+        if any((peak[j], *(-idx[j])) > mine for j in alive[close] if j != i):
             free[i] = False
     sel = np.flatnonzero(ok)[free]
     idx = idx[free]
@@ -1511,15 +1547,22 @@ def _residual_candidates(
     for a in range(3):
         step = np.zeros(3, dtype=np.int64)
         step[a] = 1
-        lo_v = r[tuple(np.clip(at - step, 0, np.asarray(r.shape) - 1).T)].astype(np.float64)
-        hi_v = r[tuple(np.clip(at + step, 0, np.asarray(r.shape) - 1).T)].astype(np.float64)
+        lo_v = r[tuple(np.clip(at - step, 0, np.asarray(size) - 1).T)].astype(np.float64)
+        hi_v = r[tuple(np.clip(at + step, 0, np.asarray(size) - 1).T)].astype(np.float64)
         mid = peak[free]
         curv = lo_v - 2 * mid + hi_v
         shift[:, a] = np.clip(
             np.divide(0.5 * (lo_v - hi_v), curv, out=np.zeros_like(mid), where=curv < 0), -0.5, 0.5
         )
-    out.update(pos=idx, shift=shift, peak=peak[free], snr=snr[sel], amplitude=amplitude[sel],
-               contrast=contrast[sel], raw_sd=raw_sd[sel])
+    out.update(
+        pos=idx,
+        shift=shift,
+        peak=peak[free],
+        snr=snr[sel],
+        amplitude=amplitude[sel],
+        contrast=contrast[sel],
+        raw_sd=raw_sd[sel],
+    )
     return out
 
 
