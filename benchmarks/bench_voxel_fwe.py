@@ -33,7 +33,7 @@ import numpy as np
 from scipy import ndimage, stats
 
 from ketamap.atlas import make_phantom
-from ketamap.stats.voxels import density_map, voxel_test
+from ketamap.stats.voxels import VoxelParams, density_map, voxel_test
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RADIUS_UM = 150.0
@@ -80,19 +80,18 @@ def run(args) -> dict:
         np.any(list(region_masks.values()), axis=0),
         iterations=int(np.ceil(2 * RADIUS_UM / min(atlas.resolution_um))),
     )
-    kw = dict(
-        mask=mask,
-        n_permutations=args.perms,
-        method=args.method,
-        tfce_steps=args.tfce_steps,
-        voxel_size_um=atlas.resolution_um,
-    )
+    def vp(seed: int) -> VoxelParams:
+        return VoxelParams(
+            n_permutations=args.perms, method=args.method, tfce_steps=args.tfce_steps, seed=seed
+        )
+
+    kw = dict(mask=mask, voxel_size_um=atlas.resolution_um)
     n = args.n
     t0 = time.perf_counter()
     null_hits, null_min_p = 0, []
     for rep in range(args.null):
         maps = cohort_maps(rng, atlas, base, n, {})
-        res = voxel_test(maps[:n], maps[n:], seed=rep, **kw)
+        res = voxel_test(maps[:n], maps[n:], params=vp(rep), **kw)
         null_min_p.append(float(res.p_fwe.min()))
         null_hits += bool((res.p_fwe < args.alpha).any())
         if (rep + 1) % 10 == 0:
@@ -102,7 +101,7 @@ def run(args) -> dict:
     outside = 0
     for rep in range(args.planted):
         maps = cohort_maps(rng, atlas, base, n, planted_ids)
-        res = voxel_test(maps[:n], maps[n:], seed=10_000 + rep, **kw)
+        res = voxel_test(maps[:n], maps[n:], params=vp(10_000 + rep), **kw)
         called = res.p_fwe < args.alpha
         for acr, fold in PLANTED.items():
             right = res.t * np.sign(np.log(fold)) > 0

@@ -667,12 +667,7 @@ def _voxel_maps(study: Study, out: Path, params) -> dict:
             log.warning("voxel test skipped: %s", reason)
             contrasts.append({"contrast": contrast, "skipped": reason})
             continue
-        res = voxel_test(
-            logs[is_ref], logs[sel], mask=mask, n_permutations=params.n_permutations,
-            method=params.method, cluster_forming_p=params.cluster_forming_p,
-            tfce_steps=params.tfce_steps, connectivity=params.connectivity, alpha=params.alpha,
-            voxel_size_um=vox_um, seed=params.seed,
-        )  # fmt: skip
+        res = voxel_test(logs[is_ref], logs[sel], mask=mask, params=params, voxel_size_um=vox_um)
         _write_map(res.t, folder / f"t_{contrast}", vox_um)
         _write_map(res.p_fwe, folder / f"p_fwe_{contrast}", vox_um)
         cl = res.clusters.copy()

@@ -91,8 +91,8 @@ def test_planted_block_is_found_with_its_sign(method):
     b = _blocks(rng, 5, effect=-2.5)
     mask = np.ones(a.shape[1:], bool)
     mask[0] = False
-    res = voxel_test(a, b, mask=mask, method=method, n_permutations=300, seed=1,
-                     voxel_size_um=100.0)  # fmt: skip
+    vp = VoxelParams(method=method, n_permutations=300, seed=1)
+    res = voxel_test(a, b, mask=mask, params=vp, voxel_size_um=100.0)
     t, p_fwe, clusters = res.t, res.p_fwe, res.clusters
     assert res.n_permutations == 252 and res.exact  # C(10, 5) <= 300: all enumerated
     assert t.dtype == np.float32 and p_fwe.shape == mask.shape
@@ -114,10 +114,10 @@ def test_planted_block_is_found_with_its_sign(method):
 def test_random_relabellings_when_there_are_too_many():
     rng = np.random.default_rng(2)
     a, b = _blocks(rng, 6), _blocks(rng, 6, effect=3.0)
-    res = voxel_test(a, b, method="cluster_mass", n_permutations=99, seed=0)
+    res = voxel_test(a, b, params=VoxelParams(method="cluster_mass", n_permutations=99))
     assert not res.exact and res.n_permutations == 99
     assert res.p_fwe.min() == pytest.approx(1 / 99)  # (1 + 0) / (1 + 98)
-    again = voxel_test(a, b, method="cluster_mass", n_permutations=99, seed=0)
+    again = voxel_test(a, b, params=VoxelParams(method="cluster_mass", n_permutations=99))
     np.testing.assert_array_equal(res.p_fwe, again.p_fwe)
 
 
@@ -129,8 +129,8 @@ def test_family_wise_error_under_the_null(method):
     hits = 0
     for rep in range(n_rep):
         maps = _blocks(rng, 8, shape=(10, 10, 10))
-        res = voxel_test(maps[:4], maps[4:], method=method, n_permutations=100, tfce_steps=10,
-                         seed=rep)  # fmt: skip
+        vp = VoxelParams(method=method, n_permutations=100, tfce_steps=10, seed=rep)
+        res = voxel_test(maps[:4], maps[4:], params=vp)
         hits += bool((res.p_fwe < 0.05).any())
     assert hits <= limit
 
@@ -147,7 +147,9 @@ def test_errors_speak_to_the_user():
     with pytest.raises(InputError, match="one shape"):
         voxel_test(a, a[:, :4])
     with pytest.raises(ParameterError, match="method"):
-        voxel_test(a, a, method="fdr")
+        voxel_test(a, a, params=VoxelParams(method="fdr"))
+    with pytest.raises(ParameterError, match="VoxelParams"):
+        voxel_test(a, a, params={"method": "tfce"})
     with pytest.raises(ParameterError, match="radius_um"):
         VoxelParams(radius_um=0)
     with pytest.raises(ParameterError, match="connectivity"):

@@ -430,14 +430,8 @@ def voxel_test(
     maps_b: ArrayLike,
     *,
     mask: ArrayLike | None = None,
-    n_permutations: int = 1000,
-    method: str = "tfce",
-    cluster_forming_p: float = 0.01,
-    tfce_steps: int = 25,
-    connectivity: int = 26,
-    alpha: float = 0.05,
+    params: VoxelParams = VoxelParams(),  # noqa: B008 - frozen, immutable default
     voxel_size_um: float | tuple[float, float, float] | None = None,
-    seed: int = 0,
 ) -> VoxelTest:
     """Voxel-wise two-sample t test with family-wise error control by permutation.
 
@@ -447,21 +441,14 @@ def voxel_test(
         Maps of the two groups (e.g. log densities); ``a`` is the reference.
     mask : array_like of bool, shape (z, y, x), optional
         Voxels tested (the brain); default: voxels not constant across maps.
-    n_permutations : int
-        Random relabellings (the observed one included); when the groups
-        have at most this many distinct relabellings, all are enumerated.
-    method : {"tfce", "cluster_mass"}
-        ``"tfce"``: voxel p from the maximum |TFCE| over the brain;
-        ``"cluster_mass"``: clusters of ``|t| > t_c`` (two-sided
-        ``cluster_forming_p``), p from the maximum cluster mass (sum of |t|).
-    cluster_forming_p : float
-        Voxel-level two-sided p that sets ``t_c`` (``cluster_mass`` only).
-    tfce_steps : int
-        Threshold steps of :func:`tfce`.
-    connectivity : {6, 18, 26}
-        Voxel neighbourhood.
-    alpha : float
-        FWE level at which clusters are reported.
+    params : VoxelParams
+        ``method`` (``"tfce"``: voxel p from the maximum |TFCE| over the brain;
+        ``"cluster_mass"``: clusters of ``|t| > t_c``, two-sided
+        ``cluster_forming_p``, p from the maximum cluster mass, the sum of |t|),
+        ``n_permutations`` (random relabellings, the observed one included; when the
+        groups have at most this many distinct relabellings, all are enumerated),
+        ``tfce_steps``, ``connectivity``, ``alpha`` (the FWE level at which clusters
+        are reported) and ``seed``; the map fields are not used here.
     voxel_size_um : float or tuple of 3 float, optional
         Gives the clusters' ``volume_mm3`` (NaN without it).
     seed : int
@@ -503,7 +490,7 @@ def voxel_test(
     >>> rng = np.random.default_rng(0)
     >>> a, b = rng.normal(size=(4, 6, 6, 6)), rng.normal(size=(4, 6, 6, 6))
     >>> b[:, 1:5, 1:5, 1:5] += 4.0
-    >>> res = voxel_test(a, b, n_permutations=100, seed=0)
+    >>> res = voxel_test(a, b, params=VoxelParams(method="tfce", n_permutations=100))
     >>> bool(res.p_fwe[3, 3, 3] < 0.05), res.exact, res.n_permutations
     (True, True, 70)
     """
@@ -518,12 +505,11 @@ def voxel_test(
         raise StatsError(
             f"A voxel test needs at least 2 maps per group, got {a.shape[0]} and {b.shape[0]}."
         )
-    if method not in ("tfce", "cluster_mass"):
-        raise ParameterError(f'method must be "tfce" or "cluster_mass", got {method!r}.')
-    if isinstance(n_permutations, bool) or int(n_permutations) < 1:
-        raise ParameterError(f"n_permutations must be at least 1, got {n_permutations!r}.")
-    if connectivity not in _CONNECTIVITY:
-        raise ParameterError(f"connectivity must be 6, 18 or 26, got {connectivity!r}.")
+    if not isinstance(params, VoxelParams):
+        raise ParameterError(f"params must be a VoxelParams, got {type(params).__name__}.")
+    method, n_permutations, seed = params.method, params.n_permutations, params.seed
+    connectivity, cluster_forming_p = params.connectivity, params.cluster_forming_p
+    tfce_steps, alpha = params.tfce_steps, params.alpha
     shape = a.shape[1:]
     x_all = np.concatenate([a, b])
     if mask is None:
