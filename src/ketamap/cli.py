@@ -219,14 +219,18 @@ def report(
 
 @app.command()
 def detect(
-    signal: Annotated[Path, typer.Argument(
-        help="TIFF planes folder, multipage TIFF, OME-Zarr, Imaris .ims or NIfTI.")],
+    signal: Annotated[
+        Path,
+        typer.Argument(help="TIFF planes folder, multipage TIFF, OME-Zarr, Imaris .ims or NIfTI."),
+    ],
     voxel_size: VoxelSize,
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")],
     background: Annotated[Optional[Path], typer.Option(help="Autofluorescence channel.")] = None,
     soma_diameter: Annotated[float, typer.Option("--soma-diameter", help="µm.")] = 15.0,
-    classifier: Annotated[Optional[Path], typer.Option(
-        help="A trained candidate classifier (JSON) applied as a second pass.")] = None,
+    classifier: Annotated[
+        Optional[Path],
+        typer.Option(help="A trained candidate classifier (JSON) applied as a second pass."),
+    ] = None,
     scheduler: SchedulerAddress = None,
     cluster: ClusterKind = None,
     workers: ClusterWorkers = 2,
@@ -503,21 +507,39 @@ def quantify(
 
 @app.command()
 def convert(
-    source: Annotated[Path, typer.Argument(
-        help="TIFF planes folder, multipage TIFF/BigTIFF, Imaris .ims, NIfTI or .npy.")],
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="TIFF planes folder, multipage TIFF/BigTIFF, Imaris .ims, NIfTI or .npy."
+        ),
+    ],
     out_path: Annotated[Path, typer.Option("--out", help="OME-Zarr folder to write.")],
     voxel_size: Annotated[
         Optional[tuple[float, float, float]],
-        typer.Option("--voxel-size", help="Voxel size z y x in µm (default: from the file).",
-                     show_default=False),
+        typer.Option(
+            "--voxel-size",
+            help="Voxel size z y x in µm (default: from the file).",
+            show_default=False,
+        ),
     ] = None,
-    levels: Annotated[Optional[int], typer.Option(
-        "--levels", help="Resolution levels (default: until the smallest fits one chunk).",
-        show_default=False)] = None,
+    levels: Annotated[
+        Optional[int],
+        typer.Option(
+            "--levels",
+            help="Resolution levels (default: until the smallest fits one chunk).",
+            show_default=False,
+        ),
+    ] = None,
     channel: Annotated[int, typer.Option(help="Channel of an Imaris file.")] = 0,
-    chunks: Annotated[Optional[tuple[int, int, int]], typer.Option(
-        "--chunks", help="Zarr chunk z y x (default 64 128 128); memory from TIFF planes is "
-        "about chunk z x one plane.", show_default=False)] = None,
+    chunks: Annotated[
+        Optional[tuple[int, int, int]],
+        typer.Option(
+            "--chunks",
+            help="Zarr chunk z y x (default 64 128 128); memory from TIFF planes is "
+            "about chunk z x one plane.",
+            show_default=False,
+        ),
+    ] = None,
 ):
     """Convert a volume to multiscale OME-Zarr, streaming chunk by chunk (bounded memory)."""
     import contextlib
@@ -537,8 +559,13 @@ def convert(
         raise KetamapError(f"--chunks must be three whole numbers of at least 1, got {chunks}.")
     bar = ProgressBar(out=sys.stderr) if err.is_terminal else contextlib.nullcontext()
     with bar:
-        write_ome_zarr(volume, out_path, voxel_size_um=voxel_size, levels=levels,
-                       **({"chunks": chunks} if chunks else {}))
+        write_ome_zarr(
+            volume,
+            out_path,
+            voxel_size_um=voxel_size,
+            levels=levels,
+            **({"chunks": chunks} if chunks else {}),
+        )
     out.print(f"wrote {out_path} ({volume.shape}, {volume.dtype})")
 
 
@@ -671,20 +698,48 @@ def simulate_spines_cmd(
     from ketamap.simulate.spines import SpineSimParams, simulate_spine_study
 
     params = SpineSimParams(snr=snr, drift_um=drift, n_z=9 if stacks else 1)
-    manifest = simulate_spine_study(out_dir, scenario=scenario, seed=seed, n_mice=n_mice,
-                                    dendrites_per_mouse=dendrites_per_mouse, params=params)
+    manifest = simulate_spine_study(
+        out_dir,
+        scenario=scenario,
+        seed=seed,
+        n_mice=n_mice,
+        dendrites_per_mouse=dendrites_per_mouse,
+        params=params,
+    )
     out.print(f"wrote {manifest}")
 
 
 @app.command()
 def ensembles(
-    sessions: Annotated[Path, typer.Argument(help="Sessions file (TOML).")],
+    sessions: Annotated[
+        list[Path], typer.Argument(help="Sessions file (TOML); one per field of view.")
+    ],
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    unit: Annotated[
+        str, typer.Option(help="Several fields: the mixed model's unit, field or cell.")
+    ] = "field",
 ):
-    """Find coactive ensembles per session and compare coordination across sessions."""
+    """Find coactive ensembles per session and compare coordination across sessions.
+
+    With several sessions files (one per field of view, ``mouse`` in each), every field
+    is analysed and sessions are compared across mice by a mixed model.
+    """
     from ketamap.invivo import run_ensembles
 
-    result = run_ensembles(sessions, out_dir)
+    if len(sessions) > 1:
+        from ketamap.invivo.cohort import run_ensembles_mice
+
+        res = run_ensembles_mice(sessions, out_dir, unit=unit)
+        for row in res["statistics"]:
+            out.print(
+                f"  {row['measure']}, {row['session']} vs {row['reference']}: "
+                f"{row['estimate']:+.3g} (p = {row['p_value']:.2g}; {row['method']})"
+            )
+        out.print(
+            f"wrote {out_dir}/statistics.csv and {out_dir}/report.html ({res['n_mice']} mice)"
+        )
+        return
+    result = run_ensembles(sessions[0], out_dir)
     for row in result["sessions"]:
         label = row.get("session", "")
         n = result["n_ensembles"].get(label, 0)
@@ -698,19 +753,25 @@ def ensembles(
 def spines(
     sessions: Annotated[Path, typer.Argument(help="Spine sessions file (TOML).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")],
-    annotations: Annotated[Optional[Path], typer.Option(
-        help="Corrected spines (CSV, or a folder of napari points CSVs).")] = None,
+    annotations: Annotated[
+        Optional[Path],
+        typer.Option(help="Corrected spines (CSV, or a folder of napari points CSVs)."),
+    ] = None,
 ):
     """Track dendritic spines across sessions; formation, elimination, return to lost sites."""
     from ketamap.invivo.spines import run_spines
 
     result = run_spines(sessions, out_dir, annotations=annotations)
     for row in result["pooled"]:
-        out.print(f"  {row['interval']}: formation {100 * row['formation_rate']:.1f}%, "
-                  f"elimination {100 * row['elimination_rate']:.1f}% (n={row['n_a']})")
+        out.print(
+            f"  {row['interval']}: formation {100 * row['formation_rate']:.1f}%, "
+            f"elimination {100 * row['elimination_rate']:.1f}% (n={row['n_a']})"
+        )
     rs = result["return_sites"]
-    out.print(f"  return to lost sites: {rs['n_near']}/{rs['n_new']} new spines, chance "
-              f"{rs['null_share_mean']:.2f}, p = {rs['p_value']:.3g}")
+    out.print(
+        f"  return to lost sites: {rs['n_near']}/{rs['n_new']} new spines, chance "
+        f"{rs['null_share_mean']:.2f}, p = {rs['p_value']:.3g}"
+    )
     out.print(f"wrote {out_dir}/rates.csv, {out_dir}/spines.csv and {out_dir}/report.html")
 
 

@@ -4,6 +4,7 @@ Example::
 
     [field_of_view]
     name = "mouse1-fov1"
+    mouse = "mouse1"              # the mouse imaged (optional; default: the name)
     frame_rate_hz = 15.0          # default for every session (optional)
     # cell_map = "cells.csv"      # given mapping: columns session, cell, global_cell (optional)
 
@@ -56,7 +57,7 @@ __all__ = [
 ]
 
 _TOP_KEYS = ("field_of_view", "sessions", "params")
-_FOV_KEYS = ("name", "frame_rate_hz", "description", "cell_map")
+_FOV_KEYS = ("name", "mouse", "frame_rate_hz", "description", "cell_map")
 _SESSION_KEYS = ("label", "time_h", "data", "neuropil", "frame_rate_hz", "series")
 
 
@@ -105,6 +106,9 @@ class SessionsFile:
         Folder of the sessions file.
     cell_map : Path or None
         A given cell mapping (CSV with ``session, cell, global_cell``).
+    mouse : str
+        The mouse imaged (``mouse`` in ``[field_of_view]``; by default the field's
+        name): fields of one mouse are not independent when mice are compared.
     """
 
     name: str
@@ -112,6 +116,7 @@ class SessionsFile:
     params: Mapping[str, Any] = field(default_factory=dict)
     root: Path = Path(".")
     cell_map: Path | None = None
+    mouse: str = ""
 
 
 def _number(value: Any, key: str, where: str, *, positive: bool) -> float:
@@ -205,8 +210,11 @@ def parse_sessions(
         if not isinstance(fov["cell_map"], str):
             raise ManifestError(f"cell_map in [field_of_view] of {where} must be a path string.")
         cell_map = (root / fov["cell_map"]).resolve()
+    mouse = fov.get("mouse", name)
+    if not isinstance(mouse, str) or not mouse:
+        raise ManifestError(f"mouse in [field_of_view] of {where} must be a non-empty string.")
     sessions.sort(key=lambda s: s.time_h)  # stable: ties keep the file's order
-    return SessionsFile(name, tuple(sessions), dict(params), root, cell_map)
+    return SessionsFile(name, tuple(sessions), dict(params), root, cell_map, mouse)
 
 
 def load_sessions(path: str | Path) -> SessionsFile:

@@ -49,7 +49,12 @@ from ketamap.errors import ParameterError
 from ketamap.io.atomic import atomic_dir, atomic_path, write_json
 from ketamap.params import did_you_mean
 
-__all__ = ["CALCIUM_SCENARIOS", "simulate_calcium_traces", "simulate_calcium_study"]
+__all__ = [
+    "CALCIUM_SCENARIOS",
+    "simulate_calcium_traces",
+    "simulate_calcium_study",
+    "simulate_calcium_cohort",
+]
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +159,98 @@ def simulate_calcium_traces(
     F = f0 * bleach * (1 + dff + rng.normal(0, noise_sd, (n_cells, n_frames)).astype(np.float32))
     F = (F + neuropil_coefficient * Fneu).astype(np.float32)
     return _Traces(F, Fneu, spikes)
+
+
+def simulate_calcium_cohort(
+    n_mice: int,
+    *,
+    sessions: tuple[str, ...] = ("baseline", "later"),
+    effect: dict | None = None,
+    n_cells: int = 80,
+    n_ensembles: int = 3,
+    ensemble_size: int = 12,
+    duration_s: float = 300.0,
+    frame_rate_hz: float = 15.0,
+    coordination: float = 0.6,
+    mouse_sd: float = 0.15,
+    session_sd: float = 0.08,
+    noise_sd: float = 0.1,
+    seed: int = 0,
+):
+    """Simulate one field of view per mouse in several sessions, mice differing (pure).
+
+    Every mouse has its own cells, ensembles and coordination: its coordination is
+    ``coordination + N(0, mouse_sd)``; in each session it moves by ``effect[session]``
+    (0 by default: the null) plus ``N(0, session_sd)``, the day-to-day variation that
+    all cells of that mouse share. The mouse's background firing rate varies by a
+    log-normal factor (SD 0.2) and each session's ΔF/F noise by one of SD 0.15 (imaging
+    quality from day to day). Coordination is clipped to [0.02, 0.98].
+
+    Parameters
+    ----------
+    n_mice : int
+        Mice (one field of view each).
+    sessions : tuple of str
+        Session labels in time order.
+    effect : dict, optional
+        Session label -> change of coordination (e.g. ``{"later": -0.2}``).
+    n_cells, n_ensembles, ensemble_size : int
+        Cells per field, planted ensembles and members per ensemble.
+    duration_s, frame_rate_hz : float
+        Length and rate of every session.
+    coordination, mouse_sd, session_sd : float
+        Mean coordination, its SD across mice and within a mouse across sessions.
+    noise_sd : float
+        Mean ΔF/F noise SD (spike amplitude 1).
+    seed : int
+        Seed of every draw.
+
+    Yields
+    ------
+    dict
+        One per mouse and session: ``mouse``, ``session``, ``coordination`` (the
+        planted value) and ``traces`` (``F``, ``Fneu``, ``spikes``; see
+        :func:`simulate_calcium_traces`).
+
+    Raises
+    ------
+    ParameterError
+        If ``n_mice < 1``, a session is listed twice or ``effect`` names an unknown
+        session.
+    """
+    if n_mice < 1:
+        raise ParameterError(f"n_mice must be at least 1, got {n_mice!r}.")
+    if len(set(sessions)) != len(sessions) or not sessions:
+        raise ParameterError(f"sessions must be distinct labels, got {list(sessions)}.")
+    effect = dict(effect or {})
+    unknown = set(effect) - set(sessions)
+    if unknown:
+        raise ParameterError(
+            f"effect names unknown session(s) {', '.join(sorted(map(str, unknown)))}"
+            f"{did_you_mean(str(next(iter(unknown))), list(sessions))}."
+        )
+    n_frames = int(round(duration_s * frame_rate_hz))
+    for m in range(n_mice):
+        rng = np.random.default_rng([seed, m])
+        perm = rng.permutation(n_cells)
+        ensembles = [perm[i * ensemble_size : (i + 1) * ensemble_size] for i in range(n_ensembles)]
+        base = coordination + rng.normal(0.0, mouse_sd)
+        rate = 0.05 * rng.lognormal(0.0, 0.2)
+        for j, label in enumerate(sessions):
+            coord = float(np.clip(base + effect.get(label, 0.0) + rng.normal(0, session_sd),
+                                  0.02, 0.98))  # fmt: skip
+            traces = simulate_calcium_traces(
+                n_cells,
+                n_frames,
+                frame_rate_hz=frame_rate_hz,
+                ensembles=ensembles,
+                coordination=coord,
+                background_rate_hz=rate,
+                noise_sd=noise_sd * float(rng.lognormal(0.0, 0.15)),
+                seed=int(rng.integers(2**31)) + j,
+            )
+            yield {"mouse": f"m{m + 1}", "session": label, "coordination": coord,
+                   "traces": traces}  # fmt: skip
 
 
 def _layout(n_cells: int, rng: np.random.Generator, size_px: int = 256) -> np.ndarray:
