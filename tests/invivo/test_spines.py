@@ -131,8 +131,9 @@ def test_detection_separates_a_faint_head_beside_a_bright_one_but_not_a_neck():
     d = np.hypot(*(found[["y_px", "x_px"]].to_numpy()[:, None] - heads[None]).transpose(2, 0, 1))
     assert (d.min(axis=0) <= 2).all()  # every head found within 0.3 µm
     # a wide suppression footprint loses the faint head; without the neck rule the neck counts
-    assert len(detect_spines(img, line, min_separation_um=0.7, merge_um=1.2)) == 2
-    assert len(detect_spines(img, line, neck_saddle_ratio=1.0)) == 4
+    apart = SpineParams(min_separation_um=0.7, merge_um=1.2)
+    assert len(detect_spines(img, line, params=apart)) == 2
+    assert len(detect_spines(img, line, params=SpineParams(neck_saddle_ratio=1.0))) == 4
 
 
 def test_a_faint_detection_needs_the_same_place_in_an_adjacent_session():

@@ -12,7 +12,7 @@ from ketamap.invivo.spines.annotations import (
     export_napari,
     import_annotations,
 )
-from ketamap.invivo.spines.core import SpineParams, analyse_dendrite
+from ketamap.invivo.spines.core import analyse_dendrite
 from ketamap.invivo.spines.metrics import (
     cluster_sign_flip,
     interval_rates,
@@ -21,6 +21,7 @@ from ketamap.invivo.spines.metrics import (
     presence_matrix,
     return_to_lost_sites,
 )
+from ketamap.invivo.spines.params import SpineParams
 from ketamap.invivo.spines.run import run_spines
 from ketamap.invivo.spines.score import score_spines
 from ketamap.invivo.spines.sessions import load_spine_sessions

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -16,78 +16,12 @@ from ketamap.invivo.spines.image import (
     register_rigid,
     trace_dendrite,
 )
+from ketamap.invivo.spines.params import SpineParams
 from ketamap.invivo.spines.track import confirm_faint
-from ketamap.params import bounds, validate
 
-__all__ = ["SpineParams", "DendriteResult", "analyse_dendrite", "locate_annotations"]
+__all__ = ["DendriteResult", "analyse_dendrite", "locate_annotations"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SpineParams:
-    """Parameters of the spines stage (units in the names)."""
-
-    max_rotation_deg: float = field(
-        default=8.0, metadata=bounds(ge=0, le=45, doc="largest rotation searched")
-    )
-    shaft_sigma_um: float = field(default=0.4, metadata=bounds(gt=0, doc="ridge filter scale"))
-    min_distance_um: float = field(
-        default=0.8, metadata=bounds(ge=0, doc="nearest spine head to the centreline")
-    )
-    max_distance_um: float = field(
-        default=3.5, metadata=bounds(gt=0, doc="farthest spine head from the centreline")
-    )
-    end_margin_um: float = field(
-        default=1.0, metadata=bounds(ge=0, doc="unanalysed stretch at each end")
-    )
-    spot_sigma_um: float = field(default=0.25, metadata=bounds(gt=0, doc="head-matched smoothing"))
-    threshold_sd: float = field(
-        default=6.0, metadata=bounds(gt=0, doc="detection threshold (spine seen in one session)")
-    )
-    confirm_threshold_sd: float = field(
-        default=3.5, metadata=bounds(gt=0, doc="faint spines seen in an adjacent session")
-    )
-    min_separation_um: float = field(
-        default=0.45, metadata=bounds(gt=0, doc="closest two spine heads may be")
-    )
-    min_shaft_ratio: float = field(
-        default=0.08, metadata=bounds(ge=0, doc="smallest head amplitude / shaft contrast")
-    )
-    merge_um: float = field(
-        default=1.0, metadata=bounds(ge=0, doc="closer maxima with no dip between are one spine")
-    )
-    saddle_ratio: float = field(
-        default=0.75, metadata=bounds(gt=0, le=1, doc="dip that separates two maxima")
-    )
-    neck_saddle_ratio: float = field(
-        default=0.5, metadata=bounds(ge=0, le=1, doc="ridge that joins a neck to its head")
-    )
-    match_tolerance_um: float = field(
-        default=1.0, metadata=bounds(gt=0, doc="tracking tolerance along the dendrite")
-    )
-    return_distance_um: float = field(
-        default=1.5, metadata=bounds(gt=0, doc="'at a lost site' distance")
-    )
-    return_exclusion_um: float = field(
-        default=1.0, metadata=bounds(ge=0, doc="null: no new spine this close to an old one")
-    )
-    return_same_side: bool = field(default=False, metadata=bounds(doc="lost sites on same side"))
-    new_spines_session: str = field(
-        default="", metadata=bounds(doc="session whose new spines are tested; '' = last")
-    )
-    n_permutations: int = field(default=10000, metadata=bounds(ge=99, doc="null draws"))
-    seed: int = field(default=0, metadata=bounds(ge=0, doc="seed of the null"))
-
-    def __post_init__(self):
-        validate(self)
-        if self.max_distance_um <= self.min_distance_um:
-            from ketamap.errors import ParameterError
-
-            raise ParameterError(
-                f"SpineParams.max_distance_um ({self.max_distance_um}) must exceed "
-                f"min_distance_um ({self.min_distance_um})."
-            )
 
 
 @dataclass(frozen=True)
@@ -151,19 +85,10 @@ def analyse_dendrite(
     line = trace_dendrite(mean, pixel_size_um=pixel_size_um, shaft_sigma_um=p.shaft_sigma_um)
     frames = []
     for k in labels:
+        # detected down to the confirmation threshold; confirm_faint keeps the faint ones
+        # seen above threshold_sd in another session
         det = detect_spines(
-            warped[k],
-            line,
-            min_distance_um=p.min_distance_um,
-            max_distance_um=p.max_distance_um,
-            end_margin_um=p.end_margin_um,
-            spot_sigma_um=p.spot_sigma_um,
-            threshold_sd=min(p.threshold_sd, p.confirm_threshold_sd),
-            merge_um=p.merge_um,
-            saddle_ratio=p.saddle_ratio,
-            neck_saddle_ratio=p.neck_saddle_ratio,
-            min_separation_um=p.min_separation_um,
-            min_shaft_ratio=p.min_shaft_ratio,
+            warped[k], line, params=p, threshold_sd=min(p.threshold_sd, p.confirm_threshold_sd)
         )
         det = det.rename(columns={"y_px": "ref_y_px", "x_px": "ref_x_px"})
         own = transforms[k].to_moving(det[["ref_y_px", "ref_x_px"]].to_numpy(float))

@@ -17,7 +17,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import dijkstra
 from scipy.spatial import cKDTree
 
-from ketamap.errors import InputError
+from ketamap.errors import InputError, ParameterError
+from ketamap.invivo.spines.params import SpineParams
 
 __all__ = [
     "project",
@@ -292,16 +293,8 @@ def detect_spines(
     image: np.ndarray,
     centreline: Centreline,
     *,
-    min_distance_um: float = 0.8,
-    max_distance_um: float = 3.5,
-    end_margin_um: float = 1.0,
-    spot_sigma_um: float = 0.25,
-    threshold_sd: float = 6.0,
-    merge_um: float = 1.0,
-    saddle_ratio: float = 0.75,
-    min_shaft_ratio: float = 0.08,
-    min_separation_um: float = 0.45,
-    neck_saddle_ratio: float = 0.5,
+    params: SpineParams = SpineParams(),  # noqa: B008 - frozen, immutable default
+    threshold_sd: float | None = None,
 ) -> pd.DataFrame:
     """Detect spine heads beside a traced shaft.
 
@@ -326,31 +319,27 @@ def detect_spines(
         One session, in the frame of ``centreline``.
     centreline : Centreline
         The traced shaft.
-    min_distance_um, max_distance_um : float
-        Where spine heads may lie (distance from the centreline).
-    end_margin_um : float
-        Stretch at each end of the trace that is not analysed.
-    spot_sigma_um : float
-        Smoothing matched to a spine head.
-    threshold_sd : float
-        Detection threshold in noise SDs.
-    merge_um : float
-        Two maxima closer than this are one spine unless the smoothed
-        residual dips between them below ``saddle_ratio`` of the fainter one.
-    saddle_ratio : float
-        Depth of that dip, as a fraction of the fainter maximum.
-    min_separation_um : float
-        Closest two detected heads may be (the ``min_distance`` of
-        :func:`skimage.feature.peak_local_max`).
-    min_shaft_ratio : float
-        Smallest head amplitude, as a fraction of the local shaft contrast:
-        rejects faint bumps of the shaft outline when the image is bright.
-    neck_saddle_ratio : float
-        A fainter maximum nearer the shaft than a brighter head is that
-        head's neck when the residual along the line between them stays above
-        this fraction of the fainter maximum. Lower than ``saddle_ratio``
-        because a neck is thin and dimmer than the point where it meets the
-        shaft.
+    params : SpineParams
+        The settings used here (the ``[params]`` table of a spines sessions file):
+        ``min_distance_um`` and ``max_distance_um`` (where spine heads may lie,
+        from the centreline), ``end_margin_um`` (the stretch at each end of the
+        trace that is not analysed), ``spot_sigma_um`` (smoothing matched to a
+        spine head), ``threshold_sd`` (detection threshold in noise SDs),
+        ``merge_um`` and ``saddle_ratio`` (two maxima closer than ``merge_um`` are
+        one spine unless the smoothed residual dips between them below
+        ``saddle_ratio`` of the fainter one), ``min_separation_um`` (closest two
+        detected heads may be, the ``min_distance`` of
+        :func:`skimage.feature.peak_local_max`), ``min_shaft_ratio`` (smallest
+        head amplitude as a fraction of the local shaft contrast: rejects faint
+        bumps of the shaft outline when the image is bright) and
+        ``neck_saddle_ratio`` (a fainter maximum nearer the shaft than a brighter
+        head is that head's neck when the residual along the line between them
+        stays above this fraction of the fainter maximum; lower than
+        ``saddle_ratio`` because a neck is thin and dimmer than the point where it
+        meets the shaft).
+    threshold_sd : float, optional
+        Overrides ``params.threshold_sd`` (the spines stage detects down to
+        ``confirm_threshold_sd`` and confirms the faint ones across sessions).
 
     Returns
     -------
@@ -362,6 +351,14 @@ def detect_spines(
     """
     from skimage.feature import peak_local_max
 
+    if not isinstance(params, SpineParams):
+        raise ParameterError(f"params must be a SpineParams, got {type(params).__name__}.")
+    min_distance_um, max_distance_um = params.min_distance_um, params.max_distance_um
+    end_margin_um, spot_sigma_um = params.end_margin_um, params.spot_sigma_um
+    threshold_sd = params.threshold_sd if threshold_sd is None else threshold_sd
+    merge_um, saddle_ratio = params.merge_um, params.saddle_ratio
+    neck_saddle_ratio, min_shaft_ratio = params.neck_saddle_ratio, params.min_shaft_ratio
+    min_separation_um = params.min_separation_um
     px = centreline.pixel_size_um
     img = np.asarray(image, np.float32)
     s, d = centreline.pixel_maps(img.shape)

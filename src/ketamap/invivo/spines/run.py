@@ -32,12 +32,7 @@ import pandas as pd
 
 from ketamap.errors import InputError, ParameterError
 from ketamap.invivo.spines.annotations import export_annotations, export_napari, import_annotations
-from ketamap.invivo.spines.core import (
-    DendriteResult,
-    SpineParams,
-    analyse_dendrite,
-    locate_annotations,
-)
+from ketamap.invivo.spines.core import DendriteResult, analyse_dendrite, locate_annotations
 from ketamap.invivo.spines.image import project
 from ketamap.invivo.spines.metrics import (
     interval_rates,
@@ -46,6 +41,7 @@ from ketamap.invivo.spines.metrics import (
     presence_matrix,
     return_to_lost_sites,
 )
+from ketamap.invivo.spines.params import SpineParams
 from ketamap.invivo.spines.report import (
     dendrite_crop,
     dendrite_figure,
