@@ -427,6 +427,9 @@ def mixed_model(
                         f"{measure} ~ interval_c",
                         d,
                         groups="mouse",
+                        # re_formula="1" keeps the mouse intercept: with a vc_formula
+                        # and no re_formula, statsmodels fits no group intercept
+                        re_formula="1",
                         vc_formula={"dendrite": "0 + C(dendrite)"},
                     ).fit(reml=True)
                 else:
