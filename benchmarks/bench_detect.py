@@ -133,7 +133,7 @@ def _work_factor(shape, voxel_um=VOXEL_UM) -> float:
     factor = 1.0
     for a, n in enumerate(shape):
         chunks, depth = _axis_chunks(n, params.chunk_size_vox[a], plan.depth[a], a,
-                                     plan.coarse[a])
+                                     plan.bg_coarse[a])
         computed = sum(c + depth * ((i > 0) + (i < len(chunks) - 1))
                        for i, c in enumerate(chunks))
         factor *= computed / n

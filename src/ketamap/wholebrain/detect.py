@@ -88,6 +88,8 @@ _DEVICES = ("auto", "cpu", "cuda", "torch-cpu")
 _SAMPLE_VOXELS = 250_000  # voxels sampled to fit the background-channel scale
 _COARSE_MIN_SOMA_SIGMA = 1.5  # the soma-smoothed image is sampled finely enough for 2x ...
 _COARSE_MIN_REST_SIGMA = 3.0  # ... and the background is wide enough to gain from it
+_BG_FACTORS = (1, 2, 4)  # grid factors of the background, the coarsest one ...
+_BG_MIN_COARSE_SIGMA = 2.0  # ... whose Gaussian is still this many coarse cells wide
 _MIN_NEIGHBOUR_RATIO = 0.2  # the spike test runs on axes where a soma's neighbour holds this
 _MAX_PIECES = 8  # most somata one object is split into
 _MAX_MARKERS = 8  # other maxima that share an object's moment window, nearest first
@@ -281,9 +283,10 @@ class _Plan:
     sigma_soma: tuple[float, float, float]
     sigma_outer: tuple[float, float, float]
     radius_soma: tuple[int, int, int]
-    coarse: tuple[int, int, int]  # grid factor (1 or 2) of the background and noise fields
-    sigma_rest_coarse: tuple[float, float, float]  # outer = soma (*) rest, on the coarse grid
-    radius_rest_coarse: tuple[int, int, int]
+    coarse: tuple[int, int, int]  # grid factor (1 or 2) of the noise fields
+    bg_coarse: tuple[int, int, int]  # grid factor (1, 2 or 4) of the background
+    sigma_bg_coarse: tuple[float, float, float]  # the background's sigma on its grid
+    radius_bg_coarse: tuple[int, int, int]
     radius_noise_coarse: tuple[int, int, int]  # noise window half-width (coarse cells)
     radius_max: tuple[int, int, int]
     margin: tuple[int, int, int]  # band-passed signal needed around a core (noise, box, walk)
@@ -330,28 +333,36 @@ def _plan(
     soma = tuple(max(s_um / v, params.min_sigma_vox) for v in voxel_size_um)
     outer = tuple(max(b_um / v, _MIN_OUTER_RATIO * s) for v, s in zip(voxel_size_um, soma))
     rest = [math.sqrt(o * o - s * s) for o, s in zip(outer, soma)]
-    # The background (and the noise fields) are smooth: where the soma-smoothed image is
-    # itself well sampled, they are computed on a 2x coarser grid (block means, then linear
-    # interpolation back), which costs a quarter of the work per decimated pair of axes.
+    # The noise fields are smooth: where the soma-smoothed image is itself well sampled,
+    # they are computed on a 2x coarser grid (block means), which costs a quarter of the
+    # work per decimated pair of axes.
     coarse = tuple(
         2 if n > 1 and s >= _COARSE_MIN_SOMA_SIGMA and r >= _COARSE_MIN_REST_SIGMA else 1
         for n, s, r in zip(shape, soma, rest)
     )
-    # block mean of k voxels adds (k^2 - 1) / 12 to the variance, the linear interpolation
-    # back about k^2 / 6; the Gaussian on the coarse grid supplies the rest
-    rest_c = tuple(
-        r if k == 1 else math.sqrt(max(r * r - (k * k - 1) / 12 - k * k / 6, 0.25)) / k
-        for r, k in zip(rest, coarse)
+
+    def bg_sigma(o: float, k: int) -> float:
+        # block mean of k voxels adds (k^2 - 1) / 12 to the variance, the linear
+        # interpolation back about k^2 / 6; the Gaussian on the coarse grid the rest
+        return o if k == 1 else math.sqrt(max(o * o - (k * k - 1) / 12 - k * k / 6, 0.25)) / k
+
+    # The background is the image smoothed at the outer scale, on the coarsest grid (a
+    # multiple of the noise grid) whose Gaussian stays _BG_MIN_COARSE_SIGMA cells wide:
+    # block means of the image, a Gaussian, linear interpolation back.
+    bg = tuple(
+        max([c] + [k for k in _BG_FACTORS if n > 1 and bg_sigma(o, k) >= _BG_MIN_COARSE_SIGMA])
+        for n, o, c in zip(shape, outer, coarse)
     )
+    bg_c = tuple(bg_sigma(o, k) for o, k in zip(outer, bg))
     r_soma = tuple(_radius(s) for s in soma)
-    r_rest_c = tuple(int(_TRUNCATE_BACKGROUND * s + 0.5) for s in rest_c)
-    r_rest = tuple(r if k == 1 else k * (r + 1) + k for r, k in zip(r_rest_c, coarse))
+    r_bg_c = tuple(int(_TRUNCATE_BACKGROUND * s + 0.5) for s in bg_c)
+    r_bg = tuple(r if k == 1 else k * (r + 1) + k for r, k in zip(r_bg_c, bg))
     r_noise_c = tuple(
         -(-max(int(math.ceil(_NOISE_K * o)), _NOISE_MIN) // k) for o, k in zip(outer, coarse)
     )
     r_noise = tuple(r if k == 1 else k * (r + 1) + k for r, k in zip(r_noise_c, coarse))
     r_max = tuple(max(1, round(params.min_separation_um / v)) for v in voxel_size_um)
-    # The band-passed value at a voxel needs r_soma + r_rest voxels of input around it;
+    # The band-passed value at a voxel needs max(r_soma, r_bg) voxels of input around it;
     # the noise map adds r_noise, the maximum test (with its tie-break) r_max, the centroid 1.
     # one imaged soma diameter per axis (the soma diameter when there is no blur)
     diameter_um = tuple(i / _SIGMA_PER_DIAMETER for i in imaged_um)
@@ -364,14 +375,15 @@ def _plan(
         _round_up(max(n, m, st, w, 1), k)
         for n, m, st, w, k in zip(r_noise, r_max, step, walk, coarse)
     )
-    depth = tuple(_round_up(a + b + m, k) for a, b, m, k in zip(r_soma, r_rest, margin, coarse))
+    depth = tuple(_round_up(max(a, b) + m, k) for a, b, m, k in zip(r_soma, r_bg, margin, bg))
     plan = _Plan(
         sigma_soma=soma,
         sigma_outer=outer,
         radius_soma=r_soma,
         coarse=coarse,
-        sigma_rest_coarse=rest_c,
-        radius_rest_coarse=r_rest_c,
+        bg_coarse=bg,
+        sigma_bg_coarse=bg_c,
+        radius_bg_coarse=r_bg_c,
         radius_noise_coarse=r_noise_c,
         radius_max=r_max,
         margin=margin,
@@ -443,29 +455,34 @@ def _plan(
         plan,
         ext=ext,
         margin=tuple(m + e for m, e in zip(plan.margin, ext)),
-        depth=tuple(d + e for d, e in zip(plan.depth, ext)),
+        depth=tuple(_round_up(d + e, k) for d, e, k in zip(plan.depth, ext, plan.bg_coarse)),
     )
 
 
 def _block_mean(a: np.ndarray, coarse: tuple[int, int, int]) -> np.ndarray:
-    """Mean over blocks of ``coarse`` voxels (the last block repeats the edge voxel)."""
+    """Mean over blocks of ``coarse`` voxels, a power of 2 per axis.
+
+    Pairs are averaged as often as needed (the last pair of an odd length repeats the
+    edge voxel).
+    """
     for axis, k in enumerate(coarse):
-        if k == 1:
-            continue
-        n = a.shape[axis]
-        if n % 2:
-            a = np.concatenate([a, np.take(a, [n - 1], axis=axis)], axis=axis)
-        lo = a[(slice(None),) * axis + (slice(0, None, 2),)]
-        hi = a[(slice(None),) * axis + (slice(1, None, 2),)]
-        a = (lo + hi) * np.float32(0.5)
+        while k > 1:
+            n = a.shape[axis]
+            if n % 2:
+                a = np.concatenate([a, np.take(a, [n - 1], axis=axis)], axis=axis)
+            lo = a[(slice(None),) * axis + (slice(0, None, 2),)]
+            hi = a[(slice(None),) * axis + (slice(1, None, 2),)]
+            a = (lo + hi) * np.float32(0.5)
+            k //= 2
     return a
 
 
 def _upsample(c: np.ndarray, coarse: tuple[int, int, int], shape: tuple[int, ...]) -> np.ndarray:
     """Linear interpolation of a coarse field (cell-centred) back onto the fine grid.
 
-    With a factor of 2, fine voxel 2j lies a quarter cell before coarse cell j and 2j + 1 a
-    quarter after: 0.75 c[j] + 0.25 c[j -/+ 1], the edge cells repeated.
+    With a factor of k, fine voxel k j + p lies t = (p + 1/2) / k - 1/2 cells from the
+    centre of coarse cell j: c[j] + |t| (c[j -/+ 1] - c[j]) (for k = 2, 0.75 c[j] +
+    0.25 c[j -/+ 1]), the edge cells repeated.
     """
     for axis, k in enumerate(coarse):
         if k == 1:
@@ -475,32 +492,35 @@ def _upsample(c: np.ndarray, coarse: tuple[int, int, int], shape: tuple[int, ...
             return (slice(None),) * axis + (s,)
 
         n = c.shape[axis]
-        up = np.empty(c.shape[:axis] + (2 * n,) + c.shape[axis + 1 :], dtype=c.dtype)
-        quarter = np.subtract(c[along(slice(1, None))], c[along(slice(None, -1))])
-        quarter *= np.float32(0.25)
-        # 0.75 c[j] + 0.25 c[j - 1], and 0.75 c[j] + 0.25 c[j + 1]
-        np.subtract(c[along(slice(1, None))], quarter, out=up[along(slice(2, None, 2))])
-        np.add(c[along(slice(None, -1))], quarter, out=up[along(slice(1, -1, 2))])
-        up[along(slice(0, 1))] = c[along(slice(0, 1))]
-        up[along(slice(-1, None))] = c[along(slice(-1, None))]
+        up = np.empty(c.shape[:axis] + (k * n,) + c.shape[axis + 1 :], dtype=c.dtype)
+        diff = np.subtract(c[along(slice(1, None))], c[along(slice(None, -1))])
+        for p in range(k):
+            t = (p + 0.5) / k - 0.5
+            step = diff * np.float32(abs(t))
+            if t < 0:  # towards the previous cell; the first cell repeats itself
+                np.subtract(c[along(slice(1, None))], step, out=up[along(slice(p + k, None, k))])
+                up[along(slice(p, p + 1))] = c[along(slice(0, 1))]
+            else:  # towards the next cell; the last cell repeats itself
+                np.add(c[along(slice(None, -1))], step, out=up[along(slice(p, (n - 1) * k, k))])
+                up[along(slice((n - 1) * k + p, (n - 1) * k + p + 1))] = c[along(slice(-1, None))]
         c = up[along(slice(0, shape[axis]))]
     return c
 
 
 def _bandpass(x: np.ndarray, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
-    """Return the soma-matched Gaussian ``g1`` and the smooth background ``g2`` of ``x``.
+    """Return the soma-scale Gaussian ``g1`` and the smooth background ``g2`` of ``x``.
 
-    The band-passed signal is ``g1 - g2``; ``g2`` is ``g1`` smoothed further, on the
-    coarse grid of ``plan.coarse`` (aligned to the array's first voxel).
+    The band-passed signal is ``g1 - g2``; ``g2`` is ``x`` smoothed at the outer scale,
+    on the grid of ``plan.bg_coarse`` (aligned to the array's first voxel).
     """
     g1 = ndi.gaussian_filter(x, plan.sigma_soma, mode="reflect", radius=plan.radius_soma)
-    return g1, _upsample(_coarse_background(g1, plan), plan.coarse, g1.shape)
+    return g1, _upsample(_coarse_background(x, plan), plan.bg_coarse, g1.shape)
 
 
-def _coarse_background(g1: np.ndarray, plan: _Plan, device=None) -> np.ndarray:
-    """``g1`` smoothed to the background scale, on the coarse grid (before interpolation)."""
-    c = _block_mean(g1, plan.coarse)
-    return _gaussian(c, plan.sigma_rest_coarse, plan.radius_rest_coarse, device)
+def _coarse_background(x: np.ndarray, plan: _Plan, device=None) -> np.ndarray:
+    """``x`` smoothed to the background scale, on its coarse grid (before interpolation)."""
+    c = _block_mean(x, plan.bg_coarse)
+    return _gaussian(c, plan.sigma_bg_coarse, plan.radius_bg_coarse, device)
 
 
 def _nvidia_driver() -> bool:
@@ -563,11 +583,11 @@ def _gains(plan: _Plan, voxel_size_um, sigma_um: tuple) -> tuple[float, float, t
 
     The gain is the kernel's L2 norm; the width (voxels, per axis) is that of the
     band-passed image of the soma at half its maximum. On coarse axes the operator
-    depends on the position relative to the coarse grid: both phases are averaged.
+    depends on the position relative to the background's grid: all phases are averaged.
     """
     reach = tuple(
-        _round_up(rs + (rr + 2) * k + 2, 2)
-        for rs, rr, k in zip(plan.radius_soma, plan.radius_rest_coarse, plan.coarse)
+        _round_up(rs + (rr + 2) * k + 2, max(_BG_FACTORS))
+        for rs, rr, k in zip(plan.radius_soma, plan.radius_bg_coarse, plan.bg_coarse)
     )
     shape = tuple(2 * h + 2 for h in reach)
 
@@ -577,7 +597,7 @@ def _gains(plan: _Plan, voxel_size_um, sigma_um: tuple) -> tuple[float, float, t
         return p / p[centre]
 
     soma_gain, noise_sq, resp0 = [], [], None
-    for phase in ((0, 0, 0), tuple(k - 1 for k in plan.coarse)):
+    for phase in (tuple(p % k for k in plan.bg_coarse) for p in range(max(plan.bg_coarse))):
         at = tuple(h + ph for h, ph in zip(reach, phase))
         delta = np.zeros(shape, dtype=np.float32)
         delta[at] = 1.0
@@ -1138,29 +1158,36 @@ def _detect_block(
     Returns the cells and a histogram of the raw noise SD over the core's tissue (as
     ``(first bin, counts)``, see :func:`_noise_histogram`).
 
-    The block starts on the coarse grid of ``plan.coarse`` (its first voxel's global index
-    is a multiple of the grid factor), so the coarse fields do not depend on the chunking.
+    The block starts on the background's grid of ``plan.bg_coarse`` (its first voxel's
+    global index is a multiple of the grid factor, and so of the noise grid's), so the
+    coarse fields do not depend on the chunking.
     """
     device = _torch_device(device)
     x = _finite_block(block, background, background_scale, pad_lo=pad_lo, origin=origin)
-    g1 = _gaussian(x, plan.sigma_soma, plan.radius_soma, device)
-    background = _coarse_background(g1, plan, device)
-    # From here on only the work region W (the core and plan.margin around it, on the coarse
-    # grid) is needed: the background is interpolated and f = g1 - g2 computed there only.
+    background = _coarse_background(x, plan, device)
+    # From here on only the work region W (the core and plan.margin around it, on the noise
+    # grid) is needed: the background is interpolated, g1 (from W and plan.radius_soma
+    # voxels around it) and f = g1 - g2 computed there only.
     lo = tuple(max(p - m, 0) for p, m in zip(pad_lo, plan.margin))
     hi = tuple(min(p + c + m, n) for p, c, m, n in zip(pad_lo, core_shape, plan.margin, x.shape))
-    c_lo = tuple(max(a // k - 1, 0) for a, k in zip(lo, plan.coarse))
-    c_hi = tuple(min(-(-b // k) + 1, n) for b, k, n in zip(hi, plan.coarse, background.shape))
+    kb = plan.bg_coarse
+    c_lo = tuple(max(a // k - 1, 0) for a, k in zip(lo, kb))
+    c_hi = tuple(min(-(-b // k) + 1, n) for b, k, n in zip(hi, kb, background.shape))
     g2 = _upsample(
         background[tuple(slice(a, b) for a, b in zip(c_lo, c_hi))],
-        plan.coarse,
-        tuple((b - a) * k for a, b, k in zip(c_lo, c_hi, plan.coarse)),
+        kb,
+        tuple((b - a) * k for a, b, k in zip(c_lo, c_hi, kb)),
     )
-    g2 = g2[tuple(slice(a - ca * k, b - ca * k) for a, b, ca, k in zip(lo, hi, c_lo, plan.coarse))]
-    work = tuple(slice(a, b) for a, b in zip(lo, hi))
-    f = g1[work]
-    f -= g2  # the band-passed signal, in place of g1
-    del g1, background
+    g2 = g2[tuple(slice(a - ca * k, b - ca * k) for a, b, ca, k in zip(lo, hi, c_lo, kb))]
+    del background
+    lo_s = tuple(max(a - r, 0) for a, r in zip(lo, plan.radius_soma))
+    hi_s = tuple(min(b + r, n) for b, r, n in zip(hi, plan.radius_soma, x.shape))
+    g1 = _gaussian(
+        x[tuple(slice(a, b) for a, b in zip(lo_s, hi_s))], plan.sigma_soma, plan.radius_soma, device
+    )
+    # the band-passed signal
+    f = np.subtract(g1[tuple(slice(a - b, c - b) for a, b, c in zip(lo, lo_s, hi))], g2)
+    del g1
     # the residual needs one more voxel around W, where the block has it
     lo1 = tuple(max(a - 1, 0) for a in lo)
     hi1 = tuple(min(b + 1, n) for b, n in zip(hi, x.shape))
@@ -1655,7 +1682,7 @@ def detect_cells(
     per_axis = [
         _axis_chunks(n, c, d, a, k)
         for a, (n, c, d, k) in enumerate(
-            zip(sig.shape, params.chunk_size_vox, plan.depth, plan.coarse)
+            zip(sig.shape, params.chunk_size_vox, plan.depth, plan.bg_coarse)
         )
     ]
     chunks = tuple(c for c, _ in per_axis)
