@@ -135,3 +135,47 @@ def test_write_ome_zarr_bad_inputs(tmp_path, volume):
     with pytest.raises(InputError):
         write_ome_zarr(volume[0], tmp_path / "a.zarr", voxel_size_um=(1, 1, 1))
     assert not (tmp_path / "a.zarr").exists()
+
+
+_OPEN_PEAK = """
+import resource, sys
+import numpy as np
+from ketamap.io.volumes import open_volume
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+arr = open_volume(sys.argv[1])
+plane = np.asarray(arr[arr.shape[0] // 2].compute())
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".tif"])
+def test_memory_mapped_volume_is_not_read_whole_on_opening(tmp_path, suffix):
+    """A 256 MiB .npy or uncompressed multipage TIFF opens and gives a plane within 48 MiB
+    of peak memory (Dask's from_array copies NumPy arrays and memory maps whole)."""
+    import subprocess
+    import sys
+
+    shape = (128, 1024, 1024)
+    path = tmp_path / f"big{suffix}"
+    if suffix == ".npy":
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint16, shape=shape).flush()
+    else:
+        tifffile.imwrite(path, np.zeros(shape, np.uint16))
+    out = subprocess.run(
+        [sys.executable, "-c", _OPEN_PEAK, str(path)], capture_output=True, text=True, check=True
+    )
+    assert float(out.stdout.strip().splitlines()[-1]) < 48, out.stdout
+
+
+def test_lazy_array_does_not_copy_its_input():
+    import resource
+
+    from ketamap.io.volumes import lazy_array
+
+    a = np.ones((64, 1024, 512), dtype=np.uint16)  # 64 MiB
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    d = lazy_array(a, chunks=(8, 1024, 512))
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024 < 16
+    b = np.arange(24, dtype=np.uint16).reshape(2, 3, 4)
+    np.testing.assert_array_equal(lazy_array(b, chunks=(1, 3, 2)).compute(), b)
+    assert d.dtype == a.dtype and d.shape == a.shape

@@ -28,6 +28,7 @@ from ketamap.io.formats import is_nifti, open_imaris, open_nifti
 from ketamap.space import check_voxel_size
 
 __all__ = [
+    "lazy_array",
     "open_volume",
     "write_ome_zarr",
     "pyramid_factors",
@@ -152,7 +153,7 @@ def _open_tiff_file(path: Path) -> da.Array:
         )
     try:
         mm = tifffile.memmap(path, mode="r")
-        arr = da.from_array(mm.reshape(squeezed), chunks=(1, *squeezed[1:]))
+        arr = lazy_array(mm.reshape(squeezed), chunks=(1, *squeezed[1:]))
         log.info("open_volume: memory-mapped TIFF %s %s %s", path, squeezed, dtype)
         return arr
     except (ValueError, TypeError, OSError):
@@ -211,6 +212,48 @@ def _open_zarr(path: Path, chunks, level: int = 0) -> da.Array:
     while out.ndim > 3:
         out = out[0]
     return out
+
+
+class _Sliced:
+    """An array that Dask reads chunk by chunk: its shape, dtype and slicing, no ``copy``.
+
+    Dask (since 2024.12) copies NumPy arrays in ``da.from_array``, memory maps included:
+    a memory-mapped volume would be read whole into memory when it is opened, and an
+    in-memory one held twice.
+    """
+
+    def __init__(self, array: np.ndarray):
+        self._array = array
+        self.shape = array.shape
+        self.dtype = array.dtype
+        self.ndim = array.ndim
+
+    def __getitem__(self, key):
+        return self._array[key]
+
+
+def lazy_array(array: np.ndarray, chunks="auto") -> da.Array:
+    """Return a Dask array over a NumPy array or memory map without copying it.
+
+    Parameters
+    ----------
+    array : numpy.ndarray or numpy.memmap
+        Read one chunk at a time (a memory map stays on disk until a chunk is computed).
+    chunks : tuple or "auto"
+        Dask chunks.
+
+    Returns
+    -------
+    dask.array.Array
+    """
+    return da.from_array(
+        _Sliced(array),
+        chunks=chunks,
+        asarray=True,
+        lock=False,
+        meta=np.empty((0,) * array.ndim, array.dtype),
+        name=False,  # no hashing of the data
+    )
 
 
 def check_volume(array, name: str):
@@ -306,7 +349,7 @@ def open_volume(
             mm = np.load(path, mmap_mode="r")
         except Exception as e:
             raise InputError(f"NumPy file {path} cannot be read: {e}.") from e
-        arr = da.from_array(mm, chunks=mm.shape)
+        arr = lazy_array(mm, chunks=(1, *mm.shape[1:]) if mm.ndim == 3 else mm.shape)
     else:
         raise InputError(f"Volume {path} has an unsupported format; use {SUPPORTED_FORMATS}.")
     arr = _as_volume(arr, path)

@@ -50,7 +50,7 @@ from scipy import special
 from scipy.spatial import cKDTree
 
 from ketamap.errors import InputError, ParameterError
-from ketamap.io.volumes import check_volume
+from ketamap.io.volumes import check_volume, lazy_array
 from ketamap.params import bounds, validate
 from ketamap.space import check_voxel_size
 from ketamap.wholebrain.tissue import find_tissue
@@ -736,7 +736,7 @@ def _axis_chunks(
 def _as_dask(array, name: str) -> da.Array:
     arr = check_volume(array, name)
     if isinstance(arr, np.ndarray):
-        arr = da.from_array(arr, chunks=arr.shape, name=False)  # no hashing of the data
+        arr = lazy_array(arr, chunks=arr.shape)
     return arr
 
 

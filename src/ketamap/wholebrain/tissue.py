@@ -72,7 +72,7 @@ from skimage.filters import threshold_otsu
 
 from ketamap.errors import InputError, ParameterError
 from ketamap.io.atomic import write_json
-from ketamap.io.volumes import check_volume
+from ketamap.io.volumes import check_volume, lazy_array
 from ketamap.space import check_voxel_size
 
 __all__ = [
@@ -408,7 +408,7 @@ def _as_dask(volume, block: tuple[int, int, int]) -> da.Array:
             if chunks[a] <= block[a]:
                 break
             chunks[a] = max(block[a], (chunks[a] // 2) // block[a] * block[a])
-        arr = da.from_array(arr, chunks=tuple(chunks), name=False)  # no hashing of the data
+        arr = lazy_array(arr, chunks=tuple(chunks))
     return arr
 
 

@@ -33,6 +33,7 @@ from brainglobe_space import AnatomicalSpace
 from scipy import ndimage as ndi
 
 from ketamap.errors import InputError
+from ketamap.io.volumes import lazy_array
 from ketamap.space import check_orientation, check_voxel_size
 
 __all__ = [
@@ -168,7 +169,7 @@ def prepare_sample(
         atlas_resolution_um=res,
     )
     f = _factors(vs, orientation, atlas_orientation, res)
-    arr = sample if isinstance(sample, da.Array) else da.from_array(sample, chunks="auto")
+    arr = sample if isinstance(sample, da.Array) else lazy_array(np.asarray(sample))
     arr = AnatomicalSpace(orientation).map_stack_to(atlas_orientation, arr)
     k = np.maximum(1, np.floor(f + 1e-9)).astype(int)
     k = np.minimum(k, arr.shape)
