@@ -1114,9 +1114,11 @@ def _finite_block(
     With ``check_only`` (a chunk without tissue, not detected), only the check is made
     and an empty result returned.
     """
-    x = np.asarray(block).astype(np.float32, copy=True)
-    if background is not None:
-        x -= np.multiply(background, np.float32(background_scale), dtype=np.float32)
+    if background is not None:  # x = block - scale * background, in float32
+        x = np.multiply(background, np.float32(-background_scale), dtype=np.float32)
+        np.add(x, block, out=x, casting="unsafe")
+    else:
+        x = np.asarray(block).astype(np.float32, copy=True)
     floats = any(
         a is not None and np.issubdtype(np.asarray(a).dtype, np.floating)
         for a in (block, background)
@@ -1522,14 +1524,15 @@ def _residual_candidates(
     size = tuple(hi1 - lo1)
     fw = f[tuple(slice(a, b) for a, b in zip(lo1, hi1))]
     m = np.zeros(size, dtype=np.float32)
-    for p, pk in zip(np.rint(centres).astype(np.int64), peaks):
-        lo = p - mc - lo1  # the model's first voxel, in window coordinates
-        a = np.maximum(lo, 0)
-        b = np.minimum(lo + model.shape, size)
-        if np.all(b > a):
-            m[tuple(slice(i, j) for i, j in zip(a, b))] += (
-                np.float32(pk) * model[tuple(slice(i - l0, j - l0) for i, j, l0 in zip(a, b, lo))]
-            )
+    lo = np.rint(centres).astype(np.int64) - mc - lo1  # each model's first voxel, in the window
+    a = np.maximum(lo, 0)
+    b = np.minimum(lo + model.shape, size)
+    inside = np.all(b > a, axis=1)
+    boxes = np.concatenate([a, b, a - lo, b - lo], axis=1)[inside].tolist()
+    for (z0, y0, x0, z1, y1, x1, mz0, my0, mx0, mz1, my1, mx1), pk in zip(
+        boxes, np.asarray(peaks, dtype=np.float32)[inside]
+    ):
+        m[z0:z1, y0:y1, x0:x1] += pk * model[mz0:mz1, my0:my1, mx0:mx1]
     r = fw - m
     # above the model and the thresholds' lower bound, then a maximum of its 26 neighbours
     region_lo, region_hi = [s.start for s in region], [s.stop for s in region]
