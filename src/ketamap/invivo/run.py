@@ -55,6 +55,7 @@ from ketamap.invivo.traces import (
 )
 from ketamap.io.atomic import atomic_dir, write_json, write_table
 from ketamap.params import bounds, from_mapping, to_dict, validate
+from ketamap.stats.multitest import holm
 
 __all__ = [
     "EnsembleParams",
@@ -330,17 +331,8 @@ def compare_sessions(
         p = grp["p_value"].to_numpy()
         ok = np.isfinite(p)
         if ok.any():
-            out.loc[grp.index[ok], "p_holm"] = _holm(p[ok])
+            out.loc[grp.index[ok], "p_holm"] = holm(p[ok])
     return out[cols]
-
-
-def _holm(p: np.ndarray) -> np.ndarray:
-    m = len(p)
-    order = np.argsort(p)
-    adj = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
-    out = np.empty(m)
-    out[order] = adj
-    return out
 
 
 def _global_ids(sf: SessionsFile, recs: list, params: EnsembleParams) -> tuple:

@@ -7,9 +7,10 @@ import lazy_loader as _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(
     __name__,
-    submodules=["regions", "voxels", "network"],
+    submodules=["multitest", "regions", "voxels", "network"],
     submod_attrs={
-        "regions": ["StatsParams", "compare_regions", "benjamini_hochberg"],
+        "multitest": ["benjamini_hochberg", "holm"],
+        "regions": ["StatsParams", "compare_regions"],
         "voxels": ["VoxelParams", "density_map", "group_maps", "voxel_test"],
         "network": ["NetworkParams", "compare_networks"],
     },

@@ -22,7 +22,7 @@ from scipy import stats as sstats
 
 from ketamap.errors import InputError, StatsError
 from ketamap.params import bounds, validate
-from ketamap.stats.regions import benjamini_hochberg
+from ketamap.stats.multitest import benjamini_hochberg
 
 __all__ = [
     "NetworkParams",

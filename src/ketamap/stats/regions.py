@@ -21,11 +21,11 @@ from scipy import special, stats
 
 from ketamap.errors import InputError, StatsError
 from ketamap.params import bounds, did_you_mean, validate
+from ketamap.stats.multitest import benjamini_hochberg
 
 __all__ = [
     "StatsParams",
     "compare_regions",
-    "benjamini_hochberg",
     "fit_f_prior_df",
     "OUTPUT_COLUMNS",
 ]
@@ -130,53 +130,6 @@ class StatsParams:
 
     def __post_init__(self):
         validate(self)
-
-
-def benjamini_hochberg(p: ArrayLike) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values (q-values), ignoring NaN.
-
-    Parameters
-    ----------
-    p : array_like of float
-        P-values in [0, 1], any shape; NaN entries are left out of the family
-        and stay NaN.
-
-    Returns
-    -------
-    ndarray of float64
-        Same shape as ``p``.
-
-    Raises
-    ------
-    InputError
-        If a p-value lies outside [0, 1].
-
-    References
-    ----------
-    Benjamini Y, Hochberg Y (1995). J R Stat Soc B 57:289-300.
-    doi:10.1111/j.2517-6161.1995.tb02031.x
-
-    Examples
-    --------
-    >>> benjamini_hochberg([0.01, 0.04, np.nan, 0.03]).round(3)
-    array([0.03, 0.04,  nan, 0.04])
-    """
-    arr = np.asarray(p, dtype=float)
-    flat = arr.ravel()
-    out = np.full(flat.shape, np.nan)
-    ok = ~np.isnan(flat)
-    values = flat[ok]
-    if np.any((values < 0) | (values > 1)):
-        raise InputError("P-values passed to benjamini_hochberg must lie in [0, 1].")
-    m = values.size
-    if m:
-        order = np.argsort(values, kind="stable")
-        scaled = values[order] * m / np.arange(1, m + 1)
-        q = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
-        res = np.empty(m)
-        res[order] = q
-        out[ok] = res
-    return out.reshape(arr.shape)
 
 
 # --------------------------------------------------------------------------- fitting
