@@ -36,6 +36,7 @@ def _naive_p(cells):
     return float(fit.pvalues["C(session)[T.later]"])
 
 
+@pytest.mark.slow  # 300 null studies: about 4 minutes on 2 cores
 def test_null_calibration_across_mice():
     """Null studies of 6 mice (mice differ, and each mouse moves from day to day, as in
     docs/ensembles.md): the per-field model keeps its false-positive rate in 0.03-0.07 at
