@@ -10,7 +10,10 @@ so that library callers can catch what they already know.
 
 from __future__ import annotations
 
+import importlib
+
 __all__ = [
+    "require",
     "KetamapError",
     "ManifestError",
     "ParameterError",
@@ -66,3 +69,53 @@ class QCError(KetamapError, RuntimeError):
 
 class StatsError(KetamapError, ValueError):
     """The statistical design cannot be fitted (e.g. a single group)."""
+
+
+def require(
+    module: str,
+    *,
+    needed_for: str,
+    install: str,
+    what: str | None = None,
+    error: type[KetamapError] = ParameterError,
+    otherwise: str = "",
+):
+    """Import an optional dependency, or raise one sentence that says how to get it.
+
+    Parameters
+    ----------
+    module : str
+        The module to import (e.g. ``"pynwb"``, ``"oasis.oasis_methods"``).
+    needed_for : str
+        What needs it, the start of the sentence (e.g. ``"Reading NWB files"``).
+    install : str
+        What to ``pip install`` (e.g. ``"ketamap[nwb]"``).
+    what : str, optional
+        The package as the user knows it (default: "the <module> package").
+    error : type
+        The error raised: :class:`ParameterError` when a setting asked for it,
+        :class:`InputError` when a file format needs it.
+    otherwise : str
+        The alternative, appended to the sentence (e.g. ``' or set engine = "simpleitk"'``).
+
+    Returns
+    -------
+    module
+
+    Examples
+    --------
+    >>> require("math", needed_for="Counting", install="math").__name__
+    'math'
+    >>> try:
+    ...     require("no_such_module", needed_for="Reading X files", install="ketamap[x]")
+    ... except ParameterError as e:
+    ...     print(e)
+    Reading X files needs the no_such_module package; install it with pip install "ketamap[x]".
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        what = what or f"the {module.split('.')[0]} package"
+        raise error(
+            f'{needed_for} needs {what}; install it with pip install "{install}"{otherwise}.'
+        ) from e

@@ -22,7 +22,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
 
-from ketamap.errors import ParameterError
+from ketamap.errors import ParameterError, require
 
 __all__ = ["use_scheduler", "distributed_active", "map_jobs", "CLUSTERS"]
 
@@ -112,24 +112,17 @@ def _worker_signals() -> None:
 
 
 def _distributed():
-    try:
-        import distributed
-    except ImportError as e:
-        raise ParameterError(
-            'A distributed scheduler needs the "distributed" package; '
-            'install it with "pip install dask[distributed]".'
-        ) from e
-    return distributed
+    return require("distributed", needed_for="A distributed scheduler", install="dask[distributed]")
 
 
 def _jobqueue_cluster(kind: str, n_workers: int):
-    try:
-        import dask_jobqueue
-    except ImportError as e:
-        raise ParameterError(
-            f'--cluster {kind} needs the "dask-jobqueue" package; install it with '
-            '"pip install ketamap[cluster]" and describe the jobs in ~/.config/dask/jobqueue.yaml.'
-        ) from e
+    dask_jobqueue = require(
+        "dask_jobqueue",
+        needed_for=f"--cluster {kind}",
+        install="ketamap[cluster]",
+        what="the dask-jobqueue package",
+        otherwise=" and describe the jobs in ~/.config/dask/jobqueue.yaml",
+    )
     submit = "sbatch" if kind == "slurm" else "qsub"
     if shutil.which(submit) is None:
         raise ParameterError(

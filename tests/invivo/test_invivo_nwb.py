@@ -119,7 +119,7 @@ def test_nwb_errors_are_one_sentence(tmp_path):
 def test_nwb_without_pynwb_says_how_to_install(tmp_path, monkeypatch):
     (tmp_path / "s.nwb").write_bytes(b"")
     monkeypatch.setitem(sys.modules, "pynwb", None)
-    with pytest.raises(InputError, match=r"pip install ketamap\[nwb\]"):
+    with pytest.raises(InputError, match=r'pip install "ketamap\[nwb\]"'):
         read_recording(tmp_path / "s.nwb")
 
 
@@ -169,5 +169,5 @@ def test_sessions_file_naming_nwb_without_pynwb(tmp_path, monkeypatch):
     (tmp_path / "a.nwb").write_bytes(b"")
     (tmp_path / "s.toml").write_text('[[sessions]]\nlabel = "a"\ntime_h = 0\ndata = "a.nwb"\n')
     monkeypatch.setitem(sys.modules, "pynwb", None)
-    with pytest.raises(InputError, match=r"pip install ketamap\[nwb\]"):
+    with pytest.raises(InputError, match=r'pip install "ketamap\[nwb\]"'):
         run_ensembles(tmp_path / "s.toml", tmp_path / "out")

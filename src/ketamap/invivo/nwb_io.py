@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ketamap.errors import InputError, InputNotFoundError
+from ketamap.errors import InputError, InputNotFoundError, require
 from ketamap.invivo.traces import Recording, check_traces
 
 __all__ = ["read_nwb"]
@@ -42,14 +42,9 @@ log = logging.getLogger(__name__)
 
 
 def _import_pynwb():
-    try:
-        import pynwb
-    except ImportError as e:
-        raise InputError(
-            "reading NWB files needs the optional package pynwb; "
-            "install it with `pip install ketamap[nwb]`."
-        ) from e
-    return pynwb
+    return require(
+        "pynwb", needed_for="Reading NWB files", install="ketamap[nwb]", error=InputError
+    )
 
 
 def _containers(nwbfile):

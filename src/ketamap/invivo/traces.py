@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ketamap.errors import InputError, ParameterError
+from ketamap.errors import InputError, ParameterError, require
 
 __all__ = [
     "Recording",
@@ -304,13 +304,12 @@ def deconvolve(
         return deconvolve_ar1(dff, frame_rate_hz=frame_rate_hz, tau_decay_s=tau_decay_s)
     if method != "oasis":
         raise ParameterError(f'deconvolution method must be "ar1" or "oasis", got {method!r}.')
-    try:
-        from oasis.oasis_methods import oasisAR1
-    except ImportError as e:
-        raise ParameterError(
-            'deconvolution method "oasis" needs the oasis-deconv package '
-            "(pip install oasis-deconv)."
-        ) from e
+    oasisAR1 = require(
+        "oasis.oasis_methods",
+        needed_for='Deconvolution method "oasis"',
+        install="oasis-deconv",
+        what="the oasis-deconv package",
+    ).oasisAR1
     if not frame_rate_hz > 0 or not tau_decay_s > 0:
         raise ParameterError("frame_rate_hz and tau_decay_s must both be greater than 0.")
     g = float(np.exp(-1.0 / (tau_decay_s * frame_rate_hz)))

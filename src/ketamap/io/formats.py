@@ -15,7 +15,7 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 
-from ketamap.errors import InputError, ParameterError
+from ketamap.errors import InputError, ParameterError, require
 
 __all__ = ["open_imaris", "open_nifti", "imaris_channels", "is_nifti"]
 
@@ -39,13 +39,7 @@ def is_nifti(path: Path) -> bool:
 
 
 def _h5py():
-    try:
-        import h5py
-    except ImportError as e:  # pragma: no cover - h5py is a dependency
-        raise InputError(
-            'Reading Imaris files needs the h5py package; install it with "pip install h5py".'
-        ) from e
-    return h5py
+    return require("h5py", needed_for="Reading Imaris files", install="h5py", error=InputError)
 
 
 def _attr_text(attrs, name: str, where: str) -> str:
@@ -199,13 +193,7 @@ def open_imaris(
 
 
 def _nibabel():
-    try:
-        import nibabel
-    except ImportError as e:  # pragma: no cover - nibabel is a dependency
-        raise InputError(
-            'Reading NIfTI files needs the nibabel package; install it with "pip install nibabel".'
-        ) from e
-    return nibabel
+    return require("nibabel", needed_for="Reading NIfTI files", install="nibabel", error=InputError)
 
 
 class _NiftiProxy:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ketamap.errors import ParameterError, RegistrationError
+from ketamap.errors import RegistrationError, require
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +39,13 @@ THREADS_ENV = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
 
 def import_ants():
     """Import antspyx, or raise one sentence saying how to get it."""
-    try:
-        import ants
-    except ImportError as e:
-        raise ParameterError(
-            'registration engine "antspyx" needs the antspyx package; install it with '
-            'pip install "ketamap[ants]" or set engine = "simpleitk".'
-        ) from e
-    return ants
+    return require(
+        "ants",
+        needed_for='Registration engine "antspyx"',
+        install="ketamap[ants]",
+        what="the antspyx package",
+        otherwise=' or set engine = "simpleitk"',
+    )
 
 
 def _to_ants(ants, image: sitk.Image):

@@ -49,7 +49,7 @@ from scipy import ndimage as ndi
 from scipy import special
 from scipy.spatial import cKDTree
 
-from ketamap.errors import InputError, ParameterError
+from ketamap.errors import InputError, ParameterError, require
 from ketamap.io.volumes import check_volume, lazy_array
 from ketamap.params import bounds, validate
 from ketamap.space import check_voxel_size
@@ -537,14 +537,17 @@ def _torch_device(name: str):
     if name == "auto" and not _nvidia_driver():
         return None  # no GPU to find: do not pay for importing PyTorch
     try:
-        import torch
-    except ImportError:
+        torch = require(
+            "torch",
+            needed_for=f'DetectionParams.device = "{name}"',
+            install="torch",
+            what="PyTorch",
+            otherwise=' or use device = "cpu"',
+        )
+    except ParameterError:
         if name == "auto":
             return None
-        raise ParameterError(
-            f'DetectionParams.device = "{name}" needs PyTorch; install it '
-            '(pip install torch) or use device = "cpu".'
-        ) from None
+        raise
     if name == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else None
     if name == "torch-cpu":
