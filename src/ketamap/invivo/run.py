@@ -335,6 +335,18 @@ def compare_sessions(
     return out[cols]
 
 
+@dataclass(frozen=True)
+class _Analysed:
+    """One session analysed: the result, its ensembles' members and the cell ids."""
+
+    result: SessionResult
+    members: list  # per ensemble, the input cell indices of its members
+    cell_index: np.ndarray  # input cell index of every analysed row
+    frame_rate_hz: float
+    global_ids: np.ndarray  # global cell id of every analysed row
+    global_members: list  # per ensemble, the members' global cell ids
+
+
 def _global_ids(sf: SessionsFile, recs: list, params: EnsembleParams) -> tuple:
     """Global cell id of every kept cell of every session, and how they were found."""
     if sf.cell_map is not None:
@@ -423,7 +435,7 @@ def run_ensembles(
         # member rows -> input cell indices and global ids
         members = [rec.cell_index[m] for m in res.assemblies.members]
         gmembers = [gid[m] for m in res.assemblies.members]
-        results[s.label] = (res, members, rec.cell_index, rate, gid, gmembers)
+        results[s.label] = _Analysed(res, members, rec.cell_index, rate, gid, gmembers)
         n_bins = res.binned.shape[1]
         prev = set(gids[k - 1].tolist()) if k else first_gids
         match_row = {
@@ -463,10 +475,10 @@ def run_ensembles(
     first = sf.sessions[0].label
     ens_rows, act_frames = [], []
     prev_members = None
-    for row, (lab, (res, members, cidx, rate, _gid, gmembers)) in zip(
-        rows, results.items(), strict=True
-    ):
-        jf = match_assemblies(gmembers, results[first][5])
+    for row, (lab, a) in zip(rows, results.items(), strict=True):
+        res, members, cidx, rate = a.result, a.members, a.cell_index, a.frame_rate_hz
+        gmembers = a.global_members
+        jf = match_assemblies(gmembers, results[first].global_members)
         row["stability_vs_first"] = float(jf.mean()) if len(jf) else float("nan")
         jp = match_assemblies(gmembers, prev_members) if prev_members is not None else np.array([])
         row["stability_vs_previous"] = float(jp.mean()) if len(jp) else float("nan")
@@ -519,8 +531,8 @@ def run_ensembles(
     )
     cell_map = pd.concat(map_rows, ignore_index=True)
     coactive = {
-        lab: (res.binned > 0).sum(axis=0) >= res.summary["coactive_threshold_cells"]
-        for lab, (res, *_) in results.items()
+        lab: (a.result.binned > 0).sum(axis=0) >= a.result.summary["coactive_threshold_cells"]
+        for lab, a in results.items()
     }
     statistics = compare_sessions(sessions_table, cells, coactive)
     out_dir = Path(out_dir)
@@ -532,7 +544,7 @@ def run_ensembles(
         write_table(statistics, tmp / "statistics.parquet")
         write_table(activations, tmp / "activations.parquet", csv=False)
         figures = ensemble_figures(
-            {k: (v[0], v[4]) for k, v in results.items()}, sessions_table, statistics
+            {k: (a.result, a.global_ids) for k, a in results.items()}, sessions_table, statistics
         )
         save_figures(figures, tmp / "figures")
         write_report(
