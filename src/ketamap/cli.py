@@ -22,6 +22,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from typer.core import TyperGroup
 
 from ketamap.errors import KetamapError
 
@@ -36,6 +37,28 @@ simulate_app = typer.Typer(no_args_is_help=True, help="Simulate studies with kno
 atlas_app = typer.Typer(no_args_is_help=True, help="Build and inspect atlases.")
 app.add_typer(simulate_app, name="simulate")
 app.add_typer(atlas_app, name="atlas")
+
+
+class _DefaultCommand(TyperGroup):
+    """A group whose first command runs when no command is named.
+
+    ``ketamap detect SIGNAL ...`` runs ``detect cells``, ``ketamap detect train ...``
+    trains (a signal folder literally named ``train`` is written ``./train``).
+    """
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not {"--help", "-h"} & set(args[:1]):
+            args = [next(iter(self.commands)), *args]
+        return super().parse_args(ctx, args)
+
+
+detect_app = typer.Typer(
+    cls=_DefaultCommand,
+    no_args_is_help=True,
+    help="Detect labelled somata (ketamap detect SIGNAL ...), or train the classifier "
+    "that checks them (ketamap detect train ...).",
+)
+app.add_typer(detect_app, name="detect")
 
 # soft wrap: the terminal wraps long lines itself, so paths and commands stay copyable
 out = Console(soft_wrap=True)
@@ -217,7 +240,7 @@ def report(
 # --------------------------------------------------------------------------- single stages
 
 
-@app.command()
+@detect_app.command("cells")
 def detect(
     signal: Annotated[
         Path,
@@ -235,7 +258,9 @@ def detect(
     cluster: ClusterKind = None,
     workers: ClusterWorkers = 2,
 ):
-    """Detect labelled somata; writes the cells, the tissue mask and the detection QC.
+    """Detect labelled somata (the default: ketamap detect SIGNAL runs this).
+
+    Writes the cells, the tissue mask and the detection QC.
 
     Writes cells.parquet, cells.csv and cells.xml; tissue_mask.ome.zarr (the
     coarse mask of where cells were searched for, 1 = tissue); and
@@ -306,7 +331,7 @@ def _read_annotations(path: Optional[Path], what: str):
     return table.rename(columns={"type": "cell_type"}) if "cell_type" not in table else table
 
 
-@app.command("detect-train", hidden=True)
+@detect_app.command("train")
 def detect_train(
     signal: Annotated[Path, typer.Argument(help="TIFF planes folder, multipage TIFF or OME-Zarr.")],
     voxel_size: VoxelSize,
@@ -353,30 +378,19 @@ def detect_train(
     Runs detection with the same parameters as "ketamap detect", labels the
     candidates, trains, prints the cross-validated accuracy and writes the model.
     """
-    from ketamap.errors import InputError, ParameterError
+    from ketamap.errors import ParameterError
     from ketamap.io.atomic import atomic_path
     from ketamap.io.volumes import open_volume
     from ketamap.params import from_mapping
     from ketamap.wholebrain.classify import (
         combine_annotations,
-        cross_validate,
-        label_candidates,
         save_classifier,
-        train_classifier,
+        train_from_annotations,
     )
-    from ketamap.wholebrain.detect import DetectionParams, detect_cells
+    from ketamap.wholebrain.detect import DetectionParams
 
     if points is None and cells is None:
         raise ParameterError("Give the annotated cells: --cells (and --non-cells), or --points.")
-    if non_cells_beyond is not None and not non_cells_beyond > tolerance:
-        raise ParameterError(
-            f"--non-cells-beyond must exceed --tolerance ({tolerance:g} µm), got "
-            f"{non_cells_beyond:g}."
-        )
-    if not tolerance > 0:
-        raise ParameterError(f"--tolerance must be > 0 µm, got {tolerance}.")
-    if not 0 < threshold < 1:
-        raise ParameterError(f"--threshold must be in (0, 1), got {threshold}.")
     params = from_mapping(
         DetectionParams, {"soma_diameter_um": soma_diameter}, where="--soma-diameter"
     )
@@ -385,30 +399,19 @@ def detect_train(
         non_cells=_read_annotations(non_cells, "Non-cells"),
         points=_read_annotations(points, "Points"),
     )
-    vol = open_volume(signal)
-    bg = open_volume(background) if background else None
-    candidates = detect_cells(vol, voxel_size_um=voxel_size, params=params, background=bg)
-    labels = label_candidates(
-        candidates,
+    trained = train_from_annotations(
+        open_volume(signal),
         annotations,
         voxel_size_um=voxel_size,
+        params=params,
+        background=open_volume(background) if background else None,
         tolerance_um=tolerance,
+        threshold=threshold,
         non_cells_beyond_um=non_cells_beyond,
     )
-    n_ann = annotations["cell_type"].value_counts()
-    if not (labels == 0).any():
-        raise InputError(
-            f"The annotations hold {int(n_ann.get(2, 0))} cells and {int(n_ann.get(1, 0))} "
-            f"non-cells ({int((labels == 1).sum())} candidates matched a cell, none a "
-            "non-cell); training needs both. Give non-cells with --non-cells (a cellfinder "
-            "XML or a CSV), a --points XML with both types, or, if every cell of this volume "
-            "is annotated, --non-cells-beyond 30 to take candidates farther than 30 µm from "
-            "every annotated cell as non-cells."
-        )
-    model = train_classifier(candidates, labels, threshold=threshold)
-    cv = cross_validate(candidates, labels, threshold=threshold)
     with atomic_path(out_path) as tmp:
-        save_classifier(model, tmp)
+        save_classifier(trained.model, tmp)
+    cv = trained.cross_validation
     score = (
         f"{cv['n_folds']}-fold cross-validated accuracy {cv['accuracy']:.3f} (cells kept "
         f"{cv['cell_recall']:.3f}, non-cells removed {cv['non_cell_rejection']:.3f})"
@@ -417,7 +420,7 @@ def detect_train(
     )
     out.print(
         f"trained on {cv['n_cells']} cells and {cv['n_non_cells']} non-cells of "
-        f"{len(candidates)} candidates; {score} -> {out_path}"
+        f"{len(trained.candidates)} candidates; {score} -> {out_path}"
     )
 
 
@@ -800,14 +803,6 @@ def demo(
     print_summary(result, out)
 
 
-def _route_detect_train(argv: list[str]) -> None:
-    """Rewrite ``ketamap [opts] detect train ...`` to the hidden ``detect-train`` (in place)."""
-    words = [i for i, a in enumerate(argv[1:], start=1) if not a.startswith("-")]
-    if len(words) >= 2 and argv[words[0]] == "detect" and argv[words[1]] == "train":
-        if words[1] == words[0] + 1:
-            argv[words[0] : words[1] + 1] = ["detect-train"]
-
-
 def main() -> None:
     """Entry point: run the app, turning KetamapError into one sentence and exit 2.
 
@@ -816,7 +811,6 @@ def main() -> None:
     """
     import threading
 
-    _route_detect_train(sys.argv)
     _interrupt.clear()
     previous = {}
     if threading.current_thread() is threading.main_thread():

@@ -27,6 +27,8 @@ __all__ = [
     "combine_annotations",
     "train_classifier",
     "cross_validate",
+    "train_from_annotations",
+    "TrainingResult",
     "classify_cells",
     "save_classifier",
     "load_classifier",
@@ -376,6 +378,112 @@ def cross_validate(
         "cell_recall": float(np.mean(pred[y == 1])),
         "non_cell_rejection": float(np.mean(~pred[y == 0])),
     }
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """A classifier trained on one volume's annotated candidates.
+
+    Attributes
+    ----------
+    model : CellClassifier
+        Trained on every labelled candidate.
+    cross_validation : dict
+        :func:`cross_validate` of the labelled candidates.
+    candidates : DataFrame
+        The detector's candidates of the volume.
+    labels : ndarray of int
+        Per candidate: 1 cell, 0 non-cell, -1 unlabelled.
+    """
+
+    model: CellClassifier
+    cross_validation: dict
+    candidates: pd.DataFrame
+    labels: np.ndarray
+
+
+def train_from_annotations(
+    signal,
+    annotations: pd.DataFrame,
+    *,
+    voxel_size_um: tuple[float, float, float],
+    params=None,
+    background=None,
+    tolerance_um: float = 10.0,
+    threshold: float = 0.5,
+    non_cells_beyond_um: float | None = None,
+) -> TrainingResult:
+    """Detect a volume's candidates, label them from annotations, train and cross-validate.
+
+    The library function behind ``ketamap detect train``.
+
+    Parameters
+    ----------
+    signal, background : array_like or dask.array.Array
+        The volume (z, y, x) and its optional autofluorescence channel, as for
+        :func:`~ketamap.wholebrain.detect.detect_cells`.
+    annotations : DataFrame
+        ``z_vox, y_vox, x_vox, cell_type`` (2 cell, 1 non-cell), e.g. from
+        :func:`combine_annotations`.
+    voxel_size_um : tuple of 3 float
+    params : DetectionParams, optional
+        The detector's parameters (the defaults when None): train with those the
+        classifier will be used with.
+    tolerance_um : float
+        A candidate takes the label of the nearest annotation within this distance.
+    threshold : float
+        Cell probability at or above which the model keeps a candidate, in (0, 1).
+    non_cells_beyond_um : float, optional
+        Every cell of the volume is annotated: candidates farther than this from every
+        annotated cell are non-cells (must exceed ``tolerance_um``).
+
+    Returns
+    -------
+    TrainingResult
+
+    Raises
+    ------
+    ParameterError
+        For a tolerance, threshold or ``non_cells_beyond_um`` out of range.
+    InputError
+        When no candidate is labelled a non-cell (or none a cell): training needs both;
+        the sentence gives the annotations' counts and the ways to supply non-cells.
+    """
+    from ketamap.wholebrain.detect import DetectionParams, detect_cells
+
+    if not tolerance_um > 0:
+        raise ParameterError(f"The tolerance (--tolerance) must be > 0 µm, got {tolerance_um}.")
+    if not 0 < threshold < 1:
+        raise ParameterError(f"The threshold (--threshold) must be in (0, 1), got {threshold}.")
+    if non_cells_beyond_um is not None and not non_cells_beyond_um > tolerance_um:
+        raise ParameterError(
+            f"The distance beyond which candidates are non-cells (--non-cells-beyond) must "
+            f"exceed the tolerance ({tolerance_um:g} µm), got {non_cells_beyond_um:g}."
+        )
+    params = DetectionParams() if params is None else params
+    candidates = detect_cells(
+        signal, voxel_size_um=voxel_size_um, params=params, background=background
+    )
+    labels = label_candidates(
+        candidates,
+        annotations,
+        voxel_size_um=voxel_size_um,
+        tolerance_um=tolerance_um,
+        non_cells_beyond_um=non_cells_beyond_um,
+    )
+    n_ann = annotations["cell_type"].value_counts()
+    if not (labels == 0).any():
+        raise InputError(
+            f"The annotations hold {int(n_ann.get(2, 0))} cells and {int(n_ann.get(1, 0))} "
+            f"non-cells ({int((labels == 1).sum())} candidates matched a cell, none a "
+            "non-cell); training needs both. Give non-cells with --non-cells (a cellfinder "
+            "XML or a CSV), a --points XML with both types, or, if every cell of this volume "
+            "is annotated, --non-cells-beyond 30 to take candidates farther than 30 µm from "
+            "every annotated cell as non-cells."
+        )
+    model = train_classifier(candidates, labels, threshold=threshold)
+    cv = cross_validate(candidates, labels, threshold=threshold)
+    return TrainingResult(model, cv, candidates, np.asarray(labels))
 
 
 def classify_cells(cells: pd.DataFrame, model: CellClassifier) -> pd.DataFrame:
