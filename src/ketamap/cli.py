@@ -487,7 +487,7 @@ def quantify(
     from ketamap.atlas import load_atlas
     from ketamap.io.atomic import atomic_dir, write_json, write_table
     from ketamap.io.points import read_points
-    from ketamap.pipeline import quantify_cells
+    from ketamap.wholebrain.quantify import quantify_cells
     from ketamap.wholebrain.register import load_registration
 
     at = load_atlas(atlas)

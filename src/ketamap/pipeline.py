@@ -42,6 +42,7 @@ from ketamap.errors import InputNotFoundError, ParameterError, QCError
 from ketamap.io.atomic import atomic_dir, atomic_path, write_json, write_table
 from ketamap.params import did_you_mean, from_mapping, to_dict
 from ketamap.study import Study, Subject, load_study
+from ketamap.wholebrain.quantify import quantify_cells
 from ketamap.wholebrain.tissue import read_tissue_mask, tissue_atlas_dice, write_detection_qc
 
 __all__ = ["SUBJECT_STAGES", "STUDY_STAGES", "run_study", "run_subject", "fingerprint", "versions"]
@@ -328,56 +329,6 @@ def write_registration(
         warped = warp_image_to_sample(reg, atlas.reference)
         with atomic_path(folder / "qc_checkerboard.png") as png:
             png.write_bytes(registration_checkerboard_png(prepared, warped, title=title))
-
-
-def quantify_cells(cells: pd.DataFrame, reg, atlas, volumes: pd.DataFrame):
-    """Map detected cells to the atlas and count them per region at every level.
-
-    Parameters
-    ----------
-    cells : DataFrame
-        Detected cells with ``z_vox, y_vox, x_vox`` in the raw sample grid.
-    reg : Registration
-    atlas : Atlas
-    volumes : DataFrame
-        ``region_id, hemisphere, volume_mm3`` in the animal's space.
-
-    Returns
-    -------
-    cells_atlas : DataFrame
-        ``cells`` plus ``atlas_z_vox, atlas_y_vox, atlas_x_vox, region_id,
-        hemisphere, inside_volume, acronym``.
-    regions : DataFrame
-        See :func:`ketamap.wholebrain.quantify.count_regions`.
-    summary : dict
-        See :func:`ketamap.wholebrain.quantify.cell_summary`.
-
-    Raises
-    ------
-    InputError
-        If the cells were not detected in the registered image (see
-        :func:`ketamap.wholebrain.quantify.check_cells_match_image`).
-    """
-    from ketamap.wholebrain.quantify import (
-        assign_regions,
-        cell_summary,
-        check_cells_match_image,
-        count_regions,
-    )
-    from ketamap.wholebrain.register import cells_to_atlas
-
-    check_cells_match_image(cells, reg.sample_shape_vox, reg.sample_voxel_size_um)
-    pts = cells_to_atlas(reg, cells[["z_vox", "y_vox", "x_vox"]].to_numpy(float))
-    assigned = assign_regions(pts, atlas)
-    cells_atlas = (
-        cells.reset_index(drop=True)
-        .assign(atlas_z_vox=pts[:, 0], atlas_y_vox=pts[:, 1], atlas_x_vox=pts[:, 2])
-        .join(assigned)
-    )
-    cells_atlas["acronym"] = [
-        atlas.ontology.acronym(int(r)) if r else "" for r in cells_atlas["region_id"]
-    ]
-    return cells_atlas, count_regions(assigned, volumes, atlas.ontology), cell_summary(assigned)
 
 
 def run_subject(

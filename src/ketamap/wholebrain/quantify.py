@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ketamap.errors import InputError
+from ketamap.wholebrain.register import cells_to_atlas
 
 __all__ = [
     "assign_regions",
@@ -22,6 +23,7 @@ __all__ = [
     "count_regions",
     "cell_summary",
     "check_cells_match_image",
+    "quantify_cells",
 ]
 
 # cells may lie at most this share outside the registered image (sub-voxel centres at the
@@ -253,3 +255,45 @@ def cell_summary(assigned: pd.DataFrame) -> dict:
         "n_left": int(((assigned["hemisphere"] == 1) & labelled).sum()),
         "n_right": int(((assigned["hemisphere"] == 2) & labelled).sum()),
     }
+
+
+def quantify_cells(cells: pd.DataFrame, reg, atlas, volumes: pd.DataFrame):
+    """Map detected cells to the atlas and count them per region at every level.
+
+    Parameters
+    ----------
+    cells : DataFrame
+        Detected cells with ``z_vox, y_vox, x_vox`` in the raw sample grid.
+    reg : Registration
+    atlas : Atlas
+    volumes : DataFrame
+        ``region_id, hemisphere, volume_mm3`` in the animal's space.
+
+    Returns
+    -------
+    cells_atlas : DataFrame
+        ``cells`` plus ``atlas_z_vox, atlas_y_vox, atlas_x_vox, region_id,
+        hemisphere, inside_volume, acronym``.
+    regions : DataFrame
+        See :func:`count_regions`.
+    summary : dict
+        See :func:`cell_summary`.
+
+    Raises
+    ------
+    InputError
+        If the cells were not detected in the registered image (see
+        :func:`check_cells_match_image`).
+    """
+    check_cells_match_image(cells, reg.sample_shape_vox, reg.sample_voxel_size_um)
+    pts = cells_to_atlas(reg, cells[["z_vox", "y_vox", "x_vox"]].to_numpy(float))
+    assigned = assign_regions(pts, atlas)
+    cells_atlas = (
+        cells.reset_index(drop=True)
+        .assign(atlas_z_vox=pts[:, 0], atlas_y_vox=pts[:, 1], atlas_x_vox=pts[:, 2])
+        .join(assigned)
+    )
+    cells_atlas["acronym"] = [
+        atlas.ontology.acronym(int(r)) if r else "" for r in cells_atlas["region_id"]
+    ]
+    return cells_atlas, count_regions(assigned, volumes, atlas.ontology), cell_summary(assigned)
