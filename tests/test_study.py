@@ -81,6 +81,16 @@ def test_good_manifest_loads(study_dir):
     assert study.covariates == ("sex",)
 
 
+def test_key_regions_default_and_override(study_dir):
+    from ketamap.study import DEFAULT_KEY_REGIONS
+
+    assert load_study(write(study_dir, GOOD)).key_regions == DEFAULT_KEY_REGIONS
+    text = GOOD.replace('marker = "TH"', 'marker = "TH"\nkey_regions = ["CA1", "VTA"]')
+    study = load_study(write(study_dir, text))
+    assert study.key_regions == ("CA1", "VTA")
+    assert load_study(write(study_dir, study_to_toml(study))) == study
+
+
 def test_round_trip_through_toml(study_dir):
     study = load_study(write(study_dir, GOOD))
     again = load_study(write(study_dir, study_to_toml(study)))
@@ -136,6 +146,16 @@ MISTAKES = [
         ['did you mean "saline"'],
     ),
     ("voxel size wrong length", ("[25.0, 25.0, 25.0]", "[25.0, 25.0]"), ["three numbers"]),
+    (
+        "key regions not a list",
+        ('marker = "TH"', 'marker = "TH"\nkey_regions = "VTA"'),
+        ["key_regions", "must be a list"],
+    ),
+    (
+        "key region not a string",
+        ('marker = "TH"', 'marker = "TH"\nkey_regions = ["VTA", 5]'),
+        ["key_regions", "must be a string"],
+    ),
     ("negative dose", ("dose_mg_per_kg = 30", "dose_mg_per_kg = -30"), ["0 or more"]),
     (
         "bad schedule",

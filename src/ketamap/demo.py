@@ -75,9 +75,10 @@ def run_demo(
         count per group in the key regions) and ``called`` (regions called per
         contrast).
     """
-    from ketamap.pipeline import KEY_REGIONS, run_study
+    from ketamap.pipeline import run_study
     from ketamap.simulate import simulate_census
     from ketamap.simulate.evaluate import evaluate_census
+    from ketamap.study import load_study
 
     out = Path(out_dir)
     n_subjects = 3 * n_per_group
@@ -106,10 +107,11 @@ def run_demo(
 
     counts = pd.read_parquet(out / "stats" / "counts.parquet")
     subjects = pd.read_parquet(out / "stats" / "subjects.parquet")
-    key = counts[counts["acronym"].isin(KEY_REGIONS)].merge(subjects[["subject", "group"]])
+    key_regions = load_study(manifest).key_regions
+    key = counts[counts["acronym"].isin(key_regions)].merge(subjects[["subject", "group"]])
     table = key.pivot_table(index="acronym", columns="group", values="count", aggfunc="mean")
     order = [g for g in subjects["group"].drop_duplicates()]
-    table = table.reindex(index=[a for a in KEY_REGIONS if a in table.index], columns=order)
+    table = table.reindex(index=[a for a in key_regions if a in table.index], columns=order)
     regions = pd.read_csv(out / "stats" / "regions.csv")
     called = regions[regions["q"] < 0.05]
     return {

@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 
 SUBJECT_STAGES = ("detect", "register", "quantify")
 STUDY_STAGES = ("stats", "report")
-KEY_REGIONS = ("VTA", "SNc", "SNr", "ZI", "DR", "DMH", "MPN", "PVH", "ARH", "VMH", "LHA")
 _PACKAGES = (
     "ketamap",
     "numpy",
@@ -771,7 +770,7 @@ def _map_sections(study: Study, regions: pd.DataFrame, alpha: float):
     atlas = _atlas(study.atlas, str(study.root))
     figures, tables = [], []
     # slices through the strongest hits first, then the key regions of the two studies
-    focus = tuple(dict.fromkeys(top_hits(regions, 3, alpha=alpha) + list(KEY_REGIONS)))
+    focus = tuple(dict.fromkeys(top_hits(regions, 3, alpha=alpha) + list(study.key_regions)))
     for value, caption in (
         ("log2_fold_change", "Atlas slices (coronal) coloured by each region's log2 fold change "
                              f"where it is called at q < {alpha:g} (most specific called "
@@ -873,7 +872,7 @@ def run_report(study: Study, *, force: bool = False) -> bool:
         subjects = pd.read_parquet(study.root / "stats" / "subjects.parquet")
         truth = pd.read_csv(truth_file) if truth_file.exists() else None
         present = set(counts["acronym"])
-        key = tuple(a for a in KEY_REGIONS if a in present)
+        key = tuple(a for a in study.key_regions if a in present)
         images = {}
         for s in study.subjects:
             reg_dir = subject_dir(study, s, "register")

@@ -139,6 +139,10 @@ class Study:
     classifier : Path or None
         A trained candidate classifier (``ketamap detect train``) that the detect
         stage applies as a second pass (``classifier`` in ``[study]``).
+    key_regions : tuple of str
+        Atlas acronyms the report always shows (density of every mouse, dose-response),
+        beside the strongest hits (``key_regions`` in ``[study]``; default
+        :data:`DEFAULT_KEY_REGIONS`).
     """
 
     name: str
@@ -151,6 +155,7 @@ class Study:
     root: Path
     params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     classifier: Path | None = None
+    key_regions: tuple[str, ...] = ()
 
     def group(self, name: str) -> Group:
         """Return the group called ``name``."""
@@ -183,7 +188,12 @@ class Study:
 # --------------------------------------------------------------------------- parsing
 
 _TOP_KEYS = ("study", "imaging", "groups", "subjects", "detection", "registration", "stats")
-_STUDY_KEYS = ("name", "atlas", "marker", "reference_group", "classifier")
+_STUDY_KEYS = ("name", "atlas", "marker", "reference_group", "classifier", "key_regions")
+
+#: The report's key regions when ``[study]`` names none: where the TH+ changes after
+#: ketamine were reported (midbrain dopaminergic nuclei, dorsal raphe, hypothalamus;
+#: Datta et al., Cell Reports 2023).
+DEFAULT_KEY_REGIONS = ("VTA", "SNc", "SNr", "ZI", "DR", "DMH", "MPN", "PVH", "ARH", "VMH", "LHA")
 _IMAGING_KEYS = ("voxel_size_um", "orientation", "signal_channel", "background_channel")
 _GROUP_KEYS = ("name", "dose_mg_per_kg", "schedule", "duration_days", "description")
 _SUBJECT_KEYS = (
@@ -286,6 +296,11 @@ def parse_study(
         if st.get("classifier") is None
         else _path(st["classifier"], root, "classifier", "[study]", check_exists=check_paths)
     )
+    key_regions = _typed(
+        st.get("key_regions", list(DEFAULT_KEY_REGIONS)), list, "key_regions", "[study]"
+    )
+    for acronym in key_regions:
+        _typed(acronym, str, "each of key_regions", "[study]")
 
     im = _typed(_require(data, "imaging", "the manifest"), dict, "[imaging]", "the manifest")
     check_keys(im, _IMAGING_KEYS, "[imaging]")
@@ -414,6 +429,7 @@ def parse_study(
         root=root,
         params=params,
         classifier=classifier,
+        key_regions=tuple(key_regions),
     )
 
 
