@@ -23,7 +23,7 @@ import pandas as pd
 from ketamap.errors import InputError, InputNotFoundError, KetamapError, ManifestError
 from ketamap.params import did_you_mean
 from ketamap.space import check_orientation, check_voxel_size
-from ketamap.tomlfile import check_keys, read_toml
+from ketamap.tomlfile import check_keys, data_path, read_toml
 
 __all__ = [
     "Imaging",
@@ -248,17 +248,7 @@ def _voxel_size(value: Any, where: str) -> tuple[float, float, float]:
 
 def _path(value: Any, root: Path, what: str, where: str, *, check_exists: bool) -> Path:
     _typed(value, str, what, where)
-    p = Path(value)
-    if not p.is_absolute():
-        p = root / p
-        if not p.resolve().is_relative_to(root):
-            raise ManifestError(
-                f'{what} of {where} "{value}" points outside the study folder; give data '
-                "outside it as an absolute path."
-            )
-    if check_exists and not p.exists():
-        raise ManifestError(f'{what} of {where} does not exist: "{value}" (looked in {p.parent}).')
-    return p
+    return data_path(value, root, what, where, check_exists=check_exists, folder="study")
 
 
 def parse_study(

@@ -112,6 +112,7 @@ def test_load_sessions_good(tmp_path):
         (GOOD.replace('label = "stress"', 'label = "baseline"'), "appears twice"),
         (GOOD.replace("frame_rate_hz = 20.0", "frame_rate_hz = -1"), "greater than 0"),
         (GOOD.replace('data = "a.npy"\nframe', 'data = 3\nframe'), "path string"),
+        (GOOD.replace('data = "a.npy"\nframe', 'data = "../a.npy"\nframe'), "points outside"),
         ("[[sessions]]\nlabel = 'x'\ntime_h = 0\n", 'missing the required key "data"'),
         ("[field_of_view]\nname = 'x'\n", "at least one"),
         ("[[sessions]\n", "not valid TOML"),

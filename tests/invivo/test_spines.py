@@ -210,6 +210,9 @@ def test_sessions_file_errors_are_one_sentence(small_study, tmp_path):
     bad.write_text(text.replace("images/", str(tmp_path / "nowhere") + "/"))
     with pytest.raises(InputNotFoundError, match="does not exist"):
         load_spine_sessions(bad)
+    bad.write_text(text.replace("images/", "../images/"))
+    with pytest.raises(ManifestError, match="points outside"):
+        load_spine_sessions(bad)
     bad.write_text(text.replace("time_h = 72.0", "time_h = 1000.0"))
     with pytest.raises(ManifestError, match="time order"):
         load_spine_sessions(bad)

@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from ketamap.errors import InputError, InputNotFoundError, ManifestError
-from ketamap.tomlfile import check_keys, read_toml
+from ketamap.tomlfile import check_keys, data_path, read_toml
 
 __all__ = [
     "Session",
@@ -182,14 +182,10 @@ def parse_sessions(
             raise ManifestError(f'label "{label}" appears twice in {where}; labels must be unique.')
         labels.add(label)
         time_h = _number(s["time_h"], "time_h", w, positive=False)
-        if not isinstance(s["data"], str):
-            raise ManifestError(f"data in {w} must be a path string, got {s['data']!r}.")
-        data = (root / s["data"]).resolve()
+        data = data_path(s["data"], root, "data", w).resolve()
         neuropil = None
         if "neuropil" in s:
-            if not isinstance(s["neuropil"], str):
-                raise ManifestError(f"neuropil in {w} must be a path string.")
-            neuropil = (root / s["neuropil"]).resolve()
+            neuropil = data_path(s["neuropil"], root, "neuropil", w).resolve()
         rate = default_rate
         if "frame_rate_hz" in s:
             rate = _number(s["frame_rate_hz"], "frame_rate_hz", w, positive=True)
@@ -207,9 +203,9 @@ def parse_sessions(
         raise ManifestError(f"[params] in {where} must be a table.")
     cell_map = None
     if "cell_map" in fov:
-        if not isinstance(fov["cell_map"], str):
-            raise ManifestError(f"cell_map in [field_of_view] of {where} must be a path string.")
-        cell_map = (root / fov["cell_map"]).resolve()
+        cell_map = data_path(
+            fov["cell_map"], root, "cell_map", f"[field_of_view] of {where}"
+        ).resolve()
     mouse = fov.get("mouse", name)
     if not isinstance(mouse, str) or not mouse:
         raise ManifestError(f"mouse in [field_of_view] of {where} must be a non-empty string.")

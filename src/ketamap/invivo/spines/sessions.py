@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ketamap.errors import InputNotFoundError, ManifestError
-from ketamap.tomlfile import check_keys, read_toml
+from ketamap.errors import ManifestError
+from ketamap.tomlfile import check_keys, data_path, read_toml
 
 __all__ = ["Dendrite", "SpineSessions", "load_spine_sessions"]
 
@@ -144,13 +144,12 @@ def load_spine_sessions(path: str | Path) -> SpineSessions:
         for label in labels:
             if label not in images:
                 raise ManifestError(f'dendrite "{name}" has no image for session "{label}".')
-            p = Path(images[label])
-            p = p if p.is_absolute() else path.parent / p
-            if not p.is_file():
-                raise InputNotFoundError(
-                    f'image "{p}" of dendrite "{name}", session "{label}" does not exist.'
-                )
-            resolved[label] = p
+            resolved[label] = data_path(
+                images[label],
+                path.parent,
+                f'the image of session "{label}"',
+                f'dendrite "{name}" in {where}',
+            )
         dendrites.append(Dendrite(name, str(d.get("mouse", name)), px, resolved))
     params = doc.get("params", {})
     if not isinstance(params, dict):
