@@ -888,6 +888,7 @@ def _half_max_extents(
     plan: _Plan,
     level: float = 0.5,
     valley: np.ndarray | None = None,
+    edge: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distances (n, 3) from each maximum to where f falls below level x peak, below and above.
 
@@ -895,10 +896,13 @@ def _half_max_extents(
     beyond the last voxel; no crossing within plan.walk voxels gives plan.walk. Axes that
     are not searched (a single plane) get 0.5 on both sides. With ``valley`` (one height
     per maximum), a walk that climbs more than that height above the lowest value it has
-    passed stops there: the object ends at the saddle to its neighbour.
+    passed stops there: the object ends at the saddle to its neighbour. ``edge`` (n, 3,
+    bool), when given, is set where the walk on either side ended at the volume edge.
     """
     lo = np.full(pos.shape, 0.5, dtype=np.float64)
     hi = np.full(pos.shape, 0.5, dtype=np.float64)
+    if edge is not None:
+        edge[:] = False
     if len(pos) == 0:
         return lo, hi
     half = level * peak
@@ -923,6 +927,8 @@ def _half_max_extents(
             t = np.divide(prev - half, denom, out=np.full_like(prev, 0.5), where=denom > 0)
             dist = np.where(crossed, first + np.clip(t, 0.0, 1.0), n_walk)
             dist = np.where(out, first + 0.5, dist)
+            if edge is not None:
+                edge[:, a] |= out
             if valley is not None:
                 low = np.minimum.accumulate(np.where(inside, v, np.inf), axis=1)
                 rise = inside & (v > low + valley[:, None])
@@ -1336,11 +1342,14 @@ def _detect_block(
     # 1.25 diameters apart (a chain of n somata s apart has excess s^2 (n^2 - 1) / 12),
     # placed evenly about the centroid along v (two somata touching diagonally).
     # Only axes with at least 2 voxels per soma diameter take part.
-    lo, hi = _half_max_extents(f, c["pos"], c["peak"], plan, valley=c["dip"])
+    # An object that runs into the volume edge along an axis has the edge's extent there,
+    # not its own: it is not split along that axis, nor along any direction (b).
+    at_edge = np.zeros(c["pos"].shape, dtype=bool)
+    lo, hi = _half_max_extents(f, c["pos"], c["peak"], plan, valley=c["dip"], edge=at_edge)
     extent = lo + hi
     excess = (extent - np.asarray(plan.single_width)) / np.asarray(plan.split_spacing)
     pieces = 1 + np.maximum(np.rint(excess), 0).astype(np.int64)
-    pieces = np.where(np.asarray(plan.split_axes)[None, :], pieces, 1)
+    pieces = np.where(np.asarray(plan.split_axes)[None, :] & ~at_edge, pieces, 1)
     counts = pieces.prod(axis=1)
     vs = np.asarray(voxel_size_um, dtype=np.float64)
     n_dir = np.ones(len(c["pos"]), dtype=np.int64)
@@ -1360,7 +1369,7 @@ def _detect_block(
         ratio = np.divide(e1, e_pair, out=np.zeros_like(e1), where=e_pair > 0)
         n_dir = np.rint(np.sqrt(1.0 + 3.0 * np.maximum(ratio, 0.0))).astype(np.int64)
         n_dir = np.clip(n_dir, 1, _MAX_PIECES)
-    directional = n_dir > counts
+    directional = (n_dir > counts) & ~at_edge.any(axis=1)
     counts = np.where(directional, n_dir, counts)
     owner = np.repeat(np.arange(len(c["pos"])), counts)
     start = np.cumsum(counts) - counts  # first piece of each object
