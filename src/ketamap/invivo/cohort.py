@@ -17,7 +17,6 @@ Sessions are matched across fields by label and ordered by time (their mean
 
 from __future__ import annotations
 
-import html
 import logging
 from pathlib import Path
 
@@ -55,20 +54,6 @@ def _key_lines(stats: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _table(df: pd.DataFrame) -> str:
-    def cell(v):
-        if isinstance(v, (float, np.floating)):
-            return "" if np.isnan(v) else f"{v:.4g}"
-        return html.escape(str(v))
-
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
-        for row in df.itertuples(index=False)
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def render_mice_report(
     stats: pd.DataFrame, per_mouse: pd.DataFrame, fields: list[tuple[str, str]], *, unit: str
 ) -> str:
@@ -91,15 +76,9 @@ def render_mice_report(
     str
         A self-contained HTML page (no script, no external resource).
     """
-    from ketamap.report.html import KEY_CSS, key_results_html
+    from ketamap.report.html import heading, items, render_page, table, text
 
     n_mice = len({m for _, m in fields})
-    key = key_results_html(_key_lines(stats), "each session against the first, across mice")
-    links = "".join(
-        f"<li><a href='fields/{html.escape(n)}/report.html'>{html.escape(n)}</a> "
-        f"(mouse {html.escape(m)})</li>"
-        for n, m in fields
-    )
     methods = (
         "Every field of view was analysed on its own (events, coactivity, ensembles; see "
         "each field's page). Sessions were then compared across mice by a linear mixed "
@@ -115,19 +94,22 @@ def render_mice_report(
         "tested by the exact sign-flip test of the per-mouse mean differences, and the "
         "method column says so."
     )
-    style = (
-        "body{font-family:system-ui,sans-serif;margin:2em;max-width:75em}"
-        "table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0 1.5em}"
-        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
-    )
-    return (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>Ensembles across mice</title><style>{style}{KEY_CSS}</style></head><body>"
-        f"<h1>Ensembles across {n_mice} mice ({len(fields)} fields of view)</h1>{key}"
-        f"<h2>Sessions compared across mice</h2>{_table(stats)}"
-        f"<h2>Per mouse and session</h2>{_table(per_mouse)}"
-        f"<h2>Fields of view</h2><ul>{links}</ul>"
-        f"<h2>Methods</h2><p>{html.escape(methods)}</p></body></html>"
+    blocks = [
+        heading("Sessions compared across mice"),
+        table(stats),
+        heading("Per mouse and session"),
+        table(per_mouse),
+        heading("Fields of view"),
+        items((f"{n} (mouse {m})", f"fields/{n}/report.html") for n, m in fields),
+        heading("Methods"),
+        text(methods),
+    ]
+    return render_page(
+        "Ensembles across mice",
+        blocks,
+        heading_text=f"Ensembles across {n_mice} mice ({len(fields)} fields of view)",
+        key_lines=_key_lines(stats),
+        key_note="each session against the first, across mice",
     )
 
 

@@ -12,7 +12,6 @@ and references nothing outside itself.
 
 from __future__ import annotations
 
-import html
 import logging
 from pathlib import Path
 
@@ -222,29 +221,6 @@ def save_figures(figures: dict, out_dir: str | Path) -> list[Path]:
     return paths
 
 
-def _table(df: pd.DataFrame, columns) -> str:
-    from ketamap.report.html import _fmt
-
-    cols = [c for c in columns if c in df.columns]
-    head = "".join(f"<th>{html.escape(c.replace('_', ' '))}</th>" for c in cols)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in rec) + "</tr>"
-        for rec in df[cols].itertuples(index=False)
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
-max-width:1150px;color:#222;line-height:1.45;padding:0 1em}
-h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;
-margin-top:1.8em}table{border-collapse:collapse;font-size:.82em;margin:.6em 0}
-th,td{border:1px solid #ddd;padding:.25em .5em;text-align:right}
-th{background:#f4f6f8}td:first-child,th:first-child{text-align:left}
-img{max-width:100%;height:auto;border:1px solid #eee}.note{color:#555;font-size:.9em}
-"""
-
-
 _MEASURE_NAMES = {
     "fraction_coactive_bins": "coactive bins",
     "cell_mean_coactivity": "cell mean coactivity",
@@ -287,13 +263,10 @@ def render_report(
         A complete HTML document with no external reference.
     """
     from ketamap.report.figures import figure_bytes
-    from ketamap.report.html import KEY_CSS, _png_uri, key_results_html
+    from ketamap.report.html import figure, heading, render_page, table, text
 
-    def fig(name: str, alt: str) -> str:
-        if name not in figures:
-            return ""
-        uri = _png_uri(figure_bytes(figures[name]))
-        return f'<p><img alt="{html.escape(alt)}" src="{uri}"></p>'
+    def fig(name: str, alt: str) -> list[dict]:
+        return [figure(figure_bytes(figures[name]), alt)] if name in figures else []
 
     method_text = {
         "footprints": "ROI footprints matched after registering each session's mean image "
@@ -312,44 +285,46 @@ def render_report(
             ensembles.groupby(["session", "ensemble"])["jaccard_first"].first().reset_index(),
             on=["session", "ensemble"],
         )
-    p = html.escape
-    parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>Ensembles — {p(field_of_view)}</title><style>{_CSS}{KEY_CSS}</style></head>"
-        "<body>",
-        f"<h1>Calcium-imaging ensembles — {p(field_of_view)}</h1>",
-        key_results_html(
-            _key_lines(sessions, statistics), "each session against the first; Holm-adjusted p"
+    params_table = pd.DataFrame(
+        {"parameter": list(params), "value": [str(v) for v in params.values()]}
+    )
+    blocks = [
+        text(
+            f"{len(sessions)} sessions. Cells matched across sessions by {method_text}. "
+            "Coactive bins are tested against a circular-shift null; ensembles are found by "
+            "PCA/ICA with a Marchenko–Pastur bound (Lopes-dos-Santos et al. 2013)."
         ),
-        f"<p class='note'>{len(sessions)} sessions. Cells matched across sessions by "
-        f"{p(method_text)}. Coactive bins are tested against a circular-shift null; "
-        "ensembles are found by PCA/ICA with a Marchenko–Pastur bound (Lopes-dos-Santos "
-        "et al. 2013).</p>",
-        "<h2>Sessions</h2>",
-        _table(sessions, _SESSION_COLUMNS),
-        "<h2>Coordination over sessions</h2>",
-        fig("coordination", "coactivity measures over sessions"),
-        "<p class='note'>Stars: Holm-adjusted p of each session against the previous one "
-        "(* &lt; 0.05, ** &lt; 0.01, *** &lt; 0.001).</p>",
-        "<h3>Statistics</h3>",
-        _table(statistics, _STAT_COLUMNS),
-        "<h2>Rasters sorted by ensemble</h2>",
-        fig("raster", "event raster of every session sorted by ensemble"),
-        "<p class='note'>Rows are cells by global id, in the order of the first session's "
-        "ensembles (red lines separate them); a cell keeps its row in every session.</p>",
-        "<h2>Cells matched across sessions</h2>",
-        _table(sessions, _MATCH_COLUMNS),
-        "<h2>Ensemble stability</h2>",
-        fig("stability", "ensemble stability over sessions"),
-        _table(sizes, ("session", "ensemble", "n_members", "jaccard_first")),
-        "<h2>Parameters</h2>",
-        _table(
-            pd.DataFrame({"parameter": list(params), "value": [str(v) for v in params.values()]}),
-            ("parameter", "value"),
+        heading("Sessions"),
+        table(sessions, _SESSION_COLUMNS),
+        heading("Coordination over sessions"),
+        *fig("coordination", "coactivity measures over sessions"),
+        text(
+            "Stars: Holm-adjusted p of each session against the previous one "
+            "(* < 0.05, ** < 0.01, *** < 0.001)."
         ),
-        "</body></html>",
+        heading("Statistics", level=3),
+        table(statistics, _STAT_COLUMNS),
+        heading("Rasters sorted by ensemble"),
+        *fig("raster", "event raster of every session sorted by ensemble"),
+        text(
+            "Rows are cells by global id, in the order of the first session's ensembles (red "
+            "lines separate them); a cell keeps its row in every session."
+        ),
+        heading("Cells matched across sessions"),
+        table(sessions, _MATCH_COLUMNS),
+        heading("Ensemble stability"),
+        *fig("stability", "ensemble stability over sessions"),
+        table(sizes, ("session", "ensemble", "n_members", "jaccard_first")),
+        heading("Parameters"),
+        table(params_table, ("parameter", "value")),
     ]
-    return "\n".join(parts)
+    return render_page(
+        f"Ensembles — {field_of_view}",
+        blocks,
+        heading_text=f"Calcium-imaging ensembles — {field_of_view}",
+        key_lines=_key_lines(sessions, statistics),
+        key_note="each session against the first; Holm-adjusted p",
+    )
 
 
 def write_report(path: str | Path, **kwargs) -> Path:

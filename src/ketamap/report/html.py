@@ -1,10 +1,17 @@
-"""One self-contained HTML report of a whole-brain census study.
+"""The one HTML renderer of every ketamap report (jinja2, shared templates and style).
+
+:func:`render_report` renders the census report (``templates/report.html``), and
+:func:`render_page` the pages of the other analyses (ensembles, spines): a heading,
+the key-results box and a list of blocks (:func:`heading`, :func:`text`,
+:func:`table`, :func:`figure`, :func:`items`) in ``templates/page.html``. Both
+extend ``templates/base.html`` and its style sheet ``templates/style.css``.
 
 Figures are embedded as base64 PNG, the region table carries its own CSV as a
 ``data:`` URI, and the sorting/filtering script is inline: the file opens
 offline, needs no server, and needs nothing outside itself. Every figure and QC
-image opens full size on click (an inline lightbox); with ``figure_folder`` the
-captions also link to the same figures as PNG and SVG files beside the page.
+image of the census report opens full size on click (an inline lightbox); with
+``figure_folder`` the captions also link to the same figures as PNG and SVG files
+beside the page.
 """
 
 from __future__ import annotations
@@ -21,7 +28,17 @@ import pandas as pd
 from ketamap.io.atomic import atomic_path
 from ketamap.report.figures import figure_bytes, make_figures
 
-__all__ = ["render_report", "write_report"]
+__all__ = [
+    "render_report",
+    "write_report",
+    "render_page",
+    "heading",
+    "text",
+    "table",
+    "figure",
+    "items",
+    "key_results_html",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -224,12 +241,6 @@ def _truth_table(truth: pd.DataFrame, regions: pd.DataFrame, alpha: float):
             "95% CI", "q", "called", "direction correct"], _rows(m, cols), summary  # fmt: skip
 
 
-KEY_CSS = (
-    ".key{background:#f0f7ff;border:1px solid #9fc3eb;border-radius:4px;padding:0.6em 1em;"
-    "margin:1em 0}.key ul{margin:0.4em 0 0 0;padding-left:1.2em}"
-)
-
-
 def key_results_html(lines: list[str], note: str = "") -> str:
     """Return the key-results box of a report: what changed, where and how sure (escaped)."""
     if not lines:
@@ -327,8 +338,6 @@ def render_report(
     str
         The HTML document.
     """
-    from jinja2 import Environment, PackageLoader, select_autoescape
-
     methods = dict(methods or {})
     alpha = float(_find(methods, "alpha") or _ALPHA)
     figs = make_figures(regions, counts, subjects, key_regions=tuple(key_regions), truth=truth,
@@ -398,7 +407,6 @@ def render_report(
             "fold change and Benjamini-Hochberg q of the surest regions per contrast; every "
             "region in the table below",
         ),
-        "key_css": KEY_CSS,
         "figure_folder": figure_folder.rstrip("/") if figure_folder else None,
         "qc_level": qc_boundary_level,
         "methods_text": _methods_text(methods, study) + _maps_methods_text(methods),
@@ -407,11 +415,7 @@ def render_report(
             a for a in key_regions if a not in set(counts["acronym"].astype(str))
         ],
     }
-    env = Environment(
-        loader=PackageLoader("ketamap.report", "templates"),
-        autoescape=select_autoescape(default=True, default_for_string=True),
-    )
-    html = env.get_template("report.html").render(**context)
+    html = _environment().get_template("report.html").render(**context)
     logger.info("Rendered report: %d region rows, %d figures.", len(regions), len(figures))
     return html
 
@@ -434,3 +438,86 @@ def write_report(html: str, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(html, encoding="utf-8")
     return path
+
+
+def _environment():
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    return Environment(
+        loader=PackageLoader("ketamap.report", "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+    )
+
+
+# --------------------------------------------------------------------------- pages
+
+
+def heading(title: str, level: int = 2, id: str | None = None) -> dict:  # noqa: A002
+    """Return a section heading for :func:`render_page` (``id``: an anchor for links)."""
+    return {"kind": "heading", "text": title, "level": level, "id": id}
+
+
+def text(paragraph: str) -> dict:
+    """Return a paragraph for :func:`render_page` (escaped)."""
+    return {"kind": "text", "text": paragraph}
+
+
+def table(df: pd.DataFrame, columns=None) -> dict:
+    """Return a table for :func:`render_page`: the ``columns`` of ``df`` it has (default all).
+
+    Numbers show 3 significant digits, missing values blank, booleans yes / no.
+    """
+    cols = [c for c in (df.columns if columns is None else columns) if c in df.columns]
+    head = "".join(f"<th>{html_lib.escape(str(c).replace('_', ' '))}</th>" for c in cols)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html_lib.escape(_fmt(v))}</td>" for v in rec) + "</tr>"
+        for rec in df[cols].itertuples(index=False)
+    )
+    return {
+        "kind": "table",
+        "html": f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
+    }
+
+
+def figure(png: bytes, alt: str, caption: str | None = None) -> dict:
+    """Return a figure for :func:`render_page`, embedded as a PNG ``data:`` URI."""
+    return {"kind": "figure", "uri": _png_uri(png), "alt": alt, "caption": caption}
+
+
+def items(entries) -> dict:
+    """Return a bulleted list for :func:`render_page`: texts, or (text, link) pairs."""
+    pairs = [(e, None) if isinstance(e, str) else tuple(e) for e in entries]
+    return {"kind": "list", "entries": pairs}
+
+
+def render_page(
+    title: str, blocks: list[dict], *, heading_text: str | None = None, key_lines=(), key_note=""
+) -> str:
+    """Render one self-contained report page (no script, no external resource).
+
+    Parameters
+    ----------
+    title : str
+        The page's title (and its heading, unless ``heading_text`` is given).
+    blocks : list of dict
+        Made by :func:`heading`, :func:`text`, :func:`table`, :func:`figure` and
+        :func:`items`, shown in order.
+    heading_text : str, optional
+        The first-level heading.
+    key_lines, key_note
+        The key-results box (see :func:`key_results_html`).
+
+    Returns
+    -------
+    str
+    """
+    return (
+        _environment()
+        .get_template("page.html")
+        .render(
+            title=title,
+            heading=heading_text or title,
+            key_box=key_results_html(list(key_lines), key_note),
+            blocks=blocks,
+        )
+    )

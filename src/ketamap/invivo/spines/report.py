@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import html
 from pathlib import Path
 
 import numpy as np
@@ -294,20 +292,6 @@ def write_figures(
     return pngs
 
 
-def _table(df: pd.DataFrame) -> str:
-    def cell(v):
-        if isinstance(v, float):
-            return "" if np.isnan(v) else f"{v:.3g}"
-        return html.escape(str(v))
-
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
-        for row in df.itertuples(index=False)
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def _key_lines(pooled: pd.DataFrame, returns: pd.DataFrame, stats: pd.DataFrame) -> list[str]:
     """Per interval the pooled rates and the test against the first; the return result."""
     lines = []
@@ -361,52 +345,49 @@ def render_report(
     ``params`` the page ends with the methods, the parameters and the versions of the
     packages that shape the results.
     """
+    from ketamap.report.html import figure, heading, items, render_page, table, text
 
-    def figure(k, v):
-        return (
-            f'<figure><img alt="{html.escape(k)}" src="data:image/png;base64,'
-            f'{base64.b64encode(v).decode("ascii")}"><figcaption>{html.escape(k)}</figcaption>'
-            "</figure>"
-        )
-
-    imgs = "".join(figure(k, v) for k, v in pngs.items() if not k.startswith("dendrite_"))
-    examples = "".join(figure(k, v) for k, v in pngs.items() if k.startswith("dendrite_"))
+    blocks = [
+        items(notes),
+        heading("Rates per interval (pooled over dendrites)"),
+        table(pooled),
+        heading("Return to lost sites"),
+        table(returns),
+        heading("Intervals compared (mixed model)"),
+        table(stats),
+        heading("Figures"),
+        *(figure(v, k, k) for k, v in pngs.items() if not k.startswith("dendrite_")),
+    ]
+    examples = [figure(v, k, k) for k, v in pngs.items() if k.startswith("dendrite_")]
     if examples:
-        examples = (
-            "<h2 id='example-dendrites'>Example dendrites</h2><p>The dendrites with the most "
-            "spines gained or lost: each session's registered image (maximum projection) "
-            "around the dendrite, on one grey scale. Blue circle: spine also present in the "
-            "previous session (stable); green circle: gained since the previous session; "
-            "red cross: where a spine of the previous session was lost. Scale bar 5 µm."
-            f"</p><div class='examples'>{examples}</div>"
-        )
-    notes_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-    style = (
-        "body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}"
-        "table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0 1.5em}"
-        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
-        "figure{display:inline-block;margin:0.5em}img{max-width:34em}"
-        ".examples img{max-width:100%}.examples figure{display:block}"
-    )
-    from ketamap.report.html import KEY_CSS, key_results_html
-
-    key = key_results_html(_key_lines(pooled, returns, stats), "pooled over dendrites")
-    return (
-        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>{style}{KEY_CSS}</style></head><body>"
-        f"<section id='spine-turnover'><h1>Spine turnover: {html.escape(title)}</h1>{key}"
-        f"<ul>{notes_html}</ul><h2>Rates per interval (pooled over dendrites)</h2>"
-        f"{_table(pooled)}<h2>Return to lost sites</h2>{_table(returns)}"
-        f"<h2>Intervals compared (mixed model)</h2>{_table(stats)}"
-        f"<h2>Figures</h2>{imgs}{examples}{_methods_html(params)}</section></body></html>"
+        blocks += [
+            heading("Example dendrites", id="example-dendrites"),
+            text(
+                "The dendrites with the most spines gained or lost: each session's registered "
+                "image (maximum projection) around the dendrite, on one grey scale. Blue "
+                "circle: spine also present in the previous session (stable); green circle: "
+                "gained since the previous session; red cross: where a spine of the previous "
+                "session was lost. Scale bar 5 µm."
+            ),
+            *examples,
+        ]
+    blocks += _methods_blocks(params)
+    return render_page(
+        title,
+        blocks,
+        heading_text=f"Spine turnover: {title}",
+        key_lines=_key_lines(pooled, returns, stats),
+        key_note="pooled over dendrites",
     )
 
 
-def _methods_html(params: dict | None) -> str:
-    """Methods text, parameters and package versions, as HTML (empty without params)."""
+def _methods_blocks(params: dict | None) -> list[dict]:
+    """Methods text, parameters and package versions (nothing without params)."""
     if params is None:
-        return ""
+        return []
     from importlib import metadata
+
+    from ketamap.report.html import heading, table, text
 
     versions = {}
     for name in ("ketamap", "numpy", "scipy", "pandas", "scikit-image", "statsmodels"):
@@ -414,8 +395,8 @@ def _methods_html(params: dict | None) -> str:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
-    table = pd.DataFrame(
+    rows = pd.DataFrame(
         {"parameter": list(params) + [f"version of {k}" for k in versions],
          "value": [str(v) for v in params.values()] + list(versions.values())}
     )  # fmt: skip
-    return f"<h2>Methods</h2><p>{html.escape(_METHODS)}</p>{_table(table)}"
+    return [heading("Methods"), text(_METHODS), table(rows)]
