@@ -47,7 +47,7 @@ class _DefaultCommand(TyperGroup):
     """
 
     def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and not {"--help", "-h"} & set(args[:1]):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
             args = [next(iter(self.commands)), *args]
         return super().parse_args(ctx, args)
 

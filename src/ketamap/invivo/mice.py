@@ -17,7 +17,7 @@ of mice the normal reference is too confident.
 
 A p-value is never taken from a fit that did not converge (or failed): that measure is
 then tested by the exact sign-flip test of the per-mouse mean differences
-(:func:`ketamap.invivo.spines.cluster_sign_flip`), and the ``method`` column says so.
+(:func:`ketamap.stats.signflip.cluster_sign_flip`), and the ``method`` column says so.
 Null calibration: ``docs/ensembles.md`` (false-positive rate at alpha = 0.05).
 """
 
@@ -31,6 +31,7 @@ import pandas as pd
 from scipy import stats as sstats
 
 from ketamap.errors import InputError, ParameterError
+from ketamap.stats.signflip import cluster_sign_flip, smallest_p
 
 __all__ = ["compare_mice"]
 
@@ -84,8 +85,6 @@ def _check(cells: pd.DataFrame, measure: str, unit: str, sessions) -> list:
 
 def _fallback(data: pd.DataFrame, measure: str, sessions: list, why: str, n_perm, seed):
     """Rows of the exact sign-flip test over mice, with a t interval of the mouse means."""
-    from ketamap.invivo.spines.metrics import cluster_sign_flip
-
     data = data.assign(session=data["session"].astype(str))
     per_mouse = data.groupby(["mouse", "session"])[measure].mean().reset_index()
     table = per_mouse.rename(columns={"session": "interval"}).assign(dendrite=per_mouse["mouse"])
@@ -99,8 +98,8 @@ def _fallback(data: pd.DataFrame, measure: str, sessions: list, why: str, n_perm
         n = len(d)
         half = sstats.t.ppf(0.975, n - 1) * r["se"] if n >= 2 else np.nan
         text = f"{why}: exact sign-flip test over {n} mice (CI: t interval of the mouse means)"
-        if n <= 13 and n >= 1 and 2 / 2**n > 0.05:
-            text += f"; with {n} mice no p below {2 / 2**n:.3g} is possible"
+        if (floor := smallest_p(n)) > 0.05:
+            text += f"; with {n} mice no p below {floor:.3g} is possible"
         rows.append(
             {
                 "session": r["interval"],

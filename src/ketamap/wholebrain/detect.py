@@ -1425,14 +1425,13 @@ def _detect_block(
     return pd.DataFrame({k: np.asarray(v, dtype=np.float64) for k, v in table.items()}), hist
 
 
-def _threshold_bound(var, var_f, noise_c, plan, threshold, threshold_contrast, cells=None):
+def _threshold_bound(var, var_f, noise_c, plan, threshold, threshold_contrast, *, cells):
     """Bound from below the band-passed value passing both tests, per coarse cell.
 
-    ``cells`` (a tuple of slices or of index arrays into the coarse grid; all cells when
-    None) picks where. The exact SDs add a relative floor to the noise fields read here,
-    so the bound is a lower bound and the tests are made exactly afterwards.
+    ``cells`` (a tuple of slices into the coarse grid) picks where. The exact SDs add a
+    relative floor to the noise fields read here, so the bound is a lower bound and the
+    tests are made exactly afterwards.
     """
-    cells = (slice(None),) * 3 if cells is None else cells
     bound = var[cells] * np.float32(2.0 / noise_c)
     np.sqrt(bound, out=bound)
     bound *= np.float32(threshold * plan.soma_gain * (1 - 1e-4))
