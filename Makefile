@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test lint install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,8 @@ install-test: $(BIN)/python
 demo: install
 	$(BIN)/ketamap demo
 
-# The default suite leaves out the tests marked slow (about ten minutes on two cores);
+# The default suite (tests/ and the package's docstring examples) leaves out the tests
+# marked slow (about ten minutes on two cores);
 # `make test PYTEST_ARGS=` runs every test, as CI does (.ci/run).
 # Exit code 5 ("no tests collected") is turned into a failure: a suite that
 # runs nothing must never pass.
@@ -26,6 +27,11 @@ PYTEST_ARGS ?= -m "not slow"
 test: install-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+# Style: the linter and the formatter, as CI runs them (.ci/run).
+lint: install-test
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) ketamap-demo .pytest_cache

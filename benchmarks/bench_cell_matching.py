@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ketamap.invivo.matching import track_cells
+from ketamap.invivo.ensembles.matching import track_cells
 from ketamap.simulate.calcium import CALCIUM_SCENARIOS, simulate_calcium_study
 
 LABELS = [s[0] for s in CALCIUM_SCENARIOS["stress-ketamine"]]

@@ -114,8 +114,11 @@ def _reference(tiles, shape) -> np.ndarray:
 
     ref = read_points(CROP / "cell_classification.xml")
     ref = ref[ref.cell_type == 2][["z_vox", "y_vox", "x_vox"]].to_numpy()
-    out = [ref + np.array([0, i * shape[1], j * shape[2]]) for i in range(tiles[0])
-           for j in range(tiles[1])]
+    out = [
+        ref + np.array([0, i * shape[1], j * shape[2]])
+        for i in range(tiles[0])
+        for j in range(tiles[1])
+    ]
     return np.concatenate(out)
 
 
@@ -138,10 +141,10 @@ def _work_factor(shape, voxel_um=VOXEL_UM) -> float:
     plan = _plan(voxel_um, params, shape)
     factor = 1.0
     for a, n in enumerate(shape):
-        chunks, depth = _axis_chunks(n, params.chunk_size_vox[a], plan.depth[a], a,
-                                     plan.bg_coarse[a])
-        computed = sum(c + depth * ((i > 0) + (i < len(chunks) - 1))
-                       for i, c in enumerate(chunks))
+        chunks, depth = _axis_chunks(
+            n, params.chunk_size_vox[a], plan.depth[a], a, plan.bg_coarse[a]
+        )
+        computed = sum(c + depth * ((i > 0) + (i < len(chunks) - 1)) for i, c in enumerate(chunks))
         factor *= computed / n
     return factor
 
@@ -162,10 +165,14 @@ def _projection(result: dict, n_voxels: float = 2.4e10) -> dict:
     t2 = result["ketamap_background"]["wall_s"]
     per_voxel_1 = t1 / result["voxels"] * brain / bench
     efficiency = t1 / (2 * t2)
-    out = {"voxels": n_voxels, "brain_shape": list(brain_shape),
-           "work_factor_benchmark": bench, "work_factor_brain": brain,
-           "single_thread_s_per_gvoxel": per_voxel_1 * 1e9,
-           "parallel_efficiency_2_threads": efficiency}
+    out = {
+        "voxels": n_voxels,
+        "brain_shape": list(brain_shape),
+        "work_factor_benchmark": bench,
+        "work_factor_brain": brain,
+        "single_thread_s_per_gvoxel": per_voxel_1 * 1e9,
+        "parallel_efficiency_2_threads": efficiency,
+    }
     for cores in (2, 16, 64):
         out[f"hours_{cores}_cores"] = n_voxels * per_voxel_1 / (cores * efficiency) / 3600
         out[f"hours_{cores}_cores_efficiency_0.5"] = n_voxels * per_voxel_1 / (cores * 0.5) / 3600
@@ -176,7 +183,10 @@ def _run(python: str, code: str, volume: Path, out: Path, extra=()) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     proc = subprocess.run(
         [python, "-c", code, str(volume), str(out), *extra],
-        capture_output=True, text=True, env=env, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{python} failed:\n{proc.stderr[-3000:]}")
@@ -187,8 +197,11 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiles", type=int, nargs=2, default=(4, 4), help="tiles in y and x")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--cellfinder-python", default=None,
-                    help="python of a separate environment with cellfinder installed")
+    ap.add_argument(
+        "--cellfinder-python",
+        default=None,
+        help="python of a separate environment with cellfinder installed",
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_detect.json"))
     args = ap.parse_args(argv)
 
@@ -196,9 +209,14 @@ def main(argv=None) -> dict:
     volume = np.tile(crop, (1, *args.tiles))
     ref = _reference(args.tiles, crop.shape)
     result: dict = {
-        "shape": list(volume.shape), "voxels": int(volume.size), "dtype": str(volume.dtype),
-        "voxel_size_um": list(VOXEL_UM), "cpus": os.cpu_count(), "workers": args.workers,
-        "machine": platform.platform(), "reference_cells": int(len(ref)),
+        "shape": list(volume.shape),
+        "voxels": int(volume.size),
+        "dtype": str(volume.dtype),
+        "voxel_size_um": list(VOXEL_UM),
+        "cpus": os.cpu_count(),
+        "workers": args.workers,
+        "machine": platform.platform(),
+        "reference_cells": int(len(ref)),
         "load_average_start": os.getloadavg()[0],
     }
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ketamap.invivo.ensembles import match_assemblies
-from ketamap.invivo.run import EnsembleParams, analyse_session
+from ketamap.invivo.ensembles.assemblies import match_assemblies
+from ketamap.invivo.ensembles.session import EnsembleParams, analyse_session
 from ketamap.simulate.calcium import simulate_calcium_traces
 
 
@@ -40,8 +40,9 @@ def main() -> None:
     perm = rng.permutation(args.cells)
     ens = [np.sort(perm[i * 20 : (i + 1) * 20]) for i in range(10)]
     t0 = time.perf_counter()
-    tr = simulate_calcium_traces(args.cells, args.frames, frame_rate_hz=15.0, ensembles=ens,
-                                 coordination=0.9, seed=1)
+    tr = simulate_calcium_traces(
+        args.cells, args.frames, frame_rate_hz=15.0, ensembles=ens, coordination=0.9, seed=1
+    )
     t_sim = time.perf_counter() - t0
     F, Fneu = tr.F, tr.Fneu
     del tr
@@ -52,10 +53,12 @@ def main() -> None:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     jac = match_assemblies(ens, res.assemblies.members)
-    print(f"{args.cells} cells x {args.frames} frames: analyse_session {t_core:.1f} s, "
-          f"peak traced memory {peak / 2**20:.0f} MiB (input {2 * F.nbytes / 2**20:.0f} MiB), "
-          f"{res.assemblies.n} ensembles found of {len(ens)}, best-match Jaccard min "
-          f"{jac.min():.2f} mean {jac.mean():.2f}")
+    print(
+        f"{args.cells} cells x {args.frames} frames: analyse_session {t_core:.1f} s, "
+        f"peak traced memory {peak / 2**20:.0f} MiB (input {2 * F.nbytes / 2**20:.0f} MiB), "
+        f"{res.assemblies.n} ensembles found of {len(ens)}, best-match Jaccard min "
+        f"{jac.min():.2f} mean {jac.mean():.2f}"
+    )
 
     # null calibration: many small null recordings (100 cells, 5 min at 15 Hz, 0.2 s bins)
     false, t0 = 0, time.perf_counter()
@@ -63,8 +66,10 @@ def main() -> None:
         tr = simulate_calcium_traces(100, 4500, ensembles=[], seed=10_000 + seed)
         false += analyse_session(tr.F, tr.Fneu, frame_rate_hz=15.0, params=params).assemblies.n > 0
     rate = false / max(args.null_runs, 1)
-    print(f"null: false ensemble in {false} of {args.null_runs} runs ({100 * rate:.1f} %), "
-          f"{time.perf_counter() - t0:.0f} s")
+    print(
+        f"null: false ensemble in {false} of {args.null_runs} runs ({100 * rate:.1f} %), "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
 
     # Jaccard at default SNR over 10 seeds (200 cells, 4 ensembles of 12, 10 min)
     jacs = []
@@ -75,18 +80,27 @@ def main() -> None:
         tr = simulate_calcium_traces(200, 9000, ensembles=e, coordination=0.9, seed=seed)
         a = analyse_session(tr.F, tr.Fneu, frame_rate_hz=15.0, params=params).assemblies
         jacs.append(float(match_assemblies(e, a.members).min()))
-    print(f"Jaccard (worst ensemble per run) over 10 runs: min {min(jacs):.2f}, "
-          f"mean {np.mean(jacs):.2f}")
+    print(
+        f"Jaccard (worst ensemble per run) over 10 runs: min {min(jacs):.2f}, "
+        f"mean {np.mean(jacs):.2f}"
+    )
 
     out = {
-        "cells": args.cells, "frames": args.frames, "seconds_analyse_session": round(t_core, 2),
-        "seconds_simulate": round(t_sim, 2), "peak_traced_mib": round(peak / 2**20, 1),
+        "cells": args.cells,
+        "frames": args.frames,
+        "seconds_analyse_session": round(t_core, 2),
+        "seconds_simulate": round(t_sim, 2),
+        "peak_traced_mib": round(peak / 2**20, 1),
         "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "ensembles_planted": len(ens), "ensembles_found": res.assemblies.n,
-        "jaccard_min": round(float(jac.min()), 3), "null_runs": args.null_runs,
-        "null_false_ensembles": int(false), "null_false_rate": rate,
+        "ensembles_planted": len(ens),
+        "ensembles_found": res.assemblies.n,
+        "jaccard_min": round(float(jac.min()), 3),
+        "null_runs": args.null_runs,
+        "null_false_ensembles": int(false),
+        "null_false_rate": rate,
         "jaccard_default_snr_runs": [round(j, 3) for j in jacs],
-        "cpu_count": os.cpu_count(), "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
         "numpy": np.__version__,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ketamap.invivo.mice import compare_mice
-from ketamap.invivo.run import analyse_session
+from ketamap.invivo.ensembles.mice import compare_mice
+from ketamap.invivo.ensembles.session import analyse_session
 from ketamap.simulate.calcium import simulate_calcium_cohort
 
 SIM = {"duration_s": 180.0, "n_cells": 60}

@@ -60,10 +60,10 @@ def _ramps(shape):
 
 
 def engine_sitk(fixed, moving, labels, res):
-    from ketamap.wholebrain.register import register_to_atlas
+    from ketamap.wholebrain.register import register_to_reference
     from ketamap.wholebrain.transforms import dense_atlas_vox
 
-    reg = register_to_atlas(
+    reg = register_to_reference(
         fixed,
         moving,
         voxel_size_um=res,

@@ -8,7 +8,7 @@ reference is ``brain_in_ccf_100um.tiff`` (the same brain in CCF space at
 the right size and the 25 µm cost, but only 100 µm of detail.
 
 Timed (wall clock, ITK limited to 2 threads): loading the atlas (not
-counted in the target), ``register_to_atlas`` split into its stages
+counted in the target), ``register_to_reference`` split into its stages
 (``prepare``: reorient + resample the sample to 25 µm; ``preprocess``:
 normalise, masks, flattening, work grid; ``register``: affine + deformable;
 ``qc``), then the outputs the pipeline writes from it: the annotation
@@ -66,7 +66,7 @@ def run(resolution_um: float, engine: str) -> dict:
     from ketamap.wholebrain.register import (
         RegistrationParams,
         cells_to_atlas,
-        register_to_atlas,
+        register_to_reference,
         warp_labels_to_sample,
     )
 
@@ -75,7 +75,7 @@ def run(resolution_um: float, engine: str) -> dict:
     load_s = time.perf_counter() - t
     image = open_volume(SHARED / "brainreg_brain" / "brain")
     t0 = time.perf_counter()
-    reg = register_to_atlas(
+    reg = register_to_reference(
         image,
         reference,
         voxel_size_um=(50, 40, 40),

@@ -107,7 +107,7 @@ def run_ketamap(params):
     """Register the real brain with ``params``: (atlas, registration, labels, coords, s)."""
     from ketamap.atlas import load_allen
     from ketamap.io.volumes import open_volume
-    from ketamap.wholebrain.register import register_to_atlas, warp_labels_to_sample
+    from ketamap.wholebrain.register import register_to_reference, warp_labels_to_sample
     from ketamap.wholebrain.transforms import dense_atlas_vox
 
     a = SHARED / "allen_ccf_2017"
@@ -120,7 +120,7 @@ def run_ketamap(params):
     )
     image = open_volume(SHARED / "brainreg_brain" / "brain")
     t0 = time.perf_counter()
-    reg = register_to_atlas(
+    reg = register_to_reference(
         image,
         atlas.reference,
         voxel_size_um=(50, 40, 40),

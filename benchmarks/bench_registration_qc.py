@@ -36,7 +36,7 @@ CASES = [
 def main():
     from ketamap.atlas import load_atlas
     from ketamap.simulate import BrainParams, simulate_brain
-    from ketamap.wholebrain.register import RegistrationParams, register_to_atlas
+    from ketamap.wholebrain.register import RegistrationParams, register_to_reference
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -52,7 +52,7 @@ def main():
     )
     rows = []
     for name, code, voxel in CASES:
-        reg = register_to_atlas(
+        reg = register_to_reference(
             brain.background,
             atlas.reference,
             voxel_size_um=voxel,

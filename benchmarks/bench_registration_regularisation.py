@@ -96,7 +96,7 @@ def simulated(atlas, deformation_um: float, weight, seeds) -> dict:
 def itself(atlas, weight) -> dict:
     from scipy import ndimage as ndi
 
-    from ketamap.wholebrain.register import cells_to_atlas, register_to_atlas
+    from ketamap.wholebrain.register import cells_to_atlas, register_to_reference
 
     ref = atlas.reference.astype(np.float32)
     noise = np.random.default_rng(0).normal(0, 0.05 * float(ref.max()), ref.shape)
@@ -108,7 +108,7 @@ def itself(atlas, weight) -> dict:
     points = np.argwhere(atlas.annotation[::3, ::3, ::3] > 0) * 3.0
     out = {}
     for name, sample in samples.items():
-        reg = register_to_atlas(
+        reg = register_to_reference(
             sample,
             atlas.reference,
             voxel_size_um=atlas.resolution_um,

@@ -3,7 +3,7 @@
 A brain is simulated by ``ketamap.simulate.simulate_brain`` (random pose,
 smooth deformation, light-sheet artefacts; raw "psl", 50 x 40 x 40 µm) on
 the Allen CCFv3 at 100 µm (``brain_in_ccf_100um.tiff`` as tissue contrast)
-and on the phantom atlas, registered with ``register_to_atlas`` and scored:
+and on the phantom atlas, registered with ``register_to_reference`` and scored:
 
 * target registration error (TRE) of the true cells, in atlas voxels
   (target: median <= 1.5);
@@ -203,11 +203,11 @@ def simulate(atlas, seed: int, deformation_um: float = 100.0):
 
 def simulate_and_register(atlas, seed: int, params, deformation_um: float = 100.0):
     """Simulate a brain (see :func:`simulate`) and register it: (brain, registration, s)."""
-    from ketamap.wholebrain.register import register_to_atlas
+    from ketamap.wholebrain.register import register_to_reference
 
     brain = simulate(atlas, seed, deformation_um)
     t0 = time.perf_counter()
-    reg = register_to_atlas(
+    reg = register_to_reference(
         brain.background,
         atlas.reference,
         voxel_size_um=brain.voxel_size_um,

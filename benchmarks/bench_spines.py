@@ -32,12 +32,12 @@ import pandas as pd
 
 from ketamap.invivo.spines import (
     SpineParams,
-    load_spine_sessions,
     presence_matrix,
     return_to_lost_sites,
-    run_spines,
     score_spines,
 )
+from ketamap.manifest import load_spine_sessions
+from ketamap.pipelines import run_spines
 from ketamap.simulate.spines import SpineSimParams, simulate_spine_study
 
 

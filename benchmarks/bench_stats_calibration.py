@@ -209,6 +209,11 @@ def main():
         help="StatsParams.test (default ql-f)",
     )
     ap.add_argument(
+        "--no-poisson-bound",
+        action="store_true",
+        help="StatsParams.poisson_bound=False: QL F p-values without edgeR's Poisson bound",
+    )
+    ap.add_argument(
         "--compare-prior-df",
         type=float,
         default=None,
@@ -222,7 +227,8 @@ def main():
     )
     args = ap.parse_args()
     global PARAMS
-    PARAMS = StatsParams(dispersion_prior_df=args.prior_df, test=args.test)
+    PARAMS = StatsParams(dispersion_prior_df=args.prior_df, test=args.test,
+                         poisson_bound=not args.no_poisson_bound)  # fmt: skip
     compare = None
     if args.compare_prior_df is not None or args.compare_test is not None:
         compare = StatsParams(dispersion_prior_df=args.compare_prior_df,
@@ -235,6 +241,7 @@ def main():
         "region_log_sd_median": REGION_LOG_SD,
         "dispersion_prior_df": args.prior_df,
         "test": args.test,
+        "poisson_bound": not args.no_poisson_bound,
         "scenarios": {},
     }
     for name in args.scenarios.split(","):

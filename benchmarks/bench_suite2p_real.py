@@ -30,8 +30,15 @@ def _movie(n_side: int = 8, size: int = 128, n_frames: int = 9000, seed: int = 0
     n_cells = n_side * n_side
     rng = np.random.default_rng(seed)
     ens = [np.array([0, 9, 18, 27, 36, 45]), np.array([7, 14, 21, 28, 35, 42])]
-    tr = simulate_calcium_traces(n_cells, n_frames, ensembles=ens, coordination=0.9,
-                                 background_rate_hz=0.05, noise_sd=0.05, seed=seed)
+    tr = simulate_calcium_traces(
+        n_cells,
+        n_frames,
+        ensembles=ens,
+        coordination=0.9,
+        background_rate_hz=0.05,
+        noise_sd=0.05,
+        seed=seed,
+    )
     spikes_dff = tr.F - 0.7 * tr.Fneu  # F0 (1 + dff + noise) per cell
     yy, xx = np.mgrid[:size, :size]
     movie = np.full((n_frames, size, size), 50.0, dtype=np.float32)
@@ -50,8 +57,8 @@ def main() -> None:
     import suite2p
     import tifffile
 
-    from ketamap.invivo import read_suite2p
-    from ketamap.invivo.run import analyse_session
+    from ketamap.invivo.ensembles.session import analyse_session
+    from ketamap.io.traces.suite2p import read_suite2p
 
     movie, centres, ens = _movie()
     with tempfile.TemporaryDirectory() as d:
@@ -59,13 +66,26 @@ def main() -> None:
         (d / "raw").mkdir()
         tifffile.imwrite(d / "raw" / "movie.tif", movie)
         ops = suite2p.default_ops()
-        ops.update({"fs": 15.0, "tau": 1.0, "do_registration": 0, "nonrigid": False,
-                    "spikedetect": True, "batch_size": 500, "diameter": 8, "anatomical_only": 0,
-                    "threshold_scaling": 0.5,
-                    # suite2p 0.14.6 fails under numpy 2 when it estimates the scale itself
-                    "spatial_scale": 1})
-        db = {"data_path": [str(d / "raw")], "save_path0": str(d / "out"),
-              "tiff_list": ["movie.tif"]}
+        ops.update(
+            {
+                "fs": 15.0,
+                "tau": 1.0,
+                "do_registration": 0,
+                "nonrigid": False,
+                "spikedetect": True,
+                "batch_size": 500,
+                "diameter": 8,
+                "anatomical_only": 0,
+                "threshold_scaling": 0.5,
+                # suite2p 0.14.6 fails under numpy 2 when it estimates the scale itself
+                "spatial_scale": 1,
+            }
+        )
+        db = {
+            "data_path": [str(d / "raw")],
+            "save_path0": str(d / "out"),
+            "tiff_list": ["movie.tif"],
+        }
         t0 = time.perf_counter()
         suite2p.run_s2p(ops=ops, db=db)
         t_s2p = time.perf_counter() - t0
@@ -78,11 +98,17 @@ def main() -> None:
     med = np.array([s["med"] for s in stat])[rec.cell_index]
     nearest = np.argmin(((med[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
     found = [sorted(set(nearest[m].tolist())) for m in res.assemblies.members]
-    out = {"suite2p_version": suite2p.version if hasattr(suite2p, "version") else "0.14",
-           "files": files, "rois_kept": int(rec.F.shape[0]), "frames": int(rec.F.shape[1]),
-           "frame_rate_hz": rec.frame_rate_hz, "seconds_suite2p": round(t_s2p, 1),
-           "ensembles_found": res.assemblies.n, "members_as_planted_ids": found,
-           "planted": [e.tolist() for e in ens]}
+    out = {
+        "suite2p_version": suite2p.version if hasattr(suite2p, "version") else "0.14",
+        "files": files,
+        "rois_kept": int(rec.F.shape[0]),
+        "frames": int(rec.F.shape[1]),
+        "frame_rate_hz": rec.frame_rate_hz,
+        "seconds_suite2p": round(t_s2p, 1),
+        "ensembles_found": res.assemblies.n,
+        "members_as_planted_ids": found,
+        "planted": [e.tolist() for e in ens],
+    }
     print(json.dumps(out, indent=2))
     path = Path(__file__).parent / "results" / "suite2p_real.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,7 @@ def run(args) -> dict:
         np.any(list(region_masks.values()), axis=0),
         iterations=int(np.ceil(2 * RADIUS_UM / min(atlas.resolution_um))),
     )
+
     def vp(seed: int) -> VoxelParams:
         return VoxelParams(
             n_permutations=args.perms, method=args.method, tfce_steps=args.tfce_steps, seed=seed

@@ -7,21 +7,41 @@ import pytest
 
 
 def test_help_lists_every_stage(run_cli, capsys):
+    """The command tree is exactly the expected one, in the app and on every help page."""
+    import re
+
+    import typer
+
+    from ketamap.cli import app
+
+    expected = {  # top-level commands; for a sub-group, the set of its commands
+        "demo": None, "validate": None, "run": None, "detect": {"cells", "train"},
+        "register": None, "quantify": None, "stats": None, "report": None, "convert": None,
+        "atlas": {"build", "info"}, "simulate": {"census", "calcium", "spines"},
+        "ensembles": None, "spines": None,
+    }  # fmt: skip
+
+    def listed(text):
+        """Names in the command panels of a help page (continuation lines are indented)."""
+        names, in_commands = [], False
+        for line in text.splitlines():
+            if line.startswith("╭─"):  # a panel: Options, Arguments, or a group of commands
+                in_commands = not re.match(r"╭─ (Options|Arguments) ─", line)
+            elif in_commands and (m := re.match(r"│ ([a-z][a-z0-9_-]*)(\s|$)", line)):
+                names.append(m.group(1))
+        return sorted(names)
+
+    root = typer.main.get_command(app)
+    assert set(root.commands) == set(expected)
+    for name, sub in expected.items():
+        got = getattr(root.commands[name], "commands", None)
+        assert (None if got is None else set(got)) == sub, name
     assert run_cli("--help") == 0
-    text = capsys.readouterr().out
-    for cmd in (
-        "demo",
-        "simulate",
-        "run",
-        "detect",
-        "register",
-        "quantify",
-        "stats",
-        "report",
-        "atlas",
-        "validate",
-    ):
-        assert cmd in text
+    assert listed(capsys.readouterr().out) == sorted(expected)
+    for name, sub in expected.items():
+        if sub:
+            assert run_cli(name, "--help") == 0
+            assert listed(capsys.readouterr().out) == sorted(sub), name
 
 
 def test_atlas_info_phantom(run_cli, capsys):

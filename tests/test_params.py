@@ -25,17 +25,20 @@ def test_from_mapping_coerces_losslessly():
     assert to_dict(p)["voxel_size_um"] == [1.0, 2.0, 3.0]
 
 
-@pytest.mark.parametrize("mapping,match", [
-    ({"soma_diamter_um": 3}, 'did you mean "soma_diameter_um"'),
-    ({"soma_diameter_um": -1}, "greater than 0, got -1.0"),
-    ({"voxel_size_um": [1, 0, 2]}, "greater than 0"),
-    ({"mode": "c"}, "one of 'a', 'b'"),
-    ({"soma_diameter_um": "x"}, "must be of type float"),
-    ({"n": 2.5}, "must be of type int"),
-    ({"n": 11}, "at most 10"),
-    ({"n": True}, "must be of type int"),
-    ({"soma_diameter_um": float("nan")}, "NaN"),
-])
+@pytest.mark.parametrize(
+    "mapping,match",
+    [
+        ({"soma_diamter_um": 3}, 'did you mean "soma_diameter_um"'),
+        ({"soma_diameter_um": -1}, "greater than 0, got -1.0"),
+        ({"voxel_size_um": [1, 0, 2]}, "greater than 0"),
+        ({"mode": "c"}, "one of 'a', 'b'"),
+        ({"soma_diameter_um": "x"}, "must be of type float"),
+        ({"n": 2.5}, "must be of type int"),
+        ({"n": 11}, "at most 10"),
+        ({"n": True}, "must be of type int"),
+        ({"soma_diameter_um": float("nan")}, "NaN"),
+    ],
+)
 def test_errors_name_parameter_value_and_expectation(mapping, match):
     with pytest.raises(ParameterError, match=match):
         from_mapping(P, mapping, where="[detection]")
@@ -45,4 +48,3 @@ def test_frozen():
     p = P()
     with pytest.raises(AttributeError):
         p.n = 4
-

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ketamap.pipeline import run_study
+from ketamap.pipelines.census import run_study
 from ketamap.simulate import BrainParams, simulate_census
 from ketamap.simulate.evaluate import evaluate_census
 
@@ -128,8 +128,8 @@ def test_one_report_page_whose_figure_links_resolve(ran_study, tmp_path):
     rebuilt by the next run, and a run with nothing to do rebuilds nothing."""
     import re
 
-    from ketamap.pipeline import run_report
-    from ketamap.study import load_study
+    from ketamap.manifest import load_study
+    from ketamap.pipelines.census import run_report
 
     root, _, _ = ran_study
     pages = sorted(p.relative_to(root) for p in root.rglob("*.html"))
@@ -290,8 +290,8 @@ def test_tissue_mask_agrees_with_the_registered_atlas_brain(ran_study):
 
 
 def test_report_qc_table_shows_the_tissue_columns(ran_study):
-    from ketamap.pipeline import _qc_table
-    from ketamap.study import load_study
+    from ketamap.manifest import load_study
+    from ketamap.pipelines.census import _qc_table
 
     root, manifest, _ = ran_study
     qc = _qc_table(load_study(manifest))
@@ -308,8 +308,8 @@ def test_report_qc_table_shows_the_tissue_columns(ran_study):
 
 def test_study_folders_without_the_tissue_qc_still_report(ran_study, tmp_path):
     """Folders from before the tissue mask: no QC keys, no mask; the report shows dashes."""
-    from ketamap.pipeline import _qc_table, run_report
-    from ketamap.study import load_study
+    from ketamap.manifest import load_study
+    from ketamap.pipelines.census import _qc_table, run_report
 
     root, _, _ = ran_study
     copy = tmp_path / "old"

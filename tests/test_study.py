@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from ketamap.errors import ManifestError
+from ketamap.manifest import load_study, parse_study, study_to_toml
 from ketamap.space import check_orientation
-from ketamap.study import load_study, parse_study, study_to_toml
 
 GOOD = """
 [study]
@@ -82,7 +82,7 @@ def test_good_manifest_loads(study_dir):
 
 
 def test_key_regions_default_and_override(study_dir):
-    from ketamap.study import DEFAULT_KEY_REGIONS
+    from ketamap.manifest import DEFAULT_KEY_REGIONS
 
     assert load_study(write(study_dir, GOOD)).key_regions == DEFAULT_KEY_REGIONS
     text = GOOD.replace('marker = "TH"', 'marker = "TH"\nkey_regions = ["CA1", "VTA"]')
@@ -156,7 +156,7 @@ MISTAKES = [
         ('marker = "TH"', 'marker = "TH"\nkey_regions = ["VTA", 5]'),
         ["key_regions", "must be a string"],
     ),
-    ("negative dose", ("dose_mg_per_kg = 30", "dose_mg_per_kg = -30"), ["0 or more"]),
+    ("negative dose", ("dose_mg_per_kg = 30", "dose_mg_per_kg = -30"), ["at least 0"]),
     (
         "bad schedule",
         (
@@ -282,10 +282,15 @@ def test_validate_loads_the_atlas_and_opens_every_image(imaged_dir, run_cli, cap
     assert "has shape (6, 20, 20) but the signal has (6, 20, 24)" in _validate_error(
         run_cli, capsys, manifest
     )
-    # the folder that "atlas build --out DIR" wrote into, instead of the atlas in it
+    # the folder that "atlas build --out DIR" wrote into is accepted as the atlas
     from ketamap.atlas import make_phantom, write_brainglobe
 
     folder = write_brainglobe(make_phantom(resolution_um=200), imaged_dir / "atlases")
     manifest = write(imaged_dir, GOOD.replace('atlas = "phantom"', 'atlas = "atlases"'))
+    assert run_cli("validate", manifest) == 0
+    assert "atlas atlases ((66, 40, 57) at 200 µm)" in " ".join(capsys.readouterr().out.split())
+    # a folder inside the atlas is not: the message names the folder to pass
+    inner = f'atlas = "atlases/{folder.name}/meshes"'
+    manifest = write(imaged_dir, GOOD.replace('atlas = "phantom"', inner))
     message = _validate_error(run_cli, capsys, manifest)
-    assert f"did you mean {folder}?" in message and ".brainglobe" not in message
+    assert f"pass {folder}" in message and ".brainglobe" not in message

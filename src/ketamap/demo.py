@@ -75,10 +75,10 @@ def run_demo(
         count per group in the key regions) and ``called`` (regions called per
         contrast).
     """
-    from ketamap.pipeline import run_study
+    from ketamap.manifest import load_study
+    from ketamap.pipelines.census import run_study
     from ketamap.simulate import simulate_census
     from ketamap.simulate.evaluate import evaluate_census
-    from ketamap.study import load_study
 
     out = Path(out_dir)
     n_subjects = 3 * n_per_group

@@ -8,7 +8,9 @@ the chunks are computed changes:
 * ``cluster="local"``: a ``LocalCluster`` of worker processes on this machine;
 * ``cluster="slurm"`` or ``"pbs"``: a ``dask_jobqueue`` cluster whose job
   settings (queue, cores, memory, walltime ...) come from Dask's configuration
-  (``~/.config/dask/jobqueue.yaml``), scaled to ``n_workers`` workers.
+  (``~/.config/dask/jobqueue.yaml``), scaled to ``n_workers`` jobs. The jobs are
+  submitted before the block starts (a job the queue refuses is an error); the
+  block does not wait for them to run.
 
 ``dask.distributed`` and ``dask_jobqueue`` are imported only when asked for,
 so ``import ketamap`` stays cheap.
@@ -115,6 +117,52 @@ def _distributed():
     return require("distributed", needed_for="A distributed scheduler", install="dask[distributed]")
 
 
+# the loggers of a cluster run: the scheduler (in this process) and dask-jobqueue
+_CLUSTER_LOGGERS = ("distributed", "dask_jobqueue")
+
+
+@contextlib.contextmanager
+def _cluster_logging() -> Iterator[None]:
+    """Send the log records of a cluster run through ketamap's logging, at INFO at most.
+
+    ``distributed`` logs every worker that joins or leaves, every client and every
+    connection at INFO, on a console handler of its own (or, when logging was set up
+    before it was imported, through the root logger's handlers at its own INFO level,
+    whatever level ketamap logs at). During a cluster run that buries the progress bar.
+    For the length of the run these loggers lose their console handlers (file handlers
+    stay), propagate to the root logger's handlers and follow the level of the
+    ``ketamap`` logger, never below INFO: WARNING and above by default, INFO where
+    ketamap logs INFO (``--verbose``, or a log file). The workers of a SLURM or PBS
+    cluster log to their jobs' output files (``log-directory`` of the jobqueue
+    configuration). Everything is restored afterwards.
+    """
+    level = max(logging.INFO, logging.getLogger("ketamap").getEffectiveLevel())
+    saved = []
+    for name in _CLUSTER_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.level, logger.propagate, list(logger.handlers)))
+        for handler in list(logger.handlers):
+            if _is_console(handler):
+                logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = True
+    try:
+        yield
+    finally:
+        for logger, old_level, propagate, handlers in saved:
+            logger.setLevel(old_level)
+            logger.propagate = propagate
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+            for handler in handlers:
+                logger.addHandler(handler)
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    stream = getattr(handler, "stream", None)
+    return type(handler) is logging.StreamHandler and stream in (sys.stderr, sys.__stderr__)
+
+
 def _jobqueue_cluster(kind: str, n_workers: int):
     dask_jobqueue = require(
         "dask_jobqueue",
@@ -123,11 +171,11 @@ def _jobqueue_cluster(kind: str, n_workers: int):
         what="the dask-jobqueue package",
         otherwise=" and describe the jobs in ~/.config/dask/jobqueue.yaml",
     )
-    submit = "sbatch" if kind == "slurm" else "qsub"
-    if shutil.which(submit) is None:
+    submit_command = "sbatch" if kind == "slurm" else "qsub"
+    if shutil.which(submit_command) is None:
         raise ParameterError(
-            f"--cluster {kind} submits jobs with {submit}, which is not on this machine's PATH; "
-            f"run ketamap on a {kind.upper()} login node."
+            f"--cluster {kind} submits jobs with {submit_command}, which is not on this "
+            f"machine's PATH; run ketamap on a {kind.upper()} login node."
         )
     cls = dask_jobqueue.SLURMCluster if kind == "slurm" else dask_jobqueue.PBSCluster
     try:
@@ -137,7 +185,26 @@ def _jobqueue_cluster(kind: str, n_workers: int):
             f"The {kind} cluster is not configured; set jobqueue.{kind}.cores and "
             f"jobqueue.{kind}.memory in ~/.config/dask/jobqueue.yaml."
         ) from e
-    cluster.scale(jobs=n_workers)
+    # what cluster.scale(jobs=n_workers) does, but the submissions are awaited here (not
+    # the jobs' start): a job the queue refuses is then an error, instead of a run that
+    # waits for workers forever while the job is resubmitted in the background
+    while len(cluster.worker_spec) < n_workers:
+        cluster.worker_spec.update(cluster.new_worker_spec())
+    try:
+        cluster.sync(cluster._correct_state)
+    except RuntimeError as e:
+        from distributed.core import Status
+
+        for job in cluster.workers.values():  # never submitted: nothing to cancel
+            if getattr(job, "job_id", None) is None:
+                job.status = Status.failed
+        cluster.close()
+        said = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = said[-1] if said else f"{submit_command} failed"
+        raise ParameterError(
+            f"{kind.upper()} refused the jobs of the workers ({reason}); check jobqueue.{kind} "
+            "(queue, account, cores, memory, walltime ...) in ~/.config/dask/jobqueue.yaml."
+        ) from e
     return cluster
 
 
@@ -182,8 +249,14 @@ def use_scheduler(
     ------
     ParameterError
         If both ``scheduler`` and ``cluster`` are given, ``cluster`` is not one
-        of ``local``, ``slurm``, ``pbs``, a needed package is missing, or the
-        scheduler cannot be reached.
+        of ``local``, ``slurm``, ``pbs``, a needed package is missing, the
+        scheduler cannot be reached, or the queue refuses the worker jobs.
+
+    Notes
+    -----
+    While a distributed scheduler is in use, the log records of ``distributed``
+    and ``dask_jobqueue`` go through ketamap's logging at the ``ketamap``
+    logger's level (never below INFO), not to a console handler of their own.
 
     Examples
     --------
@@ -210,6 +283,7 @@ def use_scheduler(
         return
     distributed = _distributed()
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_cluster_logging())  # restored last, after the cluster closed
         if cluster == "local":
             # dashboard on a free port: a busy default port (8787) would only raise a warning
             lc = distributed.LocalCluster(

@@ -25,8 +25,9 @@ def allen_dir(request):
 def allen(allen_dir):
     """One list of the 25, 50 and 100 µm atlases (each file decompressed once per load)."""
     return {
-        res: load_allen(allen_dir / ANN, allen_dir / CSV, hemispheres_path=allen_dir / HEMI,
-                        resolution_um=res)
+        res: load_allen(
+            allen_dir / ANN, allen_dir / CSV, hemispheres_path=allen_dir / HEMI, resolution_um=res
+        )
         for res in (25, 50, 100)
     }
 

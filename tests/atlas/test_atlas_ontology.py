@@ -39,7 +39,13 @@ def onto() -> Ontology:
 def test_table_columns_and_derived_fields(onto):
     t = onto.table
     assert list(t.columns) == [
-        "id", "acronym", "name", "parent_id", "depth", "structure_id_path", "color_hex",
+        "id",
+        "acronym",
+        "name",
+        "parent_id",
+        "depth",
+        "structure_id_path",
+        "color_hex",
     ]
     assert t["id"].dtype == np.int64
     assert str(t["parent_id"].dtype) == "Int64"

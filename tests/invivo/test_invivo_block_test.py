@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as sstats
 
-from ketamap.invivo.ensembles import block_permutation_test
+from ketamap.invivo.ensembles.assemblies import block_permutation_test
 
 
 def _markov(rng, n, rate, stay):

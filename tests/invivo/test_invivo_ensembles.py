@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ketamap.invivo.ensembles import (
+from ketamap.invivo.ensembles.assemblies import (
     activation_strength,
     bin_activity,
     coactive_bins,
@@ -12,7 +12,7 @@ from ketamap.invivo.ensembles import (
     match_assemblies,
     poisson_binomial_sf,
 )
-from ketamap.invivo.run import EnsembleParams, analyse_session
+from ketamap.invivo.ensembles.session import EnsembleParams, analyse_session
 from ketamap.simulate.calcium import simulate_calcium_traces
 
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from ketamap.errors import InputError, InputNotFoundError, KetamapError, ManifestError
-from ketamap.invivo.sessions import load_sessions
-from ketamap.invivo.suite2p_io import find_plane_folder, read_array, read_recording, read_suite2p
+from ketamap.io.traces.suite2p import find_plane_folder, read_array, read_recording, read_suite2p
+from ketamap.manifest import load_sessions
 
 
 def _plane(folder, n=4, t=50, layout="v0.14", iscell=None):
@@ -111,13 +111,15 @@ def test_load_sessions_good(tmp_path):
         (GOOD.replace("time_h = 0\n", "tme_h = 0\n"), 'did you mean "time_h"'),
         (GOOD.replace('label = "stress"', 'label = "baseline"'), "appears twice"),
         (GOOD.replace("frame_rate_hz = 20.0", "frame_rate_hz = -1"), "greater than 0"),
-        (GOOD.replace('data = "a.npy"\nframe', 'data = 3\nframe'), "path string"),
+        (GOOD.replace('data = "a.npy"\nframe', "data = 3\nframe"), "path string"),
         (GOOD.replace('data = "a.npy"\nframe', 'data = "../a.npy"\nframe'), "points outside"),
         ("[[sessions]]\nlabel = 'x'\ntime_h = 0\n", 'missing the required key "data"'),
         ("[field_of_view]\nname = 'x'\n", "at least one"),
         ("[[sessions]\n", "not valid TOML"),
-        (GOOD.replace("frame_rate_hz = 10.0\n", "").replace("frame_rate_hz = 20.0\n", ""),
-         "records no frame rate"),
+        (
+            GOOD.replace("frame_rate_hz = 10.0\n", "").replace("frame_rate_hz = 20.0\n", ""),
+            "records no frame rate",
+        ),
     ],
 )
 def test_bad_sessions_file_one_sentence(tmp_path, text, words):

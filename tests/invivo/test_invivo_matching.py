@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 
 from ketamap.errors import InputError
-from ketamap.invivo import run_ensembles
-from ketamap.invivo.matching import match_cells, track_cells
+from ketamap.invivo.ensembles.matching import match_cells, track_cells
+from ketamap.pipelines import run_ensembles
 from ketamap.simulate.calcium import simulate_calcium_study
 
 LABELS = ["baseline", "stress", "ketamine-3h", "ketamine-24h"]

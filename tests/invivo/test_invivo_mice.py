@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from ketamap.errors import InputError, ParameterError
-from ketamap.invivo.mice import compare_mice
-from ketamap.invivo.run import analyse_session
+from ketamap.invivo.ensembles.mice import compare_mice
+from ketamap.invivo.ensembles.session import analyse_session
 from ketamap.simulate.calcium import simulate_calcium_cohort, simulate_calcium_study
 
 
@@ -140,7 +140,7 @@ def three_mice(tmp_path_factory):
 
 
 def test_stage_over_three_mice(three_mice, run_cli, capsys):
-    from ketamap.invivo.cohort import run_ensembles_mice
+    from ketamap.pipelines.ensembles import run_ensembles_mice
 
     root, files = three_mice
     out = root / "out"
@@ -163,7 +163,7 @@ def test_stage_over_three_mice(three_mice, run_cli, capsys):
 
 
 def test_stage_refuses_one_file_and_twin_names(three_mice, tmp_path):
-    from ketamap.invivo.cohort import run_ensembles_mice
+    from ketamap.pipelines.ensembles import run_ensembles_mice
 
     _, files = three_mice
     with pytest.raises(InputError, match="a sessions file per field of view, got 1"):

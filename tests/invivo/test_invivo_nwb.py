@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ketamap.errors import InputError
-from ketamap.invivo.suite2p_io import read_recording
+from ketamap.io.traces.suite2p import read_recording
 
 
 def _write_nwb(
@@ -127,7 +127,7 @@ def test_sessions_of_nwb_files_run_end_to_end(tmp_path):
     pytest.importorskip("pynwb")
     import pandas as pd
 
-    from ketamap.invivo import run_ensembles
+    from ketamap.pipelines import run_ensembles
     from ketamap.simulate.calcium import simulate_calcium_study
 
     sim = tmp_path / "sim"
@@ -164,7 +164,7 @@ def test_sessions_of_nwb_files_run_end_to_end(tmp_path):
 
 
 def test_sessions_file_naming_nwb_without_pynwb(tmp_path, monkeypatch):
-    from ketamap.invivo import run_ensembles
+    from ketamap.pipelines import run_ensembles
 
     (tmp_path / "a.nwb").write_bytes(b"")
     (tmp_path / "s.toml").write_text('[[sessions]]\nlabel = "a"\ntime_h = 0\ndata = "a.nwb"\n')

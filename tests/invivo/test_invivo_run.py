@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from ketamap.errors import KetamapError, ParameterError
-from ketamap.invivo import run_ensembles
-from ketamap.invivo.ensembles import jaccard_matrix
+from ketamap.invivo.ensembles.assemblies import jaccard_matrix
+from ketamap.pipelines import run_ensembles
 from ketamap.simulate.calcium import simulate_calcium_study
 
 

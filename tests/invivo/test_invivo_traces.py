@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from ketamap.errors import InputError, KetamapError, ParameterError
-from ketamap.invivo.traces import (
+from ketamap.invivo.ensembles.traces import (
     check_traces,
     deconvolve,
     deconvolve_ar1,

@@ -14,16 +14,16 @@ from ketamap.invivo.spines import (
     export_napari,
     import_annotations,
     interval_rates,
-    load_spine_sessions,
     pooled_rates,
     presence_matrix,
     return_to_lost_sites,
-    run_spines,
     score_spines,
     track_spines,
 )
 from ketamap.invivo.spines.image import Centreline, detect_spines, register_rigid
 from ketamap.invivo.spines.track import confirm_faint
+from ketamap.manifest import load_spine_sessions
+from ketamap.pipelines import run_spines
 from ketamap.simulate.spines import SpineSimParams, simulate_dendrite, simulate_spine_study
 
 LABELS = ["a", "b", "c"]

@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ketamap.invivo.spines import presence_matrix, run_spines
+from ketamap.invivo.spines import presence_matrix
 from ketamap.invivo.spines.report import dendrite_crop, dendrite_figure, example_dendrites
+from ketamap.pipelines import run_spines
 from ketamap.simulate.spines import simulate_spine_study
 
 LABELS = ["base", "stress", "ket"]

@@ -76,19 +76,13 @@ def test_figures_render_to_png_and_svg(atlas):
     assert figure_bytes(fig).startswith(b"\x89PNG")
 
 
-def test_report_shows_the_maps_section_and_methods():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_report import cohort
-
+def test_report_shows_the_maps_section_and_methods(census_case):
     from ketamap.report import render_report
     from ketamap.report.figures import _figure
     from ketamap.stats.network import NetworkParams
     from ketamap.stats.voxels import VoxelParams
 
-    study, subjects, qc, regions, counts = cohort()
+    study, subjects, qc, regions, counts = census_case
     fig = _figure(2, 2)
     fig.subplots().plot([0, 1])
     methods = {"stats": {"alpha": 0.05}, "voxels": VoxelParams().__dict__,

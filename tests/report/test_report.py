@@ -151,10 +151,45 @@ def test_csv_link_holds_the_region_table(data):
     assert len(back) == len(regions) and list(back.columns) == list(regions.columns)
 
 
-def test_write_report_is_atomic(tmp_path, data):
-    path = write_report("<!DOCTYPE html><html></html>", tmp_path / "out" / "report.html")
-    assert path.read_text().startswith("<!DOCTYPE html>")
-    assert [p.name for p in path.parent.iterdir()] == ["report.html"]
+def test_write_report_is_atomic(tmp_path, monkeypatch):
+    """A write that dies half-way, or whose final rename fails, leaves the previous report
+    whole and no temporary file; a write that succeeds replaces it."""
+    import errno
+    import pathlib
+
+    from ketamap.errors import OutputError
+
+    old = "<!DOCTYPE html><html><body>" + "old report " * 1000 + "</body></html>"
+    new = "<!DOCTYPE html><html><body>" + "new report " * 1000 + "</body></html>"
+    path = write_report(old, tmp_path / "out" / "report.html")
+    assert path == tmp_path / "out" / "report.html" and path.read_text() == old
+
+    def listing():
+        return sorted(p.name for p in path.parent.iterdir())
+
+    real_write_text = pathlib.Path.write_text
+
+    def dies_half_way(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise RuntimeError("killed while writing")
+
+    with monkeypatch.context() as m:
+        m.setattr(pathlib.Path, "write_text", dies_half_way)
+        with pytest.raises(RuntimeError, match="killed"):
+            write_report(new, path)
+    assert path.read_text() == old and listing() == ["report.html"]
+
+    def no_space(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr("os.replace", no_space)
+        with pytest.raises(OutputError, match="No space left on device while writing"):
+            write_report(new, path)
+    assert path.read_text() == old and listing() == ["report.html"]
+
+    assert write_report(new, path) == path
+    assert path.read_text() == new and listing() == ["report.html"]
 
 
 def test_save_figures_writes_png_and_svg(tmp_path, data):

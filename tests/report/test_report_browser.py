@@ -181,7 +181,7 @@ def test_census_images_open_full_size_on_click(browser, tmp_path):
 
 
 def test_ensembles_report_in_headless_chromium(browser, tmp_path):
-    from ketamap.invivo import run_ensembles
+    from ketamap.pipelines import run_ensembles
     from ketamap.simulate.calcium import simulate_calcium_study
 
     toml = simulate_calcium_study(tmp_path / "sim", seed=0, n_cells=60, n_ensembles=2,
@@ -196,7 +196,7 @@ def test_ensembles_report_in_headless_chromium(browser, tmp_path):
 def test_spines_report_in_headless_chromium(browser, tmp_path):
     from selenium.webdriver.common.by import By
 
-    from ketamap.invivo.spines import run_spines
+    from ketamap.pipelines import run_spines
     from ketamap.simulate.spines import simulate_spine_study
 
     toml = simulate_spine_study(tmp_path / "study", seed=5, n_mice=1, dendrites_per_mouse=2)

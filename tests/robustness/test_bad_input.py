@@ -202,7 +202,7 @@ def test_unicode_paths_work(tmp_path, run_cli, capsys):
 
 def test_manifest_path_escaping_the_study_folder(tmp_path):
     from ketamap.errors import ManifestError
-    from ketamap.study import load_study
+    from ketamap.manifest import load_study
 
     (tmp_path / "outside.tif").write_bytes(b"")
     study = tmp_path / "study"
@@ -220,8 +220,9 @@ def test_bad_classifier_file_fails_before_detection(tmp_path, run_cli, capsys):
     path = planes(tmp_path / "in")
     bad = tmp_path / "model.json"
     bad.write_text("{ not json")
-    code = run_cli("detect", path, "--voxel-size", 5, 2, 2, "--classifier", bad,
-                   "--out", tmp_path / "out")
+    code = run_cli(
+        "detect", path, "--voxel-size", 5, 2, 2, "--classifier", bad, "--out", tmp_path / "out"
+    )
     err = capsys.readouterr().err
     assert code == 2 and "not JSON" in " ".join(err.split()), err
     assert not (tmp_path / "out").exists()
@@ -309,24 +310,71 @@ def _misuse_cases(tmp):
     return {
         "soma diameter 0": ("detect", vol, *vs, "--soma-diameter", 0, "--out", tmp / "o"),
         "soma diameter NaN": ("detect", vol, *vs, "--soma-diameter", "nan", "--out", tmp / "o"),
-        "classifier file missing": ("detect", vol, *vs, "--classifier", tmp / "no.json",
-                                    "--out", tmp / "o"),  # fmt: skip
+        "classifier file missing": (
+            "detect",
+            vol,
+            *vs,
+            "--classifier",
+            tmp / "no.json",
+            "--out",
+            tmp / "o",
+        ),  # fmt: skip
         "train: non-cells nearer than the tolerance": (
-            "detect", "train", vol, *vs, "--cells", tmp / "cells.csv",
-            "--non-cells-beyond", 5, "--out", tmp / "m.json"),  # fmt: skip
+            "detect",
+            "train",
+            vol,
+            *vs,
+            "--cells",
+            tmp / "cells.csv",
+            "--non-cells-beyond",
+            5,
+            "--out",
+            tmp / "m.json",
+        ),  # fmt: skip
         "quantify: not a registration folder": (
-            "quantify", "--cells", tmp / "cells.csv", "--registration", tmp,
-            "--atlas", "phantom:200", "--out", tmp / "q"),  # fmt: skip
+            "quantify",
+            "--cells",
+            tmp / "cells.csv",
+            "--registration",
+            tmp,
+            "--atlas",
+            "phantom:200",
+            "--out",
+            tmp / "q",
+        ),  # fmt: skip
         "run: manifest missing": ("run", tmp / "nope.toml"),
         "run: manifest not TOML": ("run", tmp / "notes.toml"),
         "stats: manifest missing": ("stats", tmp / "nope.toml"),
-        "convert: voxel size in mm": ("convert", vol, "--out", tmp / "c.ome.zarr",
-                                      "--voxel-size", 0.001, 0.002, 0.002),  # fmt: skip
-        "register: unknown atlas": ("register", vol, *vs, "--orientation", "psl",
-                                    "--atlas", "nope_atlas", "--out", tmp / "r"),  # fmt: skip
+        "convert: voxel size in mm": (
+            "convert",
+            vol,
+            "--out",
+            tmp / "c.ome.zarr",
+            "--voxel-size",
+            0.001,
+            0.002,
+            0.002,
+        ),  # fmt: skip
+        "register: unknown atlas": (
+            "register",
+            vol,
+            *vs,
+            "--orientation",
+            "psl",
+            "--atlas",
+            "nope_atlas",
+            "--out",
+            tmp / "r",
+        ),  # fmt: skip
         "atlas info: bad phantom resolution": ("atlas", "info", "phantom:-5"),
-        "simulate: too few mice": ("simulate", "census", "--out", tmp / "s",
-                                   "--n-per-group", 0),  # fmt: skip
+        "simulate: too few mice": (
+            "simulate",
+            "census",
+            "--out",
+            tmp / "s",
+            "--n-per-group",
+            0,
+        ),  # fmt: skip
     }
 
 

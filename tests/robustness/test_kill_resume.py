@@ -16,23 +16,36 @@ from ketamap.simulate import BrainParams, simulate_census
 
 KETAMAP = [sys.executable, "-c", "from ketamap.cli import main; main()"]
 # the files whose content must not depend on interruptions
-COMPARED = ("detect/cells.csv", "register/volumes.csv", "quantify/regions.csv",
-            "quantify/cells_atlas.csv")
+COMPARED = (
+    "detect/cells.csv",
+    "register/volumes.csv",
+    "quantify/regions.csv",
+    "quantify/cells_atlas.csv",
+)
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("kill") / "study"
-    manifest = simulate_census(root, atlas="phantom:100", n_per_group=2, seed=5,
-                               params=BrainParams(voxel_size_um=(60.0, 60.0, 60.0)))
+    manifest = simulate_census(
+        root,
+        atlas="phantom:100",
+        n_per_group=2,
+        seed=5,
+        params=BrainParams(voxel_size_um=(60.0, 60.0, 60.0)),
+    )
     # one ITK thread makes registration bit-for-bit reproducible
     manifest.write_text(manifest.read_text() + "\n[registration]\nn_threads = 1\n")
     return root
 
 
 def run(manifest: Path, *, kill_after_s: float | None = None) -> int:
-    proc = subprocess.Popen([*KETAMAP, "run", str(manifest)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [*KETAMAP, "run", str(manifest)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     if kill_after_s is None:
         return proc.wait(timeout=900)
     time.sleep(kill_after_s)

@@ -23,9 +23,15 @@ def sim(atlas, group=0, seed=0, **kw):
     g = SCEN.groups[group]
     # densities scaled up so that counts are large enough to measure variability
     dens = {k: v * 4 for k, v in SCEN.densities_per_mm3.items()}
-    return simulate_brain(atlas, fold_changes=g.fold_changes, densities=dens,
-                          default_density=SCEN.default_density_per_mm3,
-                          zero_density=SCEN.zero_density, params=params, seed=seed)
+    return simulate_brain(
+        atlas,
+        fold_changes=g.fold_changes,
+        densities=dens,
+        default_density=SCEN.default_density_per_mm3,
+        zero_density=SCEN.zero_density,
+        params=params,
+        seed=seed,
+    )
 
 
 def test_deterministic(atlas):
@@ -43,8 +49,15 @@ def test_outputs_are_typed_and_oriented(atlas):
     assert b.signal.shape == b.background.shape
     # psl: axis 0 runs along AP, as does atlas axis 0 (asr), axis 2 along LR
     assert b.signal.shape[0] > b.signal.shape[1]
-    assert set(b.cells.columns) >= {"z_vox", "y_vox", "x_vox", "z_um", "atlas_z_vox",
-                                    "region_id", "hemisphere"}
+    assert set(b.cells.columns) >= {
+        "z_vox",
+        "y_vox",
+        "x_vox",
+        "z_um",
+        "atlas_z_vox",
+        "region_id",
+        "hemisphere",
+    }
     assert (b.cells["region_id"] > 0).all()
 
 
@@ -117,8 +130,16 @@ def test_artefacts_off_by_default_leave_the_volume_unchanged(atlas):
     plain = sim(atlas, seed=3)
     assert plain.artefacts == {}
     assert _sha256(plain) == _UNCHANGED_SHA256
-    explicit = sim(atlas, seed=3, hot_pixel_rate_per_voxel=0.0, hot_pixel_counts=(30.0, 3000.0),
-                   tile_shape_um=None, tile_gain_cv=0.0, edge_photons=0.0, edge_width_um=40.0)
+    explicit = sim(
+        atlas,
+        seed=3,
+        hot_pixel_rate_per_voxel=0.0,
+        hot_pixel_counts=(30.0, 3000.0),
+        tile_shape_um=None,
+        tile_gain_cv=0.0,
+        edge_photons=0.0,
+        edge_width_um=40.0,
+    )
     np.testing.assert_array_equal(plain.signal, explicit.signal)
     np.testing.assert_array_equal(plain.background, explicit.background)
 
@@ -132,15 +153,14 @@ def base(atlas):
 
 
 def test_hot_pixels_are_single_voxel_spikes_in_counts(atlas, base):
-    b = sim(atlas, seed=1, hot_pixel_rate_per_voxel=1e-4, hot_pixel_counts=(50.0, 2000.0),
-            **SMALL)
+    b = sim(atlas, seed=1, hot_pixel_rate_per_voxel=1e-4, hot_pixel_counts=(50.0, 2000.0), **SMALL)
     hot, amp = b.artefacts["hot_pixels"], b.artefacts["hot_pixel_amplitudes"]
     assert hot.shape == (len(amp), 3) and abs(len(hot) / (1e-4 * b.signal.size) - 1) < 0.3
     assert (amp >= 50).all() and (amp <= 2000).all()
     diff = b.signal.astype(np.int64) - base.signal.astype(np.int64)
-    expected = np.minimum(base.signal[tuple(hot.T)] + np.rint(amp), 65535) - base.signal[
-        tuple(hot.T)
-    ]
+    expected = (
+        np.minimum(base.signal[tuple(hot.T)] + np.rint(amp), 65535) - base.signal[tuple(hot.T)]
+    )
     np.testing.assert_array_equal(diff[tuple(hot.T)], expected)
     assert np.count_nonzero(diff) == len(hot)  # nothing else moved, void included
     np.testing.assert_array_equal(b.background, base.background)

@@ -45,20 +45,14 @@ def test_single_soma_is_not_split_and_reported_once():
     np.testing.assert_allclose(_xyz(cells)[0], (14.3, 20.6, 27.2), atol=0.35)
 
 
-def test_same_cells_for_any_chunking_on_a_fine_grid():
+def test_same_cells_for_any_chunking_on_a_fine_grid(simulate_volume):
     """Extents, splitting and merging are chunk-invariant at 5 x 2 x 2 µm too."""
-    import sys
-    from pathlib import Path
-
     import dask.array as da
     import pandas as pd
 
     from ketamap.wholebrain import DetectionParams
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_detect import simulate
-
-    signal, _, _ = simulate(
+    signal, _, _ = simulate_volume(
         (40, 160, 150), VS, density_per_mm3=20000.0, psf_sigma_um=(6.0, 1.5, 1.5), extent=3.0
     )
     ref = detect_cells(signal, voxel_size_um=VS)
@@ -69,24 +63,18 @@ def test_same_cells_for_any_chunking_on_a_fine_grid():
         pd.testing.assert_frame_equal(got, ref, check_exact=False, rtol=1e-5)
 
 
-def test_axial_blur_parameter_keeps_blurred_somata_whole():
+def test_axial_blur_parameter_keeps_blurred_somata_whole(simulate_volume, match_cells):
     """Somata stretched along z by a 12 µm axial blur: with psf_sigma_um the detector matches
     the imaged soma and does not split each one (default parameters split about every cell:
     measured precision 0.50)."""
-    import sys
-    from pathlib import Path
-
     from ketamap.wholebrain import DetectionParams
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_detect import _xyz, match, simulate
-
-    signal, _, truth = simulate(
+    signal, _, truth = simulate_volume(
         (60, 128, 128), VS, density_per_mm3=5000.0, psf_sigma_um=(12.0, 1.5, 1.5), extent=3.0
     )
     params = DetectionParams(psf_sigma_um=(12.0, 1.5, 1.5))
     cells = detect_cells(signal, voxel_size_um=VS, params=params)
-    recall, precision = match(_xyz(cells), truth, 8.0, scale=VS)
+    recall, precision = match_cells(_xyz(cells), truth, 8.0, scale=VS)
     assert len(truth) > 80
     assert precision >= 0.9, (recall, precision)
     assert recall >= 0.8, (recall, precision)

@@ -25,11 +25,16 @@ def _candidates(n, seed=0):
     snr = np.where(is_cell, rng.lognormal(np.log(20), 0.3, n), rng.lognormal(np.log(7), 0.3, n))
     high, low = rng.lognormal(np.log(9), 0.3, n), rng.lognormal(np.log(5.5), 0.3, n)
     contrast = np.where(is_cell, high, low)
-    cells = pd.DataFrame({
-        "z_vox": rng.uniform(0, 30, n), "y_vox": rng.uniform(0, 500, n),
-        "x_vox": rng.uniform(0, 500, n), "intensity": snr * 50.0, "snr": snr,
-        "contrast": contrast,
-    })
+    cells = pd.DataFrame(
+        {
+            "z_vox": rng.uniform(0, 30, n),
+            "y_vox": rng.uniform(0, 500, n),
+            "x_vox": rng.uniform(0, 500, n),
+            "intensity": snr * 50.0,
+            "snr": snr,
+            "contrast": contrast,
+        }
+    )
     return cells, is_cell.astype(np.int64)
 
 
@@ -50,10 +55,21 @@ def test_trained_classifier_separates_and_round_trips(tmp_path):
 
 
 def test_labels_from_annotated_points():
-    cells = pd.DataFrame({"z_vox": [10.0, 10.0, 20.0], "y_vox": [100.0, 200.0, 300.0],
-                          "x_vox": [100.0, 200.0, 300.0]})
-    points = pd.DataFrame({"z_vox": [11.0, 10.0], "y_vox": [101.0, 203.0],
-                           "x_vox": [100.0, 200.0], "cell_type": [2, 1]})
+    cells = pd.DataFrame(
+        {
+            "z_vox": [10.0, 10.0, 20.0],
+            "y_vox": [100.0, 200.0, 300.0],
+            "x_vox": [100.0, 200.0, 300.0],
+        }
+    )
+    points = pd.DataFrame(
+        {
+            "z_vox": [11.0, 10.0],
+            "y_vox": [101.0, 203.0],
+            "x_vox": [100.0, 200.0],
+            "cell_type": [2, 1],
+        }
+    )
     labels = label_candidates(cells, points, voxel_size_um=(5.0, 2.0, 2.0), tolerance_um=10.0)
     assert labels.tolist() == [1, 0, -1]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,9 +10,6 @@ import pytest
 
 from ketamap.errors import ParameterError
 from ketamap.wholebrain import DetectionParams, detect_cells
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_detect import simulate  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -27,9 +23,9 @@ from test_detect import simulate  # noqa: E402
         ((48, 64, 64), (25.0, 25.0, 25.0), {}),
     ],
 )
-def test_torch_back_end_matches_scipy(shape, voxel_um, kwargs):
+def test_torch_back_end_matches_scipy(shape, voxel_um, kwargs, simulate_volume):
     pytest.importorskip("torch")
-    signal, background, _ = simulate(shape, voxel_um, seed=2, **kwargs)
+    signal, background, _ = simulate_volume(shape, voxel_um, seed=2, **kwargs)
     cpu = detect_cells(
         signal, voxel_size_um=voxel_um, background=background, params=DetectionParams(device="cpu")
     )

@@ -24,7 +24,7 @@ from ketamap.wholebrain.register import (
     cells_to_atlas,
     load_registration,
     prepare_sample,
-    register_to_atlas,
+    register_to_reference,
     save_registration,
     warp_image_to_sample,
     warp_labels_to_sample,
@@ -162,7 +162,7 @@ def psl_case(reference, truth):
     # No illumination gradient: with 10-20 % the median stays at 0.45-0.6 voxel
     # but p95 sits at 1.9-2.0, too close to the bound (docs/registration.md).
     sample, shape = make_sample("psl", vs, truth, gradient=0.0)
-    reg = register_to_atlas(
+    reg = register_to_reference(
         sample,
         reference,
         voxel_size_um=vs,
@@ -216,7 +216,7 @@ def test_second_orientation_code_ipl_dask_input(reference, truth):
     vs = (60.0, 50.0, 50.0)
     sample, _ = make_sample("ipl", vs, truth, seed=5, gradient=0.0)
     lazy = da.from_array(sample, chunks=(30, 41, 37))
-    reg = register_to_atlas(
+    reg = register_to_reference(
         lazy, reference, voxel_size_um=vs, orientation="ipl", atlas_resolution_um=ATLAS_RES_UM
     )
     err = mapping_error(reg, sample, "ipl", vs, truth, n=1000)
@@ -235,7 +235,7 @@ def test_anisotropic_shift_axis_order(reference):
 
     sample, _ = make_sample("asr", (ATLAS_RES_UM,) * 3, truth, noise=0.01, gradient=0.0)
     params = RegistrationParams(deformable=False)
-    reg = register_to_atlas(
+    reg = register_to_reference(
         sample,
         reference,
         voxel_size_um=ATLAS_RES_UM,
@@ -364,12 +364,12 @@ def test_reproducible(reference, truth):
     sample, _ = make_sample("asr", vs, truth, seed=7)
     kwargs = dict(voxel_size_um=vs, orientation="asr", atlas_resolution_um=ATLAS_RES_UM)
     params = RegistrationParams(n_threads=1, bspline_iterations=5)
-    a = register_to_atlas(sample, reference, params=params, **kwargs)
-    b = register_to_atlas(sample, reference, params=params, **kwargs)
+    a = register_to_reference(sample, reference, params=params, **kwargs)
+    b = register_to_reference(sample, reference, params=params, **kwargs)
     assert a.sample_to_atlas.GetParameters() == b.sample_to_atlas.GetParameters()
     params = RegistrationParams(n_threads=2, bspline_iterations=5)
-    c = register_to_atlas(sample, reference, params=params, **kwargs)
-    d = register_to_atlas(sample, reference, params=params, **kwargs)
+    c = register_to_reference(sample, reference, params=params, **kwargs)
+    d = register_to_reference(sample, reference, params=params, **kwargs)
     np.testing.assert_allclose(
         c.sample_to_atlas.GetParameters(), d.sample_to_atlas.GetParameters(), atol=0.5
     )
@@ -381,7 +381,7 @@ def test_reproducible(reference, truth):
 def test_qc_flags_noise_sample(reference):
     noise = np.random.default_rng(0).normal(1000, 100, (100, 64, 90)).astype(np.float32)
     params = RegistrationParams(bspline_iterations=5)
-    reg = register_to_atlas(
+    reg = register_to_reference(
         noise,
         reference,
         voxel_size_um=100,
@@ -398,7 +398,7 @@ def test_qc_flags_wrong_orientation(reference, truth):
     sample, _ = make_sample("psl", vs, truth)
     # The sample is 'psl' but is declared 'ipl': axes 0 and 1 are swapped.
     params = RegistrationParams(bspline_iterations=5)
-    reg = register_to_atlas(
+    reg = register_to_reference(
         sample,
         reference,
         voxel_size_um=vs,
@@ -430,7 +430,7 @@ def test_qc_flags_wrong_orientation(reference, truth):
 def test_bad_inputs_raise_one_sentence(reference, kwargs, error, words):
     args = dict(voxel_size_um=100, orientation="asr", atlas_resolution_um=100) | kwargs
     with pytest.raises(error, match=words) as info:
-        register_to_atlas(np.ones((40, 40, 40)), reference, **args)
+        register_to_reference(np.ones((40, 40, 40)), reference, **args)
     message = str(info.value)
     assert isinstance(info.value, KetamapError)
     assert message.endswith(".") and "\n" not in message and message.count(". ") == 0
@@ -439,13 +439,13 @@ def test_bad_inputs_raise_one_sentence(reference, kwargs, error, words):
 def test_constant_and_empty_images_raise(reference):
     kwargs = dict(voxel_size_um=100, orientation="asr", atlas_resolution_um=100)
     with pytest.raises(InputError, match="constant"):
-        register_to_atlas(np.full(ATLAS_SHAPE, 7, np.uint16), reference, **kwargs)
+        register_to_reference(np.full(ATLAS_SHAPE, 7, np.uint16), reference, **kwargs)
     with pytest.raises(InputError, match="non-empty"):
-        register_to_atlas(np.zeros((0, 10, 10)), reference, **kwargs)
+        register_to_reference(np.zeros((0, 10, 10)), reference, **kwargs)
     with pytest.raises(InputError, match="atlas_reference"):
-        register_to_atlas(reference, np.zeros((5, 5)), **kwargs)
+        register_to_reference(reference, np.zeros((5, 5)), **kwargs)
     with pytest.raises(InputError, match="at least"):
-        register_to_atlas(np.random.default_rng(0).random((8, 64, 64)), reference, **kwargs)
+        register_to_reference(np.random.default_rng(0).random((8, 64, 64)), reference, **kwargs)
 
 
 def test_params_validation():
@@ -483,7 +483,7 @@ def test_50um_atlas_registers_on_the_100um_work_grid(truth):
     del idx
     vs = (100.0, 80.0, 120.0)
     sample, _ = make_sample("psl", vs, truth, gradient=0.0)
-    reg = register_to_atlas(
+    reg = register_to_reference(
         sample, reference, voxel_size_um=vs, orientation="psl", atlas_resolution_um=res
     )
     assert reg.prepared_shape_vox == (200, 128, 180)
@@ -532,11 +532,11 @@ def test_reference_blur_is_chosen_and_reported(reference, truth):
         atlas_resolution_um=ATLAS_RES_UM,
         atlas_orientation="asr",
     )
-    on = register_to_atlas(
+    on = register_to_reference(
         blurred, reference, **common, params=RegistrationParams(deformable=False)
     )
     assert 50.0 <= on.qc["reference_blur_um"] <= 150.0, on.qc["reference_blur_um"]
-    off = register_to_atlas(
+    off = register_to_reference(
         blurred,
         reference,
         **common,

@@ -1,4 +1,4 @@
-"""The antspyx engine (affine + SyN) of register_to_atlas, on the synthetic brains of test_register.
+"""The antspyx engine (affine + SyN) of register_to_reference, on test_register's synthetic brains.
 
 antspyx is an optional extra; the engine tests skip without it. The
 conversion of ANTs' transform files into SimpleITK transforms is checked
@@ -19,7 +19,7 @@ from ketamap.wholebrain.register import (
     RegistrationParams,
     cells_to_atlas,
     load_registration,
-    register_to_atlas,
+    register_to_reference,
     save_registration,
     warp_labels_to_sample,
 )
@@ -32,7 +32,7 @@ def test_missing_antspyx_is_one_sentence(monkeypatch):
     monkeypatch.setitem(sys.modules, "ants", None)  # makes `import ants` fail
     sample = np.ones((40, 40, 40), np.float32)
     with pytest.raises(ParameterError, match="antspyx") as info:
-        register_to_atlas(
+        register_to_reference(
             sample,
             sample,
             voxel_size_um=100,
@@ -55,7 +55,7 @@ def ants_case():
     reference, truth = atlas_reference(), make_truth()
     vs = (50.0, 40.0, 60.0)
     sample, _ = make_sample("psl", vs, truth, gradient=0.0)
-    reg = register_to_atlas(
+    reg = register_to_reference(
         sample,
         reference,
         voxel_size_um=vs,
@@ -145,8 +145,8 @@ def test_antspyx_one_thread_is_bit_reproducible(ants_case):
         atlas_resolution_um=ATLAS_RES_UM,
         params=RegistrationParams(engine="antspyx", n_threads=1, syn_iterations=(20, 10, 0)),
     )
-    a = register_to_atlas(sample, reference, **kwargs)
-    b = register_to_atlas(sample, reference, **kwargs)
+    a = register_to_reference(sample, reference, **kwargs)
+    b = register_to_reference(sample, reference, **kwargs)
     cells = brain_cells(sample, 500)
     np.testing.assert_array_equal(cells_to_atlas(a, cells), cells_to_atlas(b, cells))
 
@@ -156,7 +156,7 @@ def test_antspyx_qc_flags_wrong_orientation(ants_case):
     vs = (100.0, 100.0, 100.0)
     sample, _ = make_sample("psl", vs, truth)
     # The sample is 'psl' but is declared 'ipl': axes 0 and 1 are swapped.
-    reg = register_to_atlas(
+    reg = register_to_reference(
         sample,
         reference,
         voxel_size_um=vs,

@@ -18,7 +18,9 @@ import pytest
 import SimpleITK as sitk
 from brainglobe_space import AnatomicalSpace
 
-from ketamap.wholebrain.register import RegistrationParams, prepare_sample, register_to_atlas
+from ketamap.errors import InputError
+from ketamap.space import check_orientation
+from ketamap.wholebrain.register import RegistrationParams, prepare_sample, register_to_reference
 from ketamap.wholebrain.transforms import affine_summary, quality_control, raw_to_prepared_vox
 
 PAIRS = ("ap", "si", "lr")
@@ -29,8 +31,46 @@ ALL_CODES = sorted(
 )
 
 
-def test_there_are_48_codes():
-    assert len(ALL_CODES) == len(set(ALL_CODES)) == 48
+def test_the_library_accepts_exactly_the_48_codes_and_reorients_each_differently():
+    """Of the 216 three-letter strings over a/p/s/i/l/r, the library accepts exactly the 48
+    codes (one letter from each pair), in either case, and refuses the others with one
+    sentence; each accepted code reorients a raw cube by a different signed axis permutation,
+    on the point path and on the image path alike."""
+    accepted = []
+    for letters in itertools.product("apsilr", repeat=3):
+        code = "".join(letters)
+        try:
+            assert check_orientation(code.upper()) == code
+        except InputError as e:
+            assert str(e).endswith(".") and "\n" not in str(e)
+        else:
+            accepted.append(code)
+    assert sorted(accepted) == ALL_CODES and len(ALL_CODES) == 48
+    n = 4
+    cube = np.arange(n**3, dtype=np.float32).reshape(n, n, n)
+    corner_and_steps = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=float)
+    maps, images = set(), set()
+    for code in ALL_CODES:
+        same = dict(voxel_size_um=25, orientation=code, atlas_orientation="asr")
+        j = raw_to_prepared_vox(
+            corner_and_steps, shape_vox=cube.shape, atlas_resolution_um=25, **same
+        )
+        steps = np.rint(j[1:] - j[0]).astype(int)
+        np.testing.assert_allclose(j[1:] - j[0], steps, atol=1e-9)
+        assert (np.abs(steps).sum(axis=0) == 1).all() and (np.abs(steps).sum(axis=1) == 1).all()
+        maps.add((tuple(steps.ravel()), tuple(np.rint(j[0]).astype(int))))
+        prepared = prepare_sample(cube, atlas_resolution_um=25, **same)
+        assert sorted(prepared.ravel()) == sorted(cube.ravel())  # a pure reorientation
+        images.add(prepared.tobytes())
+    assert len(maps) == len(images) == 48
+    for bad in ("aas", "xyz", "as", "asrl", "a s", 3, None):
+        with pytest.raises(InputError):
+            check_orientation(bad)
+        with pytest.raises(InputError, match="orientation"):
+            prepare_sample(
+                cube, voxel_size_um=25, orientation=bad, atlas_orientation="asr",
+                atlas_resolution_um=25,
+            )  # fmt: skip
 
 
 def _raw_shape(code: str, atlas_shape=(6, 7, 8)) -> tuple[int, int, int]:
@@ -44,12 +84,19 @@ def test_every_code_round_trips_voxel_for_voxel(code):
     """Same voxel size: the prepared image is a pure reorientation; points land on their value."""
     shape = _raw_shape(code)
     raw = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
-    prepared = prepare_sample(raw, voxel_size_um=25, orientation=code, atlas_orientation="asr",
-                              atlas_resolution_um=25)
+    prepared = prepare_sample(
+        raw, voxel_size_um=25, orientation=code, atlas_orientation="asr", atlas_resolution_um=25
+    )
     assert prepared.shape == (6, 7, 8)
     points = np.argwhere(np.ones(shape, bool)).astype(float)
-    j = raw_to_prepared_vox(points, shape_vox=shape, voxel_size_um=25, orientation=code,
-                            atlas_orientation="asr", atlas_resolution_um=25)
+    j = raw_to_prepared_vox(
+        points,
+        shape_vox=shape,
+        voxel_size_um=25,
+        orientation=code,
+        atlas_orientation="asr",
+        atlas_resolution_um=25,
+    )
     np.testing.assert_allclose(j, np.rint(j), atol=1e-9)
     ji = np.rint(j).astype(int)
     np.testing.assert_array_equal(prepared[tuple(ji.T)], raw.ravel())
@@ -70,16 +117,24 @@ def test_every_code_round_trips_with_anisotropic_downsampling(code):
     shape = tuple(int(prepared_shape[group[c]] * f) for c, f in zip(code, raw_factors, strict=True))
     raw = np.zeros(shape, np.float32)
     rng = np.random.default_rng(ALL_CODES.index(code))
-    start = np.array([rng.integers(1, shape[a] // raw_factors[a] - 1) * raw_factors[a]
-                      for a in range(3)])
+    start = np.array(
+        [rng.integers(1, shape[a] // raw_factors[a] - 1) * raw_factors[a] for a in range(3)]
+    )
     raw[tuple(slice(s, s + f) for s, f in zip(start, raw_factors, strict=True))] = 1000.0
-    prepared = prepare_sample(raw, voxel_size_um=vs, orientation=code, atlas_orientation="asr",
-                              atlas_resolution_um=res)
+    prepared = prepare_sample(
+        raw, voxel_size_um=vs, orientation=code, atlas_orientation="asr", atlas_resolution_um=res
+    )
     assert prepared.shape == tuple(prepared_shape)
     peak = np.unravel_index(np.argmax(prepared), prepared.shape)
     centre = start + (raw_factors - 1) / 2.0
-    j = raw_to_prepared_vox(centre[None], shape_vox=shape, voxel_size_um=vs, orientation=code,
-                            atlas_orientation="asr", atlas_resolution_um=res)[0]
+    j = raw_to_prepared_vox(
+        centre[None],
+        shape_vox=shape,
+        voxel_size_um=vs,
+        orientation=code,
+        atlas_orientation="asr",
+        atlas_resolution_um=res,
+    )[0]
     np.testing.assert_allclose(j, peak, atol=1e-9)
 
 
@@ -105,14 +160,16 @@ def test_quality_control_flags_implausible_affine_even_when_images_match():
     brain = image > 0.3
     identity = sitk.AffineTransform(3)
     params = RegistrationParams()
-    good = quality_control(image, brain, image, identity, identity, brain, (100.0,) * 3, params,
-                           affine=identity)
+    good = quality_control(
+        image, brain, image, identity, identity, brain, (100.0,) * 3, params, affine=identity
+    )
     assert not good["flagged"], good
     assert good["affine_scale"] == [1.0, 1.0, 1.0] and good["affine_rotation_deg"] == 0.0
     doubled = sitk.AffineTransform(3)
     doubled.SetMatrix([2.0, 0, 0, 0, 2.0, 0, 0, 0, 2.0])
-    bad = quality_control(image, brain, image, identity, identity, brain, (100.0,) * 3, params,
-                          affine=doubled)
+    bad = quality_control(
+        image, brain, image, identity, identity, brain, (100.0,) * 3, params, affine=doubled
+    )
     assert bad["flagged"] and any("voxel size" in r for r in bad["reasons"]), bad
 
 
@@ -125,18 +182,26 @@ def simulated():
     from ketamap.simulate import BrainParams, simulate_brain
 
     atlas = make_phantom(resolution_um=100.0)
-    brain = simulate_brain(atlas, fold_changes={}, densities={}, default_density=1.0,
-                           params=BrainParams(voxel_size_um=(100.0, 80.0, 80.0),
-                                              orientation="psl"), seed=3)
+    brain = simulate_brain(
+        atlas,
+        fold_changes={},
+        densities={},
+        default_density=1.0,
+        params=BrainParams(voxel_size_um=(100.0, 80.0, 80.0), orientation="psl"),
+        seed=3,
+    )
     return atlas, brain
 
 
 def _register(simulated, *, orientation="psl", scale=1.0):
     atlas, brain = simulated
-    return register_to_atlas(
-        brain.background, atlas.reference,
-        voxel_size_um=tuple(scale * v for v in brain.voxel_size_um), orientation=orientation,
-        atlas_resolution_um=atlas.resolution_um, atlas_orientation=atlas.orientation,
+    return register_to_reference(
+        brain.background,
+        atlas.reference,
+        voxel_size_um=tuple(scale * v for v in brain.voxel_size_um),
+        orientation=orientation,
+        atlas_resolution_um=atlas.resolution_um,
+        atlas_orientation=atlas.orientation,
         atlas_labels=atlas.annotation,
     )
 
@@ -149,20 +214,26 @@ def test_correct_declaration_is_not_flagged(simulated):
     assert qc["affine_rotation_deg"] < 20
 
 
-@pytest.mark.parametrize("wrong", [
-    pytest.param("asl", id="a/p swapped"),
-    pytest.param("pil", id="s/i swapped", marks=pytest.mark.slow),
-    pytest.param("lsp", id="axes permuted", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        pytest.param("asl", id="a/p swapped"),
+        pytest.param("pil", id="s/i swapped", marks=pytest.mark.slow),
+        pytest.param("lsp", id="axes permuted", marks=pytest.mark.slow),
+    ],
+)
 def test_wrong_orientation_code_is_flagged(simulated, wrong):
     qc = _register(simulated, orientation=wrong).qc
     assert qc["flagged"] and qc["reasons"], qc
 
 
-@pytest.mark.parametrize("scale", [
-    pytest.param(2.0, id="voxel size 2x", marks=pytest.mark.slow),  # 8x more voxels: ~45 s
-    pytest.param(0.5, id="voxel size half"),
-])
+@pytest.mark.parametrize(
+    "scale",
+    [
+        pytest.param(2.0, id="voxel size 2x", marks=pytest.mark.slow),  # 8x more voxels: ~45 s
+        pytest.param(0.5, id="voxel size half"),
+    ],
+)
 def test_voxel_size_off_by_two_is_flagged(simulated, scale):
     qc = _register(simulated, scale=scale).qc
     assert qc["flagged"] and qc["reasons"], qc

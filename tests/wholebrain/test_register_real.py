@@ -23,15 +23,15 @@ def real(shared_data):
     from ketamap.wholebrain.register import register_to_atlas
 
     allen = shared_data / "allen_ccf_2017"
-    atlas = load_allen(allen / "ABA_25um_2017_annotation.tif.lzma",
-                       allen / "structure_tree_safe_2017.csv",
-                       hemispheres_path=allen / "ABA_25um_2017_hemispheres.tif.lzma",
-                       reference_path=shared_data / "brainreg_brain" / "brain_in_ccf_100um.tiff",
-                       resolution_um=100)
+    atlas = load_allen(
+        allen / "ABA_25um_2017_annotation.tif.lzma",
+        allen / "structure_tree_safe_2017.csv",
+        hemispheres_path=allen / "ABA_25um_2017_hemispheres.tif.lzma",
+        reference_path=shared_data / "brainreg_brain" / "brain_in_ccf_100um.tiff",
+        resolution_um=100,
+    )
     image = open_volume(shared_data / "brainreg_brain" / "brain")
-    reg = register_to_atlas(image, atlas.reference, voxel_size_um=(50, 40, 40),
-                            orientation="psl", atlas_resolution_um=atlas.resolution_um,
-                            atlas_orientation=atlas.orientation, atlas_labels=atlas.annotation)
+    reg = register_to_atlas(image, atlas, voxel_size_um=(50, 40, 40), orientation="psl")
     return atlas, image, reg
 
 
@@ -55,8 +55,13 @@ def test_real_brain_agrees_with_brainreg_in_every_division(real):
     from ketamap.wholebrain.transforms import dense_atlas_vox, ncc
 
     atlas, image, reg = real
-    prepared = prepare_sample(image, voxel_size_um=(50, 40, 40), orientation="psl",
-                              atlas_orientation="asr", atlas_resolution_um=100)
+    prepared = prepare_sample(
+        image,
+        voxel_size_um=(50, 40, 40),
+        orientation="psl",
+        atlas_orientation="asr",
+        atlas_resolution_um=100,
+    )
     coords = dense_atlas_vox(reg.sample_to_atlas, prepared.shape, atlas.resolution_um)
     warped_reference = ndi.map_coordinates(atlas.reference.astype(np.float32), coords, order=1)
     labels = warp_labels_to_sample(reg, atlas.annotation)

@@ -21,7 +21,7 @@ DIVISIONS = ("Isocortex", "OLF", "HPF", "CNU", "TH", "HY", "MB", "P", "MY", "CB"
 def simulated(shared_data):
     from ketamap.atlas import load_allen
     from ketamap.simulate import BrainParams, simulate_brain
-    from ketamap.wholebrain.register import RegistrationParams, register_to_atlas
+    from ketamap.wholebrain.register import RegistrationParams, register_to_reference
 
     allen = shared_data / "allen_ccf_2017"
     atlas = load_allen(
@@ -39,7 +39,7 @@ def simulated(shared_data):
         params=BrainParams(voxel_size_um=(50.0, 40.0, 40.0), orientation="psl"),
         seed=11,
     )
-    reg = register_to_atlas(
+    reg = register_to_reference(
         brain.background,
         atlas.reference,
         voxel_size_um=brain.voxel_size_um,
@@ -162,7 +162,7 @@ def test_noisy_allen_reference_registers_to_itself(simulated):
     from ketamap.wholebrain.register import (
         RegistrationParams,
         cells_to_atlas,
-        register_to_atlas,
+        register_to_reference,
     )
 
     atlas = simulated[0]
@@ -170,7 +170,7 @@ def test_noisy_allen_reference_registers_to_itself(simulated):
     noisy = ref + np.random.default_rng(0).normal(0, 0.05 * ref.max(), ref.shape).astype(np.float32)
     points = np.argwhere(atlas.annotation[::3, ::3, ::3] > 0) * 3.0
     for bins in (32, 64):
-        reg = register_to_atlas(
+        reg = register_to_reference(
             noisy,
             atlas.reference,
             voxel_size_um=atlas.resolution_um,

@@ -3,21 +3,11 @@
 Loaders for the phantom (no files needed), the Allen CCFv3 files and
 BrainGlobe atlas folders, all returning one :class:`Atlas` type in the
 atlas' own orientation (``"asr"`` for Allen and BrainGlobe atlases).
+
+The names below are imported on first use (their list is ``__init__.pyi``),
+so ``import ketamap.atlas`` stays cheap.
 """
 
-from ketamap.atlas.allen import load_allen
-from ketamap.atlas.brainglobe import load_atlas, load_brainglobe, write_brainglobe
-from ketamap.atlas.core import Atlas
-from ketamap.atlas.ontology import Ontology
-from ketamap.atlas.phantom import PHANTOM_REGIONS, make_phantom
+import lazy_loader as _lazy
 
-__all__ = [
-    "Atlas",
-    "Ontology",
-    "make_phantom",
-    "load_allen",
-    "load_brainglobe",
-    "write_brainglobe",
-    "load_atlas",
-    "PHANTOM_REGIONS",
-]
+__getattr__, __dir__, __all__ = _lazy.attach_stub(__name__, __file__)

@@ -26,7 +26,13 @@ from ketamap.atlas.phantom import make_phantom
 from ketamap.errors import AtlasError, AtlasNotFoundError, InputError, ParameterError
 from ketamap.io.atomic import atomic_dir
 
-__all__ = ["load_brainglobe", "write_brainglobe", "load_atlas", "default_brainglobe_dir"]
+__all__ = [
+    "load_brainglobe",
+    "write_brainglobe",
+    "load_atlas",
+    "default_brainglobe_dir",
+    "resolve_brainglobe_folder",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +203,103 @@ def write_brainglobe(
 
 
 # ----------------------------------------------------------------------------- read
+def _atlas_folders_in(folder: Path) -> list[Path]:
+    """BrainGlobe atlas folders directly inside ``folder`` (those holding ``metadata.json``)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.parent for p in folder.glob("*/metadata.json") if p.is_file())
+
+
+def _metadata_resolution(folder: Path) -> tuple[float, ...] | None:
+    try:
+        meta = json.loads((folder / "metadata.json").read_text())
+        return tuple(float(r) for r in meta["resolution"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _listing(folders: list[Path]) -> str:
+    names = [str(f) for f in folders[:4]]
+    more = f" ({len(folders) - 4} more)" if len(folders) > 4 else ""
+    return (", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]) + more
+
+
+def resolve_brainglobe_folder(
+    path: str | os.PathLike, *, resolution_um: float | None = None
+) -> Path | None:
+    """Find the BrainGlobe atlas folder a path means, or say which one to pass.
+
+    ``ketamap atlas build --out DIR`` (and :func:`write_brainglobe`) write the
+    atlas into ``DIR/<name>_v<version>/`` and report that folder; either
+    folder is accepted as the atlas.
+
+    Parameters
+    ----------
+    path : path-like
+        An atlas folder (holding ``metadata.json``), or a folder holding
+        atlas folders (``DIR`` above).
+    resolution_um : float, optional
+        When ``path`` holds several atlases, keep only those of this resolution
+        (on every axis).
+
+    Returns
+    -------
+    Path or None
+        The atlas folder, or None when ``path`` is neither an atlas folder nor
+        near one.
+
+    Raises
+    ------
+    AtlasNotFoundError
+        When ``path`` is one level off an atlas folder: a folder holding several
+        atlases, a file or folder inside an atlas folder, or a folder that does
+        not exist beside atlas folders; the message names the folder to pass.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from ketamap.atlas import make_phantom
+    >>> out = tempfile.mkdtemp()
+    >>> folder = write_brainglobe(make_phantom(resolution_um=200), out)
+    >>> resolve_brainglobe_folder(out) == resolve_brainglobe_folder(folder) == folder
+    True
+    """
+    path = Path(path).expanduser()
+    spec = os.fspath(path)
+    if (path / "metadata.json").is_file():
+        return path
+    inside = _atlas_folders_in(path)
+    if len(inside) > 1 and resolution_um is not None:
+        fitting = [
+            f
+            for f in inside
+            if (res := _metadata_resolution(f)) is not None
+            and all(abs(r - float(resolution_um)) <= 1e-6 for r in res)
+        ]
+        inside = fitting or inside
+    if len(inside) == 1:
+        return inside[0]
+    if inside:
+        raise AtlasNotFoundError(
+            f'Atlas "{spec}" is a folder that holds {len(inside)} atlases, not one; '
+            f"did you mean {_listing(inside)}?"
+        )
+    parent = path.parent
+    if path.exists() and parent != path and (parent / "metadata.json").is_file():
+        raise AtlasNotFoundError(
+            f'Atlas "{spec}" is inside the BrainGlobe atlas folder {parent}; pass {parent} '
+            "(or the folder that holds it)."
+        )
+    if not path.exists() and parent != path:
+        near = [f for f in _atlas_folders_in(parent) if f.name.startswith(f"{path.name}_v")]
+        near = near or _atlas_folders_in(parent)
+        if near:
+            raise AtlasNotFoundError(
+                f'Atlas "{spec}" does not exist; did you mean {_listing(near)}?'
+            )
+    return None
+
+
 def _find_local(name: str, brainglobe_dir: Path) -> Path | None:
     candidates = sorted(brainglobe_dir.glob(f"{name}_v*")) if brainglobe_dir.is_dir() else []
     candidates = [c for c in candidates if (c / "metadata.json").is_file()]
@@ -259,7 +362,8 @@ def load_brainglobe(
     Parameters
     ----------
     name_or_path : str or path-like
-        An atlas folder (holding ``metadata.json``) or an atlas name such as
+        An atlas folder (holding ``metadata.json``), the folder
+        :func:`write_brainglobe` wrote one atlas into, or an atlas name such as
         ``"allen_mouse_25um"``, looked up as ``<brainglobe_dir>/<name>_v*``.
     brainglobe_dir : path-like, optional
         Where installed atlases live; default :func:`default_brainglobe_dir`.
@@ -272,7 +376,9 @@ def load_brainglobe(
     Raises
     ------
     AtlasNotFoundError
-        If the atlas is neither a folder nor installed (nothing is downloaded).
+        If the atlas is neither a folder nor installed (nothing is downloaded),
+        or the path is one level off an atlas folder (see
+        :func:`resolve_brainglobe_folder`; the message names the folder to pass).
     AtlasError
         If the folder cannot be read or several versions are installed.
 
@@ -286,8 +392,17 @@ def load_brainglobe(
     (66, 40, 57)
     """
     path = Path(name_or_path)
+    text = os.fspath(name_or_path)
     if (path / "metadata.json").is_file():
         return _read_folder(path)
+    if path.is_dir() or "/" in text or os.sep in text:  # a path, not a name
+        folder = resolve_brainglobe_folder(path)
+        if folder is None:
+            raise AtlasNotFoundError(
+                f"{text} is not a BrainGlobe atlas folder (no metadata.json in it or in a "
+                "folder inside it); ketamap never downloads."
+            )
+        return _read_folder(folder)
     root = Path(brainglobe_dir) if brainglobe_dir is not None else default_brainglobe_dir()
     folder = _find_local(str(name_or_path), root)
     if folder is None:
@@ -325,7 +440,9 @@ def load_atlas(spec: str | os.PathLike, *, resolution_um: float | None = None) -
     ----------
     spec : str or path-like
         ``"phantom"`` or ``"phantom:<µm>"`` (the synthetic atlas); a BrainGlobe
-        atlas folder (holds ``metadata.json``); a folder with the Allen 2017
+        atlas folder (holds ``metadata.json``) or the folder holding it (what
+        ``ketamap atlas build --out DIR`` wrote into; with several atlases in
+        it, the one of ``resolution_um`` if that is unique); a folder with the Allen 2017
         files (``ABA_25um_2017_annotation.tif.lzma`` and
         ``structure_tree_safe_2017.csv``, optionally the hemispheres file and
         one ``reference*.tif[f]``); or the name of a BrainGlobe atlas
@@ -341,7 +458,8 @@ def load_atlas(spec: str | os.PathLike, *, resolution_um: float | None = None) -
     Raises
     ------
     AtlasNotFoundError
-        If the spec matches nothing; the message lists what was tried.
+        If the spec matches nothing; the message lists what was tried, or, for a
+        path one level off an atlas folder, names the folder to pass.
     ParameterError
         For an impossible or contradictory resolution.
 
@@ -373,15 +491,15 @@ def load_atlas(spec: str | os.PathLike, *, resolution_um: float | None = None) -
     allen_files = (path / ALLEN_ANNOTATION, path / ALLEN_STRUCTURES)
     if path.is_dir() and all(f.is_file() for f in allen_files):
         return _allen_folder(path, resolution_um)
-    if path.is_dir():  # e.g. the folder that "ketamap atlas build --out DIR" wrote into
-        inside = sorted(p.parent for p in path.glob("*/metadata.json"))
-        if inside:
-            names = " or ".join(str(p) for p in inside[:3])
-            raise AtlasNotFoundError(
-                f'Atlas "{text}" is a folder that holds atlases, not an atlas; did you mean '
-                f"{names}?"
-            )
-    if "/" not in text and os.sep not in text:
+    is_path = path.is_dir() or "/" in text or os.sep in text
+    # the folder that "ketamap atlas build --out DIR" (write_brainglobe) wrote into, or a
+    # path one level off an atlas folder (the error then names the folder to pass)
+    folder = resolve_brainglobe_folder(path, resolution_um=resolution_um) if is_path else None
+    if folder is not None:
+        atlas = _read_folder(folder)
+        _check_resolution(atlas, resolution_um, text)
+        return atlas
+    if not is_path:
         root = default_brainglobe_dir()
         tried.append(f"an installed BrainGlobe atlas {root / (text + '_v*')}")
         folder = _find_local(text, root)

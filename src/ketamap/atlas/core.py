@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 LEFT = 1
 RIGHT = 2
 
+
 @dataclass(frozen=True, eq=False)
 class Atlas:
     """A brain atlas held in memory.

@@ -18,7 +18,13 @@ import pandas as pd
 from ketamap.errors import InputError, InputNotFoundError
 from ketamap.io.atomic import atomic_path, write_table
 
-__all__ = ["write_cells", "cells_to_cellfinder_xml", "read_cellfinder_xml", "read_points"]
+__all__ = [
+    "write_cells",
+    "cells_to_cellfinder_xml",
+    "read_cellfinder_xml",
+    "read_points",
+    "read_annotations",
+]
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +149,7 @@ def read_points(path) -> pd.DataFrame:
     ----------
     path : path-like
         ``.xml`` (cellfinder), or ``.csv`` / ``.parquet`` with ``z_vox``,
-        ``y_vox``, ``x_vox`` columns.
+        ``y_vox``, ``x_vox`` columns (or ``z``, ``y``, ``x``, taken as voxels).
 
     Returns
     -------
@@ -177,10 +183,31 @@ def read_points(path) -> pd.DataFrame:
         raise
     except Exception as e:
         raise InputError(f"Points file {path} cannot be read: {e}.") from e
+    if "z_vox" not in table and {"z", "y", "x"} <= set(table.columns):
+        table = table.rename(columns={"z": "z_vox", "y": "y_vox", "x": "x_vox"})
     _check_columns(table, f"Points file {path}")
     for c in _VOX:
         table[c] = table[c].astype(np.float64)
     return table
+
+
+def read_annotations(path) -> pd.DataFrame:
+    """Read annotated points: cellfinder XML, or CSV / Parquet with voxel columns.
+
+    Parameters
+    ----------
+    path : path-like
+        As for :func:`read_points`; a cellfinder classification XML carries each
+        point's type (2 cell, 1 non-cell), a table may carry ``type`` or
+        ``cell_type``.
+
+    Returns
+    -------
+    DataFrame
+        ``z_vox``, ``y_vox``, ``x_vox`` and, when the file has one, ``cell_type``.
+    """
+    table = read_points(path)
+    return table.rename(columns={"type": "cell_type"}) if "cell_type" not in table else table
 
 
 def write_cells(cells: pd.DataFrame, out_dir) -> dict[str, Path]:

@@ -1,17 +1,9 @@
-"""Simulators with known ground truth: the demo's embedded default and the tests' yardstick."""
+"""Simulators with known ground truth: the demo's embedded default and the tests' yardstick.
 
-from ketamap.simulate.brain import BrainParams, SimulatedBrain, simulate_brain
-from ketamap.simulate.cohort import simulate_census, true_effects
-from ketamap.simulate.scenarios import SCENARIOS, GroupDesign, Scenario, get_scenario
+The names are imported on first use (their list is ``__init__.pyi``), so
+``import ketamap.simulate`` stays cheap.
+"""
 
-__all__ = [
-    "BrainParams",
-    "SimulatedBrain",
-    "simulate_brain",
-    "simulate_census",
-    "true_effects",
-    "SCENARIOS",
-    "GroupDesign",
-    "Scenario",
-    "get_scenario",
-]
+import lazy_loader as _lazy
+
+__getattr__, __dir__, __all__ = _lazy.attach_stub(__name__, __file__)

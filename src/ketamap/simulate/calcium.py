@@ -3,7 +3,7 @@
 ``simulate_calcium_study(out_dir, ...)`` writes::
 
     out_dir/
-      sessions.toml                         the sessions file (see ketamap.invivo.sessions)
+      sessions.toml                         the sessions file (see ketamap.manifest.ensembles)
       <label>/suite2p/plane0/F.npy          ROI fluorescence (ROIs, frames), float32
       <label>/suite2p/plane0/Fneu.npy       neuropil fluorescence
       <label>/suite2p/plane0/iscell.npy     (ROIs, 2) label and probability

@@ -21,8 +21,6 @@ same parameters, so an interrupted simulation resumes where it stopped.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -31,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ketamap.io.atomic import atomic_dir, atomic_path, write_json
+from ketamap.engine.stage import run_stage
+from ketamap.io.atomic import atomic_path, write_json
 from ketamap.params import to_dict
 from ketamap.scheduler import map_jobs
 from ketamap.simulate.brain import BrainParams, region_fold_and_density, simulate_brain
@@ -94,10 +93,6 @@ def true_effects(atlas, scenario: Scenario) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _params_hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 @functools.lru_cache(maxsize=2)
 def _atlas(spec: str):
     from ketamap.atlas import load_atlas
@@ -113,11 +108,33 @@ def _simulate_one(
     scenario_name: str,
     params: BrainParams,
     seed: int,
-    key: str,
+    material: dict,
 ) -> dict:
+    out = Path(out_dir)
+    stage = run_stage(
+        out / "data" / subject,
+        f"simulate {subject}",
+        material,
+        functools.partial(
+            _simulate_brain, out, atlas_spec, subject, group, scenario_name, params, seed
+        ),
+    )
+    return {"subject": subject} | stage.result
+
+
+def _simulate_brain(
+    out: Path,
+    atlas_spec: str,
+    subject: str,
+    group: str,
+    scenario_name: str,
+    params: BrainParams,
+    seed: int,
+    tmp: Path,
+) -> dict:
+    """Simulate one brain: its ground truth beside the study, its images into ``tmp``."""
     from ketamap.io.volumes import write_ome_zarr
 
-    out = Path(out_dir)
     atlas = _atlas(atlas_spec)
     scenario = get_scenario(scenario_name)
     design = next(g for g in scenario.groups if g.name == group)
@@ -132,35 +149,22 @@ def _simulate_one(
     )
     truth = out / "ground_truth"
     cells = brain.cells.assign(subject=subject)
-    with atomic_path(truth / "cells" / f"{subject}.parquet") as tmp:
-        cells.to_parquet(tmp, index=False)
+    with atomic_path(truth / "cells" / f"{subject}.parquet") as part:
+        cells.to_parquet(part, index=False)
     tf = {k: np.asarray(v) for k, v in brain.transform.items()}
-    with atomic_path(truth / "transforms" / f"{subject}.npz") as tmp:
-        with open(tmp, "wb") as fh:
+    with atomic_path(truth / "transforms" / f"{subject}.npz") as part:
+        with open(part, "wb") as fh:
             np.savez(fh, **tf)
     if brain.artefacts:
-        with atomic_path(truth / "artefacts" / f"{subject}.npz") as tmp:
-            with open(tmp, "wb") as fh:
+        with atomic_path(truth / "artefacts" / f"{subject}.npz") as part:
+            with open(part, "wb") as fh:
                 np.savez_compressed(fh, **{k: np.asarray(v) for k, v in brain.artefacts.items()})
     counts = brain.expected_counts.assign(subject=subject, group=group)
-    with atomic_path(truth / "counts" / f"{subject}.csv") as tmp:
-        counts.to_csv(tmp, index=False)
-    with atomic_dir(out / "data" / subject) as tmp:
-        write_ome_zarr(brain.signal, tmp / "signal.zarr", voxel_size_um=brain.voxel_size_um)
-        write_ome_zarr(brain.background, tmp / "background.zarr", voxel_size_um=brain.voxel_size_um)
-        write_json({"key": key, "seed": seed, "n_cells": len(cells)}, tmp / "simulation.json")
-    return {"subject": subject, "n_cells": len(cells), "shape": list(brain.signal.shape)}
-
-
-def _done(out: Path, subject: str, key: str) -> bool:
-    f = out / "data" / subject / "simulation.json"
-    try:
-        return (
-            json.loads(f.read_text())["key"] == key
-            and (out / "ground_truth" / "cells" / f"{subject}.parquet").exists()
-        )
-    except (OSError, ValueError, KeyError):
-        return False
+    with atomic_path(truth / "counts" / f"{subject}.csv") as part:
+        counts.to_csv(part, index=False)
+    write_ome_zarr(brain.signal, tmp / "signal.zarr", voxel_size_um=brain.voxel_size_um)
+    write_ome_zarr(brain.background, tmp / "background.zarr", voxel_size_um=brain.voxel_size_um)
+    return {"seed": seed, "n_cells": len(cells), "shape": list(brain.signal.shape)}
 
 
 def simulate_census(
@@ -201,7 +205,7 @@ def simulate_census(
         ``out_dir / "study.toml"``.
     """
     from ketamap.errors import ParameterError
-    from ketamap.study import Group, Imaging, Study, Subject, study_to_toml
+    from ketamap.manifest import Group, Imaging, Study, Subject, study_to_toml
 
     if not isinstance(n_per_group, int) or n_per_group < 2:
         raise ParameterError(f"n_per_group must be an integer of at least 2, got {n_per_group!r}.")
@@ -223,12 +227,8 @@ def simulate_census(
     settings = {"atlas": atlas, "scenario": scenario, "params": to_dict(params), "seed": seed}
     jobs = []
     for i, (sid, group) in enumerate(ids):
-        key = _params_hash(settings | {"subject": sid, "index": i})
-        if _done(out, sid, key):
-            if progress:
-                progress(sid)
-            continue
-        jobs.append((str(out), atlas, sid, group, scenario, params, seed * 1000 + i, key))
+        material = settings | {"subject": sid, "index": i}
+        jobs.append((str(out), atlas, sid, group, scenario, params, seed * 1000 + i, material))
     for res in map_jobs(_simulate_one, jobs, n_jobs):
         if progress:
             progress(res["subject"])

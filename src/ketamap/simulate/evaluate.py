@@ -78,7 +78,7 @@ def evaluate_census(study_dir: str | Path, *, alpha: float = 0.05) -> dict:
     ----------
     study_dir : path-like
         A folder written by :func:`ketamap.simulate.simulate_census` and run
-        through :func:`ketamap.pipeline.run_study`.
+        through :func:`ketamap.pipelines.census.run_study`.
     alpha : float
         Significance level of a call (q < alpha).
 
@@ -91,13 +91,13 @@ def evaluate_census(study_dir: str | Path, *, alpha: float = 0.05) -> dict:
         the right direction, share of no-effect regions not called) and a
         ``planted`` table as records.
     """
-    from ketamap.pipeline import _atlas
-    from ketamap.study import load_study
+    from ketamap.atlas import load_atlas
+    from ketamap.manifest import load_study
     from ketamap.wholebrain.register import cells_to_atlas, load_registration
 
     root = Path(study_dir)
     study = load_study(root / "study.toml")
-    atlas = _atlas(study.atlas, str(study.root))
+    atlas = load_atlas(study.atlas_spec)
     det_rows, reg_rows, errors, correct = [], [], [], []
     for s in study.subjects:
         truth = pd.read_parquet(root / "ground_truth" / "cells" / f"{s.id}.parquet")

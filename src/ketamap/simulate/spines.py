@@ -45,6 +45,7 @@ __all__ = [
     "SimulatedDendrite",
     "simulate_dendrite",
     "truth_rates",
+    "truth_pooled_rates",
     "simulate_spine_study",
 ]
 
@@ -115,11 +116,18 @@ class SimulatedDendrite:
         :func:`simulate_dendrite`).
     transforms : DataFrame
         ``session, rotation_deg, shift_y_um, shift_x_um`` per session.
+    lifetimes : DataFrame
+        One row per spine ever simulated: ``spine_id, born, died``, the
+        session where the spine is first present (the first session for the
+        spines already there) and the first session where it is gone (None
+        for a spine present in the last session). The simulator's own record
+        of births and deaths, from which :func:`truth_rates` counts.
     """
 
     images: list
     spines: pd.DataFrame
     transforms: pd.DataFrame
+    lifetimes: pd.DataFrame | None = None
 
 
 def _centreline(length_um: float, rng: np.random.Generator, step_um: float = 0.05):
@@ -310,8 +318,8 @@ def simulate_dendrite(
         ``session, spine_id, side, s_um, angle_deg, length_um,
         head_diameter_um, brightness, returned, born, head_y_px, head_x_px,
         base_y_px, base_x_px`` (pixel positions in that session's image;
-        ``s_um`` is the base position along the true centreline); and
-        ``transforms``.
+        ``s_um`` is the base position along the true centreline);
+        ``transforms``; and ``lifetimes`` (``spine_id, born, died``).
 
     Raises
     ------
@@ -339,6 +347,7 @@ def simulate_dendrite(
             heads.append(h)
     ids = list(range(len(spines)))
     born = {i: SPINE_SCENARIOS[scenario][0][0] for i in ids}
+    died: dict[int, str] = {}
     next_id = len(spines)
     lost_sites: list[tuple[float, int]] = []
     sessions = SPINE_SCENARIOS[scenario]
@@ -351,6 +360,7 @@ def simulate_dendrite(
             n_elim = int(rng.binomial(n_prev, elim))
             gone = set(rng.choice(n_prev, size=n_elim, replace=False).tolist()) if n_elim else set()
             lost_now = [(spines[i]["s_um"], spines[i]["side"]) for i in sorted(gone)]
+            died.update({ids[i]: label for i in gone})
             keep = [i for i in range(n_prev) if i not in gone]
             # a spine born where one died in the same interval cannot be told apart from it:
             # the vacated sites stay blocked until the next interval
@@ -435,35 +445,175 @@ def simulate_dendrite(
         "base_x_px",
     ]
     table = pd.DataFrame(rows, columns=cols)
-    return SimulatedDendrite(images, table, pd.DataFrame(tf_rows))
+    lifetimes = pd.DataFrame(
+        {
+            "spine_id": list(born),
+            "born": list(born.values()),
+            "died": [died.get(i) for i in born],
+        }
+    )
+    return SimulatedDendrite(images, table, pd.DataFrame(tf_rows), lifetimes)
+
+
+_RATE_COLUMNS = [
+    "dendrite",
+    "interval",
+    "session_a",
+    "session_b",
+    "n_a",
+    "n_b",
+    "formed",
+    "eliminated",
+    "formation_rate",
+    "elimination_rate",
+    "turnover_ratio",
+    "survival_fraction",
+    "density_a_per_10um",
+    "density_b_per_10um",
+]
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else np.nan
 
 
 def truth_rates(
-    spines: pd.DataFrame, session_labels: list[str], *, length_um: float | None = None
+    lifetimes: pd.DataFrame, session_labels: list[str], *, length_um: float | None = None
 ) -> pd.DataFrame:
-    """Compute formation and elimination per interval from a table of present spines.
+    """Count the true formation and elimination per interval from spine births and deaths.
+
+    Computed from the simulator's record of each spine's life (the session
+    where it is born and the one where it is gone), with no use of the
+    analysis: a spine is present in session ``k`` when ``born <= k < died``.
+    For the interval from session ``a`` to the next session ``b``, ``n_a``
+    and ``n_b`` count the spines present in each, ``formed`` those born in
+    ``b`` and ``eliminated`` those that died in ``b``; the rates follow
+    ``docs/spines.md``: formation and elimination rate = formed or eliminated
+    / ``n_a``, turnover ratio = (formed + eliminated) / (``n_a`` + ``n_b``),
+    survival fraction = spines born in the first session and alive in ``b`` /
+    spines of the first session, density = spines per 10 µm of ``length_um``.
 
     Parameters
     ----------
-    spines : DataFrame
-        ``dendrite, session, spine_id`` rows for spines present in a session.
+    lifetimes : DataFrame
+        ``dendrite, spine_id, born, died``: one row per spine, ``born`` and
+        ``died`` session labels (``died`` None or NaN for a spine present in
+        the last session); see :class:`SimulatedDendrite`.
     session_labels : list of str
         Sessions in time order.
     length_um : float, optional
-        Dendrite length over which spines are counted, for densities.
+        Dendrite length over which spines are counted, for densities (NaN
+        without it).
 
     Returns
     -------
     DataFrame
-        See :func:`ketamap.invivo.spines.metrics.interval_rates`.
-    """
-    from ketamap.invivo.spines.metrics import interval_rates, presence_matrix
+        ``dendrite, interval, session_a, session_b, n_a, n_b, formed,
+        eliminated, formation_rate, elimination_rate, turnover_ratio,
+        survival_fraction, density_a_per_10um, density_b_per_10um``, one row
+        per dendrite (sorted) and interval (``"<a>-><b>"``); rates are
+        fractions, NaN when ``n_a`` is 0.
 
-    pres = presence_matrix(spines, session_labels)
-    lengths = None
-    if length_um is not None:
-        lengths = {d: length_um for d in pres["dendrite"].unique()}
-    return interval_rates(pres, session_labels, lengths_um=lengths)
+    Raises
+    ------
+    ParameterError
+        For a missing column, an unknown session label or a spine that dies
+        no later than it is born.
+    """
+    missing = {"dendrite", "born", "died"} - set(lifetimes.columns)
+    if missing:
+        raise ParameterError(
+            f"truth_rates needs the columns dendrite, born and died; {', '.join(sorted(missing))} "
+            "is missing."
+        )
+    index = {label: k for k, label in enumerate(session_labels)}
+    n_sessions = len(session_labels)
+
+    def to_index(values, column, absent):
+        out = np.empty(len(values), np.int64)
+        for j, v in enumerate(values):
+            if v is None or pd.isna(v):
+                out[j] = absent
+            elif v in index:
+                out[j] = index[v]
+            else:
+                raise ParameterError(f"truth_rates: {column} session {v!r} is not a session label.")
+        return out
+
+    length = np.nan if length_um is None else float(length_um)
+    rows = []
+    for dend, g in lifetimes.groupby("dendrite", sort=True):
+        born = to_index(g["born"].tolist(), "born", -1)
+        died = to_index(g["died"].tolist(), "died", n_sessions)
+        if (born < 0).any() or (died <= born).any():
+            raise ParameterError(
+                f"truth_rates: a spine of dendrite {dend!r} has no birth or dies no later than it "
+                "is born."
+            )
+        n_first = int((born == 0).sum())
+        for k in range(1, n_sessions):
+            n_a = int(((born <= k - 1) & (died > k - 1)).sum())
+            n_b = int(((born <= k) & (died > k)).sum())
+            formed, elim = int((born == k).sum()), int((died == k).sum())
+            rows.append(
+                {
+                    "dendrite": dend,
+                    "interval": f"{session_labels[k - 1]}->{session_labels[k]}",
+                    "session_a": session_labels[k - 1],
+                    "session_b": session_labels[k],
+                    "n_a": n_a,
+                    "n_b": n_b,
+                    "formed": formed,
+                    "eliminated": elim,
+                    "formation_rate": _ratio(formed, n_a),
+                    "elimination_rate": _ratio(elim, n_a),
+                    "turnover_ratio": _ratio(formed + elim, n_a + n_b),
+                    "survival_fraction": _ratio(int(((born == 0) & (died > k)).sum()), n_first),
+                    "density_a_per_10um": 10 * n_a / length,
+                    "density_b_per_10um": 10 * n_b / length,
+                }
+            )
+    return pd.DataFrame(rows, columns=_RATE_COLUMNS)
+
+
+def truth_pooled_rates(rates: pd.DataFrame) -> pd.DataFrame:
+    """Pool true rates over dendrites per interval: counts summed, then the same ratios.
+
+    Parameters
+    ----------
+    rates : DataFrame
+        From :func:`truth_rates`.
+
+    Returns
+    -------
+    DataFrame
+        ``interval, session_a, session_b, n_dendrites, n_a, n_b, formed,
+        eliminated, formation_rate, elimination_rate, turnover_ratio``, the
+        intervals in their order in ``rates``.
+    """
+    rows = []
+    for interval in dict.fromkeys(rates["interval"]):
+        g = rates[rates["interval"] == interval]
+        n_a, n_b = int(g["n_a"].sum()), int(g["n_b"].sum())
+        formed, elim = int(g["formed"].sum()), int(g["eliminated"].sum())
+        rows.append(
+            {
+                "interval": interval,
+                "session_a": g["session_a"].iloc[0],
+                "session_b": g["session_b"].iloc[0],
+                "n_dendrites": len(g),
+                "n_a": n_a,
+                "n_b": n_b,
+                "formed": formed,
+                "eliminated": elim,
+                "formation_rate": _ratio(formed, n_a),
+                "elimination_rate": _ratio(elim, n_a),
+                "turnover_ratio": _ratio(formed + elim, n_a + n_b),
+            }
+        )
+    cols = ["interval", "session_a", "session_b", "n_dendrites", "n_a", "n_b", "formed",
+            "eliminated", "formation_rate", "elimination_rate", "turnover_ratio"]  # fmt: skip
+    return pd.DataFrame(rows, columns=cols)
 
 
 def simulate_spine_study(
@@ -519,7 +669,7 @@ def simulate_spine_study(
     toml = [f'name = "simulated-{scenario}"', f"pixel_size_um = {p.pixel_size_um}", ""]
     for label, time_h, *_ in sessions:
         toml += ["[[sessions]]", f'label = "{label}"', f"time_h = {time_h}", ""]
-    truth, tfs = [], []
+    truth, lives, tfs = [], [], []
     with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         (tmp / "ground_truth").mkdir()
@@ -535,6 +685,7 @@ def simulate_spine_study(
                     tifffile.imwrite(tmp / rel, img)
                     imgs[label] = rel
                 truth.append(sim.spines.assign(dendrite=name, mouse=mouse))
+                lives.append(sim.lifetimes.assign(dendrite=name))
                 tfs.append(sim.transforms.assign(dendrite=name))
                 toml += [
                     "[[dendrites]]",
@@ -548,12 +699,12 @@ def simulate_spine_study(
             ["dendrite", "mouse"] + [c for c in spines if c not in ("dendrite", "mouse")]
         ]
         write_table(spines, tmp / "ground_truth" / "spines.parquet")
+        # the true rates come from the simulated births and deaths, not from the analysis'
+        # own measures, so that a test can hold the analysis to them
         length = p.dendrite_length_um - 2 * p.end_margin_um
-        rates = truth_rates(spines, labels, length_um=length)
+        rates = truth_rates(pd.concat(lives, ignore_index=True), labels, length_um=length)
         rates.to_csv(tmp / "ground_truth" / "rates.csv", index=False)
-        from ketamap.invivo.spines.metrics import pooled_rates
-
-        pooled_rates(rates).to_csv(tmp / "ground_truth" / "rates_pooled.csv", index=False)
+        truth_pooled_rates(rates).to_csv(tmp / "ground_truth" / "rates_pooled.csv", index=False)
         pd.concat(tfs, ignore_index=True).to_csv(
             tmp / "ground_truth" / "transforms.csv", index=False
         )

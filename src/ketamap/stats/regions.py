@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 _LN2 = float(np.log(2.0))
 _ETA_MAX = 30.0  # exp(30) ~ 1e13 cells: a bound that only stops overflow
+_ZERO_FIT_COUNT = 1e-6  # cells per mouse: a design cell without cells is fitted at ~zero
+_LR_RESOLUTION = 1e-10  # relative: an LR statistic this small is rounding, not a difference
 _DISP_GRID = np.exp(np.linspace(np.log(1e-5), np.log(10.0), 41))
 _COUNT_COLUMNS = ("subject", "region_id", "acronym", "level", "count", "volume_mm3")
 
@@ -66,6 +68,13 @@ class StatsParams:
         to an F distribution whose denominator df accounts for the uncertainty
         of that dispersion (Satterthwaite); ``"lr"``: the same statistic
         referred to chi-square(1); ``"wald"``: Wald z-test.
+    poisson_bound : bool
+        With ``test="ql-f"``: a region whose squeezed quasi-likelihood
+        dispersion makes some mouse's variance smaller than Poisson
+        (``s2_post * (1 + dispersion * mu) < 1``) gets a p-value no smaller
+        than that of the likelihood-ratio test with Poisson variance (edgeR's
+        ``glmQLFTest(poisson.bound=TRUE)``, the default of the quasi-likelihood
+        method followed here).
     min_total_count : int
         Regions whose total count over all mice is below this are not tested
         (``p`` is NaN, ``reason`` says why). All-zero regions are never tested.
@@ -92,8 +101,15 @@ class StatsParams:
         the study, so that the trend is on the same scale as a group contrast.
     coef_prior_sd_log2 : float
         Standard deviation (in log2 fold change) of a weak normal prior on
-        every coefficient but the intercept; it keeps estimates finite when a
-        group has only zeros and is negligible otherwise.
+        every coefficient but the intercept in the fits of regions where every
+        group has cells (and in the dispersion fits); negligible there.
+    prior_count : float
+        In a region where a group (a design cell) has only zeros, cells added
+        to every mouse's count in proportion to its region volume
+        (``prior_count * volume / mean volume of the region``) before the fold
+        change and its interval are estimated (edgeR's ``prior.count``): the
+        fold change of a group with only zeros stays finite, and two groups
+        with only zeros differ by exactly nothing. The p-values do not use it.
     max_iter : int
         Maximum IRLS iterations per fit.
     untested_regions : tuple of str
@@ -112,6 +128,9 @@ class StatsParams:
     test: str = field(
         default="ql-f", metadata=bounds(choices=("ql-f", "lr-f", "lr", "wald"), doc="test")
     )
+    poisson_bound: bool = field(
+        default=True, metadata=bounds(doc="QL F p-values no smaller than Poisson's")
+    )
     min_total_count: int = field(default=0, metadata=bounds(ge=0, doc="minimum total count"))
     min_subjects_per_group: int = field(default=2, metadata=bounds(ge=1, doc="minimum mice"))
     dispersion_prior_df: float | None = field(
@@ -122,6 +141,9 @@ class StatsParams:
         default=None, metadata=bounds(gt=0, doc="dose step of the dose-trend fold change")
     )
     coef_prior_sd_log2: float = field(default=10.0, metadata=bounds(gt=0, doc="prior sd"))
+    prior_count: float = field(
+        default=0.125, metadata=bounds(gt=0, doc="cells per mouse added where a group has none")
+    )
     max_iter: int = field(default=100, metadata=bounds(ge=1, doc="IRLS iterations"))
     untested_regions: tuple[str, ...] = field(
         default=("fiber tracts", "VS"),
@@ -139,12 +161,12 @@ def _fit_nb(X, Y, Off, W0, disp, lam, beta0, max_iter):
     """Penalised IRLS for negative-binomial GLMs with fixed dispersions, all regions at once.
 
     ``X`` is (n, p); ``Y``, ``Off``, ``W0`` (counts, offsets, 1/0 observed) are
-    (R, n); ``disp`` is (R,); ``lam`` the ridge precision per coefficient (p,).
-    Returns beta (R, p), mu (R, n), the penalised information (R, p, p) and a
-    converged flag (R,).
+    (R, n); ``disp`` is (R,); ``lam`` the ridge precision per coefficient, (p,)
+    or per region (R, p). Returns beta (R, p), mu (R, n), the penalised
+    information (R, p, p) and a converged flag (R,).
     """
     beta = beta0.copy()
-    pen = np.diag(lam)
+    pen = np.asarray(lam, dtype=float)[..., :, None] * np.eye(X.shape[1])
     converged = np.zeros(Y.shape[0], dtype=bool)
     d = disp[:, None]
     with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
@@ -166,6 +188,12 @@ def _fit_nb(X, Y, Off, W0, disp, lam, beta0, max_iter):
     return beta, mu, info, converged
 
 
+def _fit_glm(X, Y, Off, W0, disp, max_iter):
+    """Unpenalised fit of every region; coefficients its mice with data do not identify stay 0."""
+    lam = np.where(_identifiable(X, W0), 0.0, 1.0)
+    return _fit_nb(X, Y, Off, W0, disp, lam, _start(X, Y, Off, W0), max_iter)
+
+
 def _nb_loglik(Y, mu, disp, W0):
     """Negative-binomial (NB2) log-likelihood per region, observed entries only."""
     r = 1.0 / disp[:, None]
@@ -182,6 +210,45 @@ def _start(X, Y, Off, W0):
     beta = np.zeros((Y.shape[0], X.shape[1]))
     beta[:, 0] = np.log(np.maximum(np.sum(Y * W0, axis=1), 0.5) / np.sum(np.exp(Off) * W0, axis=1))
     return beta
+
+
+def _identifiable(X, W0):
+    """Which coefficients the mice with data identify, per region: (R, p) bool.
+
+    The columns of ``X`` are taken in order and a column is kept when it
+    raises the rank of the design restricted to the region's observed mice. A
+    coefficient that is not kept (a group without any mouse with data, or a
+    covariate that those mice do not vary) cannot be estimated.
+    """
+    pattern, inverse = np.unique(W0 > 0, axis=0, return_inverse=True)
+    keep = np.zeros((len(pattern), X.shape[1]), dtype=bool)
+    for k, rows in enumerate(pattern):
+        rank = 0
+        if not rows.any():
+            continue
+        for j in range(X.shape[1]):
+            cols = np.append(np.flatnonzero(keep[k]), j)
+            if np.linalg.matrix_rank(X[rows][:, cols]) > rank:
+                keep[k, j], rank = True, rank + 1
+    return keep[inverse.ravel()]
+
+
+def _empty_cell(X, Y, W0):
+    """Regions in which a design cell (mice with identical rows of ``X``) with data has no cells."""
+    _, cell = np.unique(X, axis=0, return_inverse=True)
+    cell = cell.ravel()
+    total = np.zeros((Y.shape[0], cell.max() + 1))
+    n_obs = np.zeros_like(total)
+    np.add.at(total.T, cell, (Y * W0).T)
+    np.add.at(n_obs.T, cell, W0.T)
+    return np.any((n_obs > 0) & (total == 0), axis=1)
+
+
+def _poisson_loglik(Y, mu, W0):
+    """Poisson log-likelihood per region, observed entries only."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ll = special.xlogy(Y, mu) - mu - special.gammaln(Y + 1.0)
+    return np.sum(np.where(W0 > 0, ll, 0.0), axis=1)
 
 
 def _nb_deviance(Y, mu, disp, W0):
@@ -310,15 +377,16 @@ def fit_f_prior_df(
     return d0
 
 
-def _residual_df(X, Y, W0, cell):
+def _residual_df(X, Y, W0, cell, rank=None):
     """Residual df per region, less the observations that are fitted as zero.
 
     An observation whose whole design cell (mice with identical rows of the
     design) has zero counts is fitted at (nearly) zero and carries no
     information on the dispersion; such observations are dropped and the df
-    recomputed on the rest (as edgeR's ``.residDF``).
+    recomputed on the rest (as edgeR's ``.residDF``). ``rank``: the number of
+    coefficients the observed mice identify, per region (default: all of them).
     """
-    df = W0.sum(axis=1) - X.shape[1]
+    df = W0.sum(axis=1) - (X.shape[1] if rank is None else rank)
     observed_sum = np.zeros((Y.shape[0], cell.max() + 1))
     np.add.at(observed_sum.T, cell, (Y * W0).T)
     zero_fit = (observed_sum[:, cell] == 0) & (W0 > 0)
@@ -328,14 +396,14 @@ def _residual_df(X, Y, W0, cell):
     return df
 
 
-def _estimate_dispersion(X, Y, Off, W0, lam, params):
+def _estimate_dispersion(X, Y, Off, W0, lam, params, rank):
     """Per-region dispersion: Cox-Reid profile likelihood shrunk toward an abundance trend.
 
     Returns the dispersion (R,), a method label per region and the prior df
     used (given, or estimated from the data).
     """
     n_regions = Y.shape[0]
-    df = W0.sum(axis=1) - X.shape[1]
+    df = W0.sum(axis=1) - rank
     apl = np.empty((n_regions, _DISP_GRID.size))
     beta = _start(X, Y, Off, W0)
     for k, d in enumerate(_DISP_GRID):
@@ -367,7 +435,7 @@ def _estimate_dispersion(X, Y, Off, W0, lam, params):
         # the trend pools the curves of min(2 half, n_c) regions: it cannot carry more df
         cap = float(min(2 * half, n_c) * np.median(df[has_df]))
         prior_df, post, ql_df = _quasi_dispersion(X, Y, Off, W0, lam, trend_disp, abundance,
-                                                  params, cap)  # fmt: skip
+                                                  params, cap, rank)  # fmt: skip
         ql = (trend_disp, post, ql_df)
     prior_n = prior_df / np.maximum(df, 1e-9)
     # weighted likelihood; regions without residual df take the trend alone
@@ -379,7 +447,7 @@ _MIN_REGIONS_PRIOR_DF = 20
 _FALLBACK_PRIOR_DF = 10.0
 
 
-def _quasi_dispersion(X, Y, Off, W0, lam, trend_disp, abundance, params, cap):
+def _quasi_dispersion(X, Y, Off, W0, lam, trend_disp, abundance, params, cap, rank):
     """Quasi-likelihood dispersions around the trend and their prior df (edgeR's estimateDisp).
 
     The model is fitted at the trended dispersion; each region's
@@ -391,7 +459,7 @@ def _quasi_dispersion(X, Y, Off, W0, lam, trend_disp, abundance, params, cap):
     beta = _start(X, Y, Off, W0)
     _, mu, _, _ = _fit_nb(X, Y, Off, W0, trend_disp, lam, beta, params.max_iter)
     _, cell = np.unique(X, axis=0, return_inverse=True)
-    df = np.maximum(_residual_df(X, Y, W0, cell.ravel()), 0)
+    df = np.maximum(_residual_df(X, Y, W0, cell.ravel(), rank), 0)
     s2 = _nb_deviance(Y, mu, trend_disp, W0) / np.maximum(df, 1)
     use = (df > 0) & np.isfinite(s2)
     prior_df = params.dispersion_prior_df
@@ -598,8 +666,16 @@ def compare_regions(
     quasi-likelihood dispersion squeezed toward its trend by empirical Bayes
     (Lund et al. 2012, doi:10.1515/1544-6115.1826); the prior df is
     estimated from the data unless ``params.dispersion_prior_df`` fixes it,
-    and the value used is in ``result.attrs["dispersion_prior_df"]``.
+    and the value used is in ``result.attrs["dispersion_prior_df"]``; QL F
+    p-values are no smaller than Poisson's (``params.poisson_bound``).
     Confidence intervals come from Wald standard errors.
+
+    In a region where a group has data but no cells, the fits follow edgeR:
+    the tests compare fits with that group at zero, and the fold change adds
+    ``params.prior_count`` cells per mouse in proportion to volume, so that it
+    stays finite, and is exactly 1 (p = 1) between two groups without cells.
+    A group without data in a region has a NaN fold change and p, and
+    ``reason`` says so.
 
     Examples
     --------
@@ -648,14 +724,19 @@ def compare_regions(
     for j, g in enumerate(others, start=1):
         gm = group == g
         low = np.minimum(n_obs(ref), n_obs(gm)) < k
-        zero = (np.sum(Y * W0 * gm, axis=1) == 0) | (np.sum(Y * W0 * ref, axis=1) == 0)
+        zeros = sum((np.sum(Y * W0 * m, axis=1) == 0) & (n_obs(m) > 0) for m in (ref, gm))
         est = fm.test(Xg, j)
         why = np.where(
             reason != "",
             reason,
             np.where(low, f"fewer than {k} subjects with data in '{reference_group}' or '{g}'", ""),
         )
-        notes = np.where(zero, "a group has only zeros: fold change bounded by the prior", "")
+        why = _join(why, _not_estimable(est, [(reference_group, n_obs(ref)), (g, n_obs(gm))]))
+        notes = np.select(
+            [zeros == 2, zeros == 1],
+            ["both groups have only zeros: no change", "a group has only zeros: fold change "
+             "bounded by the prior count"], "",
+        )  # fmt: skip
         tab = _table(meta, f"{g}_vs_{reference_group}", est, why, notes, fm)
         welch_p, m0, m1, n0, n1 = _welch(dens, ref, gm)
         tab = tab.assign(mean_density_ref_per_mm3=m0, mean_density_group_per_mm3=m1,
@@ -671,6 +752,7 @@ def compare_regions(
             np.where(n_dose < 2, f"fewer than two doses with {k}+ subjects", ""),
         )
         est = fm.test(Xd, 1)
+        why = _join(why, _not_estimable(est, []))
         est["est"], est["se"] = est["est"] * unit / span, est["se"] * unit / span
         tab = _table(meta, "dose_trend", est, why, np.full(len(meta), ""), fm)
         _, m0, m1, n0, n1 = _welch(dens, lo_m, hi_m)
@@ -688,12 +770,32 @@ def compare_regions(
 
 
 class _Fitter:
-    """Fits of one cohort's regions: dispersions once, then one test per contrast."""
+    """Fits of one cohort's regions: dispersions once, then one test per contrast.
+
+    Where every design cell (mice with identical design rows) of a region has
+    cells, the maximum-likelihood fit exists and is used, with a weak ridge on
+    the non-intercept coefficients (``coef_prior_sd_log2``) that changes
+    nothing visible. Where a cell has none, the fitted mean of that cell tends
+    to zero and the ridge, tied to the reference group, would set it instead of
+    the data. Those regions are fitted as edgeR does, with no ridge: every
+    mouse with data gets ``k * volume / mean volume of the region`` cells
+    added; the tests use ``k = _ZERO_FIT_COUNT``, so that the empty cell is
+    fitted at (numerically) zero, the maximum-likelihood limit, and the
+    estimate and its interval use ``k = params.prior_count`` (edgeR's
+    ``prior.count``): finite for a group with only zeros, and exactly no change
+    between two groups with only zeros, since both get the same cells per mm³.
+    """
 
     def __init__(self, Y, Off, W0, fit_mask, params):
         self.idx = np.flatnonzero(fit_mask)
         self.n_regions = Y.shape[0]
         self.Y, self.Off, self.W0 = Y[self.idx], Off[self.idx], W0[self.idx]
+        vol = np.exp(self.Off) * self.W0
+        n_obs = np.maximum(self.W0.sum(axis=1, keepdims=True), 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rel = np.where(self.W0 > 0, vol / (vol.sum(axis=1, keepdims=True) / n_obs), 0.0)
+        self.Y_zero = self.Y + _ZERO_FIT_COUNT * rel
+        self.Y_prior = self.Y + params.prior_count * rel
         self.params = params
         self.prior_prec = 1.0 / (params.coef_prior_sd_log2 * _LN2) ** 2
         self.disp = np.full(self.n_regions, np.nan)
@@ -708,12 +810,18 @@ class _Fitter:
         start = _start(X, self.Y, self.Off, self.W0)
         return _fit_nb(X, self.Y, self.Off, self.W0, disp, lam, start, self.params.max_iter)
 
+    def _fit_at_zero(self, X, disp, rows, Y):
+        """Fit regions ``rows`` to ``Y`` (counts plus a prior count) without the ridge."""
+        return _fit_glm(X, Y[rows], self.Off[rows], self.W0[rows], disp[rows],
+                        self.params.max_iter)  # fmt: skip
+
     def dispersion(self, X):
         """Estimate and store shrunk dispersions and the test's denominator df."""
         if not self.idx.size:
             return
+        rank = _identifiable(X, self.W0).sum(axis=1)
         d, method, prior_df, ql = _estimate_dispersion(
-            X, self.Y, self.Off, self.W0, self._lam(X), self.params
+            X, self.Y, self.Off, self.W0, self._lam(X), self.params, rank
         )
         self.prior_df = prior_df
         self.ql_scale = None
@@ -727,39 +835,102 @@ class _Fitter:
         self._d = d
         _, mu, _, _ = self._fit(X, d)
         mbar = np.sum(mu * self.W0, axis=1) / np.maximum(self.W0.sum(axis=1), 1)
-        df = np.maximum(self.W0.sum(axis=1) - X.shape[1], 0) + prior_df
+        df = np.maximum(self.W0.sum(axis=1) - rank, 0) + prior_df
         share = d * mbar / (1 + d * mbar)  # share of the variance that is extra-Poisson
         with np.errstate(divide="ignore"):
             self.df_test = np.where((df > 0) & (method != "poisson-fallback"),
                                     df / share**2, np.inf)  # fmt: skip
 
     def test(self, X, j):
-        """Estimate (log), SE, p and convergence of coefficient ``j`` for every fitted region."""
+        """Estimate (log), SE, p and convergence of coefficient ``j`` for every fitted region.
+
+        ``est`` and ``se`` are NaN where the mice with data do not identify the coefficient.
+        """
         out = {k: np.full(self.n_regions, np.nan) for k in ("est", "se", "p", "df")}
         out["converged"] = np.zeros(self.n_regions, dtype=bool)
+        out["estimable"] = np.zeros(self.n_regions, dtype=bool)
+        out["fitted"] = np.zeros(self.n_regions, dtype=bool)
         if not self.idx.size:
             return out
         d = self._d
+        estimable = _identifiable(X, self.W0)[:, j]
+        empty = np.flatnonzero(_empty_cell(X, self.Y, self.W0))
         beta, mu, info, conv = self._fit(X, d)
-        se = np.sqrt(np.linalg.inv(info)[:, j, j])
+        if empty.size:
+            b0, _, info0, conv0 = self._fit_at_zero(X, d, empty, self.Y_prior)
+            beta[empty], info[empty], conv[empty] = b0, info0, conv[empty] & conv0
+        est = np.where(estimable, beta[:, j], np.nan)
+        se = np.where(estimable, np.sqrt(np.linalg.inv(info)[:, j, j]), np.nan)
         test = self.params.test
         if test == "wald":
             with np.errstate(divide="ignore", invalid="ignore"):
-                stat = (beta[:, j] / se) ** 2
+                stat = (est / se) ** 2
         else:
             keep = [c for c in range(X.shape[1]) if c != j]
             _, mu_r, _, conv_r = self._fit(X[:, keep], d)
-            ll = _nb_loglik(self.Y, mu, d, self.W0) - _nb_loglik(self.Y, mu_r, d, self.W0)
-            stat = np.maximum(2 * ll, 0.0)
+            Y = self.Y.copy()
+            if empty.size:
+                Y[empty] = self.Y_zero[empty]
+                _, mu[empty], _, conv0 = self._fit_at_zero(X, d, empty, self.Y_zero)
+                _, mu_r[empty], _, conv0_r = self._fit_at_zero(X[:, keep], d, empty, self.Y_zero)
+                conv[empty] &= conv0 & conv0_r
+            ll = _nb_loglik(Y, mu, d, self.W0)
+            lr = 2 * (ll - _nb_loglik(Y, mu_r, d, self.W0))
+            # below the precision of the fitted log-likelihoods the two models fit alike
+            stat = np.where(lr > _LR_RESOLUTION * (1 + np.abs(ll)), lr, 0.0)
             conv = conv & conv_r
         if test == "ql-f" and self.ql_scale is not None:
             stat, se = stat / self.ql_scale, se * np.sqrt(self.ql_scale)
         df = self.df_test if test in ("lr-f", "ql-f") else np.full(self.idx.size, np.inf)
         with np.errstate(invalid="ignore"):
             p = np.where(np.isinf(df), stats.chi2.sf(stat, 1), stats.f.sf(stat, 1, df))
-        for key, val in zip(("est", "se", "p", "df", "converged"), (beta[:, j], se, p, df, conv)):
+        if test == "ql-f" and self.ql_scale is not None and self.params.poisson_bound:
+            p = np.maximum(p, self._poisson_bound(X, j, mu))
+        values = (est, se, p, df, conv, estimable, True)
+        for key, val in zip(("est", "se", "p", "df", "converged", "estimable", "fitted"), values):
             out[key][self.idx] = val
         return out
+
+    def _poisson_bound(self, X, j, mu):
+        """Return the Poisson LR p-value where the QL variance falls below Poisson, else 0.
+
+        As edgeR's ``glmQLFTest(poisson.bound=TRUE)``: a region whose squeezed
+        quasi-likelihood dispersion makes some mouse's variance
+        ``s2_post * (mu + phi * mu^2)`` smaller than its Poisson variance ``mu``
+        gets a p-value no smaller than the LR test with dispersion 0 and
+        quasi-dispersion 1.
+        """
+        variance_ratio = self.ql_scale[:, None] * (1 + self._d[:, None] * mu)
+        below = np.flatnonzero(np.any((self.W0 > 0) & (variance_ratio < 1), axis=1))
+        bound = np.zeros(self.idx.size)
+        if not below.size:
+            return bound
+        poisson = np.zeros(self.idx.size)
+        keep = [c for c in range(X.shape[1]) if c != j]
+        mu_f = self._fit_at_zero(X, poisson, below, self.Y_zero)[1]
+        mu_r = self._fit_at_zero(X[:, keep], poisson, below, self.Y_zero)[1]
+        Y, W0 = self.Y_zero[below], self.W0[below]
+        lr = 2 * (_poisson_loglik(Y, mu_f, W0) - _poisson_loglik(Y, mu_r, W0))
+        bound[below] = stats.chi2.sf(np.maximum(lr, 0.0), 1)
+        return bound
+
+
+def _not_estimable(est, groups):
+    """Say why a fitted coefficient is not estimable: the groups without data, or confounding.
+
+    ``groups``: (name, mice with data per region) of the groups that the contrast compares.
+    """
+    out = np.full(est["fitted"].shape, "", dtype=object)
+    for r in np.flatnonzero(est["fitted"] & ~est["estimable"]):
+        none = [f"'{g}'" for g, n in groups if n[r] == 0]
+        out[r] = (f"no subject with data in {' or '.join(none)}: no fold change" if none
+                  else "not estimable from the subjects with data")  # fmt: skip
+    return out
+
+
+def _join(*parts):
+    """Join per-row texts with '; ', skipping empty ones."""
+    return np.array(["; ".join(t for t in row if t) for row in zip(*parts)], dtype=object)
 
 
 def _table(meta, contrast, est, why, notes, fm):

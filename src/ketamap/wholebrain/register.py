@@ -23,6 +23,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -49,7 +50,11 @@ from ketamap.wholebrain.transforms import (
     to_sitk,
 )
 
+if TYPE_CHECKING:
+    from ketamap.atlas import Atlas
+
 __all__ = [
+    "register_to_reference",
     "RegistrationParams",
     "Registration",
     "prepare_sample",
@@ -465,6 +470,56 @@ def _bspline(fixed, moving, affine, params, moving_mask, labels=None):
 
 def register_to_atlas(
     sample,
+    atlas: Atlas,
+    *,
+    voxel_size_um,
+    orientation: str,
+    params: RegistrationParams | None = None,
+) -> Registration:
+    """Register a whole-brain sample to an atlas.
+
+    Parameters
+    ----------
+    sample : (Z, Y, X) array or dask array
+        Raw autofluorescence volume in the sample's own orientation.
+    atlas : Atlas
+        The atlas: its reference image is the target, its annotation the brain
+        mask and the regions whose contrast is matched.
+    voxel_size_um : float or 3 floats
+        Raw voxel size (z, y, x) in µm.
+    orientation : str
+        BrainGlobe orientation code of the sample, e.g. ``"psl"``.
+    params : RegistrationParams, optional
+        Defaults to ``RegistrationParams()``.
+
+    Returns
+    -------
+    Registration
+        See :func:`register_to_reference`.
+
+    Raises
+    ------
+    InputError
+        If the atlas has no reference image, or as :func:`register_to_reference`.
+    """
+    if atlas.reference is None:
+        raise InputError(
+            f"atlas {atlas.name} has no reference image, so no brain can be registered to it."
+        )
+    return register_to_reference(
+        sample,
+        atlas.reference,
+        voxel_size_um=voxel_size_um,
+        orientation=orientation,
+        atlas_resolution_um=atlas.resolution_um,
+        atlas_orientation=atlas.orientation,
+        atlas_labels=atlas.annotation,
+        params=params,
+    )
+
+
+def register_to_reference(
+    sample,
     atlas_reference: np.ndarray,
     *,
     voxel_size_um,
@@ -475,7 +530,10 @@ def register_to_atlas(
     atlas_labels: np.ndarray | None = None,
     params: RegistrationParams | None = None,
 ) -> Registration:
-    """Register a whole-brain sample to an atlas reference image.
+    """Register a whole-brain sample to a reference image on an atlas grid.
+
+    :func:`register_to_atlas` calls this with an :class:`~ketamap.atlas.Atlas`'s
+    fields; call it directly for a template that is not part of an atlas.
 
     Parameters
     ----------

@@ -1,46 +1,16 @@
 """Dendritic spine turnover across imaging sessions.
 
-Public entry points: :func:`run_spines` (the stage), :func:`analyse_dendrite`
-(the pure core of one dendrite), :class:`SpineParams`,
-:func:`load_spine_sessions`, the turnover measures of
-:mod:`ketamap.invivo.spines.metrics`, and the annotation helpers
-:func:`export_annotations` / :func:`import_annotations`.
+Public entry points: :func:`analyse_dendrite` (the pure core of one
+dendrite), :class:`SpineParams`,
+the turnover measures of :mod:`ketamap.invivo.spines.metrics`, and the
+annotation helpers :func:`export_annotations` / :func:`import_annotations`.
+The sessions file is read by :func:`ketamap.manifest.load_spine_sessions`, and the
+stage is :func:`ketamap.pipelines.run_spines`.
+
+The names are imported on first use (their list is ``__init__.pyi``), so
+``import ketamap.invivo.spines`` stays cheap.
 """
 
-from ketamap.invivo.spines.annotations import (
-    export_annotations,
-    export_napari,
-    import_annotations,
-)
-from ketamap.invivo.spines.core import analyse_dendrite
-from ketamap.invivo.spines.metrics import (
-    cluster_sign_flip,
-    interval_rates,
-    mixed_model,
-    pooled_rates,
-    presence_matrix,
-    return_to_lost_sites,
-)
-from ketamap.invivo.spines.params import SpineParams
-from ketamap.invivo.spines.run import run_spines
-from ketamap.invivo.spines.score import score_spines
-from ketamap.invivo.spines.sessions import load_spine_sessions
-from ketamap.invivo.spines.track import track_spines
+import lazy_loader as _lazy
 
-__all__ = [
-    "SpineParams",
-    "analyse_dendrite",
-    "cluster_sign_flip",
-    "export_annotations",
-    "export_napari",
-    "import_annotations",
-    "interval_rates",
-    "load_spine_sessions",
-    "mixed_model",
-    "pooled_rates",
-    "presence_matrix",
-    "return_to_lost_sites",
-    "run_spines",
-    "score_spines",
-    "track_spines",
-]
+__getattr__, __dir__, __all__ = _lazy.attach_stub(__name__, __file__)

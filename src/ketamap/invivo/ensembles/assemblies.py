@@ -212,6 +212,7 @@ def block_permutation_test(
     ka, kb = len(a) // block, len(b) // block
     if ka < 2 or kb < 2:
         return out | {"block": block, "n_blocks": (ka, kb)}
+
     # block sums and sizes (the remainder of each series is its own, shorter block)
     def blocks(x, k):
         sums = x[: k * block].reshape(k, block).sum(axis=1)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ketamap.errors import InputError, InputNotFoundError, require
-from ketamap.invivo.traces import Recording, check_traces
+from ketamap.io.traces import Recording, check_traces
 
 __all__ = ["read_nwb"]
 

@@ -24,125 +24,35 @@ and ends with the same outputs.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ketamap.engine.stage import (
+    fingerprint,
+    remove_stale_temporaries,
+    run_stage,
+    stage_key,
+    versions,
+)
 from ketamap.errors import InputNotFoundError, ParameterError, QCError
-from ketamap.io.atomic import atomic_dir, atomic_path, write_json, write_table
+from ketamap.io.atomic import atomic_path, write_table
+from ketamap.manifest import Study, Subject, load_study
 from ketamap.params import did_you_mean, from_mapping, to_dict
-from ketamap.study import Study, Subject, load_study
-from ketamap.wholebrain.quantify import quantify_cells
-from ketamap.wholebrain.tissue import read_tissue_mask, tissue_atlas_dice, write_detection_qc
 
-__all__ = ["SUBJECT_STAGES", "STUDY_STAGES", "run_study", "run_subject", "fingerprint", "versions"]
+__all__ = ["SUBJECT_STAGES", "STUDY_STAGES", "run_study", "run_subject"]
 
 log = logging.getLogger(__name__)
 
 SUBJECT_STAGES = ("detect", "register", "quantify")
 STUDY_STAGES = ("stats", "report")
-_PACKAGES = (
-    "ketamap",
-    "numpy",
-    "scipy",
-    "scikit-image",
-    "dask",
-    "pandas",
-    "SimpleITK",
-    "statsmodels",
-    "brainglobe-space",
-    "brainglobe-atlasapi",
-)
-
-
-@functools.lru_cache(maxsize=1)
-def versions() -> dict[str, str]:
-    """Versions of ketamap and the packages whose behaviour shapes its results."""
-    out = {}
-    for name in _PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def fingerprint(paths: Iterable[Path | None]) -> str:
-    """Hash the names, sizes and modification times of files (folders walked)."""
-    h = hashlib.sha256()
-    for p in paths:
-        if p is None:
-            h.update(b"<none>")
-            continue
-        p = Path(p)
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-        for f in files:
-            st = f.stat()
-            h.update(f"{f.relative_to(p.parent)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def _key(material: dict) -> str:
-    blob = json.dumps(material | {"versions": versions()}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _stage_key(out: Path) -> str | None:
-    try:
-        return json.loads((out / "provenance.json").read_text())["key"]
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    """Delete what a killed run left of its temporary outputs (``.name.*.part``)."""
-    import shutil
-
-    if not out.parent.is_dir():
-        return
-    for stale in out.parent.glob(f".{out.name}.*.part"):
-        log.info("removing %s left by an interrupted run", stale)
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
-
-
-def _run_stage(
-    out: Path, name: str, material: dict, compute: Callable[[Path], dict], *, force: bool
-) -> tuple[bool, str]:
-    """Run ``compute(tmp_dir)`` unless ``out`` holds the result for the same inputs."""
-    key = _key(material)
-    _remove_stale_temporaries(out)
-    if not force and _stage_key(out) == key:
-        log.info("%s: up to date, skipped (%s)", name, out)
-        return False, key
-    t0 = time.perf_counter()
-    with atomic_dir(out) as tmp:
-        result = compute(tmp) or {}
-        write_json(
-            {
-                "stage": name,
-                "key": key,
-                "inputs": material,
-                "versions": versions(),
-                "seconds": round(time.perf_counter() - t0, 3),
-                "result": result,
-            },
-            tmp / "provenance.json",
-        )
-    log.info("%s: done in %.1f s", name, time.perf_counter() - t0)
-    return True, key
 
 
 # --------------------------------------------------------------------------- parameters
@@ -189,7 +99,7 @@ def check_study(study: Study) -> dict:
     from ketamap.io.volumes import open_volume
 
     stage_params(study)
-    atlas = _atlas(study.atlas, str(study.root))
+    atlas = _load_atlas(study.atlas_spec)
     shapes, owner = {}, {}
     for s in study.subjects:
         for path in (s.signal, s.background):
@@ -255,79 +165,20 @@ def _covariates(study: Study, subjects: pd.DataFrame) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=2)
-def _atlas(spec: str, root: str):
+def _load_atlas(spec: str):
     from ketamap.atlas import load_atlas
 
-    path = Path(spec)
-    if not path.is_absolute() and (Path(root) / path).exists():
-        spec = str(Path(root) / path)
     return load_atlas(spec)
 
 
 def _atlas_fingerprint(study: Study) -> str:
-    path = Path(study.atlas)
-    path = path if path.is_absolute() else study.root / path
+    path = Path(study.atlas_spec)
     return fingerprint([path]) if path.exists() else study.atlas
 
 
 def subject_dir(study: Study, subject: Subject, stage: str) -> Path:
     """Output folder of one subject's stage."""
     return study.root / "subjects" / subject.id / stage
-
-
-def write_registration(
-    folder: Path, reg, atlas, image, *, voxel_size_um, orientation: str, title: str
-) -> None:
-    """Write a registration with its region volumes in sample space and its QC images.
-
-    Writes the transform and ``registration.json`` (QC numbers),
-    ``volumes_by_label.parquet`` (leaf label, hemisphere, volume in mm³ in the
-    animal's own space), ``volumes.csv`` (acronym, left and right volume),
-    ``qc.png`` (atlas boundaries, at a coarse hierarchy level, over the sample in
-    three planes) and, when the atlas has a reference, ``qc_checkerboard.png``
-    (sample vs warped reference).
-    """
-    from ketamap.report.qc import registration_checkerboard_png, registration_overlay_png
-    from ketamap.wholebrain.quantify import label_volumes_mm3
-    from ketamap.wholebrain.register import (
-        prepare_sample,
-        save_registration,
-        warp_image_to_sample,
-        warp_labels_to_sample,
-    )
-
-    save_registration(reg, folder)
-    # one warp for both: region id and hemisphere packed as id * 4 + side (exact in uint64)
-    packed = warp_labels_to_sample(reg, atlas.annotation.astype(np.uint64) * 4 + atlas.hemispheres)
-    labels = packed // 4
-    volumes = label_volumes_mm3(labels, packed % 4, atlas.resolution_um)
-    write_table(volumes, folder / "volumes_by_label.parquet", csv=False)
-    volumes["acronym"] = [atlas.ontology.acronym(int(r)) for r in volumes["region_id"]]
-    wide = volumes.pivot_table(
-        index="acronym", columns="hemisphere", values="volume_mm3", aggfunc="sum", fill_value=0.0
-    )
-    wide = (
-        wide.reindex(columns=[1, 2], fill_value=0.0)
-        .rename(columns={1: "left_volume_mm3", 2: "right_volume_mm3"})
-        .reset_index()
-    )
-    with atomic_path(folder / "volumes.csv") as tmp:
-        wide.to_csv(tmp, index=False)
-    prepared = prepare_sample(
-        image,
-        voxel_size_um=voxel_size_um,
-        orientation=orientation,
-        atlas_orientation=atlas.orientation,
-        atlas_resolution_um=atlas.resolution_um,
-    )
-    with atomic_path(folder / "qc.png") as png:
-        png.write_bytes(
-            registration_overlay_png(prepared, labels, ontology=atlas.ontology, title=title)
-        )
-    if atlas.reference is not None:
-        warped = warp_image_to_sample(reg, atlas.reference)
-        with atomic_path(folder / "qc_checkerboard.png") as png:
-            png.write_bytes(registration_checkerboard_png(prepared, warped, title=title))
 
 
 def run_subject(
@@ -350,14 +201,12 @@ def run_subject(
         QC reasons, as sentences) and, for a subject stopped before counting,
         ``stopped`` (True).
     """
-    from ketamap.io.points import write_cells
     from ketamap.io.volumes import open_volume
-    from ketamap.wholebrain.classify import classify_cells, load_classifier
-    from ketamap.wholebrain.detect import detect_cells, flag_detection
-    from ketamap.wholebrain.register import load_registration, register_to_atlas
+    from ketamap.pipelines.census_stages import detect_into, quantify_into, register_into
+    from ketamap.wholebrain.classify import load_classifier
 
     det_params, reg_params, _ = stage_params(study)
-    atlas = _atlas(study.atlas, str(study.root))
+    atlas = _load_atlas(study.atlas_spec)
     done = {"subject": subject.id}
     imaging = {"voxel_size_um": subject.voxel_size_um, "orientation": subject.orientation}
 
@@ -365,25 +214,16 @@ def run_subject(
     if "detect" in stages:
 
         def detect(tmp: Path) -> dict:
-            signal = open_volume(subject.signal)
-            background = open_volume(subject.background) if subject.background else None
-            cells, qc = detect_cells(
-                signal,
+            return detect_into(
+                tmp,
+                open_volume(subject.signal),
                 voxel_size_um=subject.voxel_size_um,
                 params=det_params,
-                background=background,
-                return_qc=True,
+                background=open_volume(subject.background) if subject.background else None,
+                classifier=load_classifier(study.classifier) if study.classifier else None,
             )
-            if study.classifier is not None:  # the trained second pass
-                n = len(cells)
-                cells = classify_cells(cells, load_classifier(study.classifier))
-                qc = flag_detection(qc | {"n_rejected_by_classifier": n - len(cells)}, len(cells),
-                           det_params.qc_min_cells)  # fmt: skip
-            write_cells(cells, tmp)
-            numbers = write_detection_qc(qc, tmp, voxel_size_um=subject.voxel_size_um)
-            return {"n_cells": len(cells), "shape": list(signal.shape)} | numbers
 
-        done["detect"], _ = _run_stage(
+        done["detect"] = run_stage(
             det_out,
             "detect",
             {
@@ -394,35 +234,23 @@ def run_subject(
             },
             detect,
             force=force,
-        )
+        ).ran
 
     reg_out = subject_dir(study, subject, "register")
     if "register" in stages:
 
         def register(tmp: Path) -> dict:
-            image = open_volume(subject.background or subject.signal)
-            reg = register_to_atlas(
-                image,
-                atlas.reference,
-                voxel_size_um=subject.voxel_size_um,
-                orientation=subject.orientation,
-                atlas_resolution_um=atlas.resolution_um,
-                atlas_orientation=atlas.orientation,
-                atlas_labels=atlas.annotation,
-                params=reg_params,
-            )
-            write_registration(
+            return register_into(
                 tmp,
-                reg,
+                open_volume(subject.background or subject.signal),
                 atlas,
-                image,
                 voxel_size_um=subject.voxel_size_um,
                 orientation=subject.orientation,
+                params=reg_params,
                 title=subject.id,
             )
-            return {k: v for k, v in reg.qc.items() if not isinstance(v, (list, dict))}
 
-        done["register"], _ = _run_stage(
+        done["register"] = run_stage(
             reg_out,
             "register",
             {
@@ -433,7 +261,7 @@ def run_subject(
             },
             register,
             force=force,
-        )
+        ).ran
 
     if "quantify" in stages:
         done["flags"] = subject_flags(det_out, reg_out)
@@ -448,30 +276,20 @@ def run_subject(
             return done
 
         def quantify(tmp: Path) -> dict:
-            cells = pd.read_parquet(det_out / "cells.parquet")
-            volumes = pd.read_parquet(reg_out / "volumes_by_label.parquet")
-            reg = load_registration(reg_out)
-            cells_atlas, table, summary = quantify_cells(cells, reg, atlas, volumes)
-            tissue = read_tissue_mask(det_out)
-            summary["tissue_atlas_dice"] = (
-                None if tissue is None else tissue_atlas_dice(tissue, reg, atlas)
-            )
-            write_table(cells_atlas, tmp / "cells_atlas.parquet")
-            write_table(table, tmp / "regions.parquet")
-            write_json(summary, tmp / "summary.json")
-            return summary
+            return quantify_into(tmp, pd.read_parquet(det_out / "cells.parquet"), reg_out, atlas,
+                                 tissue_dir=det_out)  # fmt: skip
 
-        done["quantify"], _ = _run_stage(
+        done["quantify"] = run_stage(
             subject_dir(study, subject, "quantify"),
             "quantify",
             {
-                "detect": _stage_key(det_out),
-                "register": _stage_key(reg_out),
+                "detect": stage_key(det_out),
+                "register": stage_key(reg_out),
                 "atlas": _atlas_fingerprint(study),
             },
             quantify,
             force=force,
-        )
+        ).ran
     return done
 
 
@@ -549,99 +367,6 @@ def _long_counts(study: Study) -> pd.DataFrame:
     return counts[counts["volume_mm3"] > 0]
 
 
-def _write_map(array: np.ndarray, stem: Path, voxel_size_um) -> None:
-    """Write one map as ``stem.ome.zarr`` and ``stem.nii.gz`` (NIfTI-1, spacing in mm)."""
-    import SimpleITK as sitk
-
-    from ketamap.io.volumes import write_ome_zarr
-
-    write_ome_zarr(array, stem.with_name(stem.name + ".ome.zarr"), voxel_size_um=voxel_size_um)
-    img = sitk.GetImageFromArray(np.ascontiguousarray(array))  # (z, y, x) -> ITK (x, y, z)
-    img.SetSpacing([float(v) / 1000.0 for v in reversed(voxel_size_um)])
-    sitk.WriteImage(img, str(stem.with_name(stem.name + ".nii.gz")), useCompression=True)
-
-
-def _voxel_maps(study: Study, out: Path, params) -> dict:
-    """Density maps per mouse, group means and permutation tests; writes ``out/voxel_maps``."""
-    from ketamap.stats.voxels import (
-        atlas_grid,
-        atlas_points_um,
-        density_map,
-        group_maps,
-        voxel_test,
-    )
-
-    atlas = _atlas(study.atlas, str(study.root))
-    factor, vox_um, mask = atlas_grid(atlas.annotation, atlas.resolution_um, params.resolution_um)
-    maps = []
-    for s in study.subjects:
-        cells = pd.read_parquet(
-            subject_dir(study, s, "quantify") / "cells_atlas.parquet",
-            columns=["atlas_z_vox", "atlas_y_vox", "atlas_x_vox", "region_id"],
-        )
-        cells = cells[cells["region_id"] > 0]
-        pts = atlas_points_um(cells.iloc[:, :3].to_numpy(float), atlas.resolution_um, factor)
-        maps.append(density_map(pts, mask.shape, voxel_size_um=vox_um,
-                                radius_um=params.radius_um, kernel=params.kernel))  # fmt: skip
-    maps = np.stack(maps)
-    groups = [s.group for s in study.subjects]
-    folder = out / "voxel_maps"
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_map(mask.astype(np.uint8), folder / "mask", vox_um)
-    means = group_maps(maps, groups)
-    for g, m in means.items():
-        _write_map(np.where(mask, m, 0).astype(np.float32), folder / f"mean_density_{g}", vox_um)
-    logs = np.log(maps + params.log_offset_per_mm3)
-    ref = study.reference_group
-    is_ref = np.array([g == ref for g in groups])
-    frames, contrasts = [], []
-    for g in dict.fromkeys(groups):
-        if g == ref:
-            continue
-        contrast = f"{g}_vs_{ref}"
-        sel = np.array([x == g for x in groups])
-        lfc = (np.log2(means[g] + params.log_offset_per_mm3)
-               - np.log2(means[ref] + params.log_offset_per_mm3))  # fmt: skip
-        lfc = np.where(mask, lfc, 0).astype(np.float32)
-        _write_map(lfc, folder / f"log2_fold_change_{contrast}", vox_um)
-        # the exact permutation test cannot go below 1 / (number of relabellings), 2 / ...
-        # with equal groups (a relabelling and its mirror give the same |t|)
-        n_ref, n_grp = int(is_ref.sum()), int(sel.sum())
-        n_labels = math.comb(n_ref + n_grp, n_grp)
-        smallest = (2 if n_ref == n_grp else 1) / n_labels
-        if smallest > params.alpha:
-            reason = (
-                f"{contrast}: with {n_ref} and {n_grp} mice there are only {n_labels} "
-                f"relabellings, so no FWE p below {smallest:.2g} is possible"
-            )
-            log.warning("voxel test skipped: %s", reason)
-            contrasts.append({"contrast": contrast, "skipped": reason})
-            continue
-        res = voxel_test(logs[is_ref], logs[sel], mask=mask, params=params, voxel_size_um=vox_um)
-        _write_map(res.t, folder / f"t_{contrast}", vox_um)
-        _write_map(res.p_fwe, folder / f"p_fwe_{contrast}", vox_um)
-        cl = res.clusters.copy()
-        peak = cl[["peak_z_vox", "peak_y_vox", "peak_x_vox"]].to_numpy(np.int64)
-        peak_atlas = np.minimum(peak * np.asarray(factor) + np.asarray(factor) // 2,
-                                np.asarray(atlas.shape) - 1)  # fmt: skip
-        labels = atlas.annotation[tuple(peak_atlas.T)] if len(cl) else np.zeros(0, np.int64)
-        cl.insert(0, "contrast", contrast)
-        cl["peak_acronym"] = [atlas.ontology.acronym(int(r)) if r else "" for r in labels]
-        cl["n_permutations"] = res.n_permutations
-        cl["exact"] = res.exact
-        frames.append(cl)
-        contrasts.append({
-            "contrast": contrast, "n_permutations": res.n_permutations, "exact": res.exact,
-            "n_voxels_fwe": int((res.p_fwe < params.alpha).sum()),
-            "n_clusters_fwe": int((res.clusters["p_fwe"] < params.alpha).sum()),
-        })  # fmt: skip
-    clusters = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    write_table(clusters, out / "voxel_clusters.parquet")
-    return {"voxel_size_um": list(vox_um), "grid_shape": list(mask.shape),
-            "atlas_block_factor": list(factor), "n_voxels_tested": int(mask.sum()),
-            "contrasts": contrasts}  # fmt: skip
-
-
 def run_stats(study: Study, *, force: bool = False) -> bool:
     """Compare groups per region, map densities voxel-wise and compare correlation networks.
 
@@ -657,7 +382,9 @@ def run_stats(study: Study, *, force: bool = False) -> bool:
     from ketamap.errors import StatsError
     from ketamap.stats.network import compare_networks
     from ketamap.stats.regions import compare_regions
+    from ketamap.stats.voxel_maps import write_voxel_maps
 
+    check_outputs_exist(study, "stats")
     _, _, stats_params = stage_params(study)
     voxel_params, network_params = map_params(study)
     subjects = study.subjects_table()
@@ -665,9 +392,7 @@ def run_stats(study: Study, *, force: bool = False) -> bool:
 
     def stats(tmp: Path) -> dict:
         counts = _long_counts(study)
-        untested = _subtrees(
-            _atlas(study.atlas, str(study.root)).ontology, stats_params.untested_regions
-        )
+        untested = _subtrees(_load_atlas(study.atlas_spec).ontology, stats_params.untested_regions)
         counts = counts[~counts["region_id"].isin(untested)]
         regions = compare_regions(
             counts,
@@ -683,7 +408,21 @@ def run_stats(study: Study, *, force: bool = False) -> bool:
         result = {"n_rows": len(regions), "n_called": n_called, "n_untested_regions": len(untested)}
         if voxel_params.enabled:
             try:
-                result["voxels"] = _voxel_maps(study, tmp, voxel_params)
+                cells = [
+                    pd.read_parquet(
+                        subject_dir(study, s, "quantify") / "cells_atlas.parquet",
+                        columns=["atlas_z_vox", "atlas_y_vox", "atlas_x_vox", "region_id"],
+                    )
+                    for s in study.subjects
+                ]
+                result["voxels"] = write_voxel_maps(
+                    cells,
+                    [s.group for s in study.subjects],
+                    study.reference_group,
+                    _load_atlas(study.atlas_spec),
+                    voxel_params,
+                    tmp,
+                )
             except StatsError as e:
                 log.warning("voxel maps skipped: %s", e)
                 result["voxels"] = {"skipped": str(e)}
@@ -700,11 +439,11 @@ def run_stats(study: Study, *, force: bool = False) -> bool:
                 result["network"] = {"skipped": str(e)}
         return result
 
-    ran, _ = _run_stage(
+    ran = run_stage(
         study.root / "stats",
         "stats",
         {
-            "quantify": [_stage_key(subject_dir(study, s, "quantify")) for s in study.subjects],
+            "quantify": [stage_key(subject_dir(study, s, "quantify")) for s in study.subjects],
             "subjects": subjects.to_dict("records"),
             "covariates": covariates,
             "params": to_dict(stats_params),
@@ -715,7 +454,7 @@ def run_stats(study: Study, *, force: bool = False) -> bool:
         },
         stats,
         force=force,
-    )
+    ).ran
     return ran
 
 
@@ -755,99 +494,6 @@ def _qc_table(study: Study) -> pd.DataFrame:
     return table
 
 
-def _map_sections(study: Study, regions: pd.DataFrame, alpha: float):
-    """Atlas-slice, voxel-map and network figures and tables of the report."""
-    from ketamap.io.volumes import open_volume
-    from ketamap.report.figures import top_hits
-    from ketamap.report.maps import (
-        coronal_axis,
-        network_figure,
-        region_slices_figure,
-        voxel_slices_figure,
-    )
-
-    stats_dir = study.root / "stats"
-    atlas = _atlas(study.atlas, str(study.root))
-    figures, tables = [], []
-    # slices through the strongest hits first, then the key regions of the two studies
-    focus = tuple(dict.fromkeys(top_hits(regions, 3, alpha=alpha) + list(study.key_regions)))
-    for value, caption in (
-        ("log2_fold_change", "Atlas slices (coronal) coloured by each region's log2 fold change "
-                             f"where it is called at q < {alpha:g} (most specific called "
-                             "region; the rest grey), one row per contrast; AP in mm from "
-                             "bregma (5.4 mm behind the front of the CCFv3 volume)."),
-        ("q", "Atlas slices coloured by -log10 q signed by the direction of change (red: "
-              f"increase); the lines on the colour bar mark q = {alpha:g}."),
-    ):  # fmt: skip
-        fig = region_slices_figure(regions, atlas.annotation, atlas.ontology, value=value,
-                                   orientation=atlas.orientation, alpha=alpha, focus=focus,
-                                   resolution_um=atlas.resolution_um[coronal_axis(
-                                       atlas.orientation)])  # fmt: skip
-        figures.append((f"atlas_{value}", fig, caption))
-    # tests the design cannot support: said plainly, not shown as empty results
-    found = json.loads((stats_dir / "provenance.json").read_text()).get("result", {})
-    # each entry is a dict ({"skipped": reason} or the voxel maps' record) or, for a
-    # network that ran, its summary records
-    parts = {k: v for k, v in found.items() if k in ("voxels", "network") and isinstance(v, dict)}
-    untestable = [v.get("skipped") for v in parts.values()]
-    untestable += [c.get("skipped") for c in parts.get("voxels", {}).get("contrasts", [])]
-    untestable = [u for u in untestable if u]
-    if untestable:
-        tables.append({"title": "Tests the design cannot support",
-                       "text": "Not tested: " + " ".join(f"{u}." for u in untestable),
-                       "columns": [], "frame": pd.DataFrame()})  # fmt: skip
-    vox_dir = stats_dir / "voxel_maps"
-    clusters_file = stats_dir / "voxel_clusters.parquet"
-    names = sorted(p.name[len("t_") : -len(".ome.zarr")] for p in vox_dir.glob("t_*.ome.zarr"))
-    if vox_dir.is_dir() and clusters_file.exists() and names:
-
-        def read(name):
-            return np.asarray(open_volume(vox_dir / f"{name}.ome.zarr").compute())
-
-        mask = read("mask") > 0
-        t_maps = {n: read(f"t_{n}") for n in names}
-        p_maps = {n: read(f"p_fwe_{n}") for n in names}
-        vox_alpha = float(map_params(study)[0].alpha)
-        fig = voxel_slices_figure(t_maps, p_maps, mask, orientation=atlas.orientation,
-                                  alpha=vox_alpha)  # fmt: skip
-        figures.append(("voxel_t_maps", fig, "Voxel-wise t maps of log density (group minus "
-                        f"reference) on coronal slices; black outlines: FWE-corrected p < "
-                        f"{vox_alpha:g}. The maps open in napari or ITK-SNAP from "
-                        "stats/voxel_maps (OME-Zarr, NIfTI)."))  # fmt: skip
-        clusters = pd.read_parquet(clusters_file)
-        if len(clusters):
-            shown = clusters[clusters["p_fwe"] < vox_alpha]
-            cols = ["contrast", "sign", "n_voxels", "volume_mm3", "statistic", "peak_t",
-                    "peak_acronym", "p_fwe"]  # fmt: skip
-            tables.append({
-                "title": "Voxel clusters (FWE-corrected)",
-                "text": f"{len(shown)} of {len(clusters)} clusters with p_fwe < {vox_alpha:g}.",
-                "columns": cols, "frame": shown.sort_values("p_fwe").head(200),
-            })  # fmt: skip
-    if (stats_dir / "network_edges.parquet").exists():
-        edges = pd.read_parquet(stats_dir / "network_edges.parquet")
-        groups = pd.read_parquet(stats_dir / "network_groups.parquet")
-        summary = pd.read_parquet(stats_dir / "network_summary.parquet")
-        net_alpha = float(map_params(study)[1].alpha)
-        figures.append(("network", network_figure(groups, edges, alpha=net_alpha),
-                        "Inter-regional correlation of densities across mice per group, and "
-                        f"the difference from the reference (dot: q < {net_alpha:g}; ring: "
-                        f"FWE-corrected p < {net_alpha:g})."))  # fmt: skip
-        tables.append({
-            "title": "Correlation networks",
-            "text": "Global test: mean |Δr| over edges against its permutation distribution.",
-            "columns": list(summary.columns), "frame": summary,
-        })  # fmt: skip
-        top = edges.sort_values("p").head(25)
-        tables.append({
-            "title": "Strongest edge differences",
-            "columns": ["contrast", "region_a", "region_b", "r_ref", "r_group", "delta_r", "p",
-                        "p_fwe", "q"],
-            "frame": top,
-        })  # fmt: skip
-    return figures, tables
-
-
 def run_report(study: Study, *, force: bool = False) -> bool:
     """Build ``<root>/report.html`` (its figures and provenance under ``report/``).
 
@@ -858,9 +504,13 @@ def run_report(study: Study, *, force: bool = False) -> bool:
     missing page is rebuilt too.
     """
     from ketamap.report import render_report, save_figures
+    from ketamap.report.census import map_sections
     from ketamap.report.figures import figure_bytes
     from ketamap.report.qc import QC_BOUNDARY_LEVEL
 
+    check_outputs_exist(study, "report")
+    if not (study.root / "stats" / "regions.parquet").exists():
+        raise InputNotFoundError('No statistics yet; run "ketamap stats" or "ketamap run" first.')
     det_params, reg_params, stats_params = stage_params(study)
     voxel_params, network_params = map_params(study)
     truth_file = study.root / "ground_truth" / "effects.csv"
@@ -892,7 +542,15 @@ def run_report(study: Study, *, force: bool = False) -> bool:
             methods["voxels"] = to_dict(voxel_params)
         if (study.root / "stats" / "network_edges.parquet").exists():
             methods["network"] = to_dict(network_params)
-        map_figures, map_tables = _map_sections(study, regions, stats_params.alpha)
+        map_figures, map_tables = map_sections(
+            study.root / "stats",
+            _load_atlas(study.atlas_spec),
+            regions,
+            key_regions=study.key_regions,
+            alpha=stats_params.alpha,
+            voxel_alpha=voxel_params.alpha,
+            network_alpha=network_params.alpha,
+        )
         html = render_report(
             study={
                 "name": study.name,
@@ -929,18 +587,18 @@ def run_report(study: Study, *, force: bool = False) -> bool:
             page.write_text(html, encoding="utf-8")
         return {"bytes": len(html), "page": final.name}
 
-    _remove_stale_temporaries(final)
-    ran, _ = _run_stage(
+    remove_stale_temporaries(final)
+    ran = run_stage(
         study.root / "report",
         "report",
         {
-            "stats": _stage_key(study.root / "stats"),
+            "stats": stage_key(study.root / "stats"),
             "truth": fingerprint([truth_file]) if truth_file.exists() else None,
             "atlas": _atlas_fingerprint(study),
         },
         report,
         force=force or not final.exists(),
-    )
+    ).ran
     return ran
 
 

@@ -24,12 +24,14 @@ The folder is written atomically.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ketamap.engine.stage import fingerprint, run_stage
 from ketamap.errors import InputError, ParameterError
 from ketamap.invivo.spines.annotations import export_annotations, export_napari, import_annotations
 from ketamap.invivo.spines.core import DendriteResult, analyse_dendrite, locate_annotations
@@ -49,9 +51,9 @@ from ketamap.invivo.spines.report import (
     render_report,
     write_figures,
 )
-from ketamap.invivo.spines.sessions import load_spine_sessions
 from ketamap.invivo.spines.track import track_spines
-from ketamap.io.atomic import atomic_dir, atomic_path, write_json, write_table
+from ketamap.io.atomic import atomic_path, write_json, write_table
+from ketamap.manifest import SpineSessions, load_spine_sessions
 from ketamap.params import from_mapping, to_dict
 
 __all__ = ["run_spines", "read_image"]
@@ -88,15 +90,17 @@ def run_spines(
     *,
     params: SpineParams | None = None,
     annotations: str | Path | None = None,
+    force: bool = False,
 ) -> dict:
     """Run the spine-turnover analysis of every dendrite of a sessions file.
 
     Parameters
     ----------
     sessions_toml : path-like
-        A spine sessions file (see :mod:`ketamap.invivo.spines.sessions`).
+        A spine sessions file (see :mod:`ketamap.manifest`).
     out_dir : path-like
-        Output folder (replaced atomically).
+        Output folder (replaced atomically). When it already holds the results
+        for the same inputs, parameters and annotations, nothing is recomputed.
     params : SpineParams, optional
         Overrides the file's ``[params]`` table entirely when given.
     annotations : path-like, optional
@@ -104,12 +108,15 @@ def run_spines(
         replace the automatic detections; where ``spine_id`` is given for every
         point of a dendrite it is kept as the identity, otherwise spines are
         tracked automatically.
+    force : bool
+        Recompute even when ``out_dir`` is up to date.
 
     Returns
     -------
     dict
         ``out_dir``, ``pooled`` (rows of the pooled rates), ``return_sites``
-        (the pooled row) and ``files``.
+        (the pooled row), ``files`` and ``ran`` (False when the outputs were up
+        to date and the stage was skipped).
 
     Raises
     ------
@@ -126,6 +133,36 @@ def run_spines(
             f'new_spines_session "{new_session}" is not a session after the first '
             f"({', '.join(labels[1:])})."
         )
+    out_dir = Path(out_dir)
+    material = {
+        "sessions_file": fingerprint([sessions_toml]),
+        "images": fingerprint([d.images[k] for d in sf.dendrites for k in labels]),
+        "annotations": fingerprint([annotations]),
+        "params": to_dict(params),
+        "new_spines_session": new_session,
+    }
+    stage = run_stage(
+        out_dir,
+        "spines",
+        material,
+        functools.partial(_spines_stage, sf, params, new_session, Path(sessions_toml), annotations),
+        force=force,
+    )
+    files = sorted(str(p) for p in out_dir.rglob("*") if p.is_file())
+    log.info("spines stage: %d files in %s", len(files), out_dir)
+    return stage.result | {"out_dir": str(out_dir), "files": files, "ran": stage.ran}
+
+
+def _spines_stage(
+    sf: SpineSessions,
+    params: SpineParams,
+    new_session: str,
+    sessions_toml: Path,
+    annotations: Path | None,
+    tmp: Path,
+) -> dict:
+    """Analyse every dendrite of ``sf`` and write the stage's files into ``tmp``."""
+    labels = sf.labels
     points = import_annotations(annotations) if annotations is not None else None
     results: dict[str, DendriteResult] = {}
     crops: dict[str, tuple] = {}
@@ -223,61 +260,50 @@ def run_spines(
     ]
     if len(set(mice.values())) < 2:
         notes.append("Single mouse: the mixed model has a random intercept per dendrite only.")
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        write_table(rates, tmp / "rates.parquet")
-        write_table(pooled, tmp / "rates_pooled.parquet")
-        write_table(presence, tmp / "spines.parquet")
-        write_table(detections, tmp / "detections.parquet")
-        write_table(returns, tmp / "return_sites.parquet")
-        write_table(stats, tmp / "statistics.parquet")
-        pd.DataFrame(reg_rows).to_csv(tmp / "registration.csv", index=False)
-        write_table(pd.concat(line_rows, ignore_index=True), tmp / "centrelines.parquet", csv=False)
-        export_annotations(detections, tmp / "annotations.csv")
-        export_napari(detections, tmp / "napari")
-        times = dict(zip(labels, sf.times_h, strict=True))
-        pixel = {d.name: d.pixel_size_um for d in sf.dendrites}
-        examples = {
-            name: dendrite_figure(
-                crops[name][0],
-                detections[detections["dendrite"] == name],
-                origin=crops[name][1],
-                pixel_size_um=pixel[name],
-                times_h=times,
-                title=f"{name} (mouse {mice[name]}): spines by fate",
-            )
-            for name in example_dendrites(presence, labels, n=3)
-        }
-        pngs = write_figures(
-            tmp / "figures", rates, pooled, presence, labels, times, examples=examples
+    write_table(rates, tmp / "rates.parquet")
+    write_table(pooled, tmp / "rates_pooled.parquet")
+    write_table(presence, tmp / "spines.parquet")
+    write_table(detections, tmp / "detections.parquet")
+    write_table(returns, tmp / "return_sites.parquet")
+    write_table(stats, tmp / "statistics.parquet")
+    pd.DataFrame(reg_rows).to_csv(tmp / "registration.csv", index=False)
+    write_table(pd.concat(line_rows, ignore_index=True), tmp / "centrelines.parquet", csv=False)
+    export_annotations(detections, tmp / "annotations.csv")
+    export_napari(detections, tmp / "napari")
+    times = dict(zip(labels, sf.times_h, strict=True))
+    pixel = {d.name: d.pixel_size_um for d in sf.dendrites}
+    examples = {
+        name: dendrite_figure(
+            crops[name][0],
+            detections[detections["dendrite"] == name],
+            origin=crops[name][1],
+            pixel_size_um=pixel[name],
+            times_h=times,
+            title=f"{name} (mouse {mice[name]}): spines by fate",
         )
-        with atomic_path(tmp / "report.html") as p:
-            p.write_text(
-                render_report(sf.name, pooled, returns, stats, pngs, notes, to_dict(params)),
-                encoding="utf-8",
-            )
-        summary = {
-            "sessions_file": str(Path(sessions_toml).resolve()),
-            "name": sf.name,
-            "sessions": labels,
-            "times_h": sf.times_h,
-            "params": to_dict(params),
-            "spines_from": source,
-            "new_spines_session": new_session,
-            "dendrites": {
-                n: {"mouse": mice[n], "traced_length_um": r.centreline.length_um}
-                for n, r in results.items()
-            },
-            "pooled_rates": pooled.to_dict(orient="records"),
-            "return_sites": pooled_return,
-            "notes": notes,
-        }
-        write_json(summary, tmp / "summary.json")
-    files = sorted(str(p) for p in out_dir.rglob("*") if p.is_file())
-    log.info("spines stage wrote %d files to %s", len(files), out_dir)
-    return {
-        "out_dir": str(out_dir),
-        "pooled": pooled.to_dict(orient="records"),
-        "return_sites": pooled_return,
-        "files": files,
+        for name in example_dendrites(presence, labels, n=3)
     }
+    pngs = write_figures(tmp / "figures", rates, pooled, presence, labels, times, examples=examples)
+    with atomic_path(tmp / "report.html") as p:
+        p.write_text(
+            render_report(sf.name, pooled, returns, stats, pngs, notes, to_dict(params)),
+            encoding="utf-8",
+        )
+    summary = {
+        "sessions_file": str(Path(sessions_toml).resolve()),
+        "name": sf.name,
+        "sessions": labels,
+        "times_h": sf.times_h,
+        "params": to_dict(params),
+        "spines_from": source,
+        "new_spines_session": new_session,
+        "dendrites": {
+            n: {"mouse": mice[n], "traced_length_um": r.centreline.length_um}
+            for n, r in results.items()
+        },
+        "pooled_rates": pooled.to_dict(orient="records"),
+        "return_sites": pooled_return,
+        "notes": notes,
+    }
+    write_json(summary, tmp / "summary.json")
+    return {"pooled": pooled.to_dict(orient="records"), "return_sites": pooled_return}

@@ -20,7 +20,13 @@ import pandas as pd
 
 from ketamap.io.atomic import atomic_path
 
-__all__ = ["ensemble_figures", "save_figures", "render_report", "write_report"]
+__all__ = [
+    "ensemble_figures",
+    "save_figures",
+    "render_report",
+    "write_report",
+    "render_mice_report",
+]
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +195,7 @@ def ensemble_figures(
     results : dict
         ``label -> (SessionResult, global ids of its cells)``, in session order.
     sessions : DataFrame
-        The per-session table of :func:`~ketamap.invivo.run.run_ensembles`.
+        The per-session table of :func:`~ketamap.pipelines.ensembles.run_ensembles`.
     statistics : DataFrame, optional
         Its comparison table; tests of each session against the previous one
         are marked on the coordination figure.
@@ -335,3 +341,79 @@ def write_report(path: str | Path, **kwargs) -> Path:
         tmp.write_text(text, encoding="utf-8")
     log.info("wrote report %s", path)
     return path
+
+
+def _mice_key_lines(stats: pd.DataFrame) -> list[str]:
+    """One sentence per measure and session: the change, its 95 % CI, p and the test."""
+    lines = []
+    for r in stats.itertuples():
+        if not np.isfinite(r.estimate):
+            lines.append(f"{r.measure}, {r.session} vs {r.reference}: not estimable.")
+            continue
+        ci = f"95% CI {r.ci_low:.3g} to {r.ci_high:.3g}, " if np.isfinite(r.ci_low) else ""
+        test = "mixed model" if r.converged else "sign-flip test over mice (model not converged)"
+        p = f"p = {r.p_value:.2g}" if np.isfinite(r.p_value) else "p not available"
+        lines.append(
+            f"{r.measure.replace('_', ' ')}, {r.session} vs {r.reference}: "
+            f"{r.estimate:+.3g} ({ci}{p}; {test}; {r.n_mice} mice)."
+        )
+    return lines
+
+
+def render_mice_report(
+    stats: pd.DataFrame, per_mouse: pd.DataFrame, fields: list[tuple[str, str]], *, unit: str
+) -> str:
+    """Render the across-mice page: key results, the comparison table, links to the fields.
+
+    Parameters
+    ----------
+    stats : DataFrame
+        From :func:`~ketamap.invivo.ensembles.mice.compare_mice` (several measures stacked).
+    per_mouse : DataFrame
+        Mean of each measure per mouse and session.
+    fields : list of (str, str)
+        Field name and mouse of every field, in input order; each field's own page is
+        linked as ``fields/<name>/report.html``.
+    unit : str
+        The unit of the model (``field`` or ``cell``).
+
+    Returns
+    -------
+    str
+        A self-contained HTML page (no script, no external resource).
+    """
+    from ketamap.report.html import heading, items, render_page, table, text
+
+    n_mice = len({m for _, m in fields})
+    methods = (
+        "Every field of view was analysed on its own (events, coactivity, ensembles; see "
+        "each field's page). Sessions were then compared across mice by a linear mixed "
+        "model, measure ~ session, with a random intercept per mouse "
+        + (
+            "on the mean of each field and session"
+            if unit == "field"
+            else "and a variance component for session within mouse, on every cell"
+        )
+        + " (statsmodels MixedLM, REML). Each session is compared with the first; the Wald "
+        "statistic is referred to a t distribution with containment degrees of freedom. "
+        "Where the model does not converge, no p-value is taken from it: the session is "
+        "tested by the exact sign-flip test of the per-mouse mean differences, and the "
+        "method column says so."
+    )
+    blocks = [
+        heading("Sessions compared across mice"),
+        table(stats),
+        heading("Per mouse and session"),
+        table(per_mouse),
+        heading("Fields of view"),
+        items((f"{n} (mouse {m})", f"fields/{n}/report.html") for n, m in fields),
+        heading("Methods"),
+        text(methods),
+    ]
+    return render_page(
+        "Ensembles across mice",
+        blocks,
+        heading_text=f"Ensembles across {n_mice} mice ({len(fields)} fields of view)",
+        key_lines=_mice_key_lines(stats),
+        key_note="each session against the first, across mice",
+    )

@@ -1,6 +1,6 @@
 """Sessions compared across mice: a linear mixed model with a random intercept per mouse.
 
-Within one field of view, :func:`~ketamap.invivo.run.compare_sessions` compares
+Within one field of view, :func:`~ketamap.invivo.ensembles.session.compare_sessions` compares
 sessions on matched cells and on blocks of time bins. Across several mice the unit
 that replicates a session effect is the mouse: cells of one mouse share its
 preparation, its ensembles and its day-to-day state, so treating every cell as an

@@ -1,0 +1,229 @@
+"""What each per-subject stage of the census writes into its folder.
+
+One function per stage, called by the study pipeline
+(:func:`ketamap.pipelines.census.run_subject`) and by the single-stage
+commands (``ketamap detect``, ``ketamap register``, ``ketamap quantify``), so
+that both write the same files:
+
+- :func:`detect_into`: ``cells.parquet``/``.csv``/``.xml``, ``tissue_mask.ome.zarr``,
+  ``detection_qc.json``;
+- :func:`register_into`: the transform, ``registration.json``, ``volumes_by_label.parquet``,
+  ``volumes.csv``, ``qc.png`` and ``qc_checkerboard.png``;
+- :func:`quantify_into`: ``cells_atlas``, ``regions`` (Parquet and CSV), ``summary.json``.
+
+Each writes into a folder it is given (the engine's temporary folder) and returns
+the stage's headline numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from ketamap.io.atomic import atomic_path, write_json, write_table
+
+if TYPE_CHECKING:
+    from ketamap.atlas import Atlas
+    from ketamap.wholebrain.detect import DetectionParams
+    from ketamap.wholebrain.register import RegistrationParams
+
+__all__ = ["detect_into", "register_into", "quantify_into", "write_registration"]
+
+
+def detect_into(
+    folder: Path,
+    signal,
+    *,
+    voxel_size_um,
+    params: DetectionParams,
+    background=None,
+    classifier=None,
+) -> dict:
+    """Detect somata and write the cells, the tissue mask and the detection QC.
+
+    Parameters
+    ----------
+    folder : Path
+        Folder to write into.
+    signal : array-like
+        The marker channel (z, y, x), NumPy or Dask.
+    voxel_size_um : tuple of float
+        Voxel size z, y, x in µm.
+    params : DetectionParams
+        Detection parameters.
+    background : array-like, optional
+        The autofluorescence channel, same shape.
+    classifier : optional
+        A trained second-pass classifier (:func:`ketamap.wholebrain.classify.load_classifier`);
+        candidates it rejects are dropped and counted (``n_rejected_by_classifier``).
+
+    Returns
+    -------
+    dict
+        ``n_cells``, ``shape`` and the QC numbers (flags included).
+    """
+    from ketamap.io.points import write_cells
+    from ketamap.wholebrain.classify import classify_cells
+    from ketamap.wholebrain.detect import detect_cells, flag_detection
+    from ketamap.wholebrain.tissue import write_detection_qc
+
+    cells, qc = detect_cells(
+        signal, voxel_size_um=voxel_size_um, params=params, background=background, return_qc=True
+    )
+    if classifier is not None:  # the trained second pass
+        n = len(cells)
+        cells = classify_cells(cells, classifier)
+        qc = flag_detection(
+            qc | {"n_rejected_by_classifier": n - len(cells)}, len(cells), params.qc_min_cells
+        )
+    write_cells(cells, folder)
+    numbers = write_detection_qc(qc, folder, voxel_size_um=voxel_size_um)
+    return {"n_cells": len(cells), "shape": list(signal.shape)} | numbers
+
+
+def register_into(
+    folder: Path,
+    image,
+    atlas: Atlas,
+    *,
+    voxel_size_um,
+    orientation: str,
+    params: RegistrationParams,
+    title: str,
+) -> dict:
+    """Register a brain to the atlas and write the registration with its QC.
+
+    Parameters
+    ----------
+    folder : Path
+        Folder to write into.
+    image : array-like
+        The image registered (the autofluorescence channel, or the signal).
+    atlas : Atlas
+        The atlas (with a reference image).
+    voxel_size_um : tuple of float
+        Voxel size z, y, x in µm.
+    orientation : str
+        The image's BrainGlobe orientation code.
+    params : RegistrationParams
+        Registration parameters.
+    title : str
+        Title of the QC images (the subject).
+
+    Returns
+    -------
+    dict
+        The registration's scalar QC numbers (``flagged``, ``correlation_after`` ...).
+    """
+    from ketamap.wholebrain.register import register_to_atlas
+
+    reg = register_to_atlas(image, atlas, voxel_size_um=voxel_size_um, orientation=orientation,
+                            params=params)  # fmt: skip
+    write_registration(folder, reg, atlas, image, voxel_size_um=voxel_size_um,
+                       orientation=orientation, title=title)  # fmt: skip
+    return {k: v for k, v in reg.qc.items() if not isinstance(v, (list, dict))} | {
+        "reasons": list(reg.qc.get("reasons", []))
+    }
+
+
+def quantify_into(
+    folder: Path, cells: pd.DataFrame, registration_dir: Path, atlas: Atlas, *, tissue_dir=None
+) -> dict:
+    """Map cells to the atlas, count them per region and write the tables.
+
+    Parameters
+    ----------
+    folder : Path
+        Folder to write into.
+    cells : DataFrame
+        Detected cells (``z_vox``, ``y_vox``, ``x_vox`` ...).
+    registration_dir : Path
+        A folder written by :func:`register_into`.
+    atlas : Atlas
+        The atlas of that registration.
+    tissue_dir : Path, optional
+        A folder written by :func:`detect_into`: its tissue mask's agreement with
+        the registered atlas brain is added (``tissue_atlas_dice``).
+
+    Returns
+    -------
+    dict
+        The quantification summary (cells in regions, outside the atlas, unlabelled).
+    """
+    from ketamap.errors import InputError
+    from ketamap.wholebrain.quantify import quantify_cells
+    from ketamap.wholebrain.register import load_registration
+    from ketamap.wholebrain.tissue import read_tissue_mask, tissue_atlas_dice
+
+    volumes_file = Path(registration_dir) / "volumes_by_label.parquet"
+    if not volumes_file.exists():
+        raise InputError(f'"{registration_dir}" is not an output folder of "ketamap register".')
+    reg = load_registration(registration_dir)
+    cells_atlas, table, summary = quantify_cells(cells, reg, atlas, pd.read_parquet(volumes_file))
+    if tissue_dir is not None:
+        tissue = read_tissue_mask(tissue_dir)
+        summary["tissue_atlas_dice"] = (
+            None if tissue is None else tissue_atlas_dice(tissue, reg, atlas)
+        )
+    write_table(cells_atlas, folder / "cells_atlas.parquet")
+    write_table(table, folder / "regions.parquet")
+    write_json(summary, folder / "summary.json")
+    return summary
+
+
+def write_registration(
+    folder: Path, reg, atlas, image, *, voxel_size_um, orientation: str, title: str
+) -> None:
+    """Write a registration with its region volumes in sample space and its QC images.
+
+    Writes the transform and ``registration.json`` (QC numbers),
+    ``volumes_by_label.parquet`` (leaf label, hemisphere, volume in mm³ in the
+    animal's own space), ``volumes.csv`` (acronym, left and right volume),
+    ``qc.png`` (atlas boundaries, at a coarse hierarchy level, over the sample in
+    three planes) and, when the atlas has a reference, ``qc_checkerboard.png``
+    (sample vs warped reference).
+    """
+    from ketamap.report.qc import registration_checkerboard_png, registration_overlay_png
+    from ketamap.wholebrain.quantify import label_volumes_mm3
+    from ketamap.wholebrain.register import (
+        prepare_sample,
+        save_registration,
+        warp_image_to_sample,
+        warp_labels_to_sample,
+    )
+
+    save_registration(reg, folder)
+    # one warp for both: region id and hemisphere packed as id * 4 + side (exact in uint64)
+    packed = warp_labels_to_sample(reg, atlas.annotation.astype(np.uint64) * 4 + atlas.hemispheres)
+    labels = packed // 4
+    volumes = label_volumes_mm3(labels, packed % 4, atlas.resolution_um)
+    write_table(volumes, folder / "volumes_by_label.parquet", csv=False)
+    volumes["acronym"] = [atlas.ontology.acronym(int(r)) for r in volumes["region_id"]]
+    wide = volumes.pivot_table(
+        index="acronym", columns="hemisphere", values="volume_mm3", aggfunc="sum", fill_value=0.0
+    )
+    wide = (
+        wide.reindex(columns=[1, 2], fill_value=0.0)
+        .rename(columns={1: "left_volume_mm3", 2: "right_volume_mm3"})
+        .reset_index()
+    )
+    with atomic_path(folder / "volumes.csv") as tmp:
+        wide.to_csv(tmp, index=False)
+    prepared = prepare_sample(
+        image,
+        voxel_size_um=voxel_size_um,
+        orientation=orientation,
+        atlas_orientation=atlas.orientation,
+        atlas_resolution_um=atlas.resolution_um,
+    )
+    with atomic_path(folder / "qc.png") as png:
+        png.write_bytes(
+            registration_overlay_png(prepared, labels, ontology=atlas.ontology, title=title)
+        )
+    if atlas.reference is not None:
+        warped = warp_image_to_sample(reg, atlas.reference)
+        with atomic_path(folder / "qc_checkerboard.png") as png:
+            png.write_bytes(registration_checkerboard_png(prepared, warped, title=title))

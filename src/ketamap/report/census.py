@@ -1,0 +1,142 @@
+"""The census report's map sections: atlas slices, voxel maps and correlation networks.
+
+:func:`map_sections` reads what the statistics stage wrote and returns the
+figures (with their captions) and tables that the report shows after the
+region results; tests the design could not support are said plainly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from ketamap.io.volumes import open_volume
+from ketamap.report.figures import top_hits
+from ketamap.report.maps import (
+    coronal_axis,
+    network_figure,
+    region_slices_figure,
+    voxel_slices_figure,
+)
+
+if TYPE_CHECKING:
+    from ketamap.atlas import Atlas
+
+__all__ = ["map_sections"]
+
+
+def map_sections(
+    stats_dir: Path,
+    atlas: Atlas,
+    regions: pd.DataFrame,
+    *,
+    key_regions: Sequence[str],
+    alpha: float,
+    voxel_alpha: float,
+    network_alpha: float,
+) -> tuple[list, list]:
+    """Atlas-slice, voxel-map and network figures and tables of the census report.
+
+    Parameters
+    ----------
+    stats_dir : Path
+        The study's ``stats`` folder (its ``provenance.json``, ``voxel_maps/``,
+        ``voxel_clusters`` and ``network_*`` tables, whichever exist).
+    atlas : Atlas
+        The study's atlas.
+    regions : DataFrame
+        The region statistics (``stats/regions``).
+    key_regions : sequence of str
+        Regions the slices go through after the strongest hits.
+    alpha, voxel_alpha, network_alpha : float
+        The levels at which regions, voxels and network edges are called.
+
+    Returns
+    -------
+    figures : list of (name, Figure, caption)
+    tables : list of dict
+        ``title``, ``text`` (optional), ``columns`` and ``frame`` of each table.
+    """
+    figures, tables = [], []
+    # slices through the strongest hits first, then the key regions of the two studies
+    focus = tuple(dict.fromkeys(top_hits(regions, 3, alpha=alpha) + list(key_regions)))
+    for value, caption in (
+        ("log2_fold_change", "Atlas slices (coronal) coloured by each region's log2 fold change "
+                             f"where it is called at q < {alpha:g} (most specific called "
+                             "region; the rest grey), one row per contrast; AP in mm from "
+                             "bregma (5.4 mm behind the front of the CCFv3 volume)."),
+        ("q", "Atlas slices coloured by -log10 q signed by the direction of change (red: "
+              f"increase); the lines on the colour bar mark q = {alpha:g}."),
+    ):  # fmt: skip
+        fig = region_slices_figure(regions, atlas.annotation, atlas.ontology, value=value,
+                                   orientation=atlas.orientation, alpha=alpha, focus=focus,
+                                   resolution_um=atlas.resolution_um[coronal_axis(
+                                       atlas.orientation)])  # fmt: skip
+        figures.append((f"atlas_{value}", fig, caption))
+    # tests the design cannot support: said plainly, not shown as empty results
+    found = json.loads((stats_dir / "provenance.json").read_text()).get("result", {})
+    # each entry is a dict ({"skipped": reason} or the voxel maps' record) or, for a
+    # network that ran, its summary records
+    parts = {k: v for k, v in found.items() if k in ("voxels", "network") and isinstance(v, dict)}
+    untestable = [v.get("skipped") for v in parts.values()]
+    untestable += [c.get("skipped") for c in parts.get("voxels", {}).get("contrasts", [])]
+    untestable = [u for u in untestable if u]
+    if untestable:
+        tables.append({"title": "Tests the design cannot support",
+                       "text": "Not tested: " + " ".join(f"{u}." for u in untestable),
+                       "columns": [], "frame": pd.DataFrame()})  # fmt: skip
+    vox_dir = stats_dir / "voxel_maps"
+    clusters_file = stats_dir / "voxel_clusters.parquet"
+    names = sorted(p.name[len("t_") : -len(".ome.zarr")] for p in vox_dir.glob("t_*.ome.zarr"))
+    if vox_dir.is_dir() and clusters_file.exists() and names:
+
+        def read(name):
+            return np.asarray(open_volume(vox_dir / f"{name}.ome.zarr").compute())
+
+        mask = read("mask") > 0
+        t_maps = {n: read(f"t_{n}") for n in names}
+        p_maps = {n: read(f"p_fwe_{n}") for n in names}
+        vox_alpha = float(voxel_alpha)
+        fig = voxel_slices_figure(t_maps, p_maps, mask, orientation=atlas.orientation,
+                                  alpha=vox_alpha)  # fmt: skip
+        figures.append(("voxel_t_maps", fig, "Voxel-wise t maps of log density (group minus "
+                        f"reference) on coronal slices; black outlines: FWE-corrected p < "
+                        f"{vox_alpha:g}. The maps open in napari or ITK-SNAP from "
+                        "stats/voxel_maps (OME-Zarr, NIfTI)."))  # fmt: skip
+        clusters = pd.read_parquet(clusters_file)
+        if len(clusters):
+            shown = clusters[clusters["p_fwe"] < vox_alpha]
+            cols = ["contrast", "sign", "n_voxels", "volume_mm3", "statistic", "peak_t",
+                    "peak_acronym", "p_fwe"]  # fmt: skip
+            tables.append({
+                "title": "Voxel clusters (FWE-corrected)",
+                "text": f"{len(shown)} of {len(clusters)} clusters with p_fwe < {vox_alpha:g}.",
+                "columns": cols, "frame": shown.sort_values("p_fwe").head(200),
+            })  # fmt: skip
+    if (stats_dir / "network_edges.parquet").exists():
+        edges = pd.read_parquet(stats_dir / "network_edges.parquet")
+        groups = pd.read_parquet(stats_dir / "network_groups.parquet")
+        summary = pd.read_parquet(stats_dir / "network_summary.parquet")
+        net_alpha = float(network_alpha)
+        figures.append(("network", network_figure(groups, edges, alpha=net_alpha),
+                        "Inter-regional correlation of densities across mice per group, and "
+                        f"the difference from the reference (dot: q < {net_alpha:g}; ring: "
+                        f"FWE-corrected p < {net_alpha:g})."))  # fmt: skip
+        tables.append({
+            "title": "Correlation networks",
+            "text": "Global test: mean |Δr| over edges against its permutation distribution.",
+            "columns": list(summary.columns), "frame": summary,
+        })  # fmt: skip
+        top = edges.sort_values("p").head(25)
+        tables.append({
+            "title": "Strongest edge differences",
+            "columns": ["contrast", "region_a", "region_b", "r_ref", "r_group", "delta_r", "p",
+                        "p_fwe", "q"],
+            "frame": top,
+        })  # fmt: skip
+    return figures, tables

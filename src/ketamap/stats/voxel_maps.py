@@ -1,0 +1,148 @@
+"""Voxel-wise density maps of a census study: per mouse, per group, and their FWE test.
+
+:func:`write_voxel_maps` turns every subject's cells (in atlas voxels) into a
+smoothed density map on a coarser atlas grid, writes group means and log2 fold
+changes, and runs :func:`ketamap.stats.voxels.voxel_test` per contrast. Maps
+are written as OME-Zarr (for napari) and NIfTI (for ITK-SNAP, FSLeyes).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from ketamap.io.atomic import write_table
+from ketamap.stats.voxels import (
+    VoxelParams,
+    atlas_grid,
+    atlas_points_um,
+    density_map,
+    group_maps,
+    voxel_test,
+)
+
+if TYPE_CHECKING:
+    from ketamap.atlas import Atlas
+
+__all__ = ["write_voxel_maps"]
+
+log = logging.getLogger(__name__)
+
+
+def _write_map(array: np.ndarray, stem: Path, voxel_size_um) -> None:
+    """Write one map as ``stem.ome.zarr`` and ``stem.nii.gz`` (NIfTI-1, spacing in mm)."""
+    import SimpleITK as sitk
+
+    from ketamap.io.volumes import write_ome_zarr
+
+    write_ome_zarr(array, stem.with_name(stem.name + ".ome.zarr"), voxel_size_um=voxel_size_um)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array))  # (z, y, x) -> ITK (x, y, z)
+    img.SetSpacing([float(v) / 1000.0 for v in reversed(voxel_size_um)])
+    sitk.WriteImage(img, str(stem.with_name(stem.name + ".nii.gz")), useCompression=True)
+
+
+def write_voxel_maps(
+    cells: Sequence[pd.DataFrame],
+    groups: Sequence[str],
+    reference_group: str,
+    atlas: Atlas,
+    params: VoxelParams,
+    out: Path,
+) -> dict:
+    """Map densities voxel-wise, compare each group with the reference and write the maps.
+
+    Parameters
+    ----------
+    cells : sequence of DataFrame
+        Per subject, its cells in atlas voxels (``atlas_z_vox``, ``atlas_y_vox``,
+        ``atlas_x_vox``) with ``region_id`` (cells outside the brain, id 0, are left out).
+    groups : sequence of str
+        Per subject, its group.
+    reference_group : str
+        The group every other group is compared with.
+    atlas : Atlas
+        The atlas the cells were mapped to.
+    params : VoxelParams
+        Grid, kernel and test.
+    out : Path
+        Folder to write into: ``voxel_maps/`` (``mask``, ``mean_density_<group>``,
+        per contrast ``log2_fold_change_``, ``t_`` and ``p_fwe_`` maps, each as
+        ``.ome.zarr`` and ``.nii.gz``) and ``voxel_clusters.parquet`` / ``.csv``.
+
+    Returns
+    -------
+    dict
+        The grid, and per contrast the permutations run and what was called,
+        or why the design cannot support the test (``skipped``).
+    """
+    factor, vox_um, mask = atlas_grid(atlas.annotation, atlas.resolution_um, params.resolution_um)
+    maps = []
+    for table in cells:
+        table = table[table["region_id"] > 0]
+        xyz = table[["atlas_z_vox", "atlas_y_vox", "atlas_x_vox"]].to_numpy(float)
+        pts = atlas_points_um(xyz, atlas.resolution_um, factor)
+        maps.append(density_map(pts, mask.shape, voxel_size_um=vox_um,
+                                radius_um=params.radius_um, kernel=params.kernel))  # fmt: skip
+    maps = np.stack(maps)
+    groups = list(groups)
+    folder = out / "voxel_maps"
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_map(mask.astype(np.uint8), folder / "mask", vox_um)
+    means = group_maps(maps, groups)
+    for g, m in means.items():
+        _write_map(np.where(mask, m, 0).astype(np.float32), folder / f"mean_density_{g}", vox_um)
+    logs = np.log(maps + params.log_offset_per_mm3)
+    ref = reference_group
+    is_ref = np.array([g == ref for g in groups])
+    frames, contrasts = [], []
+    for g in dict.fromkeys(groups):
+        if g == ref:
+            continue
+        contrast = f"{g}_vs_{ref}"
+        sel = np.array([x == g for x in groups])
+        lfc = (np.log2(means[g] + params.log_offset_per_mm3)
+               - np.log2(means[ref] + params.log_offset_per_mm3))  # fmt: skip
+        lfc = np.where(mask, lfc, 0).astype(np.float32)
+        _write_map(lfc, folder / f"log2_fold_change_{contrast}", vox_um)
+        # the exact permutation test cannot go below 1 / (number of relabellings), 2 / ...
+        # with equal groups (a relabelling and its mirror give the same |t|)
+        n_ref, n_grp = int(is_ref.sum()), int(sel.sum())
+        n_labels = math.comb(n_ref + n_grp, n_grp)
+        smallest = (2 if n_ref == n_grp else 1) / n_labels
+        if smallest > params.alpha:
+            reason = (
+                f"{contrast}: with {n_ref} and {n_grp} mice there are only {n_labels} "
+                f"relabellings, so no FWE p below {smallest:.2g} is possible"
+            )
+            log.warning("voxel test skipped: %s", reason)
+            contrasts.append({"contrast": contrast, "skipped": reason})
+            continue
+        res = voxel_test(logs[is_ref], logs[sel], mask=mask, params=params, voxel_size_um=vox_um)
+        _write_map(res.t, folder / f"t_{contrast}", vox_um)
+        _write_map(res.p_fwe, folder / f"p_fwe_{contrast}", vox_um)
+        cl = res.clusters.copy()
+        peak = cl[["peak_z_vox", "peak_y_vox", "peak_x_vox"]].to_numpy(np.int64)
+        peak_atlas = np.minimum(peak * np.asarray(factor) + np.asarray(factor) // 2,
+                                np.asarray(atlas.shape) - 1)  # fmt: skip
+        labels = atlas.annotation[tuple(peak_atlas.T)] if len(cl) else np.zeros(0, np.int64)
+        cl.insert(0, "contrast", contrast)
+        cl["peak_acronym"] = [atlas.ontology.acronym(int(r)) if r else "" for r in labels]
+        cl["n_permutations"] = res.n_permutations
+        cl["exact"] = res.exact
+        frames.append(cl)
+        contrasts.append({
+            "contrast": contrast, "n_permutations": res.n_permutations, "exact": res.exact,
+            "n_voxels_fwe": int((res.p_fwe < params.alpha).sum()),
+            "n_clusters_fwe": int((res.clusters["p_fwe"] < params.alpha).sum()),
+        })  # fmt: skip
+    clusters = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    write_table(clusters, out / "voxel_clusters.parquet")
+    return {"voxel_size_um": list(vox_um), "grid_shape": list(mask.shape),
+            "atlas_block_factor": list(factor), "n_voxels_tested": int(mask.sum()),
+            "contrasts": contrasts}  # fmt: skip
