@@ -40,7 +40,7 @@ import pandas as pd
 import psutil
 from dask.callbacks import Callback
 
-from ketamap.scheduler import use_scheduler
+from ketamap.engine.scheduler import use_scheduler
 from ketamap.wholebrain.detect import DetectionParams, detect_cells
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -438,7 +438,7 @@ LAYERS = [
     ["ketamap.wholebrain", "ketamap.invivo", "ketamap.simulate"],
     ["ketamap.stats", "ketamap.report"],
     ["ketamap.atlas", "ketamap.manifest"],
-    ["ketamap.engine", "ketamap.scheduler"],
+    ["ketamap.engine"],
     ["ketamap.io"],
     ["ketamap.params", "ketamap.space", "ketamap.errors", "ketamap"],
 ]

@@ -16,6 +16,7 @@ __all__ = [
     "require",
     "KetamapError",
     "ManifestError",
+    "ManifestNotFoundError",
     "ParameterError",
     "InputError",
     "InputNotFoundError",
@@ -45,6 +46,10 @@ class InputError(KetamapError, ValueError):
 
 class InputNotFoundError(KetamapError, FileNotFoundError):
     """An input file or folder does not exist."""
+
+
+class ManifestNotFoundError(ManifestError, InputNotFoundError):
+    """The manifest file itself does not exist (both a manifest and a missing-input error)."""
 
 
 class OutputError(KetamapError, OSError):

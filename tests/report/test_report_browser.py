@@ -49,21 +49,10 @@ def browser():
     driver.quit()
 
 
-def _cohort():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "report_cases", Path(__file__).with_name("test_report.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.cohort()
-
-
-def test_report_in_headless_chromium(browser, tmp_path):
+def test_report_in_headless_chromium(browser, tmp_path, census_case):
     from selenium.webdriver.common.by import By
 
-    study, subjects, qc, regions, counts = _cohort()
+    study, subjects, qc, regions, counts = census_case
     html = render_report(
         study=study,
         subjects=subjects,
@@ -138,7 +127,7 @@ def _open(browser, path):
     assert not severe, severe
 
 
-def test_census_images_open_full_size_on_click(browser, tmp_path):
+def test_census_images_open_full_size_on_click(browser, tmp_path, census_case):
     """A click on a QC image or figure opens it at its own size over the page; a click
     or Esc closes it."""
     import base64
@@ -153,7 +142,7 @@ def test_census_images_open_full_size_on_click(browser, tmp_path):
     atlas = make_phantom(resolution_um=100)
     png = registration_overlay_png(atlas.reference, atlas.annotation, ontology=atlas.ontology,
                                    title="saline-0")  # fmt: skip
-    study, subjects, qc, regions, counts = _cohort()
+    study, subjects, qc, regions, counts = census_case
     html = render_report(study=study, subjects=subjects, qc=qc, regions=regions, counts=counts,
                          images={"registration/saline-0": png}, qc_boundary_level=4)  # fmt: skip
     _open(browser, write_report(html, tmp_path / "report.html"))

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ketamap.scheduler import distributed_active, use_scheduler
+from ketamap.engine.scheduler import distributed_active, use_scheduler
 from ketamap.wholebrain.detect import DetectionParams, detect_cells
 
 # worker processes cannot import this test module: ship its functions by value
@@ -123,12 +123,12 @@ def write_study(root, n_subjects=3):
 def test_run_cluster_local_matches_the_default_run(tmp_path, run_cli, monkeypatch):
     import shutil
 
-    import ketamap.scheduler
+    import ketamap.engine.scheduler
 
     seen = []  # what each subject job saw: were its chunks sent to a cluster?
-    real = ketamap.scheduler.distributed_active
+    real = ketamap.engine.scheduler.distributed_active
     monkeypatch.setattr(
-        ketamap.scheduler, "distributed_active", lambda: seen.append(real()) or seen[-1]
+        ketamap.engine.scheduler, "distributed_active", lambda: seen.append(real()) or seen[-1]
     )
     write_study(tmp_path / "a")
     shutil.copytree(tmp_path / "a", tmp_path / "b")

@@ -408,7 +408,7 @@ def test_cluster_logging_keeps_info_off_the_console(monkeypatch):
     import io
     import logging
 
-    from ketamap.scheduler import _cluster_logging
+    from ketamap.engine.scheduler import _cluster_logging
 
     console = io.StringIO()
     root, dist = logging.getLogger(), logging.getLogger("distributed")
@@ -438,8 +438,8 @@ def test_a_job_the_queue_refuses_is_one_sentence(slurm, monkeypatch):
     """sbatch refusing the jobs stops the run at once, instead of waiting for workers."""
     import dask
 
+    from ketamap.engine.scheduler import use_scheduler
     from ketamap.errors import ParameterError
-    from ketamap.scheduler import use_scheduler
 
     monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
     jobs = {

@@ -6,102 +6,13 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import ndimage as ndi
-from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
-from scipy.special import erf
 
 from ketamap.errors import InputError, ParameterError
 from ketamap.wholebrain import DetectionParams, detect_cells
 from ketamap.wholebrain.detect import CELL_COLUMNS
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _profile(n: int, centre: float, sigma: float) -> np.ndarray:
-    """Gaussian of unit peak integrated over each voxel [i - 0.5, i + 0.5]."""
-    edges = np.arange(n + 1) - 0.5 - centre
-    s = sigma * np.sqrt(2.0)
-    return (erf(edges[1:] / s) - erf(edges[:-1] / s)) * 0.5 * sigma * np.sqrt(2 * np.pi)
-
-
-def simulate(
-    shape,
-    voxel_um,
-    *,
-    density_per_mm3=200.0,
-    snr=(6.5, 15.0),  # the default threshold is 5.5 noise SDs
-    diameter_um=(12.0, 20.0),
-    psf_sigma_um=(10.0, 8.0, 8.0),
-    tissue=300.0,
-    read_noise=3.0,
-    stripes=0.10,
-    stripe_um=50.0,
-    extent=1.0,
-    seed=0,
-):
-    """A light-sheet-like volume: smooth autofluorescent tissue (ellipsoid), stripes along x,
-    an illumination gradient, somata as voxel-integrated Gaussian blobs, Poisson + read noise.
-
-    Returns (signal uint16, background uint16, truth (n, 3) voxel coordinates).
-    """
-    rng = np.random.default_rng(seed)
-    shape = tuple(shape)
-    vs = np.asarray(voxel_um, dtype=float)
-    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
-    inside = (zz / 0.95) ** 2 + (yy / 0.9) ** 2 + (xx / 0.9) ** 2 <= extent**2
-    # autofluorescence varying over ~500 µm, whatever the voxel size
-    coarse = rng.normal(size=tuple(int(np.ceil(n * v / 500.0)) + 3 for n, v in zip(shape, vs)))
-    grid = np.meshgrid(*[np.arange(n) * v / 500.0 for n, v in zip(shape, vs)], indexing="ij")
-    field = ndi.map_coordinates(coarse, grid, order=3, mode="nearest")
-    smooth = np.clip(1 + 0.3 * field, 0.3, None)
-    edge_sigma = np.maximum(20.0 / vs, 0.5)
-    auto = tissue * ndi.gaussian_filter(inside.astype(float), edge_sigma) * smooth + 20.0
-    stripe = ndi.gaussian_filter1d(rng.normal(size=shape[1]), stripe_um / vs[1])
-    stripe = 1 + stripes * stripe / stripe.std()
-    illumination = np.linspace(0.7, 1.3, shape[2])
-    light = stripe[None, :, None] * illumination[None, None, :]
-    auto = auto * light
-
-    # cells: a Poisson number inside the tissue, away from nothing in particular
-    volume_mm3 = inside.sum() * np.prod(vs) * 1e-9
-    n = rng.poisson(density_per_mm3 * volume_mm3)
-    cand = np.argwhere(inside)
-    truth = cand[rng.choice(len(cand), n, replace=False)] + rng.uniform(-0.5, 0.5, (n, 3))
-    cells = np.zeros(shape)
-    for c in truth:
-        d = rng.uniform(*diameter_um)
-        sig = np.sqrt((d / 4) ** 2 + np.asarray(psf_sigma_um) ** 2) / vs
-        lo = np.maximum(np.floor(c - 4 * sig).astype(int), 0)
-        hi = np.minimum(np.ceil(c + 4 * sig).astype(int) + 1, shape)
-        prof = [
-            _profile(hi[a] - lo[a], c[a] - lo[a], sig[a]) / np.sqrt(2 * np.pi) / sig[a]
-            for a in range(3)
-        ]
-        blob = prof[0][:, None, None] * prof[1][None, :, None] * prof[2][None, None, :]
-        blob /= blob.max()
-        ci = tuple(np.clip(np.round(c).astype(int), 0, np.asarray(shape) - 1))
-        noise_sd = np.sqrt(auto[ci] + read_noise**2)
-        amp = rng.uniform(*snr) * noise_sd
-        cells[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] += amp * blob
-    signal = rng.poisson(auto + cells) + rng.normal(0, read_noise, shape)
-    background = rng.poisson(0.8 * auto) + rng.normal(0, read_noise, shape)
-    to16 = lambda a: np.clip(np.round(a), 0, 65535).astype(np.uint16)  # noqa: E731
-    return to16(signal), to16(background), truth
-
-
-def match(found: np.ndarray, truth: np.ndarray, tol: float, scale=(1.0, 1.0, 1.0)):
-    """One-to-one matching (Hungarian on pairs within tol); returns (recall, precision)."""
-    if len(found) == 0 or len(truth) == 0:
-        return (0.0 if len(truth) else 1.0), (0.0 if len(found) else 1.0)
-    s = np.asarray(scale)
-    tf, tt = cKDTree(found * s), cKDTree(truth * s)
-    pairs = tf.sparse_distance_matrix(tt, tol, output_type="coo_matrix")
-    cost = np.full((len(found), len(truth)), 1e6)
-    cost[pairs.row, pairs.col] = pairs.data
-    rows, cols = linear_sum_assignment(cost)
-    hits = int((cost[rows, cols] <= tol).sum())
-    return hits / len(truth), hits / len(found)
 
 
 def _xyz(cells: pd.DataFrame) -> np.ndarray:
@@ -112,24 +23,24 @@ def _xyz(cells: pd.DataFrame) -> np.ndarray:
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_recall_precision_coarse_25um(seed):
+def test_recall_precision_coarse_25um(seed, simulate_volume, match_cells):
     """Whole-brain-like grid: somata are ~0.3-0.5 voxel Gaussians, 5-15 noise SDs."""
-    signal, _, truth = simulate((64, 96, 96), (25.0, 25.0, 25.0), seed=seed)
+    signal, _, truth = simulate_volume((64, 96, 96), (25.0, 25.0, 25.0), seed=seed)
     cells = detect_cells(signal, voxel_size_um=(25.0, 25.0, 25.0))
-    recall, precision = match(_xyz(cells), truth, 1.5)
+    recall, precision = match_cells(_xyz(cells), truth, 1.5)
     assert len(truth) > 500
     assert recall >= 0.9, (recall, precision)
     assert precision >= 0.9, (recall, precision)
 
 
-def test_recall_precision_fine_anisotropic():
+def test_recall_precision_fine_anisotropic(simulate_volume, match_cells):
     """5 x 2 x 2 µm voxels inside tissue: somata span several voxels."""
     vs = (5.0, 2.0, 2.0)
-    signal, _, truth = simulate(
+    signal, _, truth = simulate_volume(
         (40, 128, 128), vs, density_per_mm3=5000.0, psf_sigma_um=(3.0, 1.5, 1.5), extent=3.0
     )
     cells = detect_cells(signal, voxel_size_um=vs)
-    recall, precision = match(_xyz(cells), truth, 6.0, scale=vs)  # 6 µm
+    recall, precision = match_cells(_xyz(cells), truth, 6.0, scale=vs)  # 6 µm
     assert len(truth) > 40
     assert recall >= 0.9, (recall, precision)
     assert precision >= 0.9, (recall, precision)
@@ -154,8 +65,10 @@ def test_background_channel_removes_autofluorescent_structure():
 # --------------------------------------------------------------------------- chunking
 
 
-def test_same_cells_for_any_chunking():
-    signal, _, truth = simulate((40, 70, 60), (25.0, 25.0, 25.0), density_per_mm3=400, seed=7)
+def test_same_cells_for_any_chunking(simulate_volume):
+    signal, _, truth = simulate_volume(
+        (40, 70, 60), (25.0, 25.0, 25.0), density_per_mm3=400, seed=7
+    )
     vs = (25.0, 25.0, 25.0)
     ref = detect_cells(signal, voxel_size_um=vs)
     assert len(ref) > 100
@@ -166,8 +79,8 @@ def test_same_cells_for_any_chunking():
         pd.testing.assert_frame_equal(got, ref, check_exact=False, rtol=1e-5)
 
 
-def test_chunk_smaller_than_overlap_grows_to_the_overlap():
-    signal, _, _ = simulate((40, 48, 48), (25.0, 25.0, 25.0), density_per_mm3=400, seed=3)
+def test_chunk_smaller_than_overlap_grows_to_the_overlap(simulate_volume):
+    signal, _, _ = simulate_volume((40, 48, 48), (25.0, 25.0, 25.0), density_per_mm3=400, seed=3)
     vs = (25.0, 25.0, 25.0)
     ref = detect_cells(signal, voxel_size_um=vs)
     got = detect_cells(signal, voxel_size_um=vs, params=DetectionParams(chunk_size_vox=(4, 5, 6)))
@@ -217,12 +130,12 @@ def test_single_plane():
     assert _xyz(cells).round().tolist() == [[0, 20, 21]]
 
 
-def test_anisotropic_voxels_sub_voxel_centroid():
+def test_anisotropic_voxels_sub_voxel_centroid(voxel_profile):
     vs = (5.0, 2.0, 2.0)
     centre = np.array([10.3, 30.6, 25.2])
     shape = (20, 60, 50)
     sig = np.sqrt((15.0 / 4) ** 2 + np.array([3.0, 1.0, 1.0]) ** 2) / np.array(vs)
-    prof = [_profile(n, c, s) for n, c, s in zip(shape, centre, sig)]
+    prof = [voxel_profile(n, c, s) for n, c, s in zip(shape, centre, sig)]
     blob = prof[0][:, None, None] * prof[1][None, :, None] * prof[2][None, None, :]
     rng = np.random.default_rng(1)
     vol = 100 + 300 * blob / blob.max() + rng.normal(0, 3, shape)

@@ -248,3 +248,11 @@ def test_checkerboard_png():
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     with pytest.raises(ValueError, match="same shape"):
         registration_checkerboard_png(a, a[:-1])
+
+
+@pytest.mark.parametrize("code", ["aas", "xyz", "ps"])
+def test_mapping_points_refuses_an_invalid_orientation_in_one_sentence(code):
+    with pytest.raises(InputError, match="orientation"):
+        raw_to_prepared_vox(np.zeros((1, 3)), shape_vox=(4, 5, 6), voxel_size_um=(10, 10, 10),
+                            orientation=code, atlas_orientation="asr",
+                            atlas_resolution_um=(25, 25, 25))  # fmt: skip

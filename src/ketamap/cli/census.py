@@ -73,9 +73,9 @@ def run(
     """Run (or resume) every stage of a study; up-to-date stages are skipped."""
     from rich.markup import escape
 
+    from ketamap.engine.scheduler import use_scheduler
     from ketamap.manifest import load_study
     from ketamap.pipelines.census import run_study
-    from ketamap.scheduler import use_scheduler
 
     study = load_study(manifest)
     with (

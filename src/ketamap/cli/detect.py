@@ -63,10 +63,10 @@ def detect(
     noise floor, tissue fraction and levels). Train a classifier for
     --classifier with "ketamap detect train" (see "ketamap detect train --help").
     """
+    from ketamap.engine.scheduler import use_scheduler
     from ketamap.io.atomic import atomic_dir
     from ketamap.io.volumes import open_volume
     from ketamap.pipelines.census_stages import detect_into
-    from ketamap.scheduler import use_scheduler
     from ketamap.wholebrain.classify import load_classifier
 
     params = _params(soma_diameter)

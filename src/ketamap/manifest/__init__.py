@@ -11,7 +11,7 @@ and one sentence per mistake (:class:`~ketamap.errors.ManifestError`, or
 :class:`~ketamap.errors.InputNotFoundError` for data that are not there).
 """
 
-from ketamap.manifest.base import ManifestNotFoundError
+from ketamap.errors import ManifestNotFoundError
 from ketamap.manifest.ensembles import Session, SessionsFile, load_sessions, parse_sessions
 from ketamap.manifest.spines import (
     Dendrite,

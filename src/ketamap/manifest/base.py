@@ -19,14 +19,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ketamap.errors import InputNotFoundError, ManifestError
+from ketamap.errors import InputNotFoundError, ManifestError, ManifestNotFoundError
 from ketamap.params import Source, check_keys
 
 __all__ = ["ManifestNotFoundError", "read_toml", "data_path", "source", "unknown_keys"]
-
-
-class ManifestNotFoundError(ManifestError, InputNotFoundError):
-    """The manifest file itself does not exist (both a manifest and a missing-input error)."""
 
 
 def read_toml(path: str | os.PathLike, *, what: str) -> dict[str, Any]:

@@ -327,7 +327,7 @@ def _run_subject_job(
     import dask
     import SimpleITK as sitk
 
-    from ketamap.scheduler import distributed_active
+    from ketamap.engine.scheduler import distributed_active
 
     study = load_study(manifest)
     subject = next(s for s in study.subjects if s.id == subject_id)
@@ -636,7 +636,7 @@ def run_study(
         Subjects processed in parallel (processes); each uses
         ``max(1, cpu_count // n_jobs)`` threads. Ignored when a
         ``dask.distributed`` client is active (see
-        :func:`ketamap.scheduler.use_scheduler`): subjects then run in turn,
+        :func:`ketamap.engine.scheduler.use_scheduler`): subjects then run in turn,
         each spread over the cluster.
     force : bool
         Recompute even when outputs are up to date.
@@ -679,7 +679,7 @@ def run_study(
             (str(Path(manifest).resolve()), s.id, sub_stages, force, threads, allow_flagged)
             for s in study.subjects
         ]
-        from ketamap.scheduler import distributed_active, map_jobs
+        from ketamap.engine.scheduler import distributed_active, map_jobs
 
         # under a dask.distributed client, subjects run one after the other in this
         # process and each subject's chunks are spread over the cluster's workers

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ketamap.engine.scheduler import map_jobs
 from ketamap.engine.stage import run_stage
 from ketamap.io.atomic import atomic_path, write_json
 from ketamap.params import to_dict
-from ketamap.scheduler import map_jobs
 from ketamap.simulate.brain import BrainParams, region_fold_and_density, simulate_brain
 from ketamap.simulate.scenarios import Scenario, get_scenario
 

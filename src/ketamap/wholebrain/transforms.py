@@ -214,7 +214,14 @@ def raw_to_prepared_vox(
     -------
     (N, 3) ndarray of float64
         Voxel coordinates on the prepared grid, atlas axis order.
+
+    Raises
+    ------
+    InputError
+        For an orientation code that is not one of the 48 valid ones.
     """
+    orientation = check_orientation(orientation)
+    atlas_orientation = check_orientation(atlas_orientation, where="atlas_orientation")
     vs = _sizes(voxel_size_um, "voxel_size_um")
     res = _sizes(atlas_resolution_um, "atlas_resolution_um")
     pts = np.asarray(points_vox, dtype=float).reshape(-1, 3)
