@@ -18,7 +18,7 @@ def test_help_lists_every_stage(run_cli, capsys):
         "demo": None, "validate": None, "run": None, "detect": {"cells", "train"},
         "register": None, "quantify": None, "stats": None, "report": None, "convert": None,
         "atlas": {"build", "info"}, "simulate": {"census", "calcium", "spines"},
-        "ensembles": None, "spines": None,
+        "ensembles": None, "spines": None, "fibres": None,
     }  # fmt: skip
 
     def listed(text):
@@ -207,3 +207,33 @@ def test_detect_writes_the_tissue_mask_and_detection_qc(run_cli, capsys, tmp_pat
     assert mask[:, 4:12, 4:12].all() and not mask[:, 0, 0].any()
     assert read_voxel_size_um(out / "tissue_mask.ome.zarr") == (50.0, 50.0, 50.0)
     assert len(pd.read_csv(out / "cells.csv")) == 3
+
+
+def test_fibres_writes_mask_skeleton_and_length(run_cli, capsys, tmp_path):
+    import json
+
+    import tifffile
+
+    from ketamap.io.volumes import open_volume
+    from ketamap.simulate.fibres import region_slabs, simulate_fibres, true_length_table
+
+    labels, hemi = region_slabs((40, 240, 240), (1, 2, 3))
+    sim = simulate_fibres(labels, densities_mm_per_mm3={1: 600.0, 2: 300.0, 3: 100.0},
+                          hemispheres=hemi, seed=2)  # fmt: skip
+    tifffile.imwrite(tmp_path / "sig.tif", sim.signal)
+    tifffile.imwrite(tmp_path / "bg.tif", sim.background)
+    out = tmp_path / "out"
+    args = ["fibres", tmp_path / "sig.tif", "--voxel-size", 4, 2, 2, "--out", out]
+    assert run_cli(*args, "--background", tmp_path / "bg.tif") == 0
+    mask = open_volume(out / "fibre_mask.ome.zarr")
+    assert mask.shape == sim.signal.shape and mask.dtype == "uint8"
+    assert open_volume(out / "skeleton.ome.zarr").shape == sim.signal.shape
+    true_mm = true_length_table(sim.points, labels, None, sim.voxel_size_um)["length_um"].sum()
+    found_mm = json.loads((out / "fibre_qc.json").read_text())["total_length_mm"]
+    assert abs(found_mm / (true_mm / 1000) - 1) < 0.15  # the volume's faces included
+    assert "mm of fibre" in capsys.readouterr().out
+    # a registration without its atlas: one sentence, nothing written
+    assert run_cli(*args[:-1], tmp_path / "out2", "--registration", out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err
+    assert not (tmp_path / "out2").exists()

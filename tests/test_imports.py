@@ -434,7 +434,7 @@ def test_stubs_ship_with_the_package():
 # floor and the floors below, never from one above, at module level or in a function.
 LAYERS = [
     ["ketamap.cli"],
-    ["ketamap.pipelines", "ketamap.demo"],
+    ["ketamap.pipelines", "ketamap.demo", "ketamap.napari"],
     ["ketamap.wholebrain", "ketamap.invivo", "ketamap.simulate"],
     ["ketamap.stats", "ketamap.report"],
     ["ketamap.atlas", "ketamap.manifest"],

@@ -394,3 +394,28 @@ def test_classifier_named_in_the_manifest_is_the_second_pass(ran_study, tmp_path
     quant = work / "subjects" / "saline-01" / "quantify"
     summary = json.loads((quant / "summary.json").read_text())
     assert summary["n_cells"] == len(cells)  # the corrected cells are the ones counted
+
+
+def test_fibres_stage_runs_only_when_asked_and_only_itself(ran_study, tmp_path):
+    """[fibres] in the manifest adds the fibres stage; nothing upstream is recomputed."""
+    import json
+
+    root, _, summary = ran_study
+    assert all("fibres" not in r for r in summary.subjects)  # no [fibres]: no stage
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    manifest = copy / "study.toml"
+    manifest.write_text(manifest.read_text() + "\n[fibres]\nthreshold_snr = 5.0\n")
+    again = run_study(manifest, stages=("detect", "register", "quantify", "fibres"))
+    for r in again.subjects:
+        assert r["fibres"] is True
+        assert not any(r[k] for k in ("detect", "register", "quantify"))
+        out = copy / "subjects" / r["subject"] / "fibres"
+        assert (out / "fibre_mask.ome.zarr").is_dir() and (out / "skeleton.ome.zarr").is_dir()
+        table = pd.read_parquet(out / "fibre_regions.parquet")
+        assert {"region_id", "level", "length_density_mm_per_mm3", "voxel_fraction"} <= set(table)
+        assert json.loads((out / "fibre_qc.json").read_text())["total_length_mm"] >= 0
+    # a changed fibre parameter reruns the fibres stage alone
+    manifest.write_text(manifest.read_text().replace("threshold_snr = 5.0", "threshold_snr = 6.0"))
+    third = run_study(manifest, stages=("detect", "register", "quantify", "fibres"))
+    assert all(r["fibres"] is True and not r["quantify"] for r in third.subjects)

@@ -53,7 +53,8 @@ def run(
     stage: Annotated[
         Optional[list[str]],
         typer.Option(
-            "--stage", help="Run only these stages (detect, register, quantify, stats, report)."
+            "--stage",
+            help="Run only these stages (detect, register, quantify, fibres, stats, report).",
         ),
     ] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Subjects in parallel.")] = 1,
@@ -232,3 +233,56 @@ def convert(
         write_ome_zarr(volume, out_path, voxel_size_um=voxel_size, levels=levels,
                        **({"chunks": chunks} if chunks else {}))  # fmt: skip
     out.print(f"wrote {out_path} ({volume.shape}, {volume.dtype})")
+
+
+@app.command(rich_help_panel=PANEL)
+def fibres(
+    signal: Annotated[
+        Path,
+        typer.Argument(help="TIFF planes folder, multipage TIFF, OME-Zarr, Imaris .ims or NIfTI."),
+    ],
+    voxel_size: VoxelSize,
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    background: Annotated[Optional[Path], typer.Option(help="Autofluorescence channel.")] = None,
+    cells: Annotated[
+        Optional[Path],
+        typer.Option(help="Detected cells (cells.parquet/.csv/.xml): their bodies are not fibre."),
+    ] = None,
+    registration: Annotated[
+        Optional[Path],
+        typer.Option(help="Output folder of register: adds the per-region table (with --atlas)."),
+    ] = None,
+    atlas: Annotated[Optional[str], typer.Option(help="The atlas used for registration.")] = None,
+    scheduler: SchedulerAddress = None,
+    cluster: ClusterKind = None,
+    workers: ClusterWorkers = 2,
+):
+    """Segment TH+ fibres; writes the fibre mask, its skeleton, the QC and the length table.
+
+    Writes fibre_mask.ome.zarr (uint8, 1 = fibre, the input's grid), skeleton.ome.zarr,
+    fibre_qc.json (noise, total length) and, with --registration and --atlas,
+    fibre_regions.parquet/.csv (length density, voxel fraction and intensity per region,
+    every hierarchy level, left and right).
+    """
+    from ketamap.atlas import load_atlas
+    from ketamap.engine.scheduler import use_scheduler
+    from ketamap.io.atomic import atomic_dir
+    from ketamap.io.points import read_points
+    from ketamap.io.volumes import open_volume
+    from ketamap.pipelines.census_stages import fibres_into
+    from ketamap.wholebrain.fibres import FibreParams
+
+    at = load_atlas(atlas) if atlas is not None else None
+    somata = read_points(cells) if cells is not None else None
+    local = not (scheduler or cluster)
+    with (
+        use_scheduler(scheduler, cluster, n_workers=workers),
+        dask_progress(local),
+        atomic_dir(out_dir) as tmp,
+    ):
+        qc = fibres_into(tmp, open_volume(signal), voxel_size_um=voxel_size,
+                         params=FibreParams(), background=open_volume(background) if background
+                         else None, somata=somata, registration_dir=registration,
+                         atlas=at)  # fmt: skip
+    regions = f", {qc['n_regions']} regions" if "n_regions" in qc else ""
+    out.print(f"{qc['total_length_mm']:.1f} mm of fibre{regions} -> {out_dir}", highlight=False)

@@ -111,6 +111,12 @@ class Subject:
         The imaging of this subject (the study default unless overridden).
     covariates : dict
         Optional covariates such as ``sex`` or ``batch``.
+    fibres : Path or None
+        The channel whose fibres are measured (absolute path), when it is not the
+        signal (``fibres`` in ``[[subjects]]``; used when the manifest has ``[fibres]``).
+    proofread : Path or None
+        Proofread labels of this subject's candidates (``labels.csv``: ``z_vox, y_vox,
+        x_vox, label``), applied before counting (``proofread`` in ``[[subjects]]``).
     """
 
     id: str
@@ -120,6 +126,13 @@ class Subject:
     voxel_size_um: tuple[float, float, float]
     orientation: str
     covariates: Mapping[str, Any] = field(default_factory=dict)
+    fibres: Path | None = None
+    proofread: Path | None = None
+
+    @property
+    def fibre_channel(self) -> Path:
+        """The volume whose fibres are measured: ``fibres`` if given, else the signal."""
+        return self.signal if self.fibres is None else self.fibres
 
 
 @dataclass(frozen=True)
@@ -252,6 +265,8 @@ class SubjectTable:
     sex: str | int | None = None
     batch: str | int | None = None
     covariates: dict[str, str | int | float] = field(default_factory=dict)
+    fibres: Path | None = None
+    proofread: Path | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -268,11 +283,12 @@ class StudyFile:
     )
     detection: dict[str, Any] | None = None
     registration: dict[str, Any] | None = None
+    fibres: dict[str, Any] | None = None
     stats: dict[str, Any] | None = None
 
 
-#: The stage parameter tables a manifest may carry.
-STAGE_TABLES = ("detection", "registration", "stats")
+#: The stage parameter tables a manifest may carry (``[fibres]`` also turns the stage on).
+STAGE_TABLES = ("detection", "registration", "fibres", "stats")
 
 #: Covariate names that would clash with the columns of the subjects table.
 _RESERVED = ("subject", "group", "dose_mg_per_kg")
@@ -354,6 +370,8 @@ def parse_study(
                 voxel_size_um=imaging.voxel_size_um if s.voxel_size_um is None else s.voxel_size_um,
                 orientation=imaging.orientation if s.orientation is None else s.orientation,
                 covariates=cov,
+                fibres=s.fibres,
+                proofread=s.proofread,
             )
         )
     for g in doc.groups:
@@ -456,6 +474,9 @@ def study_to_toml(study: Study) -> str:
         lines.append(f"signal = {_toml_value(rel(s.signal))}")
         if s.background is not None:
             lines.append(f"background = {_toml_value(rel(s.background))}")
+        for key in ("fibres", "proofread"):
+            if getattr(s, key) is not None:
+                lines.append(f"{key} = {_toml_value(rel(getattr(s, key)))}")
         if s.voxel_size_um != study.imaging.voxel_size_um:
             lines.append(f"voxel_size_um = {_toml_value(s.voxel_size_um)}")
         if s.orientation != study.imaging.orientation:

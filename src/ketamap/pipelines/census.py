@@ -51,7 +51,7 @@ __all__ = ["SUBJECT_STAGES", "STUDY_STAGES", "run_study", "run_subject"]
 
 log = logging.getLogger(__name__)
 
-SUBJECT_STAGES = ("detect", "register", "quantify")
+SUBJECT_STAGES = ("detect", "register", "quantify", "fibres")
 STUDY_STAGES = ("stats", "report")
 
 
@@ -74,6 +74,14 @@ def stage_params(study: Study):
         from_mapping(RegistrationParams, study.params.get("registration"), where="[registration]"),
         from_mapping(StatsParams, stats_table, where="[stats]"),
     )
+
+
+def fibre_params(study: Study):
+    """Return the ``[fibres]`` parameters, or None when the manifest has no ``[fibres]``."""
+    from ketamap.wholebrain.fibres import FibreParams
+
+    table = study.params.get("fibres")
+    return None if table is None else from_mapping(FibreParams, table, where="[fibres]")
 
 
 def check_study(study: Study) -> dict:
@@ -99,6 +107,7 @@ def check_study(study: Study) -> dict:
     from ketamap.io.volumes import open_volume
 
     stage_params(study)
+    fibre_params(study)
     atlas = _load_atlas(study.atlas_spec)
     shapes, owner = {}, {}
     for s in study.subjects:
@@ -189,10 +198,11 @@ def run_subject(
     force: bool = False,
     allow_flagged: bool = False,
 ) -> dict:
-    """Run the per-subject stages (detect, register, quantify) for one subject.
+    """Run the per-subject stages (detect, register, quantify, fibres) for one subject.
 
     A subject whose detection or registration is flagged by its QC is not counted:
-    quantify does not run for it unless ``allow_flagged``.
+    quantify and fibres do not run for it unless ``allow_flagged``. The fibres stage
+    runs only when the manifest has a ``[fibres]`` table.
 
     Returns
     -------
@@ -202,7 +212,12 @@ def run_subject(
         ``stopped`` (True).
     """
     from ketamap.io.volumes import open_volume
-    from ketamap.pipelines.census_stages import detect_into, quantify_into, register_into
+    from ketamap.pipelines.census_stages import (
+        detect_into,
+        fibres_into,
+        quantify_into,
+        register_into,
+    )
     from ketamap.wholebrain.classify import load_classifier
 
     det_params, reg_params, _ = stage_params(study)
@@ -288,6 +303,39 @@ def run_subject(
                 "atlas": _atlas_fingerprint(study),
             },
             quantify,
+            force=force,
+        ).ran
+
+    fib_params = fibre_params(study)
+    if "fibres" in stages and fib_params is not None:
+
+        def fibres(tmp: Path) -> dict:
+            from ketamap.wholebrain.tissue import read_tissue_mask
+
+            return fibres_into(
+                tmp,
+                open_volume(subject.fibre_channel),
+                voxel_size_um=subject.voxel_size_um,
+                params=fib_params,
+                background=open_volume(subject.background) if subject.background else None,
+                tissue=read_tissue_mask(det_out),
+                somata=pd.read_parquet(det_out / "cells.parquet"),
+                registration_dir=reg_out,
+                atlas=atlas,
+            )
+
+        done["fibres"] = run_stage(
+            subject_dir(study, subject, "fibres"),
+            "fibres",
+            {
+                "inputs": fingerprint([subject.fibre_channel, subject.background]),
+                "params": to_dict(fib_params),
+                "imaging": imaging,
+                "detect": stage_key(det_out),
+                "register": stage_key(reg_out),
+                "atlas": _atlas_fingerprint(study),
+            },
+            fibres,
             force=force,
         ).ran
     return done
@@ -631,7 +679,7 @@ def run_study(
     manifest : path-like
         The study manifest (TOML).
     stages : iterable of str, optional
-        Subset of ``detect, register, quantify, stats, report`` (all by default).
+        Subset of ``detect, register, quantify, fibres, stats, report`` (all by default).
     n_jobs : int
         Subjects processed in parallel (processes); each uses
         ``max(1, cpu_count // n_jobs)`` threads. Ignored when a

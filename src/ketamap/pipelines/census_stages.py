@@ -9,7 +9,9 @@ that both write the same files:
   ``detection_qc.json``;
 - :func:`register_into`: the transform, ``registration.json``, ``volumes_by_label.parquet``,
   ``volumes.csv``, ``qc.png`` and ``qc_checkerboard.png``;
-- :func:`quantify_into`: ``cells_atlas``, ``regions`` (Parquet and CSV), ``summary.json``.
+- :func:`quantify_into`: ``cells_atlas``, ``regions`` (Parquet and CSV), ``summary.json``;
+- :func:`fibres_into`: ``fibre_mask.ome.zarr``, ``skeleton.ome.zarr``, ``fibre_qc.json``
+  and, with a registration, ``fibre_regions`` (Parquet and CSV).
 
 Each writes into a folder it is given (the engine's temporary folder) and returns
 the stage's headline numbers.
@@ -28,9 +30,10 @@ from ketamap.io.atomic import atomic_path, write_json, write_table
 if TYPE_CHECKING:
     from ketamap.atlas import Atlas
     from ketamap.wholebrain.detect import DetectionParams
+    from ketamap.wholebrain.fibres import FibreParams
     from ketamap.wholebrain.register import RegistrationParams
 
-__all__ = ["detect_into", "register_into", "quantify_into", "write_registration"]
+__all__ = ["detect_into", "register_into", "quantify_into", "fibres_into", "write_registration"]
 
 
 def detect_into(
@@ -172,6 +175,93 @@ def quantify_into(
     write_table(table, folder / "regions.parquet")
     write_json(summary, folder / "summary.json")
     return summary
+
+
+def fibres_into(
+    folder: Path,
+    signal,
+    *,
+    voxel_size_um,
+    params: FibreParams,
+    background=None,
+    tissue=None,
+    somata=None,
+    registration_dir: Path | None = None,
+    atlas: Atlas | None = None,
+) -> dict:
+    """Segment fibres and write the mask, the skeleton, the QC and the per-region table.
+
+    Parameters
+    ----------
+    folder : Path
+        Folder to write into.
+    signal : array-like
+        The fibre channel (z, y, x), NumPy or Dask (may be the cells' channel).
+    voxel_size_um : tuple of float
+        Voxel size z, y, x in µm.
+    params : FibreParams
+        Segmentation parameters.
+    background : array-like, optional
+        The autofluorescence channel, same shape.
+    tissue : TissueMask, optional
+        The detect stage's tissue mask (found here when None and ``params.tissue_mask``).
+    somata : DataFrame, optional
+        Detected cells (``z_vox, y_vox, x_vox``): their bodies are not fibre.
+    registration_dir : Path, optional
+        A folder written by :func:`register_into`; with ``atlas``, fibre length,
+        voxel fraction and intensity are tabulated per region (``fibre_regions``).
+    atlas : Atlas, optional
+        The atlas of that registration.
+
+    Returns
+    -------
+    dict
+        The QC numbers and ``total_length_mm`` (and ``n_regions`` with a registration).
+    """
+    import dask.array as da
+
+    from ketamap.io.volumes import lazy_array, open_volume
+    from ketamap.wholebrain.fibres import (
+        fibre_length_table,
+        labels_on_sample_grid,
+        segment_fibres,
+        skeleton_lengths,
+        write_fibre_outputs,
+    )
+
+    if (registration_dir is None) != (atlas is None):
+        from ketamap.errors import ParameterError
+
+        raise ParameterError("A per-region fibre table needs both the registration and the atlas.")
+    signal = signal if isinstance(signal, da.Array) else lazy_array(signal)
+    mask, skeleton, qc = segment_fibres(
+        signal,
+        voxel_size_um=voxel_size_um,
+        params=params,
+        background=background,
+        tissue=tissue,
+        somata=somata,
+    )
+    paths = write_fibre_outputs(mask, skeleton, folder, voxel_size_um=voxel_size_um)
+    skeleton = open_volume(paths["skeleton"])
+    lengths = skeleton_lengths(skeleton, voxel_size_um, smoothing=params.length_smoothing)
+    numbers = {k: v for k, v in qc.items() if k != "tissue" and not isinstance(v, (list, dict))}
+    numbers["total_length_mm"] = float(da.asarray(lengths).sum().compute()) / 1000.0
+    if registration_dir is not None:
+        from ketamap.wholebrain.register import load_registration, warp_labels_to_sample
+
+        reg = load_registration(registration_dir)
+        packed = warp_labels_to_sample(
+            reg, atlas.annotation.astype(np.uint64) * 4 + atlas.hemispheres
+        )
+        labels, hemispheres = labels_on_sample_grid(reg, packed, chunks=skeleton.chunksize)
+        table = fibre_length_table(skeleton, labels, hemispheres, voxel_size_um, atlas.ontology,
+                                   mask=open_volume(paths["fibre_mask"]), intensity=signal,
+                                   smoothing=params.length_smoothing)  # fmt: skip
+        write_table(table, folder / "fibre_regions.parquet")
+        numbers["n_regions"] = int(table["region_id"].nunique())
+    write_json(numbers, folder / "fibre_qc.json")
+    return numbers
 
 
 def write_registration(

@@ -1,6 +1,8 @@
 """Public names of ``ketamap.simulate``, imported lazily by ``__init__.py``."""
 
 __all__ = [
+    "FibreSimParams",
+    "simulate_fibres",
     "BrainParams",
     "GroupDesign",
     "SCENARIOS",
@@ -14,4 +16,5 @@ __all__ = [
 
 from .brain import BrainParams, SimulatedBrain, simulate_brain
 from .cohort import simulate_census, true_effects
+from .fibres import FibreSimParams, simulate_fibres
 from .scenarios import SCENARIOS, GroupDesign, Scenario, get_scenario
