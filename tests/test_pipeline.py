@@ -419,3 +419,49 @@ def test_fibres_stage_runs_only_when_asked_and_only_itself(ran_study, tmp_path):
     manifest.write_text(manifest.read_text().replace("threshold_snr = 5.0", "threshold_snr = 6.0"))
     third = run_study(manifest, stages=("detect", "register", "quantify", "fibres"))
     assert all(r["fibres"] is True and not r["quantify"] for r in third.subjects)
+
+
+def test_proofread_labels_correct_the_counts_and_rerun_only_downstream(ran_study, tmp_path):
+    """A subject's proofread labels drop its not-cells; quantify, stats and report rerun."""
+    import json
+
+    from ketamap.io.labels import write_labels
+
+    root, _, _ = ran_study
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    sid = "ket30-01"
+    cells = pd.read_parquet(copy / "subjects" / sid / "detect" / "cells.parquet")
+    labels = cells[["z_vox", "y_vox", "x_vox"]].iloc[:10].copy()
+    labels["label"] = ["not_cell"] * 4 + ["cell"] * 6
+    write_labels(labels, copy / "labels.csv")
+    manifest = copy / "study.toml"
+    text = manifest.read_text()
+    at = text.index(f'id = "{sid}"')
+    manifest.write_text(text[:at] + 'proofread = "labels.csv"\n' + text[at:])
+    before = pd.read_csv(copy / "subjects" / sid / "quantify" / "regions.csv")
+    summary = run_study(manifest)
+    ran = {r["subject"]: [k for k in ("detect", "register", "quantify") if r[k]]
+           for r in summary.subjects}  # fmt: skip
+    assert ran.pop(sid) == ["quantify"] and not any(ran.values())
+    assert summary.stats_ran and summary.report_ran
+    after = pd.read_csv(copy / "subjects" / sid / "quantify" / "regions.csv")
+    root_before = before.loc[before["acronym"] == "root", "count"].sum()
+    root_after = after.loc[after["acronym"] == "root", "count"].sum()
+    found = json.loads((copy / "subjects" / sid / "quantify" / "summary.json").read_text())
+    assert found["n_proofread"] == 10 and found["n_rejected_by_proofreading"] == 4
+    assert found["proofread_precision"] == 0.6
+    assert found["n_cells"] == len(cells) - 4
+    assert root_before - root_after == 4  # the four not-cells lay inside the brain
+    prov = json.loads((copy / "subjects" / sid / "quantify" / "provenance.json").read_text())
+    assert "proofread" in prov["inputs"]
+    assert "candidates proofread" in (copy / "report.html").read_text()
+    # labels for candidates that no longer exist: one sentence, the labels file untouched
+    moved = labels.assign(z_vox=labels["z_vox"] + 50.0)
+    write_labels(moved, copy / "labels.csv")
+    kept = (copy / "labels.csv").read_bytes()
+    from ketamap.errors import InputError
+
+    with pytest.raises(InputError, match="match no detected candidate"):
+        run_study(manifest)
+    assert (copy / "labels.csv").read_bytes() == kept

@@ -292,16 +292,19 @@ def run_subject(
 
         def quantify(tmp: Path) -> dict:
             return quantify_into(tmp, pd.read_parquet(det_out / "cells.parquet"), reg_out, atlas,
-                                 tissue_dir=det_out)  # fmt: skip
+                                 tissue_dir=det_out, proofread=subject.proofread)  # fmt: skip
 
+        material = {
+            "detect": stage_key(det_out),
+            "register": stage_key(reg_out),
+            "atlas": _atlas_fingerprint(study),
+        }
+        if subject.proofread is not None:  # (absent otherwise: earlier outputs stay valid)
+            material["proofread"] = fingerprint([subject.proofread])
         done["quantify"] = run_stage(
             subject_dir(study, subject, "quantify"),
             "quantify",
-            {
-                "detect": stage_key(det_out),
-                "register": stage_key(reg_out),
-                "atlas": _atlas_fingerprint(study),
-            },
+            material,
             quantify,
             force=force,
         ).ran
@@ -528,6 +531,8 @@ def _qc_table(study: Study) -> pd.DataFrame:
                 "registration_correlation": qc.get("correlation_after"),
                 "registration_dice": qc.get("dice_brain_mask"),
                 "tissue_atlas_dice": summ.get("tissue_atlas_dice"),
+                "n_proofread": summ.get("n_proofread"),
+                "proofread_precision": summ.get("proofread_precision"),
                 "detection_flagged": bool(found.get("flagged", False)),
                 "detection_reasons": "; ".join(found.get("reasons", [])),
                 "registration_flagged": bool(qc.get("flagged", False)),
@@ -535,9 +540,10 @@ def _qc_table(study: Study) -> pd.DataFrame:
             }
         )
     table = pd.DataFrame(rows)
-    for col in ("n_outside_tissue", "n_below_tissue_floor"):  # counts stay whole numbers
+    whole = ("n_outside_tissue", "n_below_tissue_floor", "n_proofread")  # counts stay whole
+    for col in whole:
         table[col] = table[col].astype("Int64")
-    for col in ("tissue_fraction", "tissue_atlas_dice"):
+    for col in ("tissue_fraction", "tissue_atlas_dice", "proofread_precision"):
         table[col] = table[col].astype("Float64")
     return table
 

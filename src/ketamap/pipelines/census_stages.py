@@ -133,7 +133,13 @@ def register_into(
 
 
 def quantify_into(
-    folder: Path, cells: pd.DataFrame, registration_dir: Path, atlas: Atlas, *, tissue_dir=None
+    folder: Path,
+    cells: pd.DataFrame,
+    registration_dir: Path,
+    atlas: Atlas,
+    *,
+    tissue_dir=None,
+    proofread: Path | None = None,
 ) -> dict:
     """Map cells to the atlas, count them per region and write the tables.
 
@@ -150,11 +156,22 @@ def quantify_into(
     tissue_dir : Path, optional
         A folder written by :func:`detect_into`: its tissue mask's agreement with
         the registered atlas brain is added (``tissue_atlas_dice``).
+    proofread : Path, optional
+        A labels file (:mod:`ketamap.io.labels`): candidates labelled ``not_cell`` are
+        not counted. Every label must match a candidate (within one voxel).
 
     Returns
     -------
     dict
-        The quantification summary (cells in regions, outside the atlas, unlabelled).
+        The quantification summary (cells in regions, outside the atlas, unlabelled)
+        and, with ``proofread``, ``n_proofread``, ``n_rejected_by_proofreading`` and
+        the share of labelled candidates that are cells with its Wilson 95 % interval
+        (``proofread_precision``, ``_low``, ``_high``).
+
+    Raises
+    ------
+    InputError
+        If a label matches no candidate (the detection changed since proofreading).
     """
     from ketamap.errors import InputError
     from ketamap.wholebrain.quantify import quantify_cells
@@ -165,7 +182,11 @@ def quantify_into(
     if not volumes_file.exists():
         raise InputError(f'"{registration_dir}" is not an output folder of "ketamap register".')
     reg = load_registration(registration_dir)
+    checked = {}
+    if proofread is not None:
+        cells, checked = _proofread(cells, proofread)
     cells_atlas, table, summary = quantify_cells(cells, reg, atlas, pd.read_parquet(volumes_file))
+    summary |= checked
     if tissue_dir is not None:
         tissue = read_tissue_mask(tissue_dir)
         summary["tissue_atlas_dice"] = (
@@ -175,6 +196,33 @@ def quantify_into(
     write_table(table, folder / "regions.parquet")
     write_json(summary, folder / "summary.json")
     return summary
+
+
+def _proofread(cells: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, dict]:
+    """Drop the candidates labelled ``not_cell``; return the kept cells and the numbers."""
+    from ketamap.errors import InputError
+    from ketamap.io.labels import match_labels, precision_estimate, read_labels
+
+    labels = read_labels(path)
+    per_cell, unmatched = match_labels(cells, labels, tolerance_vox=1.0)
+    if len(unmatched):
+        z, y, x = unmatched[["z_vox", "y_vox", "x_vox"]].iloc[0]
+        raise InputError(
+            f"{len(unmatched)} of {len(labels)} labels in {path} match no detected candidate "
+            f"(the first at voxel ({z:g}, {y:g}, {x:g})): the detection changed since "
+            "proofreading; proofread this subject again or remove those rows."
+        )
+    rejected = (per_cell == "not_cell").to_numpy()
+    estimate = precision_estimate(per_cell)
+    numbers = {
+        "proofread_labels": str(path),
+        "n_proofread": estimate["n_labelled"],
+        "n_rejected_by_proofreading": int(rejected.sum()),
+        "proofread_precision": estimate["precision"],
+        "proofread_precision_low": estimate["low"],
+        "proofread_precision_high": estimate["high"],
+    }
+    return cells[~rejected].reset_index(drop=True), numbers
 
 
 def fibres_into(

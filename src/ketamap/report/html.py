@@ -66,6 +66,8 @@ _QC_HEADERS = {
     "registration_correlation": "registration correlation",
     "registration_dice": "registration brain Dice",
     "tissue_atlas_dice": "tissue vs atlas brain Dice",
+    "n_proofread": "candidates proofread",
+    "proofread_precision": "proofread share that are cells",
     "detection_flagged": "detection flagged",
     "detection_reasons": "detection flag reasons",
     "registration_flagged": "registration flagged",
