@@ -415,10 +415,19 @@ def test_fibres_stage_runs_only_when_asked_and_only_itself(ran_study, tmp_path):
         table = pd.read_parquet(out / "fibre_regions.parquet")
         assert {"region_id", "level", "length_density_mm_per_mm3", "voxel_fraction"} <= set(table)
         assert json.loads((out / "fibre_qc.json").read_text())["total_length_mm"] >= 0
-    # a changed fibre parameter reruns the fibres stage alone
+    # the study stages compare fibre densities and report them
+    full = run_study(manifest)
+    assert full.stats_ran and full.report_ran and not any(r["fibres"] for r in full.subjects)
+    fibres = pd.read_csv(copy / "stats" / "fibres.csv")
+    assert set(fibres["measure"]) == {"length_density_mm_per_mm3", "voxel_fraction"}
+    assert {"ket30_vs_saline", "ket100_vs_saline", "dose_trend"} <= set(fibres["contrast"])
+    assert fibres["p"].between(0, 1).all()
+    assert "Fibres: fibre length density" in (copy / "report.html").read_text()
+    # a changed fibre parameter reruns the fibres stage alone, then the study stages
     manifest.write_text(manifest.read_text().replace("threshold_snr = 5.0", "threshold_snr = 6.0"))
-    third = run_study(manifest, stages=("detect", "register", "quantify", "fibres"))
+    third = run_study(manifest)
     assert all(r["fibres"] is True and not r["quantify"] for r in third.subjects)
+    assert third.stats_ran
 
 
 def test_proofread_labels_correct_the_counts_and_rerun_only_downstream(ran_study, tmp_path):

@@ -424,8 +424,11 @@ def run_stats(study: Study, *, force: bool = False) -> bool:
     Writes ``stats/regions``, ``stats/counts``, ``stats/subjects``,
     ``stats/voxel_maps/*.ome.zarr`` and ``*.nii.gz`` (brain mask, mean density
     per group, and per contrast log2 fold change, t and FWE-corrected p),
-    ``stats/voxel_clusters``, and ``stats/network_edges``,
-    ``stats/network_groups``, ``stats/network_summary`` (Parquet + CSV).
+    ``stats/voxel_clusters``, ``stats/network_edges``,
+    ``stats/network_groups``, ``stats/network_summary`` and, with ``[fibres]``,
+    ``stats/fibres`` (fibre length density and voxel fraction compared per region by
+    :func:`ketamap.stats.densities.compare_densities`) and ``stats/fibre_densities``
+    (the per-mouse values) (Parquet + CSV).
     A voxel test or network that the design cannot support (e.g. fewer than
     3 mice per group for a network) is skipped with a warning and the reason
     is recorded in ``provenance.json``.
@@ -437,6 +440,7 @@ def run_stats(study: Study, *, force: bool = False) -> bool:
 
     check_outputs_exist(study, "stats")
     _, _, stats_params = stage_params(study)
+    fib_params = fibre_params(study)
     voxel_params, network_params = map_params(study)
     subjects = study.subjects_table()
     covariates = _covariates(study, subjects)
@@ -477,6 +481,8 @@ def run_stats(study: Study, *, force: bool = False) -> bool:
             except StatsError as e:
                 log.warning("voxel maps skipped: %s", e)
                 result["voxels"] = {"skipped": str(e)}
+        if fib_params is not None:
+            result["fibres"] = _fibre_stats(study, subjects, covariates, tmp)
         if network_params.enabled:
             try:
                 net = compare_networks(counts, subjects, reference_group=study.reference_group,
@@ -495,6 +501,11 @@ def run_stats(study: Study, *, force: bool = False) -> bool:
         "stats",
         {
             "quantify": [stage_key(subject_dir(study, s, "quantify")) for s in study.subjects],
+            **(
+                {"fibres": [stage_key(subject_dir(study, s, "fibres")) for s in study.subjects]}
+                if fib_params is not None
+                else {}
+            ),
             "subjects": subjects.to_dict("records"),
             "covariates": covariates,
             "params": to_dict(stats_params),
@@ -507,6 +518,38 @@ def run_stats(study: Study, *, force: bool = False) -> bool:
         force=force,
     ).ran
     return ran
+
+
+#: The per-region fibre measures compared between groups (docs/fibres.md).
+FIBRE_MEASURES = ("length_density_mm_per_mm3", "voxel_fraction")
+
+
+def _fibre_stats(study: Study, subjects: pd.DataFrame, covariates, tmp: Path) -> dict:
+    """Compare fibre density between groups per region; writes ``stats/fibres``."""
+    from ketamap.stats.densities import compare_densities
+
+    frames = []
+    for s in study.subjects:
+        path = subject_dir(study, s, "fibres") / "fibre_regions.parquet"
+        if not path.exists():
+            raise InputNotFoundError(
+                f'Subject "{s.id}" has no fibre table yet; run "ketamap run" before "stats".'
+            )
+        frames.append(pd.read_parquet(path).assign(subject=s.id))
+    table = pd.concat(frames, ignore_index=True)
+    table = table[table["volume_mm3"] > 0]
+    results = [
+        compare_densities(
+            table, subjects, reference_group=study.reference_group, value=m, covariates=covariates
+        ).assign(measure=m)
+        for m in FIBRE_MEASURES
+    ]
+    found = pd.concat(results, ignore_index=True)
+    found = found[["measure", *[c for c in found.columns if c != "measure"]]]
+    write_table(found, tmp / "fibres.parquet")
+    keep = ["subject", "region_id", "acronym", "level", "volume_mm3", *FIBRE_MEASURES]
+    write_table(table[keep], tmp / "fibre_densities.parquet")
+    return {"n_rows": len(found), "n_called": int(found["called"].sum())}
 
 
 def _qc_table(study: Study) -> pd.DataFrame:
@@ -558,7 +601,7 @@ def run_report(study: Study, *, force: bool = False) -> bool:
     missing page is rebuilt too.
     """
     from ketamap.report import render_report, save_figures
-    from ketamap.report.census import map_sections
+    from ketamap.report.census import fibre_sections, map_sections
     from ketamap.report.figures import figure_bytes
     from ketamap.report.qc import QC_BOUNDARY_LEVEL
 
@@ -605,6 +648,8 @@ def run_report(study: Study, *, force: bool = False) -> bool:
             voxel_alpha=voxel_params.alpha,
             network_alpha=network_params.alpha,
         )
+        fibre_figures, fibre_tables = fibre_sections(study.root / "stats", alpha=stats_params.alpha)
+        map_figures, map_tables = map_figures + fibre_figures, map_tables + fibre_tables
         html = render_report(
             study={
                 "name": study.name,

@@ -140,3 +140,50 @@ def map_sections(
             "frame": top,
         })  # fmt: skip
     return figures, tables
+
+
+def fibre_sections(stats_dir: Path, *, alpha: float) -> tuple[list, list]:
+    """Volcano plots and tables of the fibre statistics (``stats/fibres``), if any.
+
+    Parameters
+    ----------
+    stats_dir : Path
+        The study's ``stats`` folder.
+    alpha : float
+        The level at which regions are called (``q < alpha``).
+
+    Returns
+    -------
+    figures : list of (name, Figure, caption)
+    tables : list of dict
+        As :func:`map_sections`; both empty when the study measured no fibres.
+    """
+    from ketamap.report.figures import volcano_figure
+
+    path = stats_dir / "fibres.parquet"
+    if not path.exists():
+        return [], []
+    found = pd.read_parquet(path)
+    figures, tables = [], []
+    titles = {
+        "length_density_mm_per_mm3": "fibre length density (mm per mm³)",
+        "voxel_fraction": "fibre voxel fraction (projection density)",
+    }
+    for measure, part in found.groupby("measure", sort=False):
+        title = titles.get(str(measure), str(measure))
+        caption = (
+            f"TH+ {title} per region: log2 fold change against -log10 p per contrast "
+            f"(moderated t on log densities; red: q < {alpha:g})."
+        )
+        figures.append((f"volcano_fibres_{measure}", volcano_figure(part, alpha=alpha), caption))
+        shown = part.sort_values("p").head(30)
+        tables.append({
+            "title": f"Fibres: {title}",
+            "text": f"{int((part['q'] < alpha).sum())} of {len(part)} region and contrast "
+                    f"rows with q < {alpha:g}; the 30 smallest p shown "
+                    "(stats/fibres.csv has every row).",
+            "columns": ["acronym", "level", "contrast", "log2_fold_change", "ci_low_log2",
+                        "ci_high_log2", "p", "q", "mean_ref", "mean_group"],
+            "frame": shown,
+        })  # fmt: skip
+    return figures, tables
