@@ -474,3 +474,19 @@ def test_proofread_labels_correct_the_counts_and_rerun_only_downstream(ran_study
     with pytest.raises(InputError, match="match no detected candidate"):
         run_study(manifest)
     assert (copy / "labels.csv").read_bytes() == kept
+
+
+def test_fibre_demo_measures_each_mouse_once(tmp_path):
+    """The demo's fibre part: per-mouse crops (resumable), then the group comparison."""
+    from ketamap.demo import run_fibre_demo
+
+    subjects = pd.DataFrame({"subject": ["s1", "s2", "k1", "k2"],
+                             "group": ["saline", "saline", "ket100", "ket100"],
+                             "dose_mg_per_kg": [0, 0, 100, 100]})  # fmt: skip
+    found = run_fibre_demo(tmp_path, subjects, seed=1)
+    assert {p["acronym"] for p in found["planted"]} == {"PL", "CP", "SSp"}
+    assert all(p["right_direction"] for p in found["planted"] if p["acronym"] != "PL")
+    assert found["length_error"]["median"] < 0.12
+    stamp = (tmp_path / "subjects" / "s1" / "provenance.json").stat().st_mtime_ns
+    run_fibre_demo(tmp_path, subjects, seed=1)
+    assert (tmp_path / "subjects" / "s1" / "provenance.json").stat().st_mtime_ns == stamp

@@ -159,3 +159,17 @@ def test_voxel_test_finds_the_planted_hypothalamic_increase(demo):
     top = c.sort_values(["p_fwe", "statistic"], ascending=[True, False]).iloc[0]
     assert top["sign"] == "increase" and top["p_fwe"] < ALPHA
     assert hy in onto.ancestors(onto.lookup(top["peak_acronym"]), include_self=True)
+
+
+def test_demo_recovers_the_planted_fibre_effects(demo):
+    import json
+
+    found = json.loads((demo / "fibres" / "evaluation.json").read_text())
+    hits = [p for p in found["planted"] if p["called"] and p["right_direction"]]
+    assert {(p["acronym"], p["contrast"]) for p in hits} >= {
+        ("PL", "ket100_vs_saline"), ("CP", "ket100_vs_saline"), ("SSp", "ket100_vs_saline"),
+    }  # fmt: skip
+    assert found["null_called"] <= 1 and found["null_tests"] == 14
+    assert found["length_error"]["median"] < 0.10
+    stats = pd.read_csv(demo / "fibres" / "fibres.csv")
+    assert {"PL", "CP", "SSp"} <= set(stats.loc[stats["q"] < 0.05, "acronym"])

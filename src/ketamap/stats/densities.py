@@ -253,9 +253,29 @@ def _ols(X, Y, obs):
 class _Variances(NamedTuple):
     post: np.ndarray  # (R,) variance used by the tests
     df: np.ndarray  # (R,) df of the tests
-    prior_df: float
-    prior_var: float  # median over regions
-    method: str
+    prior_df: float | dict  # per hierarchy level in _variances_by_level
+    prior_var: float | dict  # median over regions
+    method: str | np.ndarray  # per region in _variances_by_level
+
+
+def _variances_by_level(fit, informative, params, covariate, model, levels):
+    """:func:`_variances` within each hierarchy level (regions of one level are alike).
+
+    A parent region pools its children, so its density varies less between mice than
+    theirs: one prior for every level would take the parents' small variances for the
+    leaves (and call leaf differences that are chance). Each level gets its own prior.
+    """
+    post = np.full(fit.s2.shape, np.nan)
+    df = np.zeros(fit.s2.shape)
+    method = np.full(fit.s2.shape, "t", dtype=object)
+    prior_df, prior_var = {}, {}
+    for level in np.unique(levels):
+        at = levels == level
+        part = _Fit(fit.beta[at], fit.unscaled[at], fit.s2[at], fit.df[at])
+        var = _variances(part, informative[at], params, covariate[at], f"{model} (level {level})")
+        post[at], df[at], method[at] = var.post, var.df, var.method
+        prior_df[int(level)], prior_var[int(level)] = var.prior_df, var.prior_var
+    return _Variances(post, df, prior_df, prior_var, method)
 
 
 def _variances(fit, informative, params, covariate, model):
@@ -426,7 +446,8 @@ def compare_densities(
         dose for the trend), the offset, the residual and posterior variances (natural
         log scale), ``method`` (``"moderated-t"`` or ``"t"``) and ``reason``: why a row
         is untested (its ``p`` is NaN) or a note on zeros. ``attrs`` holds ``value``,
-        ``prior_df`` and ``prior_var`` (per model: ``"groups"``, ``"dose_trend"``).
+        ``prior_df`` and ``prior_var`` (per model, ``"groups"`` and ``"dose_trend"``, and per
+        hierarchy level: each level's variances are moderated on their own).
 
     Raises
     ------
@@ -502,7 +523,8 @@ def compare_densities(
     attrs = {"value": value, "prior_df": {}, "prior_var": {}}
 
     fit = _ols(Xg, Y, obs)
-    var = _variances(fit, informative, params, covariate, "group")
+    levels = meta["level"].to_numpy()
+    var = _variances_by_level(fit, informative, params, covariate, "group", levels)
     attrs["prior_df"]["groups"], attrs["prior_var"]["groups"] = var.prior_df, var.prior_var
     ref = group == reference_group
     for j, g in enumerate(others, start=1):
@@ -537,7 +559,7 @@ def compare_densities(
     if dose_ok:
         unit = params.dose_trend_unit_mg_per_kg or span
         fit_d = _ols(Xd, Y, obs)
-        var_d = _variances(fit_d, informative, params, covariate, "dose-trend")
+        var_d = _variances_by_level(fit_d, informative, params, covariate, "dose-trend", levels)
         attrs["prior_df"]["dose_trend"] = var_d.prior_df
         attrs["prior_var"]["dose_trend"] = var_d.prior_var
         n_dose = sum((n_obs(dose == u) >= k).astype(int) for u in np.unique(dose))
