@@ -386,6 +386,8 @@ def test_classifier_named_in_the_manifest_is_the_second_pass(ran_study, tmp_path
     text = manifest.read_text().replace("[study]\n", '[study]\nclassifier = "model.json"\n', 1)
     manifest.write_text(text)
     assert run_cli("run", manifest) == 0
+    log = (work / "logs" / "ketamap.log").read_text()  # every stage's log, kept with the study
+    assert "stats: done in" in log and "INFO" in log
     det = work / "subjects" / "saline-01" / "detect"
     cells = pd.read_parquet(det / "cells.parquet")
     assert "cell_probability" in cells and 0 < len(cells) < len(first)

@@ -42,10 +42,16 @@ app.add_typer(simulate.app, name="simulate", rich_help_panel="Start here")
 def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each stage.")] = False,
 ):
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    # The console shows warnings (every record with -v); ketamap's own records go on to
+    # whatever file handler a command adds (the study's logs/ketamap.log for `run`).
+    root = logging.getLogger()
+    if not root.handlers:  # (as logging.basicConfig: a host that set up logging keeps it)
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        console.setLevel(logging.INFO if verbose else logging.WARNING)
+        root.addHandler(console)
+        root.setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("ketamap").setLevel(logging.INFO)
 
 
 def main() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -79,6 +81,22 @@ def dask_progress(local: bool = True):
     from dask.diagnostics import ProgressBar
 
     return ProgressBar(out=sys.stderr) if err.is_terminal and local else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def log_file(path: Path):
+    """Append the INFO records of ketamap (and of a cluster run) to ``path`` meanwhile."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield path
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 class DefaultCommand(TyperGroup):

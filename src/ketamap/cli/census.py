@@ -14,6 +14,7 @@ from ketamap.cli._common import (
     VoxelSize,
     dask_progress,
     err,
+    log_file,
     out,
     progress_bar,
     ticker,
@@ -71,7 +72,11 @@ def run(
     cluster: ClusterKind = None,
     workers: ClusterWorkers = 2,
 ):
-    """Run (or resume) every stage of a study; up-to-date stages are skipped."""
+    """Run (or resume) every stage of a study; up-to-date stages are skipped.
+
+    Every stage's log (and, on a cluster, the scheduler's and workers' joining and
+    leaving) is appended to logs/ketamap.log in the study folder.
+    """
     from rich.markup import escape
 
     from ketamap.engine.scheduler import use_scheduler
@@ -80,6 +85,7 @@ def run(
 
     study = load_study(manifest)
     with (
+        log_file(study.root / "logs" / "ketamap.log"),
         use_scheduler(scheduler, cluster, n_workers=workers),
         progress_bar(len(study.subjects) + 2, "census") as bar,
     ):

@@ -11,8 +11,11 @@ Layout of a study folder after ``run_study``::
     stats/                     regions.parquet/.csv, counts.parquet/.csv, provenance.json,
                                voxel_maps/ (*.ome.zarr, *.nii.gz), voxel_clusters.parquet/.csv,
                                network_edges/_groups/_summary.parquet/.csv
+    subjects/<id>/fibres/      (with [fibres]) fibre_mask.ome.zarr, skeleton.ome.zarr,
+                               fibre_regions.parquet/.csv, fibre_qc.json, provenance.json
     report/                    figures/ (PNG, SVG), provenance.json
     report.html                the report (the only copy; figures embedded)
+    logs/ketamap.log           the log of every `ketamap run`
 
 Every stage writes into a temporary folder that replaces its output folder
 only when complete, with a ``provenance.json`` recording the stage's
