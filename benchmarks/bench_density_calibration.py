@@ -98,7 +98,7 @@ def null_rates(scenario, n_cohorts, n_regions, n_per_group, seed):
         for m, params in MODELS.items():
             res = compare_densities(table, subjects, reference_group="saline", params=params)
             if m == "moderated":
-                prior_df.append(res.attrs["prior_df"]["groups"])
+                prior_df.append(res.attrs["prior_df"]["groups"][5])  # the one level simulated
             for contrast, grp in res.groupby("contrast"):
                 p = grp["p"].dropna().to_numpy()
                 h = hits[m].setdefault(contrast, [0, 0])
