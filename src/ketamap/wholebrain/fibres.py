@@ -116,6 +116,7 @@ _MIDPOINTS = (0.25, 0.5, 0.75)  # points added along each skeleton edge for the 
 _REGION_PAD = 2  # voxels of the smoothed image kept around the region
 _SUM_VOXELS = 2**18  # voxels summed per region at once (bounds the temporaries)
 _SLAB_ROWS = 8  # chunk rows (along z) computed at once when results are stored or summed
+_PLANES = 4  # z planes per step of the voxel-wise passes of a chunk (temporaries stay in cache)
 # the 13 "forward" neighbour offsets of the 26-neighbourhood
 _FORWARD = np.array([o for o in itertools.product((-1, 0, 1), repeat=3) if o > (0, 0, 0)])
 
@@ -288,44 +289,59 @@ def _null_sd(sigma_vox, radius, scale) -> float:
 
 
 # ---------------------------------------------------------------------------- the filter
+# the voxels of the central differences: the centre, +e_a, -e_a, then for each pair of
+# axes (a, b) = (z, y), (z, x), (y, x): e_a + e_b, e_a - e_b, e_b - e_a, -e_a - e_b
+_STENCIL = np.array(
+    [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (-1, 0, 0), (0, -1, 0), (0, 0, -1)]
+    + [(1, 1, 0), (1, -1, 0), (-1, 1, 0), (-1, -1, 0)]
+    + [(1, 0, 1), (1, 0, -1), (-1, 0, 1), (-1, 0, -1)]
+    + [(0, 1, 1), (0, 1, -1), (0, -1, 1), (0, -1, -1)],
+    dtype=np.int64,
+)
+_PAIRS = ((0, 1), (0, 2), (1, 2))
+_BATCH = 8192  # points whose derivatives are computed at once (temporaries stay in cache)
+
+
+def _batches(n: int, size: int = _BATCH):
+    return (slice(i, min(i + size, n)) for i in range(0, n, size))
+
+
 def _derivatives(g: np.ndarray, pos: np.ndarray, scale) -> tuple[np.ndarray, np.ndarray]:
-    """Whitened Hessian (n, 6: zz, yy, xx, zy, zx, yx) and gradient (n, 3) at voxels ``pos``.
+    """Whitened Hessian (6, n: zz, yy, xx, zy, zx, yx) and gradient (3, n) at voxels ``pos``.
 
     Central differences of ``g``; at the array's faces the missing neighbour is the
     face voxel itself (scipy's "reflect"), as the Gaussian filter treats the faces.
     """
     n = np.asarray(g.shape)
     pos = np.asarray(pos, dtype=np.int64).reshape(-1, 3)
-
-    def at(offset) -> np.ndarray:
+    values = np.empty((len(_STENCIL), len(pos)))
+    for k, offset in enumerate(_STENCIL):
         q = pos + offset
         q = np.where(q < 0, -q - 1, q)
         q = np.where(q >= n, 2 * n - q - 1, q)
-        return g[q[:, 0], q[:, 1], q[:, 2]].astype(np.float64)
+        values[k] = g[q[:, 0], q[:, 1], q[:, 2]]
+    return _differences(values, scale)
 
-    return _differences(at, len(pos), scale)
 
-
-def _differences(at, count: int, scale) -> tuple[np.ndarray, np.ndarray]:
-    """Whitened Hessian (n, 6) and gradient (n, 3) from ``at(offset)`` (values, n)."""
-    e = np.eye(3, dtype=np.int64)
-    c = at(np.zeros(3, dtype=np.int64))
-    plus = [at(e[a]) for a in range(3)]
-    minus = [at(-e[a]) for a in range(3)]
+def _differences(v: np.ndarray, scale) -> tuple[np.ndarray, np.ndarray]:
+    """Whitened Hessian (6, n) and gradient (3, n) from the values (19, n) at ``_STENCIL``."""
     s = np.asarray(scale, dtype=np.float64)
-    hessian = np.empty((count, 6))
-    grad = np.empty((count, 3))
+    c = v[0]
+    hessian = np.empty((6, v.shape[1]))
+    grad = np.empty((3, v.shape[1]))
     for a in range(3):
-        hessian[:, a] = (plus[a] + minus[a] - 2.0 * c) * s[a] * s[a]
-        grad[:, a] = (plus[a] - minus[a]) * 0.5 * s[a]
-    for k, (a, b) in enumerate(((0, 1), (0, 2), (1, 2))):
-        cross = at(e[a] + e[b]) - at(e[a] - e[b]) - at(e[b] - e[a]) + at(-e[a] - e[b])
-        hessian[:, 3 + k] = cross * 0.25 * s[a] * s[b]
+        plus, minus = v[1 + a], v[4 + a]
+        hessian[a] = (plus + minus - 2.0 * c) * s[a] * s[a]
+        grad[a] = (plus - minus) * 0.5 * s[a]
+    for k, (a, b) in enumerate(_PAIRS):
+        r = 7 + 4 * k
+        cross = v[r] - v[r + 1] - v[r + 2] + v[r + 3]
+        hessian[3 + k] = cross * 0.25 * s[a] * s[b]
     return hessian, grad
 
 
-def _log_derivatives(reg, pos: np.ndarray, scale, level: np.ndarray):
-    """Whitened Hessian and gradient of ``ln(g - level)`` at voxels ``pos`` of a region.
+def _log_derivatives(reg, idx: np.ndarray, scale, level: np.ndarray):
+    """Whitened Hessian and gradient of ``ln(g - level)`` at flat indices ``idx`` of a region.
 
     The image of a thin line is a Gaussian across it, so its logarithm is a quadratic,
     whose central differences are exact: the Newton step on the logarithm finds the
@@ -333,19 +349,16 @@ def _log_derivatives(reg, pos: np.ndarray, scale, level: np.ndarray):
     itself is biased by the sampling (by up to a third of a voxel at these scales).
     Values are floored at 5 % of the centre's (above the level).
     """
-    idx = reg.index(pos)
-    top = reg.values(idx, (0, 0, 0)) - level
-    floor = np.maximum(0.05 * top, 1e-6)
-
-    def at(offset) -> np.ndarray:
-        return np.log(np.maximum(reg.values(idx, offset) - level, floor))
-
-    return _differences(at, len(idx), scale)
+    v = reg.stencil(idx)
+    v -= level
+    floor = np.maximum(0.05 * v[0], 1e-6)
+    np.maximum(v, floor, out=v)
+    return _differences(np.log(v, out=v), scale)
 
 
 def _eigenvalues(h: np.ndarray):
-    """Eigenvalues l1 >= l2 >= l3 of symmetric 3 x 3 matrices (closed form, float64)."""
-    a11, a22, a33, a12, a13, a23 = (h[:, k] for k in range(6))
+    """Eigenvalues l1 >= l2 >= l3 of symmetric 3 x 3 matrices (6, n; closed form, float64)."""
+    a11, a22, a33, a12, a13, a23 = h
     q = (a11 + a22 + a33) / 3.0
     b11, b22, b33 = a11 - q, a22 - q, a33 - q
     p1 = a12 * a12 + a13 * a13 + a23 * a23
@@ -370,78 +383,121 @@ def _tubeness(l1, l2, l3) -> np.ndarray:
     return -l2 - np.where(l1 < 0, -l1, _HALF * l1)
 
 
-def _ridge_offsets(hessian: np.ndarray, grad: np.ndarray, scale) -> np.ndarray:
-    """Newton step (voxels, each axis clipped to +-1) to the ridge, across the fibre.
+def _cross(p, q):
+    """Cross products of vectors given as three component arrays."""
+    return (p[1] * q[2] - p[2] * q[1], p[2] * q[0] - p[0] * q[2], p[0] * q[1] - p[1] * q[0])
 
-    The fibre's direction is the eigenvector of the largest eigenvalue; in the plane
-    across it, the step follows the directions of negative curvature only (closed
-    forms: no per-matrix LAPACK call).
+
+def _dot(p, q):
+    """Dot products of vectors given as three component arrays."""
+    return p[0] * q[0] + p[2] * q[2] + p[1] * q[1]
+
+
+def _ridge_offsets(hessian: np.ndarray, grad: np.ndarray, scale) -> np.ndarray:
+    """Newton step (voxels, (n, 3), each axis clipped to +-1) to the ridge, across the fibre.
+
+    ``hessian`` (6, n) and ``grad`` (3, n) as from :func:`_differences`. The fibre's
+    direction is the eigenvector of the largest eigenvalue; in the plane across it, the
+    step follows the directions of negative curvature only (closed forms: no per-matrix
+    LAPACK call).
     """
     h = hessian
+    n = h.shape[1]
     l1, _, _ = _eigenvalues(h)
-    a11, a22, a33, a12, a13, a23 = (h[:, k] for k in range(6))
-    r0 = np.stack([a11 - l1, a12, a13], axis=1)
-    r1 = np.stack([a12, a22 - l1, a23], axis=1)
-    r2 = np.stack([a13, a23, a33 - l1], axis=1)
-    cands = [np.cross(r0, r1), np.cross(r0, r2), np.cross(r1, r2)]
-    norms = np.stack([np.einsum("ij,ij->i", c, c) for c in cands], axis=1)
-    best = np.argmax(norms, axis=1)
-    e1 = np.choose(best[:, None], cands)
-    size = np.sqrt(norms.max(axis=1))
-    degenerate = size <= 1e-12 * np.maximum(np.abs(h).max(axis=1), 1e-300)
-    e1 = np.where(degenerate[:, None], [1.0, 0.0, 0.0], e1 / np.where(size > 0, size, 1.0)[:, None])
+    a11, a22, a33, a12, a13, a23 = h
+    # the rows of H - l1; their cross products lie along the eigenvector of l1
+    r0, r1, r2 = (a11 - l1, a12, a13), (a12, a22 - l1, a23), (a13, a23, a33 - l1)
+    cands = [_cross(r0, r1), _cross(r0, r2), _cross(r1, r2)]
+    norms = [_dot(c, c) for c in cands]
+    second = norms[1] > norms[0]  # the longest of the three (the first of equals)
+    top = np.where(second, norms[1], norms[0])
+    third = norms[2] > top
+    top = np.where(third, norms[2], top)
+    e1 = [np.where(third, c2, np.where(second, c1, c0)) for c0, c1, c2 in zip(*cands)]
+    size = np.sqrt(top)
+    degenerate = size <= 1e-12 * np.maximum(np.abs(h).max(axis=0), 1e-300)
+    safe = np.where(size > 0, size, 1.0)
+    e1 = [np.where(degenerate, d, c / safe) for c, d in zip(e1, (1.0, 0.0, 0.0))]
     # a basis (u, v) of the plane across the fibre
-    helper = np.where((np.abs(e1[:, 0]) < 0.9)[:, None], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0])
-    u = np.cross(e1, helper)
-    u /= np.linalg.norm(u, axis=1)[:, None]
-    v = np.cross(e1, u)
+    first = np.abs(e1[0]) < 0.9
+    helper = (np.where(first, 1.0, 0.0), np.where(first, 0.0, 1.0), np.zeros(n))
+    u = _cross(e1, helper)
+    length = np.sqrt(u[0] * u[0] + u[1] * u[1] + u[2] * u[2])
+    u = tuple(c / length for c in u)
+    v = _cross(e1, u)
 
     def quad(p, q):  # p^T H q
         return (
-            p[:, 0] * (a11 * q[:, 0] + a12 * q[:, 1] + a13 * q[:, 2])
-            + p[:, 1] * (a12 * q[:, 0] + a22 * q[:, 1] + a23 * q[:, 2])
-            + p[:, 2] * (a13 * q[:, 0] + a23 * q[:, 1] + a33 * q[:, 2])
+            p[0] * (a11 * q[0] + a12 * q[1] + a13 * q[2])
+            + p[1] * (a12 * q[0] + a22 * q[1] + a23 * q[2])
+            + p[2] * (a13 * q[0] + a23 * q[1] + a33 * q[2])
         )
 
     muu, muv, mvv = quad(u, u), quad(u, v), quad(v, v)
-    gu, gv = np.einsum("ij,ij->i", u, grad), np.einsum("ij,ij->i", v, grad)
+    gu, gv = _dot(u, grad), _dot(v, grad)
     # 2 x 2 eigen-decomposition: eigenvector (cos t, sin t) in the (u, v) basis
     half = 0.5 * (muu - mvv)
     root = np.sqrt(half * half + muv * muv)
     theta = 0.5 * np.arctan2(muv, half)
-    step = np.zeros((len(h), 3))
+    cos, sin = np.cos(theta), np.sin(theta)
+    step = [np.zeros(n)] * 3
     for lam, c, s_ in (
-        (0.5 * (muu + mvv) + root, np.cos(theta), np.sin(theta)),
-        (0.5 * (muu + mvv) - root, -np.sin(theta), np.cos(theta)),
+        (0.5 * (muu + mvv) + root, cos, sin),
+        (0.5 * (muu + mvv) - root, -sin, cos),
     ):
-        ok = lam < 0
-        coef = np.zeros(len(h))
-        coef[ok] = -(c[ok] * gu[ok] + s_[ok] * gv[ok]) / lam[ok]
-        step += coef[:, None] * (c[:, None] * u + s_[:, None] * v)
-    return np.clip(step * np.asarray(scale), -1.0, 1.0)
+        coef = np.zeros(n)
+        np.divide(-(c * gu + s_ * gv), lam, out=coef, where=lam < 0)
+        step = [st + coef * (c * uk + s_ * vk) for st, uk, vk in zip(step, u, v)]
+    return np.clip(np.stack(step, axis=1) * np.asarray(scale), -1.0, 1.0)
 
 
-def _ridge(reg, pos: np.ndarray, plan: _Plan, level_grid: np.ndarray, start, steps: int = 2):
-    """Sub-voxel ridge points (region voxels) of the region voxels ``pos``: Newton steps.
-
-    A second step starts from the voxel nearest the first step's point (kept within
-    one voxel of the region). ``start`` is the region's first voxel in the volume.
-    """
+def _levels(pos: np.ndarray, plan: _Plan, level_grid: np.ndarray, start) -> np.ndarray:
+    """Background level (float64) of the noise block of each region voxel of ``pos``."""
     cells = [
         np.clip((pos[:, a] + start[a]) // plan.noise_block[a], 0, level_grid.shape[a] - 1)
         for a in range(3)
     ]
-    level = level_grid[tuple(cells)].astype(np.float64)
-    point = pos.astype(np.float64)
-    at = pos
-    for _ in range(steps):
-        hessian, grad = _log_derivatives(reg, at, plan.scale, level)
-        point = at + _ridge_offsets(hessian, grad, plan.scale)
-        nxt = np.clip(np.rint(point).astype(np.int64), -1, np.asarray(reg.shape))
-        if (nxt == at).all():
-            break
-        at = nxt
+    return level_grid[tuple(cells)].astype(np.float64)
+
+
+def _ridge_step(reg, pos: np.ndarray, plan: _Plan, level: np.ndarray) -> np.ndarray:
+    """One Newton step from the region voxels ``pos`` towards their ridge (points, (n, 3)).
+
+    ``pos`` may lie up to one voxel outside the region; ``level`` is each one's
+    background level (:func:`_levels` of the voxel the steps started from).
+    """
+    point = np.empty(pos.shape)
+    for part in _batches(len(pos)):
+        hessian, grad = _log_derivatives(reg, reg.index(pos[part]), plan.scale, level[part])
+        point[part] = pos[part] + _ridge_offsets(hessian, grad, plan.scale)
     return point
+
+
+def _centreline(reg, spts, seeds, plan: _Plan, level_grid, start):
+    """Ridge points of the skeleton voxels ``spts`` and the seeds' one-step points.
+
+    Each skeleton voxel takes two Newton steps (the second from the voxel nearest the
+    first's point, kept within one voxel of the region, where it moved to another
+    voxel); the seeds (flat indices of the region, ascending) take one. The first step
+    of a skeleton voxel that is a seed is the seed's. Returns the skeleton's points and
+    the seeds' coordinates and points (region voxels).
+    """
+    strong = reg.coords(seeds)
+    first = _ridge_step(reg, strong, plan, _levels(strong, plan, level_grid, start))
+    level = _levels(spts, plan, level_grid, start)
+    ridge = np.empty(spts.shape)
+    own = np.arange(len(spts))
+    if len(seeds):
+        idx = reg.index(spts)
+        k = np.minimum(np.searchsorted(seeds, idx), len(seeds) - 1)
+        shared = seeds[k] == idx
+        ridge[shared] = first[k[shared]]
+        own = own[~shared]
+    ridge[own] = _ridge_step(reg, spts[own], plan, level[own])
+    nxt = np.clip(np.rint(ridge).astype(np.int64), -1, np.asarray(reg.shape))
+    moved = np.flatnonzero((nxt != spts).any(axis=1))
+    ridge[moved] = _ridge_step(reg, nxt[moved], plan, level[moved])
+    return ridge, strong, first
 
 
 # ---------------------------------------------------------------------------- noise grid
@@ -454,17 +510,26 @@ def _block_noise(x: np.ndarray, block: tuple[int, int, int]) -> np.ndarray:
     is half that median sum. Returns an array (2, *grid); NaN where a block has fewer
     than 16 such pairs.
     """
-    grid = tuple(-(-n // b) for n, b in zip(x.shape, block))
-    sz = 2 if block[0] >= 4 else 1
-    sy = 2 if block[1] >= 4 else 1
+    sz, sy = _noise_strides(block)
+    return _pair_noise(x[::sz, ::sy, :], x.shape, block)
+
+
+def _noise_strides(block) -> tuple[int, int]:
+    """Return the steps along z and y between the planes and rows whose pairs are read."""
+    return (2 if block[0] >= 4 else 1, 2 if block[1] >= 4 else 1)
+
+
+def _pair_noise(v: np.ndarray, shape, block) -> np.ndarray:
+    """:func:`_block_noise` from the planes and rows it reads (``v``) of a chunk of ``shape``."""
+    grid = tuple(-(-n // b) for n, b in zip(shape, block))
+    sz, sy = _noise_strides(block)
     bz, by, bx = -(-block[0] // sz), -(-block[1] // sy), block[2] // 2
-    v = x[::sz, ::sy, :]
     # pad every axis to whole blocks (NaN), pairs along x inside each block
-    shape = (grid[0] * bz, grid[1] * by, grid[2] * block[2])
-    full = np.full(shape, np.nan, dtype=np.float32)
+    padded = (grid[0] * bz, grid[1] * by, grid[2] * block[2])
+    full = np.full(padded, np.nan, dtype=np.float32)
     full[: v.shape[0], : v.shape[1], : v.shape[2]] = v
     full = full.reshape(grid[0], bz, grid[1], by, grid[2] * bx, 2)
-    total = full.sum(axis=-1)
+    total = full[..., 0] + full[..., 1]
     diff = full[..., 0] - full[..., 1]
     del full
 
@@ -530,6 +595,11 @@ def _axis_chunks(n: int, size: int, depth: int, grid: int) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------------------------------- skeleton graph
+def _coords(image: np.ndarray) -> np.ndarray:
+    """Voxel coordinates (n, 3) of the non-zero voxels, in raster order (as np.argwhere)."""
+    return np.stack(np.unravel_index(np.flatnonzero(image), image.shape), axis=1)
+
+
 def _inside(pts: np.ndarray, lo, hi) -> np.ndarray:
     """Whether each point (n, 3) lies in the box lo <= p < hi (per axis)."""
     ok = (pts[:, 0] >= lo[0]) & (pts[:, 0] < hi[0])
@@ -539,23 +609,38 @@ def _inside(pts: np.ndarray, lo, hi) -> np.ndarray:
 
 
 class _PointIndex:
-    """Which of the voxels ``pts`` (int, (n, 3)) sits at a voxel: a dense map, -1 elsewhere.
+    """Which of the voxels ``pts`` (int, (n, 3)) sits at a voxel (-1: none).
 
-    The map covers the box of ``shape`` and one voxel around it, so that the 26
-    neighbours of any voxel of the box can be looked up without bounds tests.
+    An occupancy grid covers the box of ``shape`` and one voxel around it, so that the
+    26 neighbours of any voxel of the box are tested without bounds tests; the index of
+    an occupied voxel is found by bisection in the sorted flat indices.
     """
 
     def __init__(self, pts: np.ndarray, shape):
         pshape = tuple(int(n) + 2 for n in shape)
         self.strides = np.array([pshape[1] * pshape[2], pshape[2], 1], dtype=np.int64)
-        self.flat = (np.asarray(pts, dtype=np.int64) + 1) @ self.strides
-        self.map = np.full(math.prod(pshape), -1, dtype=np.int32)
-        self.map[self.flat] = np.arange(len(self.flat), dtype=np.int32)
+        self.flat = (np.asarray(pts, dtype=np.int64).reshape(-1, 3) + 1) @ self.strides
+        self.occupied = np.zeros(math.prod(pshape), dtype=bool)
+        self.occupied[self.flat] = True
+        self.order = None  # points already in raster order (np.argwhere) need no sort
+        if len(self.flat) > 1 and (np.diff(self.flat) < 0).any():
+            self.order = np.argsort(self.flat, kind="stable")
+        self.sorted = self.flat if self.order is None else self.flat[self.order]
+
+    def exists(self, offset, which=None) -> np.ndarray:
+        """Whether a point sits at each point (or ``which`` of them) moved by ``offset``."""
+        flat = self.flat if which is None else self.flat[which]
+        return self.occupied[flat + int(np.dot(offset, self.strides))]
 
     def at(self, offset, which=None) -> np.ndarray:
         """Index of the point at each point (or ``which`` of them) moved by ``offset``."""
         flat = self.flat if which is None else self.flat[which]
-        return self.map[flat + int(np.dot(offset, self.strides))]
+        q = flat + int(np.dot(offset, self.strides))
+        hit = self.occupied[q]
+        out = np.full(len(q), -1, dtype=np.int64)
+        rank = np.searchsorted(self.sorted, q[hit])
+        out[hit] = rank if self.order is None else self.order[rank]
+        return out
 
 
 def _edges(pts: np.ndarray, shape) -> np.ndarray:
@@ -570,8 +655,7 @@ def _edges(pts: np.ndarray, shape) -> np.ndarray:
     index = _PointIndex(pts, shape)
     out = []
     for o in _FORWARD:
-        j = index.at(o)
-        i = np.flatnonzero(j >= 0)
+        i = np.flatnonzero(index.exists(o))
         if len(i) == 0:
             continue
         keep = np.ones(len(i), dtype=bool)
@@ -580,8 +664,9 @@ def _edges(pts: np.ndarray, shape) -> np.ndarray:
             for sub in itertools.combinations(nz, r):
                 so = np.zeros(3, dtype=np.int64)
                 so[list(sub)] = o[list(sub)]
-                keep &= index.at(so, i) < 0
-        out.append(np.stack([i[keep], j[i[keep]]], axis=1))
+                keep &= ~index.exists(so, i)
+        i = i[keep]
+        out.append(np.stack([i, index.at(o, i)], axis=1))
     return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
 
 
@@ -643,38 +728,56 @@ def _as_float(block, background, scale: float, *, pad_lo, origin) -> np.ndarray:
     return x
 
 
-def _components(pts: np.ndarray, shape) -> np.ndarray:
-    """Connected-component label (26-neighbours) of each voxel of ``pts`` (int, (n, 3))."""
-    index = _PointIndex(pts, shape)
-    rows, cols = [], []
-    for o in _FORWARD:
-        j = index.at(o)
-        i = np.flatnonzero(j >= 0)
-        rows.append(i)
-        cols.append(j[i])
-    r, c = np.concatenate(rows), np.concatenate(cols)
-    adj = sparse.csr_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(len(pts),) * 2)
-    return sparse.csgraph.connected_components(adj, directed=False)[1]
-
-
-def _clamp_spikes(x: np.ndarray, bound: np.ndarray) -> None:
-    """Lower every voxel to at most the largest of its 6 neighbours plus ``bound``, in place.
+def _clamp_spikes(x: np.ndarray, bound_grid: np.ndarray, start, block) -> None:
+    """Lower every voxel to at most the largest of its 6 neighbours plus its bound, in place.
 
     A microscope blurs every real structure over several voxels, so a voxel that stands
     above all its face neighbours by many noise SDs is a hot pixel or a cosmic hit.
+    ``bound_grid`` holds the bound of every noise block (float32), ``start`` is the
+    global index of ``x``'s first voxel and ``block`` the noise block (voxels). A few
+    planes at a time, so the temporaries stay in the cache; the bound of a voxel is
+    looked up only where the voxel exceeds its neighbours by the smallest bound of the
+    chunk (rare), and the voxels are lowered after all their neighbours were read.
     """
-    top = np.full(x.shape, -np.inf, dtype=np.float32)
-    for axis in range(3):
-        if x.shape[axis] < 2:
+    shape = x.shape
+    cells = [
+        np.clip((np.arange(n) + st) // k, 0, m - 1)
+        for n, st, k, m in zip(shape, start, block, bound_grid.shape)
+    ]
+    smallest = bound_grid[tuple(slice(int(c[0]), int(c[-1]) + 1) for c in cells)].min()
+    top_buf = np.empty((_PLANES, *shape[1:]), dtype=np.float32)
+    low_buf = np.empty_like(top_buf)
+    where, value = [], []
+    for z0 in range(0, shape[0], _PLANES):
+        z1 = min(z0 + _PLANES, shape[0])
+        top, xs = top_buf[: z1 - z0], x[z0:z1]
+        top.fill(-np.inf)
+        if shape[0] > 1:  # the planes below and above (none beyond the block's faces)
+            a = max(z0, 1)
+            np.maximum(top[a - z0 :], x[a - 1 : z1 - 1], out=top[a - z0 :])
+            b = min(z1, shape[0] - 1)
+            np.maximum(top[: b - z0], x[z0 + 1 : b + 1], out=top[: b - z0])
+        for axis in (1, 2):
+            if shape[axis] < 2:
+                continue
+            lo = [slice(None)] * 3
+            hi = [slice(None)] * 3
+            lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+            np.maximum(top[tuple(lo)], xs[tuple(hi)], out=top[tuple(lo)])
+            np.maximum(top[tuple(hi)], xs[tuple(lo)], out=top[tuple(hi)])
+        low = low_buf[: z1 - z0]
+        np.add(top, smallest, out=low)  # rounding is monotone: a superset of the spikes
+        hit = np.flatnonzero(xs > low)
+        if len(hit) == 0:
             continue
-        lo = [slice(None)] * 3
-        hi = [slice(None)] * 3
-        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
-        np.maximum(top[tuple(lo)], x[tuple(hi)], out=top[tuple(lo)])
-        np.maximum(top[tuple(hi)], x[tuple(lo)], out=top[tuple(hi)])
-    top += bound
-    np.minimum(x, top, out=x)
-    del top
+        z, y, xx = np.unravel_index(hit, top.shape)
+        bound = bound_grid[cells[0][z + z0], cells[1][y], cells[2][xx]]
+        ceiling = top.ravel()[hit] + bound
+        over = xs.ravel()[hit] > ceiling
+        where.append(hit[over] + z0 * shape[1] * shape[2])
+        value.append(ceiling[over])
+    if where:
+        x.ravel()[np.concatenate(where)] = np.concatenate(value)
 
 
 def _fill_ellipsoids(mask: np.ndarray, centres: np.ndarray, semi: np.ndarray, value=True) -> None:
@@ -689,20 +792,29 @@ def _fill_ellipsoids(mask: np.ndarray, centres: np.ndarray, semi: np.ndarray, va
     dims = np.asarray(mask.shape)
     near = _inside(base, -reach, dims + reach)
     margin = 2 * reach  # around the mask: spares the bounds tests
-    base, frac = base[near] + margin, frac[near]
+    if not near.all():
+        near = np.flatnonzero(near)
+        base, frac = base[near], frac[near]
+    base += margin
     padded = np.zeros(tuple(dims + 2 * margin), dtype=bool)
     pstr = np.array([padded.shape[1] * padded.shape[2], padded.shape[2], 1], dtype=np.int64)
     flat = base @ pstr
     pf = padded.ravel()
-    f0, f1, f2 = (np.ascontiguousarray(frac[:, k]) for k in range(3))
-    for off in itertools.product(*(range(-r, r + 1) for r in reach)):
-        o = np.asarray(off) / semi
-        d2 = (f0 + o[0]) ** 2
-        d2 += (f1 + o[1]) ** 2
-        d2 += (f2 + o[2]) ** 2
-        pf[flat[d2 <= 1.0] + int(np.asarray(off) @ pstr)] = True
+    steps = [np.arange(-r, r + 1) for r in reach]
+    for part in _batches(len(flat), 4 * _BATCH):
+        # squared distance along each axis from the centres to the voxels at each offset
+        sq = [(frac[part, a][None, :] + (steps[a] / semi[a])[:, None]) ** 2 for a in range(3)]
+        at = flat[part]
+        for i, j in itertools.product(range(len(steps[0])), range(len(steps[1]))):
+            zy = sq[0][i] + sq[1][j]
+            row = int(steps[0][i] * pstr[0] + steps[1][j] * pstr[1])
+            for k, dx in enumerate(steps[2]):
+                pf[at[zy + sq[2][k] <= 1.0] + (row + int(dx))] = True
     inner = padded[tuple(slice(int(m), int(m + n)) for m, n in zip(margin, dims))]
-    mask[inner] = value
+    if value:
+        np.logical_or(mask, inner, out=mask)
+    else:
+        np.logical_and(mask, ~inner, out=mask)
 
 
 class _Region:
@@ -718,17 +830,24 @@ class _Region:
         a, b = np.maximum(lo - p, 0), np.minimum(hi + p, shape)
         view = g[tuple(slice(int(i), int(j)) for i, j in zip(a, b))]
         pad = [(int(i - (lo[k] - p)), int((hi[k] + p) - j)) for k, (i, j) in enumerate(zip(a, b))]
+        padded = np.empty(tuple(int(n) for n in hi - lo + 2 * p), dtype=g.dtype)
+        padded[tuple(slice(i, n - j) for (i, j), n in zip(pad, padded.shape))] = view
         # a face of the block repeats its voxel (scipy's "reflect" for the first layer)
-        padded = np.pad(view, pad, mode="edge") if any(map(any, pad)) else view
-        self.flat = np.ascontiguousarray(padded).ravel()
+        for axis, (before, after) in enumerate(pad):
+            for width, face, edge in (
+                (before, before, slice(0, before)),
+                (after, padded.shape[axis] - after - 1, slice(padded.shape[axis] - after, None)),
+            ):
+                if width:
+                    src = [slice(None)] * 3
+                    dst = [slice(None)] * 3
+                    src[axis], dst[axis] = slice(face, face + 1), edge
+                    padded[tuple(dst)] = padded[tuple(src)]
+        self.flat = padded.ravel()
         self.pshape = padded.shape
         self.shape = tuple(int(n) for n in hi - lo)
         self.strides = np.array([self.pshape[1] * self.pshape[2], self.pshape[2], 1], np.int64)
         self.inner = (slice(p, -p),) * 3
-
-    def padded_full(self, value, dtype) -> np.ndarray:
-        """Return a new array on the padded grid, filled with ``value``."""
-        return np.full(self.pshape, value, dtype=dtype)
 
     def index(self, pts: np.ndarray) -> np.ndarray:
         """Flat indices of region voxels (up to one voxel outside the region allowed)."""
@@ -739,70 +858,131 @@ class _Region:
         """Region voxel coordinates (n, 3) of flat indices."""
         return np.stack(np.unravel_index(idx, self.pshape), axis=1) - _REGION_PAD
 
-    def values(self, idx: np.ndarray, offset) -> np.ndarray:
-        """Return the image at flat indices ``idx`` (from :meth:`index`) moved by ``offset``."""
-        return self.flat[idx + int(np.dot(offset, self.strides))].astype(np.float64)
+    def stencil(self, idx: np.ndarray) -> np.ndarray:
+        """Return the image (float64, (19, n)) at the voxels of ``_STENCIL`` around ``idx``."""
+        out = np.empty((len(_STENCIL), len(idx)))
+        for k, offset in enumerate(_STENCIL @ self.strides):
+            out[k] = self.flat[idx + offset]
+        return out
+
+    def set_noise(self, planes: np.ndarray, zrow: np.ndarray) -> None:
+        """Keep the response's local noise SD: ``planes[zrow[z]]`` is plane ``z``'s (y, x) map.
+
+        The noise is constant over noise blocks, so a plane per block along z holds it.
+        """
+        p = _REGION_PAD
+        self._sd_flat = np.pad(planes, ((0, 0), (p, p), (p, p)), constant_values=1.0).reshape(
+            len(planes), -1
+        )
+        self._sd_row = np.pad(zrow, (p, p), mode="edge")
+
+    def sd(self, idx: np.ndarray) -> np.ndarray:
+        """Return the response's local noise SD at flat indices ``idx``."""
+        z, r = np.divmod(idx, self.strides[0])
+        return self._sd_flat[self._sd_row[z], r]
 
     def trace(self, scale) -> np.ndarray:
-        """Whitened Laplacian (central differences) on the padded grid (inf off the region)."""
-        g = self.flat.reshape(self.pshape)
-        out = self.padded_full(np.inf, np.float32)
-        core = out[self.inner]
+        """Whitened Laplacian (central differences) on the padded grid (inf off the region).
+
+        In units of the response's local noise SD (:meth:`set_noise`). A few whole
+        planes at a time, as flat runs (the neighbours along every axis are the same runs
+        shifted), so the temporaries stay in the cache; the ring around the region is
+        then set to inf.
+        """
+        g = self.flat
+        out = np.empty(self.pshape, np.float32)
+        flat = out.ravel()
         p = _REGION_PAD
-        centre = g[self.inner]
+        plane = int(self.strides[0])
         s2 = np.asarray(scale, dtype=np.float32) ** 2
-        np.multiply(centre, np.float32(-2.0 * s2.sum()), out=core)
-        tmp = np.empty_like(core)
-        for axis in range(3):
-            for step in (-1, 1):
-                sl = [slice(p, -p)] * 3
-                sl[axis] = slice(p + step, g.shape[axis] - p + step)
-                np.multiply(g[tuple(sl)], s2[axis], out=tmp)
+        centre_weight = np.float32(-2.0 * s2.sum())
+        shifts = [(int(self.strides[a]) * step, s2[a]) for a in range(3) for step in (-1, 1)]
+        nz = self.shape[0]
+        buf = np.empty(_PLANES * plane, np.float32)
+        sd = self._sd_flat
+        for z0 in range(0, nz, _PLANES):
+            z1 = min(z0 + _PLANES, nz)
+            run = slice((p + z0) * plane, (p + z1) * plane)
+            core, tmp = flat[run], buf[: (z1 - z0) * plane]
+            np.multiply(g[run], centre_weight, out=core)
+            for shift, weight in shifts:
+                np.multiply(g[run.start + shift : run.stop + shift], weight, out=tmp)
                 core += tmp
+            core.reshape(z1 - z0, plane)[:] /= sd[self._sd_row[p + z0 : p + z1]]
+        for axis in range(3):  # the ring around the region
+            lo = [slice(None)] * 3
+            hi = [slice(None)] * 3
+            lo[axis], hi[axis] = slice(None, p), slice(-p, None)
+            out[tuple(lo)] = np.inf
+            out[tuple(hi)] = np.inf
         return out
 
     def tubeness(self, idx: np.ndarray, scale) -> np.ndarray:
         """Tubeness at flat indices ``idx``."""
-        hessian = _differences(lambda o: self.values(idx, o), len(idx), scale)[0]
-        return _tubeness(*_eigenvalues(hessian))
+        out = np.empty(len(idx))
+        for part in _batches(len(idx)):
+            hessian = _differences(self.stencil(idx[part]), scale)[0]
+            out[part] = _tubeness(*_eigenvalues(hessian))
+        return out
 
 
 _NEIGHBOURS = np.array([o for o in itertools.product((-1, 0, 1), repeat=3) if any(o)])
 
 
-def _hysteresis(reg: _Region, trace, sd, seeds: np.ndarray, params: FibreParams, scale):
+def _hysteresis(reg: _Region, trace, seeds, known, response, params: FibreParams, scale):
     """Grow the seeds through 26-neighbours whose response passes ``hysteresis_snr``.
 
     All arrays and indices are on the region's padded grid: ``trace`` is the whitened
-    Laplacian in units of the response's local noise SD ``sd`` (inf off the region), and
+    Laplacian in units of the response's local noise SD (inf off the region), and
     the response is evaluated lazily, only at neighbours of accepted voxels whose
-    Laplacian allows it (``R <= -trace / 2``). Returns the flat indices of the accepted
-    voxels, the seeds first.
+    Laplacian allows it (``R <= -trace / 2``), unless it is known: ``response`` at the
+    flat indices ``known`` (ascending). Returns the flat indices of the accepted voxels,
+    the seeds first.
     """
     offsets = _NEIGHBOURS @ reg.strides
-    tflat, dflat = trace.ravel(), sd.ravel()
-    seen = np.zeros(len(tflat), dtype=bool)
-    last = np.empty(len(tflat), dtype=np.int32)  # de-duplicates a step's neighbours
-    # voxels within one voxel of the padded grid's faces are never looked at (inf trace)
-    bound = np.float32(-2.0 * params.hysteresis_snr)
+    # the voxels that may still join: not looked at yet, and -trace >= 2 x hysteresis_snr
+    # (voxels within one voxel of the padded grid's faces never are: inf trace)
+    open_ = trace.ravel() <= np.float32(-2.0 * params.hysteresis_snr)
     frontier = np.asarray(seeds, dtype=np.int64)
-    seen[frontier] = True
+    open_[frontier] = False
     found = [frontier]
     while len(frontier):
-        nb = (frontier[:, None] + offsets[None, :]).ravel()
-        nb = nb[~seen[nb]]
+        step = []
+        for offset in offsets:  # one neighbour at a time: the temporaries stay small
+            nb = frontier + offset
+            nb = nb[open_[nb]]
+            open_[nb] = False
+            step.append(nb)
+        nb = np.concatenate(step)
         if len(nb) == 0:
             break
-        order = np.arange(len(nb), dtype=np.int32)
-        last[nb] = order
-        nb = nb[last[nb] == order]
-        seen[nb] = True
-        nb = nb[tflat[nb] <= bound]
-        if len(nb) == 0:
-            break
-        frontier = nb[reg.tubeness(nb, scale) >= params.hysteresis_snr * dflat[nb]]
+        value = np.empty(len(nb))
+        at = np.minimum(np.searchsorted(known, nb), len(known) - 1)
+        hit = known[at] == nb
+        value[hit] = response[at[hit]]
+        value[~hit] = reg.tubeness(nb[~hit], scale)
+        frontier = nb[value >= params.hysteresis_snr * reg.sd(nb)]
         found.append(frontier)
     return np.concatenate(found)
+
+
+def _clear_pieces(grid: np.ndarray, start: np.ndarray, offsets: np.ndarray) -> None:
+    """Clear, in place, the 26-connected pieces of ``grid`` (bool) holding ``start``.
+
+    ``start`` holds flat indices of set voxels, ``offsets`` the flat offsets of the 26
+    neighbours; no set voxel may touch the grid's faces.
+    """
+    flat = grid.ravel()
+    frontier = np.unique(start)
+    flat[frontier] = False
+    while len(frontier):
+        step = []
+        for offset in offsets:
+            nb = frontier + offset
+            nb = nb[flat[nb]]
+            flat[nb] = False
+            step.append(nb)
+        frontier = np.concatenate(step)
 
 
 def _segment_block(
@@ -840,28 +1020,27 @@ def _segment_block(
         if not coarse.all():  # only a region that crosses the tissue's edge is masked
             in_tissue = tissue.full_resolution(box)
     if params.spike_snr > 0:
-        block_cells = [
-            np.clip((np.arange(n) + st) // k, 0, m - 1)
-            for n, st, k, m in zip(shape, start, plan.noise_block, noise_grid.shape)
-        ]
-        bound = noise_grid[np.ix_(*block_cells)]
-        bound *= np.float32(params.spike_snr)
-        _clamp_spikes(x, bound)
+        bound = noise_grid * np.float32(params.spike_snr)
+        _clamp_spikes(x, bound, start, plan.noise_block)
         del bound
-    g = ndi.gaussian_filter(x, plan.sigma_vox, mode="reflect", radius=plan.radius_vox)
-    del x
+    g = ndi.gaussian_filter(
+        x, plan.sigma_vox, mode="reflect", radius=plan.radius_vox, output=x
+    )  # in place
     reg = _Region(g, lo, hi)
-    del g
-    trace = reg.trace(plan.scale)  # padded grid
-    # the response's local noise SD: the block's noise SD (nearest block) x the filter's
+    del g, x
+    # the response's local noise SD: the block's noise SD (nearest block) x the filter's,
+    # one (y, x) plane per noise block along z
     cells = [
         np.clip((np.arange(a, b) + st) // k, 0, n - 1)
         for a, b, st, k, n in zip(lo, hi, start, plan.noise_block, noise_grid.shape)
     ]
-    sd = reg.padded_full(1.0, np.float32)
-    np.multiply(noise_grid[np.ix_(*cells)], np.float32(plan.null_sd), out=sd[reg.inner])
+    zcells, zrow = np.unique(cells[0], return_inverse=True)
+    planes = np.multiply(
+        noise_grid[np.ix_(zcells, cells[1], cells[2])], np.float32(plan.null_sd), dtype=np.float32
+    )
+    reg.set_noise(planes, zrow)
+    trace = reg.trace(plan.scale)  # padded grid, in units of the response's local noise SD
     core_trace = trace[reg.inner]
-    core_trace /= sd[reg.inner]  # in units of the response's local noise SD
     barrier = None if in_tissue is None else ~in_tissue
     if len(somata):  # no fibre within the exclusion ball of a soma
         ball = np.full(3, 0.5 * params.soma_exclusion_diameter_um) / np.asarray(vs)
@@ -875,52 +1054,48 @@ def _segment_block(
     cand = np.flatnonzero(trace.ravel() <= np.float32(-2.0 * params.threshold_snr))
     if len(cand) == 0:
         return out
-    seeds = cand[reg.tubeness(cand, plan.scale) >= params.threshold_snr * sd.ravel()[cand]]
-    del cand
+    response = reg.tubeness(cand, plan.scale)
+    seeds = cand[response >= params.threshold_snr * reg.sd(cand)]
     if len(seeds) == 0:
         return out
-    flat = _hysteresis(reg, trace, sd, seeds, params, plan.scale)
-    del trace, sd
-    pts = reg.coords(flat)
-    detected = np.zeros(region, dtype=bool)
-    detected[tuple(pts.T)] = True
+    flat = _hysteresis(reg, trace, seeds, cand, response, params, plan.scale)
+    del trace, cand, response
+    detected = np.zeros(reg.pshape, dtype=bool)  # on the padded grid
+    detected.ravel()[flat] = True
+    del flat
     from skimage.morphology import skeletonize
 
-    spts = np.argwhere(skeletonize(detected))
-    del detected
+    spts = _coords(skeletonize(detected[reg.inner]))
     if len(spts) == 0:
         return out
     edges, pos_um, adj = _graph(spts, region, vs, params.length_smoothing)
-    strong = pts[: len(seeds)]  # the seeds come first (region coordinates)
     if params.min_length_um > 0:  # whole pieces of skeleton shorter than min_length_um go
         n_sk, sk_comp = sparse.csgraph.connected_components(adj, directed=False)
         length = np.bincount(sk_comp, weights=_point_lengths(pos_um, edges), minlength=n_sk)
         ok = length[sk_comp] >= params.min_length_um
         if not ok.all():
+            # the edges of the kept pieces (a short-cut's third voxel is in its piece)
+            edges = (np.cumsum(ok) - 1)[edges[ok[edges[:, 0]]]]
+            # and the seeds of detected pieces without skeleton left (the kept skeleton
+            # runs through its pieces, so they are cleared in a few steps from it)
             spts = spts[ok]
+            _clear_pieces(detected, reg.index(spts), _NEIGHBOURS @ reg.strides)
+            seeds = seeds[~detected.ravel()[seeds]]
             if len(spts) == 0:
                 return out
-            edges, _, _ = _graph(spts, region, vs, params.length_smoothing)
-            # and the seeds of detected pieces whose skeleton went with them
-            comp = _components(pts, region)
-            index = _PointIndex(pts, region)
-            at = index.map[(spts + 1) @ index.strides]
-            alive = np.zeros(comp.max() + 1, dtype=bool)
-            alive[comp[at[at >= 0]]] = True
-            strong = strong[alive[comp[: len(seeds)]]]
+    del detected, pos_um, adj
     # the centreline: the skeleton's voxels moved onto their ridge and joined along the
     # skeleton, and the seeds that are ridge voxels (their ridge point lies within them),
     # so that fibres the thinning merged keep their own
-    ridge = _ridge(reg, spts, plan, level_grid, start + lo)
+    ridge, strong, points = _centreline(reg, spts, seeds, plan, level_grid, start + lo)
+    del reg
     pieces = [ridge]
     if len(edges):
         t = np.array(_MIDPOINTS)
         a, b = ridge[edges[:, 0]], ridge[edges[:, 1]]
         pieces.append((a[:, None, :] + t[None, :, None] * (b - a)[:, None, :]).reshape(-1, 3))
     if len(strong):
-        points = _ridge(reg, strong, plan, level_grid, start + lo, steps=1)
         pieces.append(points[(np.abs(points - strong) <= 0.5).all(axis=1)])
-    del reg
     mask = np.zeros(region, dtype=bool)
     _fill_ellipsoids(mask, np.concatenate(pieces), np.full(3, params.mask_radius_vox))
     if len(somata):
@@ -928,7 +1103,7 @@ def _segment_block(
     if in_tissue is not None:
         mask &= in_tissue
     core = tuple(slice(int(p - a), int(p - a + c)) for p, a, c in zip(pad_lo, lo, core_shape))
-    out[mask[core]] = 1
+    out[...] = mask[core]  # 1 where fibre
     first = np.array([c.start for c in core])
     in_core = _inside(spts, first, first + np.asarray(core_shape))
     out[tuple((spts[in_core] - first).T)] |= 2
@@ -1122,12 +1297,13 @@ def segment_fibres(
 
 def _noise_grid(x: da.Array, b: da.Array | None, scale: float, block):
     """Return the noise SD and level grids of ``x - scale b`` (one pass over the volume)."""
+    sz, sy = _noise_strides(block)
 
-    def per_chunk(xb, bb=None):
-        v = xb.astype(np.float32)
+    def per_chunk(xb, bb=None):  # only the planes and rows that are read are converted
+        v = xb[::sz, ::sy].astype(np.float32)
         if bb is not None:
-            v = v - np.float32(scale) * bb.astype(np.float32)
-        return _block_noise(v, block)
+            v = v - np.float32(scale) * bb[::sz, ::sy].astype(np.float32)
+        return _pair_noise(v, xb.shape, block)
 
     out_chunks = ((2,),) + tuple(tuple(-(-c // k) for c in cs) for cs, k in zip(x.chunks, block))
     args = (x,) if b is None else (x, b)
@@ -1191,7 +1367,7 @@ def skeleton_lengths(skeleton, voxel_size_um, *, smoothing: int = 2):
     depth = int(smoothing) + 2
 
     def block_lengths(block):
-        pts = np.argwhere(np.asarray(block) != 0)
+        pts = _coords(np.asarray(block))
         out = np.zeros(block.shape, dtype=np.float32)
         if len(pts):
             edges, pos, _ = _graph(pts, block.shape, vs, int(smoothing))
