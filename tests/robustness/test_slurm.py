@@ -416,6 +416,9 @@ def test_cluster_logging_keeps_info_off_the_console(monkeypatch):
     monkeypatch.setattr(root, "handlers", [logging.StreamHandler(console)])
     monkeypatch.setattr(dist, "handlers", [own])
     monkeypatch.setattr(dist, "propagate", False)
+    # ketamap's level follows the root's here (the command line sets it to INFO and
+    # filters on its console handler instead: tests/test_cli.py)
+    monkeypatch.setattr(logging.getLogger("ketamap"), "level", logging.NOTSET)
     levels = root.level, dist.level
     try:
         dist.setLevel(logging.INFO)

@@ -83,11 +83,18 @@ def dask_progress(local: bool = True):
     return ProgressBar(out=sys.stderr) if err.is_terminal and local else contextlib.nullcontext()
 
 
+class _LazyFileHandler(logging.FileHandler):
+    """A file handler that makes its folder and file at the first record, not before."""
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
 @contextlib.contextmanager
 def log_file(path: Path):
     """Append the INFO records of ketamap (and of a cluster run) to ``path`` meanwhile."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _LazyFileHandler(path, encoding="utf-8", delay=True)
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
