@@ -24,7 +24,7 @@ from scipy import stats
 from ketamap.errors import InputError, StatsError
 from ketamap.params import bounds, did_you_mean, validate
 from ketamap.stats.multitest import benjamini_hochberg
-from ketamap.stats.regions import _covariate_matrix, fit_f_prior_df
+from ketamap.stats.regions import _covariate_matrix, check_design, fit_f_prior_df
 
 __all__ = [
     "DENSITY_COLUMNS",
@@ -323,30 +323,7 @@ def _check_inputs(table, subjects, reference_group, value, covariates, trend):
         raise InputError(f"The density table lacks column(s) {', '.join(missing)}{near}.")
     if table.empty:
         raise InputError("The density table has no rows.")
-    needed = ("subject", "group", *(("dose_mg_per_kg",) if trend else ()), *covariates)
-    for c in needed:
-        if c not in subjects.columns:
-            raise InputError(
-                f'The subjects table lacks column "{c}"{did_you_mean(c, subjects.columns)}.'
-            )
-    if subjects["subject"].duplicated().any():
-        dup = subjects.loc[subjects["subject"].duplicated(), "subject"].iloc[0]
-        raise InputError(f'Subject "{dup}" appears more than once in the subjects table.')
-    for c in covariates:
-        if c in ("group", "dose_mg_per_kg", "subject"):
-            raise StatsError(f'"{c}" is part of the model already and cannot be a covariate.')
-        if subjects[c].isna().any():
-            raise InputError(f'Covariate "{c}" is missing for some subjects.')
-    if trend and subjects["dose_mg_per_kg"].isna().any():
-        raise InputError("dose_mg_per_kg is missing for some subjects.")
-    groups = pd.unique(subjects["group"].astype(str))
-    if len(groups) < 2:
-        raise StatsError(f"Comparing groups needs at least two groups, got only {groups[0]!r}.")
-    if reference_group not in groups:
-        raise StatsError(
-            f'Reference group "{reference_group}" is not among the groups '
-            f"{', '.join(groups)}{did_you_mean(reference_group, groups)}."
-        )
+    check_design(subjects, reference_group, covariates, need_dose=trend)
     unknown = sorted(set(table["subject"].astype(str)) - set(subjects["subject"].astype(str)))
     if unknown:
         raise InputError(

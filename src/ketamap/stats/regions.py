@@ -488,11 +488,15 @@ def _quasi_dispersion(X, Y, Off, W0, lam, trend_disp, abundance, params, cap, ra
 # --------------------------------------------------------------------------- inputs
 
 
-def _check_inputs(counts, subjects, reference_group, covariates):
-    missing = [c for c in _COUNT_COLUMNS if c not in counts.columns]
-    if missing:
-        raise InputError(f"The counts table lacks column(s) {', '.join(missing)}.")
-    for c in ("subject", "group", "dose_mg_per_kg", *covariates):
+def check_design(subjects, reference_group, covariates, *, need_dose: bool) -> None:
+    """Check a subjects table for a group comparison; one sentence for the first problem.
+
+    Shared by the count model and :func:`ketamap.stats.densities.compare_densities`:
+    the columns (``subject``, ``group``, ``dose_mg_per_kg`` when ``need_dose``, the
+    covariates), unique subjects, covariates that are neither model terms nor missing,
+    at least two groups, and the reference group among them.
+    """
+    for c in ("subject", "group", *(("dose_mg_per_kg",) if need_dose else ()), *covariates):
         if c not in subjects.columns:
             near = did_you_mean(c, subjects.columns)
             raise InputError(f'The subjects table lacks column "{c}"{near}.')
@@ -504,7 +508,7 @@ def _check_inputs(counts, subjects, reference_group, covariates):
             raise StatsError(f'"{c}" is part of the model already and cannot be a covariate.')
         if subjects[c].isna().any():
             raise InputError(f'Covariate "{c}" is missing for some subjects.')
-    if subjects["dose_mg_per_kg"].isna().any():
+    if need_dose and subjects["dose_mg_per_kg"].isna().any():
         raise InputError("dose_mg_per_kg is missing for some subjects.")
     groups = pd.unique(subjects["group"].astype(str))
     if len(groups) < 2:
@@ -514,6 +518,13 @@ def _check_inputs(counts, subjects, reference_group, covariates):
             f'Reference group "{reference_group}" is not among the groups '
             f"{', '.join(groups)}{did_you_mean(reference_group, groups)}."
         )
+
+
+def _check_inputs(counts, subjects, reference_group, covariates):
+    missing = [c for c in _COUNT_COLUMNS if c not in counts.columns]
+    if missing:
+        raise InputError(f"The counts table lacks column(s) {', '.join(missing)}.")
+    check_design(subjects, reference_group, covariates, need_dose=True)
     unknown = sorted(set(counts["subject"].astype(str)) - set(subjects["subject"].astype(str)))
     if unknown:
         raise InputError(f"Subject(s) {', '.join(unknown[:5])} in counts are not in subjects.")

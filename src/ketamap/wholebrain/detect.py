@@ -1115,16 +1115,14 @@ def _shifted(a: np.ndarray, box: tuple[slice, ...], axis: int, d: int) -> np.nda
     return np.take(a[box[:axis] + (slice(None),) + box[axis + 1 :]], at, axis=axis)
 
 
-def _finite_block(
-    block, background, background_scale: float = 0.0, *, pad_lo, origin, check_only=False
-):
-    """Subtract the scaled background from the block (float32); NaN or inf raise a sentence.
+def minus_background(block, background, scale: float, *, pad_lo, origin, task: str):
+    """Return ``block - scale x background`` in float32; NaN or inf raise one sentence.
 
-    With ``check_only`` (a chunk without tissue, not detected), only the check is made
-    and an empty result returned.
+    Shared by detection and fibre segmentation (``task`` names it in the sentence);
+    ``origin`` and ``pad_lo`` place the block in the volume, for the sentence too.
     """
     if background is not None:  # x = block - scale * background, in float32
-        x = np.multiply(background, np.float32(-background_scale), dtype=np.float32)
+        x = np.multiply(background, np.float32(-scale), dtype=np.float32)
         np.add(x, block, out=x, casting="unsafe")
     else:
         x = np.asarray(block).astype(np.float32, copy=True)
@@ -1137,8 +1135,21 @@ def _finite_block(
         where = tuple(int(o - p + i) for o, p, i in zip(origin, pad_lo, bad))
         raise InputError(
             f"The volume holds NaN or infinite values (first at voxel (z, y, x) = {where}); "
-            "replace them before detection."
+            f"replace them before {task}."
         )
+    return x
+
+
+def _finite_block(
+    block, background, background_scale: float = 0.0, *, pad_lo, origin, check_only=False
+):
+    """Subtract the scaled background from the block (float32); NaN or inf raise a sentence.
+
+    With ``check_only`` (a chunk without tissue, not detected), only the check is made
+    and an empty result returned.
+    """
+    x = minus_background(block, background, background_scale, pad_lo=pad_lo, origin=origin,
+                         task="detection")  # fmt: skip
     if check_only:
         return _empty_table(), (0, np.zeros(0, np.int64))
     return x

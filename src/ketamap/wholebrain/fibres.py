@@ -89,6 +89,7 @@ from ketamap.errors import InputError, ParameterError
 from ketamap.io.volumes import check_volume, lazy_array
 from ketamap.params import bounds, validate
 from ketamap.space import check_voxel_size
+from ketamap.wholebrain.detect import minus_background
 
 __all__ = [
     "FibreParams",
@@ -707,27 +708,6 @@ def _graph(pts: np.ndarray, shape, vs, passes: int):
 
 
 # ---------------------------------------------------------------------------- one chunk
-def _as_float(block, background, scale: float, *, pad_lo, origin) -> np.ndarray:
-    """``block - scale x background`` in float32; NaN or inf raise one sentence."""
-    if background is not None:
-        x = np.multiply(background, np.float32(-scale), dtype=np.float32)
-        np.add(x, block, out=x, casting="unsafe")
-    else:
-        x = np.asarray(block).astype(np.float32, copy=True)
-    floats = any(
-        a is not None and np.issubdtype(np.asarray(a).dtype, np.floating)
-        for a in (block, background)
-    )
-    if floats and not np.isfinite(x).all():
-        bad = np.argwhere(~np.isfinite(x))[0]
-        where = tuple(int(o - p + i) for o, p, i in zip(origin, pad_lo, bad))
-        raise InputError(
-            f"The volume holds NaN or infinite values (first at voxel (z, y, x) = {where}); "
-            "replace them before fibre segmentation."
-        )
-    return x
-
-
 def _clamp_spikes(x: np.ndarray, bound_grid: np.ndarray, start, block) -> None:
     """Lower every voxel to at most the largest of its 6 neighbours plus its bound, in place.
 
@@ -1002,7 +982,8 @@ def _segment_block(
     origin,
 ) -> np.ndarray:
     """Mask (bit 0) and skeleton (bit 1) of one chunk's core, as uint8."""
-    x = _as_float(block, background, bg_scale, pad_lo=pad_lo, origin=origin)
+    x = minus_background(block, background, bg_scale, pad_lo=pad_lo, origin=origin,
+                         task="fibre segmentation")  # fmt: skip
     out = np.zeros(core_shape, dtype=np.uint8)
     shape = np.asarray(x.shape)
     start = np.asarray(origin) - np.asarray(pad_lo)  # global index of the block's voxel 0
