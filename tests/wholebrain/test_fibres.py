@@ -385,7 +385,10 @@ def test_outputs_are_written_as_ome_zarr(tmp_path, sparse):
     ]
 
 
-BUDGET_MIB = 64
+# Address space left to the process (RLIMIT_AS): it also counts what the allocator and
+# the thread stacks reserve, which varies between machines by tens of MiB (a 64-MiB
+# budget that passed here failed on a CI machine); the volume stays over five times it.
+BUDGET_MIB = 96
 
 _MEMORY_SCRIPT = textwrap.dedent(
     """
@@ -400,7 +403,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
         write_fibre_outputs)
 
     budget = int(sys.argv[1]) * 2**20
-    shape, vs = (1536, 256, 256), (4.0, 2.0, 2.0)
+    shape, vs = (2048, 256, 256), (4.0, 2.0, 2.0)
     params = FibreParams(chunk_size_vox=(24, 100, 104), tissue_mask=False)
     plan = _plan(vs, params)
     # the volume's chunks are the segmentation's (no rechunking between them)
@@ -453,7 +456,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and RLIMIT_AS")
 def test_memory_is_bounded_by_the_chunk_size(tmp_path):
-    """A lazily generated volume four times the memory left to the process."""
+    """A lazily generated volume over five times the memory left to the process."""
     env = dict(os.environ, MALLOC_ARENA_MAX="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-c", _MEMORY_SCRIPT, str(BUDGET_MIB), str(tmp_path / "out")],
@@ -461,8 +464,8 @@ def test_memory_is_bounded_by_the_chunk_size(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["volume_bytes"] >= 4 * out["budget_bytes"]
-    n_lines = (1536 // 16) * (256 // 32)
+    assert out["volume_bytes"] >= 5 * out["budget_bytes"]
+    n_lines = (2048 // 16) * (256 // 32)
     expected = n_lines * 255 * 2.0  # each line spans the 256 voxels of x, 2 µm apart
     assert out["length_um"] == pytest.approx(expected, rel=0.06)
     assert out["n_mask"] >= n_lines * 256 * 2  # the footprint: several voxels per step

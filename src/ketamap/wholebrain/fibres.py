@@ -115,7 +115,7 @@ _MIN_NOISE_PAIRS = 16  # a noise block needs this many selected pairs, else its 
 _HALF = 0.5
 _MIDPOINTS = (0.25, 0.5, 0.75)  # points added along each skeleton edge for the mask
 _REGION_PAD = 2  # voxels of the smoothed image kept around the region
-_SUM_VOXELS = 2**18  # voxels summed per region at once (bounds the temporaries)
+_SUM_VOXELS = 2**16  # voxels summed per region at once (bounds the temporaries)
 _SLAB_ROWS = 8  # chunk rows (along z) computed at once when results are stored or summed
 _PLANES = 4  # z planes per step of the voxel-wise passes of a chunk (temporaries stay in cache)
 # the 13 "forward" neighbour offsets of the 26-neighbourhood
