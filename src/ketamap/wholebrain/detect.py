@@ -94,7 +94,7 @@ _MIN_NEIGHBOUR_RATIO = 0.2  # the spike test runs on axes where a soma's neighbo
 _MAX_PIECES = 8  # most somata one object is split into
 _MAX_MARKERS = 8  # other maxima that share an object's moment window, nearest first
 _PATCH_DIV = 3.0  # moment window half-size: one imaged soma diameter (a third of the walk)
-_MOMENT_FLOOR = 0.2  # an object's moments weigh its band-passed signal above this x its peak
+_MOMENT_FLOOR = 0.5  # moments weigh the object's half-maximum region (above half its peak)
 _MODEL_CUT = 0.02  # one soma's response is modelled where it exceeds 2 % of its peak (its
 # positive part: the shallow negative surround of the band-pass is left out)
 
@@ -956,10 +956,12 @@ def _object_moments(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Centroid (voxels, from ``pos``) and covariance (µm²) of each object's signal.
 
-    The weights are the band-passed signal above ``_MOMENT_FLOOR`` x the peak in a window
-    of ``plan.patch`` voxels around each maximum (voxels outside the array weigh
-    nothing). With ``markers``, a voxel counts only if no other local maximum of ``f``
-    above that floor is nearer to it (in µm) than this maximum: a neighbour that has a
+    The weights are the band-passed signal above ``_MOMENT_FLOOR`` x the peak (half:
+    the object's half-maximum region, so a plateau it sits on, such as the bright rim
+    under the tissue surface, does not read as an elongated object) in a window of
+    ``plan.patch`` voxels around each maximum (voxels outside the array weigh nothing).
+    With ``markers``, a voxel counts only if no other local maximum of ``f`` above that
+    floor is nearer to it (in µm) than this maximum: a neighbour that has a
     maximum of its own keeps its voxels.
     """
     n = len(pos)
