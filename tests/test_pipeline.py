@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ketamap.atlas import load_atlas
+from ketamap.io.volumes import open_volume, read_voxel_size_um
 from ketamap.pipelines.census import run_study
 from ketamap.simulate import BrainParams, simulate_census
 from ketamap.simulate.evaluate import evaluate_census
@@ -409,6 +411,7 @@ def test_fibres_stage_runs_only_when_asked_and_only_itself(ran_study, tmp_path):
     manifest = copy / "study.toml"
     manifest.write_text(manifest.read_text() + "\n[fibres]\nthreshold_snr = 5.0\n")
     again = run_study(manifest, stages=("detect", "register", "quantify", "fibres"))
+    annotation = load_atlas("phantom:100").annotation
     for r in again.subjects:
         assert r["fibres"] is True
         assert not any(r[k] for k in ("detect", "register", "quantify"))
@@ -416,7 +419,21 @@ def test_fibres_stage_runs_only_when_asked_and_only_itself(ran_study, tmp_path):
         assert (out / "fibre_mask.ome.zarr").is_dir() and (out / "skeleton.ome.zarr").is_dir()
         table = pd.read_parquet(out / "fibre_regions.parquet")
         assert {"region_id", "level", "length_density_mm_per_mm3", "voxel_fraction"} <= set(table)
-        assert json.loads((out / "fibre_qc.json").read_text())["total_length_mm"] >= 0
+        qc = json.loads((out / "fibre_qc.json").read_text())
+        assert qc["total_length_mm"] >= 0
+        # the skeleton's length mapped into atlas space: what lands in the atlas volume
+        atlas_map = open_volume(out / "fibre_density_atlas.ome.zarr").compute()
+        assert atlas_map.shape == (132, 80, 114) and read_voxel_size_um(
+            out / "fibre_density_atlas.ome.zarr"
+        ) == (100.0, 100.0, 100.0)
+        held_mm = float(atlas_map.astype(np.float64).sum()) * 0.1**3
+        assert held_mm == pytest.approx(qc["atlas_length_mm"], rel=1e-4)
+        # about 1 % of this field of view's skeleton lies beyond the atlas box (measured)
+        assert 0.97 * qc["total_length_mm"] <= qc["atlas_length_mm"] <= qc["total_length_mm"]
+        # in the brain, the map holds what the region table measured in the sample
+        in_brain_mm = float(atlas_map[annotation > 0].astype(np.float64).sum()) * 0.1**3
+        root_mm = table.loc[table["acronym"] == "root", "length_um"].iloc[0] / 1000
+        assert in_brain_mm == pytest.approx(root_mm, rel=0.01)
     # the study stages compare fibre densities and report them
     full = run_study(manifest)
     assert full.stats_ran and full.report_ran and not any(r["fibres"] for r in full.subjects)
@@ -424,7 +441,19 @@ def test_fibres_stage_runs_only_when_asked_and_only_itself(ran_study, tmp_path):
     assert set(fibres["measure"]) == {"length_density_mm_per_mm3", "voxel_fraction"}
     assert {"ket30_vs_saline", "ket100_vs_saline", "dose_trend"} <= set(fibres["contrast"])
     assert fibres["p"].between(0, 1).all()
-    assert "Fibres: fibre length density" in (copy / "report.html").read_text()
+    # ... and map them voxel-wise beside the cells, with the cells' test
+    maps = copy / "stats" / "fibre_voxel_maps"
+    for name in ("mask", "mean_density_saline", "mean_density_ket100",
+                 "log2_fold_change_ket100_vs_saline"):  # fmt: skip
+        assert (maps / f"{name}.ome.zarr").is_dir() and (maps / f"{name}.nii.gz").is_file()
+    assert (copy / "stats" / "fibre_voxel_clusters.parquet").is_file()
+    prov = json.loads((copy / "stats" / "provenance.json").read_text())["result"]
+    # two mice per group: 6 relabellings, no FWE p below 1/3, said as for the cells
+    assert all("relabellings" in c["skipped"] for c in prov["fibre_voxels"]["contrasts"])
+    page = (copy / "report.html").read_text()
+    assert "Fibres: fibre length density" in page
+    assert "fibre length density in atlas space" in page
+    assert "Fibre voxel tests the design cannot support" in page
     # a changed fibre parameter reruns the fibres stage alone, then the study stages
     manifest.write_text(manifest.read_text().replace("threshold_snr = 5.0", "threshold_snr = 6.0"))
     third = run_study(manifest)

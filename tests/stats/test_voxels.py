@@ -154,3 +154,20 @@ def test_errors_speak_to_the_user():
         VoxelParams(radius_um=0)
     with pytest.raises(ParameterError, match="connectivity"):
         VoxelParams(connectivity=8)
+
+
+def test_weighted_points_give_a_density_of_their_weight():
+    pts = [[700.0, 700.0, 700.0], [700.0, 700.0, 700.0], [1100.0, 600.0, 900.0]]
+    w = [0.5, 0.25, 2.0]  # e.g. mm of fibre
+    plain = density_map(pts, (20, 20, 20), voxel_size_um=100.0, radius_um=0, weights=w)
+    assert plain[7, 7, 7] * 0.1**3 == pytest.approx(0.75)
+    assert plain[11, 6, 9] * 0.1**3 == pytest.approx(2.0)
+    assert np.count_nonzero(plain) == 2
+    for kernel in ("gaussian", "sphere"):
+        d = density_map(pts, (20, 20, 20), voxel_size_um=100.0, radius_um=150.0, kernel=kernel,
+                        weights=w)  # fmt: skip
+        assert d.sum() * 0.1**3 == pytest.approx(2.75, rel=1e-3)
+    with pytest.raises(InputError, match="one finite number per point"):
+        density_map(pts, (20, 20, 20), voxel_size_um=100.0, radius_um=0, weights=[1.0])
+    with pytest.raises(ParameterError, match="radius_um"):
+        density_map(pts, (20, 20, 20), voxel_size_um=100.0, radius_um=-1)

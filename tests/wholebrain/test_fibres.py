@@ -469,3 +469,121 @@ def test_memory_is_bounded_by_the_chunk_size(tmp_path):
     expected = n_lines * 255 * 2.0  # each line spans the 256 voxels of x, 2 µm apart
     assert out["length_um"] == pytest.approx(expected, rel=0.06)
     assert out["n_mask"] >= n_lines * 256 * 2  # the footprint: several voxels per step
+
+
+# ------------------------------------------------------------------ the map in atlas space
+
+
+def _registration(transform=None, *, shape=(40, 100, 120), orientation="asr", res=20.0):
+    from ketamap.wholebrain.register import Registration
+
+    return Registration(
+        sample_to_atlas=transform or sitk.Transform(3, sitk.sitkIdentity),
+        sample_shape_vox=shape,
+        sample_voxel_size_um=VS,
+        sample_orientation=orientation,
+        atlas_shape_vox=(8, 10, 12),
+        atlas_resolution_um=(res, res, res),
+        atlas_orientation="asr",
+        qc={},
+    )
+
+
+def _lines(shape=(40, 100, 120)) -> np.ndarray:
+    """Three straight fibres of known length: along x, along z and along y."""
+    sk = np.zeros(shape, np.uint8)
+    sk[20, 50, 10:110] = 1  # 99 edges of 2 µm: 198 µm, atlas row (4, 5)
+    sk[5:35, 30, 60] = 1  # 29 edges of 4 µm: 116 µm
+    sk[12, 5:95, 90] = 1  # 89 edges of 2 µm: 178 µm
+    return sk
+
+
+def _atlas_um(density: np.ndarray, voxel_size_um) -> float:
+    """The length (µm) a map holds: density (mm/mm³) times voxel volume (mm³), in µm."""
+    return float(density.astype(np.float64).sum()) * float(np.prod(voxel_size_um)) * 1e-9 * 1e3
+
+
+def test_atlas_map_holds_the_skeleton_length_in_the_right_voxels():
+    from ketamap.wholebrain.fibres import fibre_density_atlas
+
+    sk = _lines()
+    lengths = skeleton_lengths(sk, VS)
+    assert lengths.sum() == pytest.approx(198 + 116 + 178, rel=1e-6)
+    found = fibre_density_atlas(lengths, _registration())
+    d = found.density_mm_per_mm3
+    assert d.dtype == np.float32 and d.shape == (8, 10, 12) and found.voxel_size_um == (20.0,) * 3
+    assert found.length_um == pytest.approx(lengths.sum())
+    assert found.length_in_atlas_um == pytest.approx(found.length_um)
+    assert found.n_skeleton_voxels == int(sk.sum())
+    assert _atlas_um(d, found.voxel_size_um) == pytest.approx(lengths.sum(), rel=0.01)
+    # identity: sample voxel centre (i + 0.5) v is atlas voxel centre (j + 0.5) 20 µm, so the
+    # fibre along x at z = 20 (80-84 µm), y = 50 (100-102 µm) lies in atlas row (4, 5): the
+    # 18 µm of its first and last atlas voxel, 20 µm in each voxel between
+    row = d[4, 5]
+    voxel_mm3 = 20.0**3 * 1e-9
+    assert row[[0, 11]].tolist() == [0.0, 0.0]
+    assert row[1] * voxel_mm3 * 1e3 == pytest.approx(19.0, abs=1e-3)  # half an edge from x = 10
+    assert np.allclose(row[2:10] * voxel_mm3 * 1e3, 20.0)
+    expected = {(4, 5, x) for x in range(1, 11)}
+    expected |= {(z, 3, 6) for z in range(1, 7)}  # along z: z 5..34 (20-140 µm) at y 30, x 60
+    expected |= {(2, y, 9) for y in range(0, 10)}  # along y: y 5..94 at z 12 (48 µm), x 90
+    assert {tuple(int(i) for i in p) for p in np.argwhere(d > 0)} == expected
+    # chunk by chunk: the same map
+    lazy = fibre_density_atlas(
+        skeleton_lengths(da.from_array(sk, chunks=(16, 40, 50)), VS), _registration()
+    )
+    assert np.allclose(lazy.density_mm_per_mm3, d)
+    assert lazy.length_um == pytest.approx(found.length_um)
+
+
+def test_atlas_map_follows_an_affine_and_the_orientation():
+    from ketamap.wholebrain.fibres import fibre_density_atlas
+    from ketamap.wholebrain.register import cells_to_atlas
+
+    sk = _lines()
+    lengths = skeleton_lengths(sk, VS)
+    shifted = sitk.AffineTransform(3)
+    shifted.SetTranslation((40.0, -20.0, 0.0))  # (x, y, z) µm: 2 atlas voxels in x, -1 in y
+    found = fibre_density_atlas(lengths, _registration(shifted))
+    base = fibre_density_atlas(lengths, _registration()).density_mm_per_mm3
+    d = found.density_mm_per_mm3
+    assert np.allclose(d[:, :-1, 2:], base[:, 1:, :-2])  # moved by the transform
+    # what leaves the atlas volume is counted, not mapped
+    outside = found.length_um - found.length_in_atlas_um
+    assert outside > 0
+    assert _atlas_um(d, found.voxel_size_um) == pytest.approx(found.length_in_atlas_um, rel=1e-4)
+    # another orientation and a scaling: each skeleton voxel lands where the cells' point
+    # transform puts it
+    scaled = sitk.AffineTransform(3)
+    scaled.SetMatrix((0.8, 0, 0, 0, 0.8, 0, 0, 0, 0.8))
+    reg = _registration(scaled, shape=(40, 100, 120), orientation="psl")
+    found = fibre_density_atlas(lengths, reg)
+    pts = np.argwhere(sk > 0)
+    atlas_vox = np.rint(cells_to_atlas(reg, pts.astype(float))).astype(int)
+    want = np.zeros((8, 10, 12))
+    np.add.at(want, tuple(atlas_vox.T), lengths[tuple(pts.T)])
+    assert np.allclose(found.density_mm_per_mm3 * 20.0**3 * 1e-9 * 1e3, want, atol=1e-3)
+    assert found.length_in_atlas_um == pytest.approx(lengths.sum())
+
+
+def test_atlas_map_coarse_grid_and_smoothing_keep_the_length():
+    from ketamap.wholebrain.fibres import fibre_density_atlas
+
+    sk = np.zeros((40, 100, 120), np.uint8)
+    sk[20, 50, 30:90] = 1  # 118 µm in the middle: the kernel stays inside the grid
+    lengths = skeleton_lengths(sk, VS)
+    coarse = fibre_density_atlas(lengths, _registration(), factor=(2, 2, 2))
+    assert coarse.density_mm_per_mm3.shape == (4, 5, 6) and coarse.voxel_size_um == (40.0,) * 3
+    assert _atlas_um(coarse.density_mm_per_mm3, (40.0,) * 3) == pytest.approx(118.0, rel=1e-4)
+    plain = fibre_density_atlas(lengths, _registration()).density_mm_per_mm3
+    for kernel, radius in (("gaussian", 15.0), ("sphere", 30.0)):
+        smooth = fibre_density_atlas(lengths, _registration(), radius_um=radius, kernel=kernel)
+        d = smooth.density_mm_per_mm3
+        assert _atlas_um(d, (20.0,) * 3) == pytest.approx(118.0, rel=0.01)
+        assert (d > 0).sum() > (plain > 0).sum() and d.max() < plain.max()  # spread out
+    empty = fibre_density_atlas(np.zeros((40, 100, 120), np.float32), _registration())
+    assert empty.length_um == 0.0 and not empty.density_mm_per_mm3.any()
+    with pytest.raises(InputError, match="registration's sample"):
+        fibre_density_atlas(lengths[:-1], _registration())
+    with pytest.raises(ParameterError, match="factor"):
+        fibre_density_atlas(lengths, _registration(), factor=(0, 1, 1))

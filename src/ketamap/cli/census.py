@@ -268,7 +268,8 @@ def fibres(
     Writes fibre_mask.ome.zarr (uint8, 1 = fibre, the input's grid), skeleton.ome.zarr,
     fibre_qc.json (noise, total length) and, with --registration and --atlas,
     fibre_regions.parquet/.csv (length density, voxel fraction and intensity per region,
-    every hierarchy level, left and right).
+    every hierarchy level, left and right) and fibre_density_atlas.ome.zarr (the
+    skeleton's length per atlas voxel, mm per mm³, on the atlas grid).
     """
     from ketamap.atlas import load_atlas
     from ketamap.engine.scheduler import use_scheduler

@@ -10,9 +10,12 @@ Layout of a study folder after ``run_study``::
                                (with tissue_atlas_dice), provenance.json
     stats/                     regions.parquet/.csv, counts.parquet/.csv, provenance.json,
                                voxel_maps/ (*.ome.zarr, *.nii.gz), voxel_clusters.parquet/.csv,
-                               network_edges/_groups/_summary.parquet/.csv
+                               network_edges/_groups/_summary.parquet/.csv; with [fibres]
+                               fibres, fibre_densities (.parquet/.csv), fibre_voxel_maps/,
+                               fibre_voxel_clusters.parquet/.csv
     subjects/<id>/fibres/      (with [fibres]) fibre_mask.ome.zarr, skeleton.ome.zarr,
-                               fibre_regions.parquet/.csv, fibre_qc.json, provenance.json
+                               fibre_regions.parquet/.csv, fibre_density_atlas.ome.zarr,
+                               fibre_qc.json, provenance.json
     report/                    figures/ (PNG, SVG), provenance.json
     report.html                the report (the only copy; figures embedded)
     logs/ketamap.log           the log of every `ketamap run`
@@ -431,7 +434,9 @@ def run_stats(study: Study, *, force: bool = False) -> bool:
     ``stats/network_groups``, ``stats/network_summary`` and, with ``[fibres]``,
     ``stats/fibres`` (fibre length density and voxel fraction compared per region by
     :func:`ketamap.stats.densities.compare_densities`) and ``stats/fibre_densities``
-    (the per-mouse values) (Parquet + CSV).
+    (the per-mouse values) (Parquet + CSV), and ``stats/fibre_voxel_maps/`` and
+    ``stats/fibre_voxel_clusters`` (the voxel maps and FWE test of the fibre length
+    density, from each subject's map in atlas space, as for the cells).
     A voxel test or network that the design cannot support (e.g. fewer than
     3 mice per group for a network) is skipped with a warning and the reason
     is recorded in ``provenance.json``.
@@ -486,6 +491,8 @@ def run_stats(study: Study, *, force: bool = False) -> bool:
                 result["voxels"] = {"skipped": str(e)}
         if fib_params is not None:
             result["fibres"] = _fibre_stats(study, subjects, covariates, tmp)
+            if voxel_params.enabled:
+                result["fibre_voxels"] = _fibre_voxel_maps(study, voxel_params, tmp)
         if network_params.enabled:
             try:
                 net = compare_networks(counts, subjects, reference_group=study.reference_group,
@@ -553,6 +560,39 @@ def _fibre_stats(study: Study, subjects: pd.DataFrame, covariates, tmp: Path) ->
     keep = ["subject", "region_id", "acronym", "level", "volume_mm3", *FIBRE_MEASURES]
     write_table(table[keep], tmp / "fibre_densities.parquet")
     return {"n_rows": len(found), "n_called": int(found["called"].sum())}
+
+
+def _fibre_voxel_maps(study: Study, params, tmp: Path) -> dict:
+    """Voxel maps of fibre length density and their FWE test; writes ``stats/fibre_voxel_*``.
+
+    The subjects' atlas-space maps (``fibres/fibre_density_atlas.ome.zarr``) become
+    weighted points and go through the cells' :func:`write_voxel_maps` (same grid,
+    kernel, log offset and test), with the outputs' names prefixed ``fibre_``.
+    """
+    from ketamap.errors import StatsError
+    from ketamap.io.volumes import open_volume
+    from ketamap.stats.voxel_maps import map_points, write_voxel_maps
+    from ketamap.wholebrain.fibres import FIBRE_DENSITY_ATLAS_FILE
+
+    atlas = _load_atlas(study.atlas_spec)
+    points = []
+    for s in study.subjects:
+        path = subject_dir(study, s, "fibres") / FIBRE_DENSITY_ATLAS_FILE
+        if not path.exists():
+            reason = (
+                f'subject "{s.id}" has no fibre map in atlas space (its fibres stage ran '
+                'before the map was made); run "ketamap run --force" to make it'
+            )
+            log.warning("fibre voxel maps skipped: %s", reason)
+            return {"skipped": reason}
+        points.append(map_points(open_volume(path), atlas.annotation, atlas.resolution_um))
+    try:
+        groups = [s.group for s in study.subjects]
+        return write_voxel_maps(points, groups, study.reference_group, atlas, params, tmp,
+                                weight="length_mm", prefix="fibre_")  # fmt: skip
+    except StatsError as e:
+        log.warning("fibre voxel maps skipped: %s", e)
+        return {"skipped": str(e)}
 
 
 def _qc_table(study: Study) -> pd.DataFrame:
@@ -651,7 +691,10 @@ def run_report(study: Study, *, force: bool = False) -> bool:
             voxel_alpha=voxel_params.alpha,
             network_alpha=network_params.alpha,
         )
-        fibre_figures, fibre_tables = fibre_sections(study.root / "stats", alpha=stats_params.alpha)
+        fibre_figures, fibre_tables = fibre_sections(
+            study.root / "stats", alpha=stats_params.alpha, voxel_alpha=voxel_params.alpha,
+            orientation=_load_atlas(study.atlas_spec).orientation,
+        )  # fmt: skip
         map_figures, map_tables = map_figures + fibre_figures, map_tables + fibre_tables
         html = render_report(
             study={

@@ -11,7 +11,8 @@ that both write the same files:
   ``volumes.csv``, ``qc.png`` and ``qc_checkerboard.png``;
 - :func:`quantify_into`: ``cells_atlas``, ``regions`` (Parquet and CSV), ``summary.json``;
 - :func:`fibres_into`: ``fibre_mask.ome.zarr``, ``skeleton.ome.zarr``, ``fibre_qc.json``
-  and, with a registration, ``fibre_regions`` (Parquet and CSV).
+  and, with a registration, ``fibre_regions`` (Parquet and CSV) and
+  ``fibre_density_atlas.ome.zarr`` (length density in atlas space).
 
 Each writes into a folder it is given (the engine's temporary folder) and returns
 the stage's headline numbers.
@@ -237,7 +238,7 @@ def fibres_into(
     registration_dir: Path | None = None,
     atlas: Atlas | None = None,
 ) -> dict:
-    """Segment fibres and write the mask, the skeleton, the QC and the per-region table.
+    """Segment fibres; write the mask, the skeleton, the QC, the region table and atlas map.
 
     Parameters
     ----------
@@ -257,19 +258,26 @@ def fibres_into(
         Detected cells (``z_vox, y_vox, x_vox``): their bodies are not fibre.
     registration_dir : Path, optional
         A folder written by :func:`register_into`; with ``atlas``, fibre length,
-        voxel fraction and intensity are tabulated per region (``fibre_regions``).
+        voxel fraction and intensity are tabulated per region (``fibre_regions``), and
+        the skeleton's length is mapped onto the atlas grid
+        (``fibre_density_atlas.ome.zarr``: float32, mm per mm³, the atlas' voxel size
+        and orientation, not smoothed; :func:`~ketamap.wholebrain.fibres.fibre_density_atlas`).
     atlas : Atlas, optional
         The atlas of that registration.
 
     Returns
     -------
     dict
-        The QC numbers and ``total_length_mm`` (and ``n_regions`` with a registration).
+        The QC numbers and ``total_length_mm``; with a registration also ``n_regions``,
+        ``atlas_length_mm`` (the length the atlas map holds: the skeleton voxels that map
+        inside the atlas volume) and ``atlas_map_seconds`` (the time the map took).
     """
     import dask.array as da
 
     from ketamap.io.volumes import lazy_array, open_volume
     from ketamap.wholebrain.fibres import (
+        FIBRE_DENSITY_ATLAS_FILE,
+        fibre_density_atlas,
         fibre_length_table,
         labels_on_sample_grid,
         segment_fibres,
@@ -294,11 +302,22 @@ def fibres_into(
     skeleton = open_volume(paths["skeleton"])
     lengths = skeleton_lengths(skeleton, voxel_size_um, smoothing=params.length_smoothing)
     numbers = {k: v for k, v in qc.items() if k != "tissue" and not isinstance(v, (list, dict))}
-    numbers["total_length_mm"] = float(da.asarray(lengths).sum().compute()) / 1000.0
-    if registration_dir is not None:
+    if registration_dir is None:
+        numbers["total_length_mm"] = float(da.asarray(lengths).sum().compute()) / 1000.0
+    else:
+        import time
+
+        from ketamap.io.volumes import write_ome_zarr
         from ketamap.wholebrain.register import load_registration, warp_labels_to_sample
 
         reg = load_registration(registration_dir)
+        start = time.perf_counter()
+        found = fibre_density_atlas(lengths, reg)  # its pass over the lengths gives the total
+        write_ome_zarr(found.density_mm_per_mm3, folder / FIBRE_DENSITY_ATLAS_FILE,
+                       voxel_size_um=found.voxel_size_um)  # fmt: skip
+        numbers["atlas_map_seconds"] = round(time.perf_counter() - start, 3)
+        numbers["total_length_mm"] = found.length_um / 1000.0
+        numbers["atlas_length_mm"] = found.length_in_atlas_um / 1000.0
         packed = warp_labels_to_sample(
             reg, atlas.annotation.astype(np.uint64) * 4 + atlas.hemispheres
         )

@@ -27,7 +27,7 @@ from ketamap.report.maps import (
 if TYPE_CHECKING:
     from ketamap.atlas import Atlas
 
-__all__ = ["map_sections"]
+__all__ = ["map_sections", "fibre_sections"]
 
 
 def map_sections(
@@ -90,34 +90,15 @@ def map_sections(
         tables.append({"title": "Tests the design cannot support",
                        "text": "Not tested: " + " ".join(f"{u}." for u in untestable),
                        "columns": [], "frame": pd.DataFrame()})  # fmt: skip
-    vox_dir = stats_dir / "voxel_maps"
-    clusters_file = stats_dir / "voxel_clusters.parquet"
-    names = sorted(p.name[len("t_") : -len(".ome.zarr")] for p in vox_dir.glob("t_*.ome.zarr"))
-    if vox_dir.is_dir() and clusters_file.exists() and names:
-
-        def read(name):
-            return np.asarray(open_volume(vox_dir / f"{name}.ome.zarr").compute())
-
-        mask = read("mask") > 0
-        t_maps = {n: read(f"t_{n}") for n in names}
-        p_maps = {n: read(f"p_fwe_{n}") for n in names}
-        vox_alpha = float(voxel_alpha)
-        fig = voxel_slices_figure(t_maps, p_maps, mask, orientation=atlas.orientation,
-                                  alpha=vox_alpha)  # fmt: skip
-        figures.append(("voxel_t_maps", fig, "Voxel-wise t maps of log density (group minus "
-                        f"reference) on coronal slices; black outlines: FWE-corrected p < "
-                        f"{vox_alpha:g}. The maps open in napari or ITK-SNAP from "
-                        "stats/voxel_maps (OME-Zarr, NIfTI)."))  # fmt: skip
-        clusters = pd.read_parquet(clusters_file)
-        if len(clusters):
-            shown = clusters[clusters["p_fwe"] < vox_alpha]
-            cols = ["contrast", "sign", "n_voxels", "volume_mm3", "statistic", "peak_t",
-                    "peak_acronym", "p_fwe"]  # fmt: skip
-            tables.append({
-                "title": "Voxel clusters (FWE-corrected)",
-                "text": f"{len(shown)} of {len(clusters)} clusters with p_fwe < {vox_alpha:g}.",
-                "columns": cols, "frame": shown.sort_values("p_fwe").head(200),
-            })  # fmt: skip
+    caption = ("Voxel-wise t maps of log density (group minus reference) on coronal slices; "
+               f"black outlines: FWE-corrected p < {voxel_alpha:g}. The maps open in napari or "
+               "ITK-SNAP from stats/voxel_maps (OME-Zarr, NIfTI).")  # fmt: skip
+    vox_figures, vox_tables = _voxel_sections(
+        stats_dir, "", orientation=atlas.orientation, alpha=voxel_alpha, caption=caption,
+        title="Voxel clusters (FWE-corrected)",
+    )  # fmt: skip
+    figures += vox_figures
+    tables += vox_tables
     if (stats_dir / "network_edges.parquet").exists():
         edges = pd.read_parquet(stats_dir / "network_edges.parquet")
         groups = pd.read_parquet(stats_dir / "network_groups.parquet")
@@ -142,15 +123,79 @@ def map_sections(
     return figures, tables
 
 
-def fibre_sections(stats_dir: Path, *, alpha: float) -> tuple[list, list]:
-    """Volcano plots and tables of the fibre statistics (``stats/fibres``), if any.
+def _read_map(folder: Path, name: str) -> np.ndarray:
+    return np.asarray(open_volume(folder / f"{name}.ome.zarr").compute())
+
+
+def _voxel_sections(
+    stats_dir: Path,
+    prefix: str,
+    *,
+    orientation: str,
+    alpha: float,
+    caption: str,
+    title: str,
+    means_caption: str | None = None,
+) -> tuple[list, list]:
+    """Return the t maps (FWE outlines), clusters and optionally means of ``<prefix>voxel_maps``.
+
+    The one place that reads what :func:`~ketamap.stats.voxel_maps.write_voxel_maps`
+    wrote, for the cells' maps (``prefix=""``) and the fibres' (``"fibre_"``).
+    """
+    figures, tables = [], []
+    vox_dir = stats_dir / f"{prefix}voxel_maps"
+    if not vox_dir.is_dir():
+        return figures, tables
+    mask = _read_map(vox_dir, "mask") > 0
+    alpha = float(alpha)
+    if means_caption is not None:
+        groups = sorted(p.name[len("mean_density_") : -len(".ome.zarr")]
+                        for p in vox_dir.glob("mean_density_*.ome.zarr"))  # fmt: skip
+        if groups:
+            means = {g: _read_map(vox_dir, f"mean_density_{g}") for g in groups}
+            fig = voxel_slices_figure(means, None, mask, orientation=orientation,
+                                      label="mm per mm³", centred=False)  # fmt: skip
+            figures.append((f"{prefix}voxel_means", fig, means_caption))
+    clusters_file = stats_dir / f"{prefix}voxel_clusters.parquet"
+    names = sorted(p.name[len("t_") : -len(".ome.zarr")] for p in vox_dir.glob("t_*.ome.zarr"))
+    if clusters_file.exists() and names:
+        t_maps = {n: _read_map(vox_dir, f"t_{n}") for n in names}
+        p_maps = {n: _read_map(vox_dir, f"p_fwe_{n}") for n in names}
+        fig = voxel_slices_figure(t_maps, p_maps, mask, orientation=orientation, alpha=alpha)
+        figures.append((f"{prefix}voxel_t_maps", fig, caption))
+        clusters = pd.read_parquet(clusters_file)
+        if len(clusters):
+            shown = clusters[clusters["p_fwe"] < alpha]
+            cols = ["contrast", "sign", "n_voxels", "volume_mm3", "statistic", "peak_t",
+                    "peak_acronym", "p_fwe"]  # fmt: skip
+            tables.append({
+                "title": title,
+                "text": f"{len(shown)} of {len(clusters)} clusters with p_fwe < {alpha:g}.",
+                "columns": cols, "frame": shown.sort_values("p_fwe").head(200),
+            })  # fmt: skip
+    return figures, tables
+
+
+def fibre_sections(
+    stats_dir: Path,
+    *,
+    alpha: float,
+    voxel_alpha: float = 0.05,
+    orientation: str = "asr",
+) -> tuple[list, list]:
+    """Volcano plots, tables and atlas slice maps of the fibre statistics, if any.
 
     Parameters
     ----------
     stats_dir : Path
-        The study's ``stats`` folder.
+        The study's ``stats`` folder (``fibres``, and ``fibre_voxel_maps/`` with
+        ``fibre_voxel_clusters`` when the voxel maps were made).
     alpha : float
         The level at which regions are called (``q < alpha``).
+    voxel_alpha : float
+        The FWE level at which voxels are outlined and clusters called.
+    orientation : str
+        The atlas' orientation code (for the coronal slices).
 
     Returns
     -------
@@ -186,4 +231,23 @@ def fibre_sections(stats_dir: Path, *, alpha: float) -> tuple[list, list]:
                         "ci_high_log2", "p", "q", "mean_ref", "mean_group"],
             "frame": shown,
         })  # fmt: skip
-    return figures, tables
+    prov = stats_dir / "provenance.json"
+    found = json.loads(prov.read_text()).get("result", {}) if prov.exists() else {}
+    record = found.get("fibre_voxels") if isinstance(found.get("fibre_voxels"), dict) else {}
+    untestable = [record.get("skipped")] + [c.get("skipped") for c in record.get("contrasts", [])]
+    untestable = [u for u in untestable if u]
+    if untestable:
+        tables.append({"title": "Fibre voxel tests the design cannot support",
+                       "text": "Not tested: " + " ".join(f"{u}." for u in untestable),
+                       "columns": [], "frame": pd.DataFrame()})  # fmt: skip
+    vox_figures, vox_tables = _voxel_sections(
+        stats_dir, "fibre_", orientation=orientation, alpha=voxel_alpha,
+        caption="Voxel-wise t maps of log fibre length density (group minus reference) on "
+                f"coronal slices; black outlines: FWE-corrected p < {voxel_alpha:g} (the cells' "
+                "test). The maps open in napari or ITK-SNAP from stats/fibre_voxel_maps.",
+        title="Fibre voxel clusters (FWE-corrected)",
+        means_caption="TH+ fibre length density in atlas space (mm per mm³), mean per group, "
+                      "smoothed as the cell density maps, on coronal slices (one scale for "
+                      "all groups).",
+    )  # fmt: skip
+    return figures + vox_figures, tables + vox_tables

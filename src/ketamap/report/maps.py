@@ -260,19 +260,23 @@ def region_slices_figure(
 
 def voxel_slices_figure(
     t_maps: dict[str, np.ndarray],
-    p_maps: dict[str, np.ndarray],
+    p_maps: dict[str, np.ndarray] | None,
     mask: np.ndarray,
     *,
     orientation: str = "asr",
     n_slices: int = 5,
     alpha: float = 0.05,
+    label: str = "t (group − reference)",
+    centred: bool = True,
 ):
-    """Coronal slices of voxel-wise t maps, with FWE-significant voxels outlined.
+    """Coronal slices of voxel maps (t by default), with FWE-significant voxels outlined.
 
     Parameters
     ----------
-    t_maps, p_maps : dict of str to ndarray
-        Per contrast, the t map and the family-wise corrected p map (same grid).
+    t_maps : dict of str to ndarray
+        One map per row (per contrast, the t map; or per group, a mean density).
+    p_maps : dict of str to ndarray, optional
+        Per row, the family-wise corrected p map (same grid); None: no outlines.
     mask : ndarray of bool
         Brain mask of the grid.
     orientation : str
@@ -281,6 +285,12 @@ def voxel_slices_figure(
         Slices per row.
     alpha : float
         Voxels with ``p_fwe < alpha`` are outlined in black.
+    label : str
+        Label of the colour bars.
+    centred : bool
+        True: a diverging scale centred on 0 per row (t maps); False: a sequential scale
+        from 0 to the 99.5th percentile over all rows, shared so that rows compare
+        (densities).
 
     Returns
     -------
@@ -291,6 +301,10 @@ def voxel_slices_figure(
     names = list(t_maps) or ["(none)"]
     fig = _figure(2.3 * len(positions) + 0.8, 2.0 * len(names) + 0.4)
     axes = fig.subplots(len(names), len(positions), squeeze=False)
+    top = 1.0
+    if not centred and mask.any() and t_maps:
+        top = float(np.nanpercentile(np.concatenate([m[mask] for m in t_maps.values()]), 99.5))
+        top = top if top > 0 else 1.0
     for row_i, (row, name) in enumerate(zip(axes, names, strict=True)):
         t = t_maps.get(name)
         if t is None:
@@ -298,16 +312,21 @@ def voxel_slices_figure(
             for ax in row:
                 ax.set_axis_off()
             continue
-        lim = max(3.0, float(np.nanpercentile(np.abs(t[mask]), 99.5)) if mask.any() else 3.0)
+        if centred:
+            lim = max(3.0, float(np.nanpercentile(np.abs(t[mask]), 99.5)) if mask.any() else 3.0)
+            cmap, vmin, vmax = "RdBu_r", -lim, lim
+        else:
+            cmap, vmin, vmax = "magma", 0.0, top
         image = None
         for ax, pos in zip(row, positions, strict=True):
             m2 = _take(mask, axis, pos)
             ax.imshow(np.where(m2, 0.92, 1.0), cmap="gray", vmin=0, vmax=1)
-            image = ax.imshow(np.ma.masked_where(~m2, _take(t, axis, pos)), cmap="RdBu_r",
-                              vmin=-lim, vmax=lim, interpolation="nearest")  # fmt: skip
-            sig = _take(p_maps[name], axis, pos) < alpha
-            if sig.any():
-                ax.contour(sig.astype(float), levels=[0.5], colors="black", linewidths=0.8)
+            image = ax.imshow(np.ma.masked_where(~m2, _take(t, axis, pos)), cmap=cmap,
+                              vmin=vmin, vmax=vmax, interpolation="nearest")  # fmt: skip
+            if p_maps is not None and name in p_maps:
+                sig = _take(p_maps[name], axis, pos) < alpha
+                if sig.any():
+                    ax.contour(sig.astype(float), levels=[0.5], colors="black", linewidths=0.8)
             ax.set_xticks([])
             ax.set_yticks([])
             if ax is row[0]:
@@ -315,7 +334,7 @@ def voxel_slices_figure(
             if row_i == 0:
                 ax.set_title(f"slice {pos}", fontsize=8)
         cb = fig.colorbar(image, ax=list(row), shrink=0.8, pad=0.01)
-        cb.set_label("t (group − reference)", fontsize=7)
+        cb.set_label(label, fontsize=7)
     return fig
 
 

@@ -2,7 +2,9 @@
 
 :func:`write_voxel_maps` turns every subject's cells (in atlas voxels) into a
 smoothed density map on a coarser atlas grid, writes group means and log2 fold
-changes, and runs :func:`ketamap.stats.voxels.voxel_test` per contrast. Maps
+changes, and runs :func:`ketamap.stats.voxels.voxel_test` per contrast. The same
+function maps fibres: weighted points (a skeleton's length per atlas voxel) give
+length-density maps (mm/mm³), written beside the cells' under a prefix. Maps
 are written as OME-Zarr (for napari) and NIfTI (for ITK-SNAP, FSLeyes).
 """
 
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from ketamap.errors import InputError
 from ketamap.io.atomic import write_table
 from ketamap.stats.voxels import (
     VoxelParams,
@@ -30,7 +33,7 @@ from ketamap.stats.voxels import (
 if TYPE_CHECKING:
     from ketamap.atlas import Atlas
 
-__all__ = ["write_voxel_maps"]
+__all__ = ["write_voxel_maps", "map_points"]
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +50,88 @@ def _write_map(array: np.ndarray, stem: Path, voxel_size_um) -> None:
     sitk.WriteImage(img, str(stem.with_name(stem.name + ".nii.gz")), useCompression=True)
 
 
+def map_points(
+    density_per_mm3, annotation: np.ndarray, voxel_size_um, *, name: str = "length_mm"
+) -> pd.DataFrame:
+    """Return the non-zero voxels of a density map on the atlas grid as weighted points.
+
+    Turns a map such as a subject's fibre length density in atlas space (mm/mm³ per
+    atlas voxel) into the point table that :func:`write_voxel_maps` takes with
+    ``weight=name``: each voxel becomes a point at its centre carrying its amount
+    (density times voxel volume: mm of fibre). Read a few planes at a time, so a
+    Dask map is never held whole.
+
+    Parameters
+    ----------
+    density_per_mm3 : array_like or dask.array.Array, shape (z, y, x)
+        The map, on the atlas grid (same shape as ``annotation``).
+    annotation : ndarray of int
+        The atlas labels (gives each point its ``region_id``).
+    voxel_size_um : tuple of float
+        The atlas voxel size.
+    name : str
+        Name of the amount's column.
+
+    Returns
+    -------
+    DataFrame
+        ``atlas_z_vox``, ``atlas_y_vox``, ``atlas_x_vox`` (int64), ``region_id``
+        (int64) and ``name`` (float64), one row per non-zero voxel.
+
+    Raises
+    ------
+    InputError
+        If the map is not on the atlas grid.
+
+    Examples
+    --------
+    >>> d = np.zeros((2, 2, 2), np.float32); d[1, 0, 1] = 1000.0   # mm/mm³
+    >>> t = map_points(d, np.ones((2, 2, 2), int), (100.0, 100.0, 100.0))
+    >>> t[["atlas_z_vox", "atlas_x_vox", "length_mm"]].to_numpy().tolist()
+    [[1.0, 1.0, 1.0]]
+    """
+    annotation = np.asarray(annotation)
+    if tuple(density_per_mm3.shape) != annotation.shape:
+        raise InputError(
+            f"The map has shape {tuple(density_per_mm3.shape)} but the atlas {annotation.shape}: "
+            "it was made with another atlas; run the stage that wrote it again."
+        )
+    voxel_mm3 = float(np.prod(voxel_size_um)) * 1e-9
+    step = max(1, int(2**22 // max(1, int(np.prod(annotation.shape[1:])))))
+    parts = []
+    for z0 in range(0, annotation.shape[0], step):
+        block = np.asarray(density_per_mm3[z0 : z0 + step])
+        where = np.nonzero(block)
+        idx = np.stack(where, axis=1).astype(np.int64) + [z0, 0, 0]
+        parts.append(
+            pd.DataFrame({
+                "atlas_z_vox": idx[:, 0], "atlas_y_vox": idx[:, 1], "atlas_x_vox": idx[:, 2],
+                "region_id": annotation[tuple(idx.T)].astype(np.int64),
+                name: block[where].astype(np.float64) * voxel_mm3,
+            })
+        )  # fmt: skip
+    return pd.concat(parts, ignore_index=True)
+
+
 def write_voxel_maps(
-    cells: Sequence[pd.DataFrame],
+    points: Sequence[pd.DataFrame],
     groups: Sequence[str],
     reference_group: str,
     atlas: Atlas,
     params: VoxelParams,
     out: Path,
+    *,
+    weight: str | None = None,
+    prefix: str = "",
 ) -> dict:
     """Map densities voxel-wise, compare each group with the reference and write the maps.
 
     Parameters
     ----------
-    cells : sequence of DataFrame
-        Per subject, its cells in atlas voxels (``atlas_z_vox``, ``atlas_y_vox``,
-        ``atlas_x_vox``) with ``region_id`` (cells outside the brain, id 0, are left out).
+    points : sequence of DataFrame
+        Per subject, its cells (or other points) in atlas voxels (``atlas_z_vox``,
+        ``atlas_y_vox``, ``atlas_x_vox``) with ``region_id`` (points outside the brain,
+        id 0, are left out).
     groups : sequence of str
         Per subject, its group.
     reference_group : str
@@ -71,9 +141,16 @@ def write_voxel_maps(
     params : VoxelParams
         Grid, kernel and test.
     out : Path
-        Folder to write into: ``voxel_maps/`` (``mask``, ``mean_density_<group>``,
+        Folder to write into: ``<prefix>voxel_maps/`` (``mask``, ``mean_density_<group>``,
         per contrast ``log2_fold_change_``, ``t_`` and ``p_fwe_`` maps, each as
-        ``.ome.zarr`` and ``.nii.gz``) and ``voxel_clusters.parquet`` / ``.csv``.
+        ``.ome.zarr`` and ``.nii.gz``) and ``<prefix>voxel_clusters.parquet`` / ``.csv``.
+    weight : str, optional
+        A column of the tables summed per map voxel instead of counting rows (e.g.
+        ``"length_mm"`` of fibre skeleton voxels: the maps are then mm per mm³); the
+        smoothing, log offset and test are the same.
+    prefix : str
+        Put before the output names (``"fibre_"``: ``fibre_voxel_maps/``,
+        ``fibre_voxel_clusters``), so that several kinds of map sit side by side.
 
     Returns
     -------
@@ -83,15 +160,16 @@ def write_voxel_maps(
     """
     factor, vox_um, mask = atlas_grid(atlas.annotation, atlas.resolution_um, params.resolution_um)
     maps = []
-    for table in cells:
+    for table in points:
         table = table[table["region_id"] > 0]
         xyz = table[["atlas_z_vox", "atlas_y_vox", "atlas_x_vox"]].to_numpy(float)
         pts = atlas_points_um(xyz, atlas.resolution_um, factor)
-        maps.append(density_map(pts, mask.shape, voxel_size_um=vox_um,
+        w = None if weight is None else table[weight].to_numpy(float)
+        maps.append(density_map(pts, mask.shape, voxel_size_um=vox_um, weights=w,
                                 radius_um=params.radius_um, kernel=params.kernel))  # fmt: skip
     maps = np.stack(maps)
     groups = list(groups)
-    folder = out / "voxel_maps"
+    folder = out / f"{prefix}voxel_maps"
     folder.mkdir(parents=True, exist_ok=True)
     _write_map(mask.astype(np.uint8), folder / "mask", vox_um)
     means = group_maps(maps, groups)
@@ -142,7 +220,7 @@ def write_voxel_maps(
             "n_clusters_fwe": int((res.clusters["p_fwe"] < params.alpha).sum()),
         })  # fmt: skip
     clusters = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    write_table(clusters, out / "voxel_clusters.parquet")
+    write_table(clusters, out / f"{prefix}voxel_clusters.parquet")
     return {"voxel_size_um": list(vox_um), "grid_shape": list(mask.shape),
             "atlas_block_factor": list(factor), "n_voxels_tested": int(mask.sum()),
             "contrasts": contrasts}  # fmt: skip
