@@ -198,5 +198,7 @@ def test_dense_clusters_touching_somata_are_split_and_deblended():
         found, _ = match_detections(xyz, truth, voxel_size_um=VS)
         recall[deblend] = found[close].mean()
         assert _score(crop, xyz)["precision"] >= 0.97, deblend
-    assert recall[True] >= 0.92, recall  # measured 0.944
-    assert recall[True] >= recall[False] + 0.02, recall  # measured 0.912 without
+    # measured 0.977 (0.944 when a residual soma had to lie outside the found somata's
+    # suppression box, not their sphere: diagonal neighbours 12-18 µm away were lost)
+    assert recall[True] >= 0.95, recall
+    assert recall[True] >= recall[False] + 0.05, recall  # measured 0.902 without

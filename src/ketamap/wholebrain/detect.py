@@ -1533,9 +1533,12 @@ def _residual_candidates(
     maximum (those were judged already), that passes both thresholds against the local
     noise (``noise``: the raw and band-passed noise variance fields on the coarse grid,
     their white-noise factor and the background ``g2``; ``bounds``: the arguments of
-    :func:`_threshold_bound`), and that lies outside the suppression box of every found
-    soma and of every stronger candidate. Returns the candidates as the first pass's
-    table of columns (``pos`` in W coordinates).
+    :func:`_threshold_bound`), and that lies outside the ellipsoid inscribed in the
+    suppression box (a sphere of radius ``min_separation_um`` where the box's half-widths
+    are that in µm) of every found soma and of every stronger candidate: a dim soma 1-1.5
+    diameters from a bright one along a diagonal lies within the box (closer than
+    ``min_separation_um`` on every axis) but not within the sphere. Returns the
+    candidates as the first pass's table of columns (``pos`` in W coordinates).
 
     """
     out = {k: np.zeros(0) for k in ("peak", "snr", "amplitude", "contrast", "raw_sd")}
@@ -1580,16 +1583,16 @@ def _residual_candidates(
     if not ok.any():
         return out
     idx, peak = idx[ok], peak[ok]
-    # outside every found soma's box and every stronger candidate's (not greedy: the
+    # outside every found soma's ellipsoid and every stronger candidate's (not greedy: the
     # answer for one candidate depends on its box alone, whatever the chunking)
     box = np.asarray(plan.radius_max, dtype=np.float64)
     free = np.ones(len(idx), dtype=bool)
     if len(centres):
-        d, _ = cKDTree(centres / box).query(idx / box, p=np.inf)
+        d, _ = cKDTree(centres / box).query(idx / box, p=2)
         free &= d > 1.0
     alive = np.flatnonzero(free)
     tree = cKDTree(idx[alive] / box)
-    for i, close in zip(alive, tree.query_ball_point(idx[alive] / box, 1.0, p=np.inf)):
+    for i, close in zip(alive, tree.query_ball_point(idx[alive] / box, 1.0, p=2)):
         mine = (peak[i], *(-idx[i]))  # ties: the first in (z, y, x) order wins
         if any((peak[j], *(-idx[j])) > mine for j in alive[close] if j != i):
             free[i] = False
