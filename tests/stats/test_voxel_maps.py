@@ -88,3 +88,15 @@ def test_map_points_reads_a_few_planes_at_a_time_and_checks_the_grid(atlas):
                                            int(atlas.annotation[50, 5, 7])]  # fmt: skip
     with pytest.raises(InputError, match="another atlas"):
         map_points(d[:-1], atlas.annotation, atlas.resolution_um)
+
+
+def test_a_peak_at_the_brain_surface_is_named_after_the_region_filling_its_block():
+    """A map voxel half brain whose centre atlas voxel lies outside the brain (label 0)."""
+    from ketamap.stats.voxel_maps import _block_regions
+
+    annotation = np.zeros((2, 2, 4), np.int64)
+    annotation[0, :, :2] = 7  # the first block (factor 2): one plane of region 7 ...
+    annotation[0, 0, 0] = 9  # ... and one voxel of region 9; the second block is void
+    assert annotation[1, 1, 1] == 0  # the atlas voxel at the first block's centre
+    peaks = np.array([[0, 0, 0], [0, 0, 1]])
+    assert _block_regions(annotation, peaks, (2, 2, 2)).tolist() == [7, 0]

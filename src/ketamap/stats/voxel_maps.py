@@ -113,6 +113,23 @@ def map_points(
     return pd.concat(parts, ignore_index=True)
 
 
+def _block_regions(annotation: np.ndarray, voxels: np.ndarray, factor) -> np.ndarray:
+    """Return the region of each map voxel: the commonest brain label of its atlas voxels.
+
+    A map voxel is in the mask when at least half of its block is brain, so its centre
+    may lie outside (label 0); the peak of a cluster at the brain's surface is then
+    named after the brain region that fills its block. 0 only for a block without brain.
+    """
+    f = np.asarray(factor, dtype=np.int64)
+    out = np.zeros(len(voxels), dtype=np.int64)
+    for i, v in enumerate(np.asarray(voxels, dtype=np.int64)):
+        block = annotation[tuple(slice(a * k, (a + 1) * k) for a, k in zip(v, f))]
+        ids, counts = np.unique(block[block != 0], return_counts=True)
+        if len(ids):
+            out[i] = ids[np.argmax(counts)]
+    return out
+
+
 def write_voxel_maps(
     points: Sequence[pd.DataFrame],
     groups: Sequence[str],
@@ -206,9 +223,7 @@ def write_voxel_maps(
         _write_map(res.p_fwe, folder / f"p_fwe_{contrast}", vox_um)
         cl = res.clusters.copy()
         peak = cl[["peak_z_vox", "peak_y_vox", "peak_x_vox"]].to_numpy(np.int64)
-        peak_atlas = np.minimum(peak * np.asarray(factor) + np.asarray(factor) // 2,
-                                np.asarray(atlas.shape) - 1)  # fmt: skip
-        labels = atlas.annotation[tuple(peak_atlas.T)] if len(cl) else np.zeros(0, np.int64)
+        labels = _block_regions(atlas.annotation, peak, factor)
         cl.insert(0, "contrast", contrast)
         cl["peak_acronym"] = [atlas.ontology.acronym(int(r)) if r else "" for r in labels]
         cl["n_permutations"] = res.n_permutations

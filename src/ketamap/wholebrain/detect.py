@@ -1535,9 +1535,10 @@ def _residual_candidates(
     their white-noise factor and the background ``g2``; ``bounds``: the arguments of
     :func:`_threshold_bound`), and that lies outside the ellipsoid inscribed in the
     suppression box (a sphere of radius ``min_separation_um`` where the box's half-widths
-    are that in µm) of every found soma and of every stronger candidate: a dim soma 1-1.5
-    diameters from a bright one along a diagonal lies within the box (closer than
-    ``min_separation_um`` on every axis) but not within the sphere. Returns the
+    are that in µm), and outside the 26 neighbours, of every found soma and of every
+    stronger candidate: a dim soma 1-1.5 diameters from a bright one along a diagonal lies
+    within the box (closer than ``min_separation_um`` on every axis) but not within the
+    sphere. Returns the
     candidates as the first pass's table of columns (``pos`` in W coordinates).
 
     """
@@ -1585,14 +1586,21 @@ def _residual_candidates(
     idx, peak = idx[ok], peak[ok]
     # outside every found soma's ellipsoid and every stronger candidate's (not greedy: the
     # answer for one candidate depends on its box alone, whatever the chunking)
+    # (the sphere, and never less than a voxel's 26 neighbours: on a coarse grid the box
+    # is one voxel wide and the sphere inside it would free the diagonal neighbours)
     box = np.asarray(plan.radius_max, dtype=np.float64)
     free = np.ones(len(idx), dtype=bool)
     if len(centres):
         d, _ = cKDTree(centres / box).query(idx / box, p=2)
-        free &= d > 1.0
+        d_vox, _ = cKDTree(np.rint(centres)).query(idx, p=np.inf)
+        free &= (d > 1.0) & (d_vox > 1.0)
     alive = np.flatnonzero(free)
     tree = cKDTree(idx[alive] / box)
-    for i, close in zip(alive, tree.query_ball_point(idx[alive] / box, 1.0, p=2)):
+    near = cKDTree(idx[alive]).query_ball_point(idx[alive], 1.0, p=np.inf)
+    for i, close, adjacent in zip(
+        alive, tree.query_ball_point(idx[alive] / box, 1.0, p=2), near, strict=True
+    ):
+        close = sorted(set(close) | set(adjacent))
         mine = (peak[i], *(-idx[i]))  # ties: the first in (z, y, x) order wins
         if any((peak[j], *(-idx[j])) > mine for j in alive[close] if j != i):
             free[i] = False
