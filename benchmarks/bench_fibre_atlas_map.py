@@ -15,11 +15,11 @@ replaces in the stage). Other work may share the cores: compare times within one
 
 With ``--study DIR``: the simulated census of ``tests/test_pipeline.py`` (phantom atlas
 at 100 µm, 2 mice per group, 60 µm voxels) with ``[fibres]`` is made in DIR (or reused,
-its stages skipped when up to date) and run; per mouse: the fibres stage's time and the
-map's share of it (``fibre_qc.json``: ``atlas_map_seconds``), the length the map holds
-over the skeleton's, and the map's length in the brain (atlas id > 0) over the sample
-space region table's (``fibre_regions``, root), and per level-5 region with over 1 % of
-the length, the map's length over the table's.
+its stages skipped when up to date) and run; per mouse: the fibres stage's time (its
+``provenance.json``), the length the map holds over the skeleton's, and the map's length
+in the brain (atlas id > 0) over the sample space region table's (``fibre_regions``,
+root), and per level-5 region with over 1 % of the length, the map's length over the
+table's.
 
 Prints and saves JSON (``benchmarks/results/bench_fibre_atlas_map.json``).
 
@@ -118,7 +118,6 @@ def study_agreement(root: Path) -> dict:
         ratio = big["atlas_um"] / big["length_um"]
         out[s.name] = {
             "stage_s": stage_s,
-            "atlas_map_s": qc["atlas_map_seconds"],
             "map_length_over_skeleton_length": qc["atlas_length_mm"] / qc["total_length_mm"],
             "in_brain_map_over_region_table": root_row["atlas_um"] / root_row["length_um"],
             "map_share_outside_brain": 1 - root_row["atlas_um"] / length_um.sum(),

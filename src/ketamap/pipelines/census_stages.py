@@ -270,7 +270,7 @@ def fibres_into(
     dict
         The QC numbers and ``total_length_mm``; with a registration also ``n_regions``,
         ``atlas_length_mm`` (the length the atlas map holds: the skeleton voxels that map
-        inside the atlas volume) and ``atlas_map_seconds`` (the time the map took).
+        inside the atlas volume).
     """
     import dask.array as da
 
@@ -305,17 +305,13 @@ def fibres_into(
     if registration_dir is None:
         numbers["total_length_mm"] = float(da.asarray(lengths).sum().compute()) / 1000.0
     else:
-        import time
-
         from ketamap.io.volumes import write_ome_zarr
         from ketamap.wholebrain.register import load_registration, warp_labels_to_sample
 
         reg = load_registration(registration_dir)
-        start = time.perf_counter()
         found = fibre_density_atlas(lengths, reg)  # its pass over the lengths gives the total
         write_ome_zarr(found.density_mm_per_mm3, folder / FIBRE_DENSITY_ATLAS_FILE,
                        voxel_size_um=found.voxel_size_um)  # fmt: skip
-        numbers["atlas_map_seconds"] = round(time.perf_counter() - start, 3)
         numbers["total_length_mm"] = found.length_um / 1000.0
         numbers["atlas_length_mm"] = found.length_in_atlas_um / 1000.0
         packed = warp_labels_to_sample(
