@@ -2,7 +2,9 @@
 
 Speed and memory: a simulated fibre volume (``ketamap.simulate.fibres``, 4 x 2 x 2 µm,
 three regions of 1500, 600 and 200 mm/mm³, autofluorescence channel) of
-``--block`` voxels is tiled ``--tiles`` times along each axis; each measurement runs
+``--block`` voxels is tiled ``--tiles`` times along each axis (by default 384 x 768 x
+768 voxels: several chunks along every axis, so that chunk faces inside the volume and
+their overlap weigh as they do in a whole brain); each measurement runs
 in its own subprocess, so its peak resident memory (``ru_maxrss``) is its own:
 ``segment_fibres`` on a Dask array (threaded scheduler, ``--workers``; mask and
 skeleton computed together; the noise pass, the background scale and the tissue mask
@@ -32,7 +34,7 @@ Prints and saves JSON (``benchmarks/results/bench_fibres.json``).
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_fibres.py [--tiles 2 2 2] [--workers 2] [--seeds 3]
+    .venv/bin/python benchmarks/bench_fibres.py [--tiles 6 2 2] [--workers 2] [--seeds 3]
         [--skip-speed | --skip-accuracy] [--out FILE]
 """
 
@@ -242,7 +244,7 @@ def _summary(runs: list[dict]) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--block", type=int, nargs=3, default=(64, 384, 384), help="simulated block")
-    ap.add_argument("--tiles", type=int, nargs=3, default=(2, 2, 2), help="tiles along z, y, x")
+    ap.add_argument("--tiles", type=int, nargs=3, default=(6, 2, 2), help="tiles along z, y, x")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--skip-speed", action="store_true")

@@ -1117,17 +1117,81 @@ def _shifted(a: np.ndarray, box: tuple[slice, ...], axis: int, d: int) -> np.nda
     return np.take(a[box[:axis] + (slice(None),) + box[axis + 1 :]], at, axis=axis)
 
 
-def minus_background(block, background, scale: float, *, pad_lo, origin, task: str):
+def overlapped_blocks(v: da.Array, chunks, depth) -> da.Array:
+    """Blocks of ``v`` on the grid ``chunks``, each with ``depth`` voxels of its neighbours.
+
+    The same array as ``dask.array.overlap.overlap(v.rechunk(chunks), depth,
+    boundary="none")`` (a block at the volume's face has no overlap there), but every
+    block is one task that cuts its box from ``v``'s own chunks and assembles it in one
+    copy: rechunking first would copy every voxel once more. Like Dask's overlap, a
+    chunk of ``v`` is held until the blocks that read it are made.
+
+    Parameters
+    ----------
+    v : dask.array.Array, shape (z, y, x)
+    chunks : tuple of tuple of int
+        The cores' sizes along each axis (they sum to ``v.shape``).
+    depth : tuple of int
+        Overlap along each axis (voxels).
+
+    Returns
+    -------
+    dask.array.Array
+        Chunk ``(i, j, k)`` holds core ``(i, j, k)`` and its overlap.
+    """
+    from operator import getitem
+
+    from dask.array.core import concatenate3
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    def edges(sizes):
+        return np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+
+    src = [edges(c) for c in v.chunks]
+    boxes = [
+        [(max(int(a) - d, 0), min(int(b) + d, n)) for a, b in zip(e[:-1], e[1:])]
+        for e, d, n in zip((edges(c) for c in chunks), depth, v.shape)
+    ]
+
+    def pieces(axis, lo, hi):  # the source chunks along an axis that a box meets
+        first = int(np.searchsorted(src[axis], lo, side="right")) - 1
+        last = int(np.searchsorted(src[axis], hi, side="left"))
+        return [
+            (i, slice(max(lo, int(src[axis][i])) - int(src[axis][i]),
+                      min(hi, int(src[axis][i + 1])) - int(src[axis][i])))
+            for i in range(first, last)
+        ]  # fmt: skip
+
+    name = "overlapped-" + tokenize(v, chunks, depth)
+    dsk = {}
+    for key in np.ndindex(*(len(b) for b in boxes)):
+        pz, py, px = (pieces(a, *boxes[a][key[a]]) for a in range(3))
+        dsk[(name, *key)] = (
+            concatenate3,
+            [
+                [[(getitem, (v.name, i, j, k), (sz, sy, sx)) for k, sx in px] for j, sy in py]
+                for i, sz in pz
+            ],
+        )
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[v])
+    out_chunks = tuple(tuple(b - a for a, b in axis) for axis in boxes)
+    return da.Array(graph, name, out_chunks, dtype=v.dtype, meta=v._meta)
+
+
+def minus_background(block, background, scale: float, *, pad_lo, origin, task: str, out=None):
     """Return ``block - scale x background`` in float32; NaN or inf raise one sentence.
 
     Shared by detection and fibre segmentation (``task`` names it in the sentence);
     ``origin`` and ``pad_lo`` place the block in the volume, for the sentence too.
+    ``out`` (float32, the block's shape) receives the result when given.
     """
+    x = np.empty(np.shape(block), dtype=np.float32) if out is None else out
     if background is not None:  # x = block - scale * background, in float32
-        x = np.multiply(background, np.float32(-scale), dtype=np.float32)
+        np.multiply(background, np.float32(-scale), out=x, dtype=np.float32)
         np.add(x, block, out=x, casting="unsafe")
     else:
-        x = np.asarray(block).astype(np.float32, copy=True)
+        np.copyto(x, block, casting="unsafe")
     floats = any(
         a is not None and np.issubdtype(np.asarray(a).dtype, np.floating)
         for a in (block, background)
@@ -1751,8 +1815,7 @@ def detect_cells(
         )
     # blocks are cut from the input as it is (e.g. uint16) and cast inside each task
     overlapped = [
-        da.overlap.overlap(v.rechunk(chunks), depth=dict(enumerate(depth)), boundary="none")
-        for v in ((sig,) if bg is None else (sig, bg))
+        overlapped_blocks(v, chunks, depth) for v in ((sig,) if bg is None else (sig, bg))
     ]
     starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in chunks]
     blocks = [v.to_delayed() for v in overlapped]

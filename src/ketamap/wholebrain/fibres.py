@@ -90,7 +90,7 @@ from ketamap.errors import InputError, ParameterError
 from ketamap.io.volumes import check_volume, lazy_array
 from ketamap.params import bounds, validate
 from ketamap.space import check_voxel_size
-from ketamap.wholebrain.detect import minus_background
+from ketamap.wholebrain.detect import minus_background, overlapped_blocks
 
 __all__ = [
     "FibreParams",
@@ -170,7 +170,10 @@ class FibreParams:
     tissue_block_um : float
         Block size of the coarse tissue mask (µm).
     chunk_size_vox : tuple of int
-        Core size (z, y, x) of the chunks processed at once (voxels).
+        Core size (z, y, x) of the chunks processed at once (voxels). Every chunk is
+        read with an overlap of about 12 planes along z and 13 voxels along y and x
+        (at 4 x 2 x 2 µm): 128 planes keep the overlapped block at 1.35 x its core
+        (64 planes: 1.57 x), at about 0.5 GB per worker.
     """
 
     psf_sigma_um: tuple[float, float, float] = field(
@@ -217,7 +220,7 @@ class FibreParams:
         default=50.0, metadata=bounds(gt=0, doc="Block size of the coarse tissue mask (µm).")
     )
     chunk_size_vox: tuple[int, int, int] = field(
-        default=(64, 384, 384),
+        default=(128, 384, 384),
         metadata=bounds(ge=1, doc="Core chunk size (z, y, x) processed at once (voxels)."),
     )
 
@@ -758,11 +761,11 @@ def _clamp_spikes(x: np.ndarray, bound_grid: np.ndarray, start, block) -> None:
         z, y, xx = np.unravel_index(hit, top.shape)
         bound = bound_grid[cells[0][z + z0], cells[1][y], cells[2][xx]]
         ceiling = top.ravel()[hit] + bound
-        over = xs.ravel()[hit] > ceiling
+        over = xs[z, y, xx] > ceiling
         where.append(hit[over] + z0 * shape[1] * shape[2])
         value.append(ceiling[over])
-    if where:
-        x.ravel()[np.concatenate(where)] = np.concatenate(value)
+    if where:  # x may be a view
+        x[np.unravel_index(np.concatenate(where), shape)] = np.concatenate(value)
 
 
 def _fill_ellipsoids(mask: np.ndarray, centres: np.ndarray, semi: np.ndarray, value=True) -> None:
@@ -802,46 +805,49 @@ def _fill_ellipsoids(mask: np.ndarray, centres: np.ndarray, semi: np.ndarray, va
         np.logical_and(mask, ~inner, out=mask)
 
 
-class _Region:
-    """The smoothed image on a region and two voxels around it, for flat-index stencils.
+def _repeat_faces(grid: np.ndarray, before, after) -> None:
+    """Fill the ``before`` / ``after`` outer layers of ``grid`` with its inner faces, in place.
 
-    Every per-voxel array of the region (response bounds, noise, states) is kept on the
-    same padded grid, so one flat index addresses them all.
+    A face of the block repeats its voxel (scipy's "reflect" for the first layer).
+    """
+    for axis, (b, a) in enumerate(zip(before, after)):
+        n = grid.shape[axis]
+        for width, face, edge in ((b, b, slice(0, b)), (a, n - a - 1, slice(n - a, n))):
+            if width:
+                src = [slice(None)] * 3
+                dst = [slice(None)] * 3
+                src[axis], dst[axis] = slice(face, face + 1), edge
+                grid[tuple(dst)] = grid[tuple(src)]
+
+
+class _Region:
+    """The smoothed image around a region, for flat-index stencils.
+
+    ``g`` (C-contiguous, not copied) holds the region ``[lo, hi)`` and at least
+    ``_REGION_PAD`` voxels around it on every side. Every per-voxel array of the region
+    (response bounds, noise, states) is kept on ``g``'s grid, so one flat index
+    addresses them all.
     """
 
     def __init__(self, g: np.ndarray, lo: np.ndarray, hi: np.ndarray):
-        shape = np.asarray(g.shape)
-        p = _REGION_PAD
-        a, b = np.maximum(lo - p, 0), np.minimum(hi + p, shape)
-        view = g[tuple(slice(int(i), int(j)) for i, j in zip(a, b))]
-        pad = [(int(i - (lo[k] - p)), int((hi[k] + p) - j)) for k, (i, j) in enumerate(zip(a, b))]
-        padded = np.empty(tuple(int(n) for n in hi - lo + 2 * p), dtype=g.dtype)
-        padded[tuple(slice(i, n - j) for (i, j), n in zip(pad, padded.shape))] = view
-        # a face of the block repeats its voxel (scipy's "reflect" for the first layer)
-        for axis, (before, after) in enumerate(pad):
-            for width, face, edge in (
-                (before, before, slice(0, before)),
-                (after, padded.shape[axis] - after - 1, slice(padded.shape[axis] - after, None)),
-            ):
-                if width:
-                    src = [slice(None)] * 3
-                    dst = [slice(None)] * 3
-                    src[axis], dst[axis] = slice(face, face + 1), edge
-                    padded[tuple(dst)] = padded[tuple(src)]
-        self.flat = padded.ravel()
-        self.pshape = padded.shape
+        lo, hi = np.asarray(lo, dtype=np.int64), np.asarray(hi, dtype=np.int64)
+        if (lo < _REGION_PAD).any() or (hi + _REGION_PAD > np.asarray(g.shape)).any():
+            raise ValueError("the region needs _REGION_PAD voxels of image around it")
+        self.flat = g.reshape(-1)  # a view: g is C-contiguous
+        self.pshape = g.shape
+        self.lo, self.hi = lo, hi
         self.shape = tuple(int(n) for n in hi - lo)
         self.strides = np.array([self.pshape[1] * self.pshape[2], self.pshape[2], 1], np.int64)
-        self.inner = (slice(p, -p),) * 3
+        self.inner = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
     def index(self, pts: np.ndarray) -> np.ndarray:
         """Flat indices of region voxels (up to one voxel outside the region allowed)."""
         q = np.clip(np.asarray(pts, dtype=np.int64), -1, np.asarray(self.shape))
-        return (q + _REGION_PAD) @ self.strides
+        return (q + self.lo) @ self.strides
 
     def coords(self, idx: np.ndarray) -> np.ndarray:
         """Region voxel coordinates (n, 3) of flat indices."""
-        return np.stack(np.unravel_index(idx, self.pshape), axis=1) - _REGION_PAD
+        return np.stack(np.unravel_index(idx, self.pshape), axis=1) - self.lo
 
     def stencil(self, idx: np.ndarray) -> np.ndarray:
         """Return the image (float64, (19, n)) at the voxels of ``_STENCIL`` around ``idx``."""
@@ -855,52 +861,61 @@ class _Region:
 
         The noise is constant over noise blocks, so a plane per block along z holds it.
         """
-        p = _REGION_PAD
-        self._sd_flat = np.pad(planes, ((0, 0), (p, p), (p, p)), constant_values=1.0).reshape(
-            len(planes), -1
-        )
-        self._sd_row = np.pad(zrow, (p, p), mode="edge")
+        (lz, ly, lx), (hz, hy, hx) = self.lo, self.hi
+        gz, gy, gx = self.pshape
+        self._sd_flat = np.pad(
+            planes, ((0, 0), (ly, gy - hy), (lx, gx - hx)), constant_values=1.0
+        ).reshape(len(planes), -1)
+        self._sd_row = np.pad(zrow, (lz, gz - hz), mode="edge")
 
     def sd(self, idx: np.ndarray) -> np.ndarray:
         """Return the response's local noise SD at flat indices ``idx``."""
         z, r = np.divmod(idx, self.strides[0])
         return self._sd_flat[self._sd_row[z], r]
 
-    def trace(self, scale) -> np.ndarray:
-        """Whitened Laplacian (central differences) on the padded grid (inf off the region).
+    def candidates(self, scale, grow: float, seed: float) -> tuple[np.ndarray, np.ndarray]:
+        """Find the voxels whose whitened Laplacian allows a response of ``grow`` / ``seed``.
 
-        In units of the response's local noise SD (:meth:`set_noise`). A few whole
-        planes at a time, as flat runs (the neighbours along every axis are the same runs
-        shifted), so the temporaries stay in the cache; the ring around the region is
-        then set to inf.
+        The response ``R <= -trace / 2`` (in units of its local noise SD,
+        :meth:`set_noise`), so only voxels with ``-trace >= 2 x`` a threshold can pass
+        it. Returns a flat boolean array on the grid (``-trace >= 2 grow``, False off
+        the region) and the flat indices (ascending) with ``-trace >= 2 seed``
+        (``seed >= grow``). The trace (central differences) is computed a few whole
+        planes at a time, as flat runs (the neighbours along every axis are the same
+        runs shifted), so the temporaries stay in the cache and it is never held whole.
         """
         g = self.flat
-        out = np.empty(self.pshape, np.float32)
-        flat = out.ravel()
-        p = _REGION_PAD
+        grows = np.zeros(self.pshape, dtype=bool)
+        flat = grows.reshape(-1)
+        lz, hz = int(self.lo[0]), int(self.hi[0])
         plane = int(self.strides[0])
         s2 = np.asarray(scale, dtype=np.float32) ** 2
         centre_weight = np.float32(-2.0 * s2.sum())
         shifts = [(int(self.strides[a]) * step, s2[a]) for a in range(3) for step in (-1, 1)]
-        nz = self.shape[0]
-        buf = np.empty(_PLANES * plane, np.float32)
+        core_buf = np.empty(_PLANES * plane, np.float32)
+        buf = np.empty_like(core_buf)
         sd = self._sd_flat
-        for z0 in range(0, nz, _PLANES):
-            z1 = min(z0 + _PLANES, nz)
-            run = slice((p + z0) * plane, (p + z1) * plane)
-            core, tmp = flat[run], buf[: (z1 - z0) * plane]
+        grow_bound, seed_bound = np.float32(-2.0 * grow), np.float32(-2.0 * seed)
+        seeds = []
+        for z0 in range(lz, hz, _PLANES):
+            z1 = min(z0 + _PLANES, hz)
+            run = slice(z0 * plane, z1 * plane)
+            core, tmp = core_buf[: (z1 - z0) * plane], buf[: (z1 - z0) * plane]
             np.multiply(g[run], centre_weight, out=core)
             for shift, weight in shifts:
                 np.multiply(g[run.start + shift : run.stop + shift], weight, out=tmp)
                 core += tmp
-            core.reshape(z1 - z0, plane)[:] /= sd[self._sd_row[p + z0 : p + z1]]
-        for axis in range(3):  # the ring around the region
+            core.reshape(z1 - z0, plane)[:] /= sd[self._sd_row[z0:z1]]
+            np.less_equal(core, grow_bound, out=flat[run])
+            seeds.append(np.flatnonzero(core <= seed_bound) + run.start)
+        for axis, (a, b) in enumerate(zip(self.lo, self.hi)):  # off the region
             lo = [slice(None)] * 3
             hi = [slice(None)] * 3
-            lo[axis], hi[axis] = slice(None, p), slice(-p, None)
-            out[tuple(lo)] = np.inf
-            out[tuple(hi)] = np.inf
-        return out
+            lo[axis], hi[axis] = slice(None, int(a)), slice(int(b), None)
+            grows[tuple(lo)] = False
+            grows[tuple(hi)] = False
+        cand = np.concatenate(seeds)
+        return flat, cand[flat[cand]]
 
     def tubeness(self, idx: np.ndarray, scale) -> np.ndarray:
         """Tubeness at flat indices ``idx``."""
@@ -914,20 +929,17 @@ class _Region:
 _NEIGHBOURS = np.array([o for o in itertools.product((-1, 0, 1), repeat=3) if any(o)])
 
 
-def _hysteresis(reg: _Region, trace, seeds, known, response, params: FibreParams, scale):
+def _hysteresis(reg: _Region, open_, seeds, known, response, params: FibreParams, scale):
     """Grow the seeds through 26-neighbours whose response passes ``hysteresis_snr``.
 
-    All arrays and indices are on the region's padded grid: ``trace`` is the whitened
-    Laplacian in units of the response's local noise SD (inf off the region), and
-    the response is evaluated lazily, only at neighbours of accepted voxels whose
-    Laplacian allows it (``R <= -trace / 2``), unless it is known: ``response`` at the
-    flat indices ``known`` (ascending). Returns the flat indices of the accepted voxels,
-    the seeds first.
+    All arrays and indices are on the region's grid: ``open_`` (flat, bool, changed in
+    place) marks the voxels that may still join (those whose whitened Laplacian allows
+    the response, :meth:`_Region.candidates`; never a voxel off the region), and the
+    response is evaluated lazily, only at neighbours of accepted voxels that are open,
+    unless it is known: ``response`` at the flat indices ``known`` (ascending). Returns
+    the flat indices of the accepted voxels, the seeds first.
     """
     offsets = _NEIGHBOURS @ reg.strides
-    # the voxels that may still join: not looked at yet, and -trace >= 2 x hysteresis_snr
-    # (voxels within one voxel of the padded grid's faces never are: inf trace)
-    open_ = trace.ravel() <= np.float32(-2.0 * params.hysteresis_snr)
     frontier = np.asarray(seeds, dtype=np.int64)
     open_[frontier] = False
     found = [frontier]
@@ -987,14 +999,20 @@ def _segment_block(
     origin,
 ) -> np.ndarray:
     """Mask (bit 0) and skeleton (bit 1) of one chunk's core, as uint8."""
-    x = minus_background(block, background, bg_scale, pad_lo=pad_lo, origin=origin,
-                         task="fibre segmentation")  # fmt: skip
-    out = np.zeros(core_shape, dtype=np.uint8)
-    shape = np.asarray(x.shape)
-    start = np.asarray(origin) - np.asarray(pad_lo)  # global index of the block's voxel 0
+    shape = np.asarray(block.shape)
     # the region whose detection is final: the core and the margin, within the block
     lo = np.maximum(np.asarray(pad_lo) - plan.margin, 0)
     hi = np.minimum(np.asarray(pad_lo) + core_shape + np.asarray(plan.margin), shape)
+    # the block in float32, with room for the voxels the region's stencils read beyond
+    # the block's faces (where the block is the volume's edge)
+    before = np.maximum(_REGION_PAD - lo, 0)
+    after = np.maximum(hi + _REGION_PAD - shape, 0)
+    grid = np.empty(tuple(int(n) for n in shape + before + after), dtype=np.float32)
+    x = grid[tuple(slice(int(b), int(b + n)) for b, n in zip(before, shape))]
+    minus_background(block, background, bg_scale, pad_lo=pad_lo, origin=origin,
+                     task="fibre segmentation", out=x)  # fmt: skip
+    out = np.zeros(core_shape, dtype=np.uint8)
+    start = np.asarray(origin) - np.asarray(pad_lo)  # global index of the block's voxel 0
     region = tuple(int(n) for n in hi - lo)
     box = tuple(slice(int(a + st), int(b + st)) for a, b, st in zip(lo, hi, start))
     in_tissue = None
@@ -1009,11 +1027,10 @@ def _segment_block(
         bound = noise_grid * np.float32(params.spike_snr)
         _clamp_spikes(x, bound, start, plan.noise_block)
         del bound
-    g = ndi.gaussian_filter(
-        x, plan.sigma_vox, mode="reflect", radius=plan.radius_vox, output=x
-    )  # in place
-    reg = _Region(g, lo, hi)
-    del g, x
+    ndi.gaussian_filter(x, plan.sigma_vox, mode="reflect", radius=plan.radius_vox, output=x)
+    _repeat_faces(grid, before, after)
+    reg = _Region(grid, lo + before, hi + before)
+    del grid, x
     # the response's local noise SD: the block's noise SD (nearest block) x the filter's,
     # one (y, x) plane per noise block along z
     cells = [
@@ -1025,8 +1042,8 @@ def _segment_block(
         noise_grid[np.ix_(zcells, cells[1], cells[2])], np.float32(plan.null_sd), dtype=np.float32
     )
     reg.set_noise(planes, zrow)
-    trace = reg.trace(plan.scale)  # padded grid, in units of the response's local noise SD
-    core_trace = trace[reg.inner]
+    # the voxels that may join, and the seed candidates
+    open_, cand = reg.candidates(plan.scale, params.hysteresis_snr, params.threshold_snr)
     barrier = None if in_tissue is None else ~in_tissue
     if len(somata):  # no fibre within the exclusion ball of a soma
         ball = np.full(3, 0.5 * params.soma_exclusion_diameter_um) / np.asarray(vs)
@@ -1034,19 +1051,19 @@ def _segment_block(
             barrier = np.zeros(region, dtype=bool)
         _fill_ellipsoids(barrier, somata - (start + lo), ball)
     if barrier is not None:  # the void and the somata are never fibre
-        core_trace[barrier] = np.inf
+        open_.reshape(reg.pshape)[reg.inner][barrier] = False
+        cand = cand[open_[cand]]
         del barrier
-    # seeds: R <= -trace / 2, so only -trace >= 2 x threshold can pass
-    cand = np.flatnonzero(trace.ravel() <= np.float32(-2.0 * params.threshold_snr))
     if len(cand) == 0:
         return out
     response = reg.tubeness(cand, plan.scale)
     seeds = cand[response >= params.threshold_snr * reg.sd(cand)]
     if len(seeds) == 0:
         return out
-    flat = _hysteresis(reg, trace, seeds, cand, response, params, plan.scale)
-    del trace, cand, response
-    detected = np.zeros(reg.pshape, dtype=bool)  # on the padded grid
+    flat = _hysteresis(reg, open_, seeds, cand, response, params, plan.scale)
+    del cand, response
+    detected = open_.reshape(reg.pshape)  # its memory, on the region's grid
+    detected.fill(False)
     detected.ravel()[flat] = True
     del flat
     from skimage.morphology import skeletonize
@@ -1082,15 +1099,16 @@ def _segment_block(
         pieces.append((a[:, None, :] + t[None, :, None] * (b - a)[:, None, :]).reshape(-1, 3))
     if len(strong):
         pieces.append(points[(np.abs(points - strong) <= 0.5).all(axis=1)])
-    mask = np.zeros(region, dtype=bool)
-    _fill_ellipsoids(mask, np.concatenate(pieces), np.full(3, params.mask_radius_vox))
-    if len(somata):
-        _fill_ellipsoids(mask, somata - (start + lo), ball, False)
-    if in_tissue is not None:
-        mask &= in_tissue
+    # the mask of the core (the ellipsoids of centreline points in the margin reach in)
     core = tuple(slice(int(p - a), int(p - a + c)) for p, a, c in zip(pad_lo, lo, core_shape))
-    out[...] = mask[core]  # 1 where fibre
     first = np.array([c.start for c in core])
+    mask = np.zeros(core_shape, dtype=bool)
+    _fill_ellipsoids(mask, np.concatenate(pieces) - first, np.full(3, params.mask_radius_vox))
+    if len(somata):
+        _fill_ellipsoids(mask, somata - (start + lo + first), ball, False)
+    if in_tissue is not None:
+        mask &= in_tissue[core]
+    np.copyto(out, mask, casting="unsafe")  # 1 where fibre
     in_core = _inside(spts, first, first + np.asarray(core_shape))
     out[tuple((spts[in_core] - first).T)] |= 2
     return out
@@ -1225,9 +1243,7 @@ def segment_fibres(
         for n, c, d, b in zip(sig.shape, params.chunk_size_vox, plan.depth, plan.noise_block)
     )
     depth = tuple(0 if len(c) == 1 else d for c, d in zip(chunks, plan.depth))
-    x = sig.rechunk(chunks)
-    b = bg.rechunk(chunks) if bg is not None else None
-    noise_grid, level_grid = _noise_grid(x, b, scale, plan.noise_block)
+    noise_grid, level_grid = _noise_grid(sig, bg, scale, plan.noise_block, chunks)
     log.info(
         "segment_fibres: shape %s, voxel %s µm, smoothing %s vox, overlap %s, %d chunks, "
         "noise SD median %.4g",
@@ -1239,8 +1255,7 @@ def segment_fibres(
         float(np.median(noise_grid)),
     )
     overlapped = [
-        da.overlap.overlap(v, depth=dict(enumerate(depth)), boundary="none")
-        for v in ((x,) if b is None else (x, b))
+        overlapped_blocks(v, chunks, depth) for v in ((sig,) if bg is None else (sig, bg))
     ]
     starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in chunks]
 
@@ -1281,18 +1296,32 @@ def segment_fibres(
     return mask, skeleton, qc
 
 
-def _noise_grid(x: da.Array, b: da.Array | None, scale: float, block):
-    """Return the noise SD and level grids of ``x - scale b`` (one pass over the volume)."""
-    sz, sy = _noise_strides(block)
+def _noise_grid(sig: da.Array, bg: da.Array | None, scale: float, block, chunks):
+    """Return the noise SD and level grids of ``sig - scale bg`` (one pass over the volume).
 
-    def per_chunk(xb, bb=None):  # only the planes and rows that are read are converted
-        v = xb[::sz, ::sy].astype(np.float32)
+    Every chunk of ``chunks`` reads every ``sz``-th plane and ``sy``-th row from its own
+    start (:func:`_noise_strides`); only those are cut from the volume.
+    """
+    steps = (*_noise_strides(block), 1)
+    bounds = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in chunks]
+    rows = [
+        np.concatenate([np.arange(a, b, k) for a, b in zip(e[:-1], e[1:])])
+        for e, k in zip(bounds[:2], steps[:2])
+    ]
+    sub_chunks = tuple(tuple(-(-c // k) for c in cs) for cs, k in zip(chunks, steps))
+
+    def read(v):
+        return v[rows[0]][:, rows[1]].rechunk(sub_chunks)
+
+    def per_chunk(xb, bb=None, block_id=None):
+        shape = tuple(chunks[a][block_id[a + 1]] for a in range(3))
+        v = xb.astype(np.float32)
         if bb is not None:
-            v = v - np.float32(scale) * bb[::sz, ::sy].astype(np.float32)
-        return _pair_noise(v, xb.shape, block)
+            v -= np.float32(scale) * bb.astype(np.float32)
+        return _pair_noise(v, shape, block)
 
-    out_chunks = ((2,),) + tuple(tuple(-(-c // k) for c in cs) for cs, k in zip(x.chunks, block))
-    args = (x,) if b is None else (x, b)
+    out_chunks = ((2,),) + tuple(tuple(-(-c // k) for c in cs) for cs, k in zip(chunks, block))
+    args = (read(sig),) if bg is None else (read(sig), read(bg))
     grid = da.map_blocks(
         per_chunk, *args, chunks=out_chunks, new_axis=0, dtype=np.float32
     ).compute()
