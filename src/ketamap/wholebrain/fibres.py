@@ -122,7 +122,7 @@ _MIDPOINTS = (0.25, 0.5, 0.75)  # points added along each skeleton edge for the 
 _REGION_PAD = 2  # voxels of the smoothed image kept around the region
 _SUM_VOXELS = 2**16  # voxels summed per region at once (bounds the temporaries)
 _SLAB_ROWS = 8  # chunk rows (along z) computed at once when results are stored or summed
-_PLANES = 4  # z planes per step of the voxel-wise passes of a chunk (temporaries stay in cache)
+_PLANES = 1  # z planes per step of the voxel-wise passes of a chunk (temporaries stay in L2)
 # the 13 "forward" neighbour offsets of the 26-neighbourhood
 _FORWARD = np.array([o for o in itertools.product((-1, 0, 1), repeat=3) if o > (0, 0, 0)])
 
@@ -722,8 +722,8 @@ def _clamp_spikes(x: np.ndarray, bound_grid: np.ndarray, start, block) -> None:
     A microscope blurs every real structure over several voxels, so a voxel that stands
     above all its face neighbours by many noise SDs is a hot pixel or a cosmic hit.
     ``bound_grid`` holds the bound of every noise block (float32), ``start`` is the
-    global index of ``x``'s first voxel and ``block`` the noise block (voxels). A few
-    planes at a time, so the temporaries stay in the cache; the bound of a voxel is
+    global index of ``x``'s first voxel and ``block`` the noise block (voxels). A
+    plane at a time, so the temporaries stay in the cache; the bound of a voxel is
     looked up only where the voxel exceeds its neighbours by the smallest bound of the
     chunk (rare), and the voxels are lowered after all their neighbours were read.
     """
@@ -880,8 +880,8 @@ class _Region:
         :meth:`set_noise`), so only voxels with ``-trace >= 2 x`` a threshold can pass
         it. Returns a flat boolean array on the grid (``-trace >= 2 grow``, False off
         the region) and the flat indices (ascending) with ``-trace >= 2 seed``
-        (``seed >= grow``). The trace (central differences) is computed a few whole
-        planes at a time, as flat runs (the neighbours along every axis are the same
+        (``seed >= grow``). The trace (central differences) is computed a whole
+        plane at a time, as flat runs (the neighbours along every axis are the same
         runs shifted), so the temporaries stay in the cache and it is never held whole.
         """
         g = self.flat
@@ -1065,10 +1065,15 @@ def _segment_block(
     detected = open_.reshape(reg.pshape)  # its memory, on the region's grid
     detected.fill(False)
     detected.ravel()[flat] = True
-    del flat
+    # the thinning scans its whole image every iteration: it gets the detection's box
+    # (the same skeleton: the box drops only empty voxels and keeps their order)
+    at = reg.coords(flat)
+    corner, far = at.min(axis=0), at.max(axis=0) + 1
+    del flat, at
     from skimage.morphology import skeletonize
 
-    spts = _coords(skeletonize(detected[reg.inner]))
+    box = tuple(slice(int(a + o), int(b + o)) for a, b, o in zip(corner, far, reg.lo))
+    spts = _coords(skeletonize(detected[box])) + corner
     if len(spts) == 0:
         return out
     edges, pos_um, adj = _graph(spts, region, vs, params.length_smoothing)
