@@ -1315,8 +1315,14 @@ def _noise_grid(sig: da.Array, bg: da.Array | None, scale: float, block, chunks)
     ]
     sub_chunks = tuple(tuple(-(-c // k) for c in cs) for cs, k in zip(chunks, steps))
 
+    # chunks that start on the strides (the usual case) read a plain strided slice
+    index = [
+        slice(None, None, k) if np.array_equal(r, np.arange(0, len(r) * k, k)) else r
+        for r, k in zip(rows, steps[:2])
+    ]
+
     def read(v):
-        return v[rows[0]][:, rows[1]].rechunk(sub_chunks)
+        return v[index[0]][:, index[1]].rechunk(sub_chunks)
 
     def per_chunk(xb, bb=None, block_id=None):
         shape = tuple(chunks[a][block_id[a + 1]] for a in range(3))
