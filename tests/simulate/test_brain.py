@@ -111,25 +111,31 @@ def test_params_are_validated():
 
 # ----------------------------------------------------------------- artefacts (off by default)
 
-# sha256 of signal, background and true cell voxels of sim(atlas, seed=3) ("psl", 60 µm),
-# measured before the artefact fields existed: the demo's and tests' truth must not move.
-_UNCHANGED_SHA256 = "620ed70ca07f252fa41c4f0358dffba34b530c0225d3641f95f6c13fde548b96"
+# sim(atlas, seed=3) ("psl", 60 µm) as measured before the artefact fields existed: the
+# demo's and tests' truth must not move. The signal and the true cells are compared
+# byte for byte (sha256); the background by its sum and sum of squares, since BLAS
+# kernels round differently from CPU to CPU and move a voxel or two of it by one count
+# (OpenBLAS's SkylakeX kernel: one voxel, against the Haswell kernel's bytes).
+_UNCHANGED_SIGNAL_SHA256 = "bee0213110befbb267a64150c6fdaf3acd0bf0147f75ad55ed4d309f02d925ba"
+_UNCHANGED_CELLS_SHA256 = "df46eb49d700dfa41af80b609fb061cb9adb71c6bed7de7ea70e6b816bdbc54f"
+_UNCHANGED_BACKGROUND_SUMS = (1048569234, 210916624718)  # sum, sum of squares (counts)
 
 
-def _sha256(b) -> str:
+def _sha256(a: np.ndarray) -> str:
     import hashlib
 
-    h = hashlib.sha256()
-    h.update(b.signal.tobytes())
-    h.update(b.background.tobytes())
-    h.update(np.ascontiguousarray(b.cells[["z_vox", "y_vox", "x_vox"]].to_numpy()).tobytes())
-    return h.hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
 def test_artefacts_off_by_default_leave_the_volume_unchanged(atlas):
     plain = sim(atlas, seed=3)
     assert plain.artefacts == {}
-    assert _sha256(plain) == _UNCHANGED_SHA256
+    assert _sha256(plain.signal) == _UNCHANGED_SIGNAL_SHA256
+    assert _sha256(plain.cells[["z_vox", "y_vox", "x_vox"]].to_numpy()) == _UNCHANGED_CELLS_SHA256
+    bg = plain.background.astype(np.int64)
+    total, squares = _UNCHANGED_BACKGROUND_SUMS
+    assert abs(int(bg.sum()) - total) <= 8  # a few voxels by a count or two
+    assert abs(int((bg * bg).sum()) - squares) <= 8 * (2 * int(bg.max()) + 1)
     explicit = sim(
         atlas,
         seed=3,
