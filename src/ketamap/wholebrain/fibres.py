@@ -173,7 +173,8 @@ class FibreParams:
         Core size (z, y, x) of the chunks processed at once (voxels). Every chunk is
         read with an overlap of about 12 planes along z and 13 voxels along y and x
         (at 4 x 2 x 2 µm): 128 planes keep the overlapped block at 1.35 x its core
-        (64 planes: 1.57 x), at about 0.5 GB per worker.
+        (64 planes: 1.57 x); the stage's peak memory grew by 4 % with them
+        (``benchmarks/bench_fibre_memory.py``).
     """
 
     psf_sigma_um: tuple[float, float, float] = field(
