@@ -24,13 +24,14 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_fibres import _run  # noqa: E402  (each measurement in its own process)
 
 _RUN = textwrap.dedent(
     """
@@ -39,8 +40,7 @@ _RUN = textwrap.dedent(
     from ketamap.wholebrain.fibres import FibreParams, segment_fibres, write_fibre_outputs
     import numpy as np
     folder = Path(sys.argv[1])
-    tiles, chunks, workers = (json.loads(a) for a in sys.argv[2:5])
-    vs = tuple(json.loads((folder / "voxel_size_um.json").read_text()))
+    tiles, chunks, workers, vs = (json.loads(a) for a in sys.argv[2:6])
     signal, background = (
         da.tile(da.from_array(np.load(folder / f"{name}.npy")), tiles)
         for name in ("signal", "background")
@@ -76,7 +76,7 @@ _MAKE = textwrap.dedent(
                           seed=11)
     np.save(folder / "signal.npy", sim.signal)
     np.save(folder / "background.npy", sim.background)
-    (folder / "voxel_size_um.json").write_text(json.dumps(list(sim.voxel_size_um)))
+    print(json.dumps({"voxel_size_um": list(sim.voxel_size_um)}))
     """
 )
 
@@ -90,7 +90,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/bench_fibre_memory.json"))
     args = ap.parse_args(argv)
     chunk_sizes = args.chunks or [[64, 384, 384], [128, 384, 384]]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     result = {
         "block": list(args.block),
         "tiles": list(args.tiles),
@@ -104,24 +103,10 @@ def main(argv=None) -> dict:
         folder = Path(tmp)
         # the block is made in a process of its own: a child inherits its parent's peak
         # resident memory (ru_maxrss survives exec), so this process stays small
-        made = subprocess.run(
-            [sys.executable, "-c", _MAKE, str(folder), json.dumps(list(args.block))],
-            capture_output=True, text=True, env=env, check=False,
-        )  # fmt: skip
-        if made.returncode != 0:
-            raise RuntimeError(f"simulation failed:\n{made.stderr[-3000:]}")
+        vs = _run(_MAKE, folder, [json.dumps(list(args.block))])["voxel_size_um"]
         for chunks in chunk_sizes:
-            proc = subprocess.run(
-                [sys.executable, "-c", _RUN, str(folder)]
-                + [json.dumps(v) for v in (args.tiles, chunks, args.workers)],
-                capture_output=True,
-                text=True,
-                env=env,
-                check=False,
-            )
-            if proc.returncode != 0:
-                raise RuntimeError(f"measurement failed:\n{proc.stderr[-3000:]}")
-            run = json.loads(proc.stdout.strip().splitlines()[-1])
+            extra = [json.dumps(v) for v in (args.tiles, chunks, args.workers, vs)]
+            run = _run(_RUN, folder, extra)
             result["runs"]["x".join(map(str, chunks))] = run
             print(json.dumps({"chunk_size_vox": chunks} | run), flush=True)
     result["load_average_end"] = os.getloadavg()[0]

@@ -1309,18 +1309,15 @@ def _noise_grid(sig: da.Array, bg: da.Array | None, scale: float, block, chunks)
     start (:func:`_noise_strides`); only those are cut from the volume.
     """
     steps = (*_noise_strides(block), 1)
-    bounds = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in chunks]
-    rows = [
-        np.concatenate([np.arange(a, b, k) for a, b in zip(e[:-1], e[1:])])
-        for e, k in zip(bounds[:2], steps[:2])
-    ]
     sub_chunks = tuple(tuple(-(-c // k) for c in cs) for cs, k in zip(chunks, steps))
 
-    # chunks that start on the strides (the usual case) read a plain strided slice
-    index = [
-        slice(None, None, k) if np.array_equal(r, np.arange(0, len(r) * k, k)) else r
-        for r, k in zip(rows, steps[:2])
-    ]
+    def rows(sizes, k):  # a plain strided slice where every chunk starts on the stride
+        ends = np.cumsum(sizes)
+        if all(int(a) % k == 0 for a in ends[:-1]):
+            return slice(None, None, k)
+        return np.concatenate([np.arange(b - c, b, k) for c, b in zip(sizes, ends)])
+
+    index = [rows(cs, k) for cs, k in zip(chunks[:2], steps[:2])]
 
     def read(v):
         return v[index[0]][:, index[1]].rechunk(sub_chunks)
