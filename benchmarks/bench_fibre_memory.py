@@ -37,12 +37,13 @@ _RUN = textwrap.dedent(
     """
     import json, resource, sys, tempfile, time
     import dask, dask.array as da
+    from ketamap.io.volumes import lazy_array
     from ketamap.wholebrain.fibres import FibreParams, segment_fibres, write_fibre_outputs
     import numpy as np
     folder = Path(sys.argv[1])
     tiles, chunks, workers, vs = (json.loads(a) for a in sys.argv[2:6])
     signal, background = (
-        da.tile(da.from_array(np.load(folder / f"{name}.npy")), tiles)
+        da.tile(lazy_array(np.load(folder / f"{name}.npy")), tiles)
         for name in ("signal", "background")
     )
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -8,14 +8,16 @@ their overlap weigh as they do in a whole brain); each measurement runs
 in its own subprocess, so its peak resident memory (``ru_maxrss``) is its own:
 ``segment_fibres`` on a Dask array (threaded scheduler, ``--workers``; mask and
 skeleton computed together; the noise pass, the background scale and the tissue mask
-included; the input wrapped without hashing its content, as a volume opened from files
-is; the faster of two runs, the first being cold), the same on one thread, and one 3D
-``scipy.ndimage.gaussian_filter`` pass in float32 with the filter's own smoothing sigma
-over the whole volume (before and after; the faster is the yardstick; its first pass
-in a fresh process is the ratio's unit, and a second, warm pass in the same process is
-recorded too). Every run records its CPU time (user + system) and the load
-average. Other work may share the cores: the ratio to the Gaussian pass measured in
-the same run is robust to that load. The same Gaussian filter is also timed on the
+included; the input wrapped as ketamap wraps a volume or memory map it reads,
+:func:`ketamap.io.volumes.lazy_array`, which reads it chunk by chunk and neither
+hashes nor copies it, where ``dask.array.from_array`` would copy it whole before the
+work starts; the faster of two runs, the first being cold), the same on one thread,
+and one 3D ``scipy.ndimage.gaussian_filter`` pass in float32 with the filter's own
+smoothing sigma over the whole volume (before and after; the faster is the yardstick;
+its first pass in a fresh process is the ratio's unit, and a second, warm pass in the
+same process is recorded too). Every run records its CPU time (user + system) and the
+load average. Other work may share the cores: the ratio to the Gaussian pass measured
+in the same run is robust to that load. The same Gaussian filter is also timed on the
 chunks ``segment_fibres`` filters (with their overlap), on one thread and on two: its
 time is the filter's own share of the work (the whole volume's 768 x 768 planes are a
 power-of-two multiple apart in memory and filter slowly along z), and its speed-up on
@@ -72,7 +74,8 @@ _PRELUDE = textwrap.dedent(
 _KETAMAP = _PRELUDE + textwrap.dedent(
     """
     import os
-    import dask, dask.array as da
+    import dask
+    from ketamap.io.volumes import lazy_array
     from ketamap.wholebrain.fibres import FibreParams, segment_fibres, skeleton_lengths
     dask.config.set(scheduler="threads", num_workers=int(sys.argv[2]))
     params = FibreParams()
@@ -82,8 +85,8 @@ _KETAMAP = _PRELUDE + textwrap.dedent(
         loads.append(os.getloadavg()[0])
         t, u = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         mask, skeleton, qc = segment_fibres(
-            da.from_array(vol, chunks=chunks, name=False), voxel_size_um=(4.0, 2.0, 2.0),
-            background=da.from_array(bg, chunks=chunks, name=False), params=params)
+            lazy_array(vol, chunks=chunks), voxel_size_um=(4.0, 2.0, 2.0),
+            background=lazy_array(bg, chunks=chunks), params=params)
         n_mask, n_skel = dask.compute(mask.sum(), skeleton.sum())
         runs.append(time.perf_counter() - t)
         v = resource.getrusage(resource.RUSAGE_SELF)

