@@ -19,7 +19,7 @@ demo: install
 	$(BIN)/ketamap demo
 
 # The default suite (tests/ and the package's docstring examples) leaves out the tests
-# marked slow (about ten minutes on two cores);
+# marked slow (about fifteen minutes on two cores);
 # `make test PYTEST_ARGS=` runs every test, as CI does (.ci/run).
 # Exit code 5 ("no tests collected") is turned into a failure: a suite that
 # runs nothing must never pass.
