@@ -149,7 +149,9 @@ class FibreParams:
     hysteresis_snr : float
         Lower threshold (same units) for voxels connected to a seed.
     noise_block_um : float
-        Edge of the blocks over which the noise SD is estimated (µm).
+        Edge of the blocks over which the noise SD is estimated (µm; rounded to whole
+        voxels, at least 2, and up to an even number along x and along every axis of 4
+        voxels or more, where every other plane or row is read).
     min_length_um : float
         Pieces of skeleton shorter than this are dropped (hot pixels, noise specks);
         0 keeps all.
