@@ -19,13 +19,16 @@ demo: install
 	$(BIN)/ketamap demo
 
 # The default suite (tests/ and the package's docstring examples) leaves out the tests
-# marked slow (about fifteen minutes on two cores);
-# `make test PYTEST_ARGS=` runs every test, as CI does (.ci/run).
+# marked slow (about nine minutes on two cores); `make test PYTEST_ARGS=` runs every
+# test, as CI does (.ci/run). Test files run on PYTEST_WORKERS processes (pytest-xdist;
+# a file stays on one process, so its module fixtures are made once; 0 runs them all in
+# pytest's own process).
 # Exit code 5 ("no tests collected") is turned into a failure: a suite that
 # runs nothing must never pass.
 PYTEST_ARGS ?= -m "not slow"
+PYTEST_WORKERS ?= 2
 test: install-test
-	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 # Style: the linter and the formatter, as CI runs them (.ci/run).
