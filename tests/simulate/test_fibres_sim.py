@@ -9,10 +9,12 @@ import pytest
 from scipy.spatial import cKDTree
 
 from ketamap.errors import InputError, ParameterError
+from ketamap.simulate.evaluate import score_fibres
 from ketamap.simulate.fibres import (
     FibreSimParams,
     _render,
     image_sigma_um,
+    plant_fibres,
     region_slabs,
     simulate_fibres,
     true_length_table,
@@ -164,3 +166,58 @@ def test_bad_input_is_one_sentence():
         FibreSimParams(fibre_diameter_um=(2.0, 1.0))
     with pytest.raises(ParameterError, match="params must be a FibreSimParams"):
         simulate_fibres(np.ones((4, 8, 8), int), densities_mm_per_mm3={}, params={})
+
+
+def test_planted_fibres_are_the_simulated_ones_at_the_volume_noise():
+    rng = np.random.default_rng(0)
+    real = rng.normal(300, 20, (12, 80, 80)).astype(np.uint16)
+    params = FibreSimParams(fibre_snr=10.0)
+    hybrid, truth = plant_fibres(real, noise_sd=20.0, density_mm_per_mm3=1500.0,
+                                 params=params, seed=4)  # fmt: skip
+    same = simulate_fibres(np.ones(real.shape, np.uint8), densities_mm_per_mm3={1: 1500.0},
+                           params=params, seed=4)  # fmt: skip
+    assert np.array_equal(truth.true_mask, same.true_mask)
+    assert hybrid.dtype == np.uint16 and np.all(hybrid >= real)  # only added
+    # the fibres' counts are their photons at 20 / noise_sd_photons counts per photon
+    k = 20.0 / params.noise_sd_photons
+    added = hybrid.astype(float) - real
+    assert added.sum() == pytest.approx(k * truth.fibre_image.sum(), rel=0.01)
+    assert added[truth.true_mask == 0].mean() < 0.1 * added[truth.true_mask > 0].mean()
+    # a float volume stays float, unrounded; an 8-bit one is clipped to its range
+    hybrid_f, _ = plant_fibres(real.astype(np.float32), noise_sd=20.0,
+                               density_mm_per_mm3=1500.0, params=params, seed=4)  # fmt: skip
+    assert hybrid_f.dtype == np.float32 and np.allclose(hybrid_f, hybrid, atol=0.51)
+    hybrid_8, _ = plant_fibres(np.full(real.shape, 250, np.uint8), noise_sd=20.0,
+                               density_mm_per_mm3=1500.0, params=params, seed=4)  # fmt: skip
+    assert hybrid_8.max() == 255
+
+
+def test_score_of_the_truth_and_of_a_reference():
+    labels = np.ones((12, 80, 80), np.uint8)
+    truth = simulate_fibres(labels, densities_mm_per_mm3={1: 1500.0}, seed=2)
+    # the true footprint and a skeleton of its centreline voxels score as found
+    centre = np.zeros(labels.shape, np.uint8)
+    vox = np.rint(truth.points[["z_um", "y_um", "x_um"]].to_numpy() / truth.voxel_size_um)
+    centre[tuple(np.clip(vox.astype(int), 0, np.array(labels.shape) - 1).T)] = 1
+    got = score_fibres(truth.true_mask, centre, truth)
+    assert got["recall"] == 1.0 and got["precision"] == 1.0
+    assert 0.8 < got["length_ratio"] < 1.2
+    # what a reference found is left out of the precision and the length
+    extra = truth.true_mask.copy()
+    extra[0, 0, :10] = 1
+    assert score_fibres(extra, centre, truth)["precision"] < 1.0
+    ref = np.zeros_like(extra)
+    ref[0, 0, :10] = 1
+    got = score_fibres(extra, centre, truth, reference=(ref, np.zeros_like(ref)))
+    assert got["precision"] == 1.0
+    none = score_fibres(extra, centre, truth, reference=(ref, centre))
+    assert none["length_ratio"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_planting_bad_input_is_one_sentence():
+    with pytest.raises(InputError, match="volume must be a non-empty 3D array"):
+        plant_fibres(np.ones((4, 4)), noise_sd=1.0, density_mm_per_mm3=1.0)
+    with pytest.raises(ParameterError, match="noise_sd must be a finite number > 0"):
+        plant_fibres(np.ones((4, 8, 8)), noise_sd=float("nan"), density_mm_per_mm3=1.0)
+    with pytest.raises(ParameterError, match="density_mm_per_mm3 must be a finite number > 0"):
+        plant_fibres(np.ones((4, 8, 8)), noise_sd=1.0, density_mm_per_mm3=0)

@@ -3,6 +3,7 @@
 __all__ = [
     "FibreSimParams",
     "simulate_fibres",
+    "plant_fibres",
     "BrainParams",
     "GroupDesign",
     "SCENARIOS",
@@ -16,5 +17,5 @@ __all__ = [
 
 from .brain import BrainParams, SimulatedBrain, simulate_brain
 from .cohort import simulate_census, true_effects
-from .fibres import FibreSimParams, simulate_fibres
+from .fibres import FibreSimParams, plant_fibres, simulate_fibres
 from .scenarios import SCENARIOS, GroupDesign, Scenario, get_scenario

@@ -10,6 +10,8 @@ Three yardsticks, each computed from the study folder alone:
 * **statistics**: each region's call (q below alpha) against the planted
   fold changes → planted effects found with the right sign, and the share of
   regions with no effect that were not called.
+
+And :func:`score_fibres`: a fibre segmentation against the fibre simulator's truth.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
-__all__ = ["match_points", "evaluate_census"]
+__all__ = ["match_points", "evaluate_census", "score_fibres"]
 
 
 def match_points(true_um: np.ndarray, found_um: np.ndarray, max_distance_um: float) -> dict:
@@ -193,3 +195,51 @@ def _jsonable(v):
     if isinstance(v, np.bool_):
         return bool(v)
     return str(v)
+
+
+def score_fibres(mask, skeleton, truth, *, region=None, reference=None) -> dict:
+    """Score a fibre segmentation against the simulator's truth.
+
+    Parameters
+    ----------
+    mask, skeleton : array_like, shape (z, y, x)
+        From :func:`~ketamap.wholebrain.fibres.segment_fibres` (non-zero = fibre).
+    truth : SimulatedFibres
+        From :func:`~ketamap.simulate.fibres.simulate_fibres` or
+        :func:`~ketamap.simulate.fibres.plant_fibres`.
+    region : array_like of bool, optional
+        The voxels scored (e.g. the interior and the tissue); all by default.
+    reference : tuple of (mask, skeleton), optional
+        The segmentation of the volume without the fibres (the tissue alone, for
+        :func:`plant_fibres`): its voxels and length are what the tissue holds and are
+        left out of the precision and the length.
+
+    Returns
+    -------
+    dict
+        ``recall`` (true footprint voxels found), ``precision`` (found voxels not found
+        in the reference, in the footprint), ``length_ratio`` (skeleton length less the
+        reference's over the true centreline length, µm along the curve as
+        :func:`~ketamap.wholebrain.fibres.skeleton_lengths` measures it), ``true_length_um``.
+    """
+    from ketamap.simulate.fibres import true_length_table
+    from ketamap.wholebrain.fibres import skeleton_lengths
+
+    vs = truth.voxel_size_um
+    shape = truth.true_mask.shape
+    region = np.ones(shape, bool) if region is None else np.asarray(region, bool)
+    planted = (truth.true_mask > 0) & region
+    found = (np.asarray(mask) > 0) & region
+    new = found
+    measured = float(skeleton_lengths(np.asarray(skeleton), vs)[region].sum())
+    if reference is not None:
+        new = found & ~(np.asarray(reference[0]) > 0)
+        measured -= float(skeleton_lengths(np.asarray(reference[1]), vs)[region].sum())
+    true_um = true_length_table(truth.points, region.astype(np.int64), None, vs)
+    true_um = float(true_um.loc[true_um["region_id"] == 1, "length_um"].sum())
+    return {
+        "recall": int((planted & found).sum()) / max(int(planted.sum()), 1),
+        "precision": int((planted & new).sum()) / max(int(new.sum()), 1),
+        "length_ratio": measured / true_um if true_um > 0 else float("nan"),
+        "true_length_um": true_um,
+    }
