@@ -23,7 +23,8 @@ tissue mask:
 Also the crop alone: the share of its tissue voxels called fibre and their length
 density; and, on the simulator's tissue without fibres, the fibre called on somata
 that are passed to ``segment_fibres`` and on somata that are not (as a soma the cell
-detection missed). Prints and saves ``benchmarks/results/bench_fibres_real_crop.json``.
+detection missed), with the blob tests of ``FibreParams`` on and off. Prints and saves
+``benchmarks/results/bench_fibres_real_crop.json``.
 
 Usage::
 
@@ -44,7 +45,7 @@ import tifffile
 from ketamap.simulate.evaluate import score_fibres
 from ketamap.simulate.fibres import FibreSimParams, plant_fibres, simulate_fibres
 from ketamap.wholebrain.detect import detect_cells
-from ketamap.wholebrain.fibres import segment_fibres, skeleton_lengths
+from ketamap.wholebrain.fibres import FibreParams, segment_fibres, skeleton_lengths
 
 ROOT = Path(__file__).resolve().parents[1]
 CROP = ROOT.parent / "shared" / "data" / "cellfinder_crop"
@@ -124,15 +125,17 @@ def undetected_somata(shape=(30, 300, 300)) -> list[dict]:
         params = FibreSimParams(voxel_size_um=VS, soma_density_per_mm3=density, soma_snr=snr)
         sim = simulate_fibres(np.ones(shape, np.uint8), densities_mm_per_mm3={1: 0.0},
                               params=params, seed=1)  # fmt: skip
-        for passed in (True, False):
+        for passed, blob_tests in ((True, True), (False, True), (False, False)):
+            off = {} if blob_tests else {"blob_flank_ratio": 0.0, "max_width_ratio": 0.0}
             mask, skeleton, _ = segment_fibres(
                 sim.signal, voxel_size_um=VS, background=sim.background,
-                somata=sim.somata if passed else None,
+                somata=sim.somata if passed else None, params=FibreParams(**off),
             )  # fmt: skip
             row = {
                 "somata_per_mm3": len(sim.somata) / vol_mm3,
                 "soma_snr": snr,
                 "somata_passed": passed,
+                "blob_tests": blob_tests,
                 "fibre_voxel_fraction": float((mask > 0).mean()),
                 "false_length_density_mm_per_mm3": float(
                     skeleton_lengths(skeleton, VS).sum() * 1e-3 / vol_mm3

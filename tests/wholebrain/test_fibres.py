@@ -199,20 +199,21 @@ def test_somata_are_not_fibre():
     assert precision >= 0.85 and recall >= 0.8
 
 
-@pytest.mark.parametrize("flank_ratio", [1.0, 0.0])
-def test_somata_not_given_leave_little_fibre(flank_ratio):
-    """A soma's flank looks like a tube to the Hessian; the pieces along flanks go.
+@pytest.mark.parametrize("blob_tests", [True, False])
+def test_somata_not_given_leave_little_fibre(blob_tests):
+    """A soma's flank looks like a tube to the Hessian; pieces on blobs go.
 
     Somata at 20 000 per mm³ (SNR 15) that are not given to ``segment_fibres`` (as if
-    the cell detection missed them). Measured: without fibres, 14 mm/mm³ of false
-    length (287 with the flank test off); with 600 mm/mm³ of fibres, precision 0.857
-    and length 1.076 (0.718 and 1.456 off), recall 0.873 either way.
+    the cell detection missed them). Measured: without fibres, 11.5 mm/mm³ of
+    false length (287 with the blob tests off); with 600 mm/mm³ of fibres, precision
+    0.860 and length 1.068 (0.718 and 1.456 off), recall 0.873 either way.
     """
     from ketamap.simulate.evaluate import score_fibres
 
     shape = (40, 200, 200)
     inner = _interior(shape)
-    params = FibreParams(blob_flank_ratio=flank_ratio)
+    off = {} if blob_tests else {"blob_flank_ratio": 0.0, "max_width_ratio": 0.0}
+    params = FibreParams(**off)
     sim_params = FibreSimParams(soma_density_per_mm3=20000.0, soma_snr=15.0)
     found = {}
     for density in (0.0, 600.0):
@@ -225,11 +226,11 @@ def test_somata_not_given_leave_little_fibre(flank_ratio):
         found[density]["mm_per_mm3"] = float(
             skeleton_lengths(skeleton, VS)[inner].sum() * 1e-3 / (inner.sum() * np.prod(VS) * 1e-9)
         )
-    if flank_ratio > 0:
+    if blob_tests:
         assert found[0.0]["mm_per_mm3"] < 30.0, found
         assert found[600.0]["precision"] >= 0.83 and found[600.0]["recall"] >= 0.85, found
         assert abs(found[600.0]["length_ratio"] - 1.0) <= 0.10, found
-    else:  # the failure the test guards against
+    else:  # the failure the tests guard against
         assert found[0.0]["mm_per_mm3"] > 150.0, found
         assert found[600.0]["precision"] < 0.8 and found[600.0]["length_ratio"] > 1.3, found
 
@@ -664,7 +665,7 @@ def test_fibres_planted_in_real_tissue_are_found_as_on_simulated_tissue(shared_d
     crop = segment_fibres(signal, voxel_size_um=vs, background=background, somata=somata)
     inner = _interior(signal.shape)
     region = inner & crop[2]["tissue"].full_resolution((slice(None),) * 3)
-    assert (crop[0] > 0)[region].mean() < 0.003  # measured 0.00088
+    assert (crop[0] > 0)[region].mean() < 0.001  # measured 0.00032
     params = FibreSimParams(voxel_size_um=vs, fibre_snr=12.0)
     hybrid, truth = plant_fibres(signal, noise_sd=crop[2]["noise_sd_median"],
                                  density_mm_per_mm3=600.0, params=params, seed=1)  # fmt: skip

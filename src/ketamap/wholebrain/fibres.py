@@ -39,9 +39,10 @@ The classical path, chunk by chunk (Dask), in float32:
    of :func:`~ketamap.wholebrain.detect.detect_cells`) are excluded;
 7. **skeleton**: 3D thinning (:func:`skimage.morphology.skeletonize`) of the detected
    voxels; pieces of skeleton shorter than ``min_length_um`` are dropped (what is left
-   of a hot pixel or a noise speck), and so are pieces that run along the flank of a
-   blob over most of their voxels (``blob_flank_ratio``: there the image changes along
-   the ridge as fast as across it; a soma that was not given);
+   of a hot pixel or a noise speck), and so are pieces that lie on a blob over most of
+   their voxels (a soma that was not given): on its flank, where the image changes
+   along the ridge as fast as across it (``blob_flank_ratio``), or where the ridge is
+   wider than a fibre's (``max_width_ratio``);
 8. **mask**: every skeleton voxel moves onto the ridge it stands for (Newton steps of
    the logarithm of the smoothed image across the fibre: the image of a line is a
    Gaussian across it, whose logarithm is a quadratic that central differences fit
@@ -164,6 +165,13 @@ class FibreParams:
         (about 0.3 at a bead); on the flank of a blob wider than a fibre (a soma that
         was not given in ``somata``) it is about the blob's SD in those units, >= 1,
         and the flank looks like a tube to the Hessian. 0 keeps every piece.
+    max_width_ratio : float
+        A piece of skeleton is dropped when, over more than half of its voxels, the
+        cross-section of the smoothed image is wider than this many times that of a
+        fibre of ``fibre_diameter_um`` (the width of a Gaussian ridge of its height and
+        curvature, calibrated on rendered lines for the voxel size and PSF): a soma's
+        body, a chain of touching somata, a process much thicker than an axon. Fibres
+        of 0.5-2 µm stay within a few per cent of the calibration; 0 keeps every piece.
     spike_snr : float
         A voxel is lowered to at most the largest of its six face neighbours plus this
         many noise SDs before filtering (hot pixels, cosmic hits); 0 disables.
@@ -215,6 +223,10 @@ class FibreParams:
         default=1.0,
         metadata=bounds(ge=0, doc="Drop skeleton pieces on a blob's flank (image SDs); 0: off."),
     )
+    max_width_ratio: float = field(
+        default=1.4,
+        metadata=bounds(ge=0, doc="Drop skeleton pieces wider than this x a fibre; 0: off."),
+    )
     spike_snr: float = field(
         default=5.0,
         metadata=bounds(ge=0, doc="Spike clamp: excess over the 6 neighbours, in noise SDs."),
@@ -257,6 +269,7 @@ class _Plan:
     radius_vox: tuple[int, int, int]  # its kernel radius
     scale: tuple[float, float, float]  # whitening: total SD of the smoothed fibre (voxels)
     null_sd: float  # SD of the tubeness for unit white noise
+    fibre_width: float  # the width estimate of _on_blob at a fibre's ridge
     noise_block: tuple[int, int, int]  # voxels per noise block (x even)
     margin: tuple[int, int, int]  # context around the core whose mask and skeleton are final
     depth: tuple[int, int, int]  # overlap of the chunks
@@ -297,6 +310,7 @@ def _plan(vs: tuple[float, float, float], params: FibreParams) -> _Plan:
         radius_vox=radius,
         scale=scale,
         null_sd=_null_sd(sigma_vox, radius, scale),
+        fibre_width=_fibre_width(tuple(float(v) for v in img / vs_a), sigma_vox, radius, scale),
         noise_block=tuple(block),
         margin=margin,
         depth=depth,
@@ -314,6 +328,32 @@ def _null_sd(sigma_vox, radius, scale) -> float:
     pos = np.argwhere(np.ones(g[inner].shape, dtype=bool)) + [s.start for s in inner]
     hessian, _ = _derivatives(g, pos, scale)
     return float(np.std(_tubeness(*_eigenvalues(hessian))))
+
+
+@functools.lru_cache(maxsize=32)
+def _fibre_width(img_vox, sigma_vox, radius, scale) -> float:
+    """Return the width estimate of :func:`_on_blob` on a fibre of the typical diameter.
+
+    Straight lines along x and along y (images of SD ``img_vox`` per axis across them,
+    through a voxel centre and half a voxel off it on each axis across), smoothed as the
+    data are; the median of the estimate at the voxel nearest each line. About 1.3 at
+    4 x 2 x 2 µm: the smoothed image has unit SD in whitened units, but its curvature is
+    sampled at steps of one voxel, which is not small beside it.
+    """
+    widths = []
+    for along in (2, 1):
+        across = [a for a in range(3) if a != along]
+        n = [2 * r + 2 * int(math.ceil(4 * s)) + 7 for r, s in zip(radius, img_vox)]
+        n[along] = 2 * radius[along] + 5
+        centre = [k // 2 for k in n]
+        for off in itertools.product((0.0, 0.5), repeat=2):
+            grid = np.meshgrid(*(np.arange(k, dtype=float) for k in n), indexing="ij")
+            r2 = sum(((grid[a] - centre[a] - o) / img_vox[a]) ** 2 for a, o in zip(across, off))
+            g = ndi.gaussian_filter(np.exp(-0.5 * r2), sigma_vox, mode="reflect", radius=radius)
+            hessian, _ = _derivatives(g, np.array([centre]), scale)
+            l2 = _eigenvalues(hessian)[1][0]
+            widths.append(math.sqrt(g[tuple(centre)] / -l2))
+    return float(np.median(widths))
 
 
 # ---------------------------------------------------------------------------- the filter
@@ -442,23 +482,37 @@ def _fibre_axis(h: np.ndarray, l1: np.ndarray) -> list[np.ndarray]:
     return [np.where(degenerate, d, c / safe) for c, d in zip(e1, (1.0, 0.0, 0.0))]
 
 
-def _on_flank(reg, idx: np.ndarray, scale, ratio: float) -> np.ndarray:
-    """Whether the image at flat indices ``idx`` changes along the ridge as across it.
+def _on_blob(reg, idx: np.ndarray, level: np.ndarray, plan, params) -> tuple:
+    """Return the votes of the skeleton voxels at flat indices ``idx`` that they lie on a blob.
 
-    In whitened units (the fibre's image has unit SD on every axis), the gradient along
-    the fibre's axis over the curvature across it (``-l2``) is 0 on a fibre (its
-    brightness is constant along it; a bead gives about 0.3) and about the blob's own
-    SD (>= 1) on the flank of a blob wider than a fibre, where the curvature along the
-    radius vanishes and the two around it make the flank look like a tube. True where
-    it exceeds ``ratio``, or where ``l2 >= 0`` (no ridge).
+    In whitened units (the smoothed fibre image has unit SD on every axis):
+
+    * **flank**: the gradient along the fibre's axis over the curvature across it
+      (``-l2``) exceeds ``params.blob_flank_ratio``. It is 0 on a fibre (its brightness
+      is constant along it; a bead gives about 0.3) and about the blob's own SD (>= 1)
+      on the flank of a blob wider than a fibre, where the curvature along the radius
+      vanishes and the two around it make the flank look like a tube; also where
+      ``l2 >= 0`` (no ridge);
+    * **wide**: the width ``sqrt((g - level) / -l2)`` of the cross-section (a Gaussian
+      ridge of peak ``g - level`` above the background level) exceeds
+      ``params.max_width_ratio`` times a fibre's (``plan.fibre_width``): a soma's body,
+      a chain of touching somata, a thick process.
+
+    A test whose parameter is 0 gives no votes. Returns two boolean arrays.
     """
-    out = np.empty(len(idx), dtype=bool)
+    flank = np.zeros(len(idx), dtype=bool)
+    wide = np.zeros(len(idx), dtype=bool)
+    widest = params.max_width_ratio * plan.fibre_width
     for part in _batches(len(idx)):
-        hessian, grad = _differences(reg.stencil(idx[part]), scale)
+        values = reg.stencil(idx[part])
+        hessian, grad = _differences(values, plan.scale)
         l1, l2, _ = _eigenvalues(hessian)
-        along = np.abs(_dot(_fibre_axis(hessian, l1), grad))
-        out[part] = ~(along < ratio * -l2)
-    return out
+        if params.blob_flank_ratio > 0:
+            along = np.abs(_dot(_fibre_axis(hessian, l1), grad))
+            flank[part] = ~(along < params.blob_flank_ratio * -l2)
+        if params.max_width_ratio > 0:
+            wide[part] = values[0] - level[part] > widest**2 * np.maximum(-l2, 0.0)
+    return flank, wide
 
 
 def _ridge_offsets(hessian: np.ndarray, grad: np.ndarray, scale) -> np.ndarray:
@@ -1126,18 +1180,19 @@ def _segment_block(
     if len(spts) == 0:
         return out
     edges, pos_um, adj = _graph(spts, region, vs, params.length_smoothing)
-    if params.min_length_um > 0 or params.blob_flank_ratio > 0:
+    if params.min_length_um > 0 or params.blob_flank_ratio > 0 or params.max_width_ratio > 0:
         # whole pieces of skeleton go: those shorter than min_length_um, and those that
-        # run along a blob's flank over most of their voxels (a soma not given)
+        # lie on a blob (a soma not given) over most of their voxels
         n_sk, sk_comp = sparse.csgraph.connected_components(adj, directed=False)
         keep = np.ones(n_sk, dtype=bool)
         if params.min_length_um > 0:
             w = _point_lengths(pos_um, edges)
             keep &= np.bincount(sk_comp, weights=w, minlength=n_sk) >= params.min_length_um
-        if params.blob_flank_ratio > 0:
-            flank = _on_flank(reg, reg.index(spts), plan.scale, params.blob_flank_ratio)
-            share = np.bincount(sk_comp, weights=flank, minlength=n_sk)
-            keep &= share <= 0.5 * np.bincount(sk_comp, minlength=n_sk)
+        if params.blob_flank_ratio > 0 or params.max_width_ratio > 0:
+            level = _levels(spts, plan, level_grid, start + lo)
+            half = 0.5 * np.bincount(sk_comp, minlength=n_sk)
+            for votes in _on_blob(reg, reg.index(spts), level, plan, params):
+                keep &= np.bincount(sk_comp, weights=votes, minlength=n_sk) <= half
         ok = keep[sk_comp]
         if not ok.all():
             # the edges of the kept pieces (a short-cut's third voxel is in its piece)
