@@ -434,10 +434,13 @@ def test_fibres_stage_runs_only_when_asked_and_only_itself(ran_study, tmp_path):
         assert held_mm == pytest.approx(qc["atlas_length_mm"], rel=1e-4)
         # about 1 % of this field of view's skeleton lies beyond the atlas box (measured)
         assert 0.97 * qc["total_length_mm"] <= qc["atlas_length_mm"] <= qc["total_length_mm"]
-        # in the brain, the map holds what the region table measured in the sample
+        # in the brain, the map holds what the region table measured in the sample; the
+        # two differ at the brain's boundary, where a skeleton voxel's rounded atlas point
+        # and the labels warped onto the sample grid can fall on different sides
+        # (measured: 0.02-1.4 % over the six mice)
         in_brain_mm = float(atlas_map[annotation > 0].astype(np.float64).sum()) * 0.1**3
         root_mm = table.loc[table["acronym"] == "root", "length_um"].iloc[0] / 1000
-        assert in_brain_mm == pytest.approx(root_mm, rel=0.01)
+        assert in_brain_mm == pytest.approx(root_mm, rel=0.02)
     # the study stages compare fibre densities and report them
     full = run_study(manifest)
     assert full.stats_ran and full.report_ran and not any(r["fibres"] for r in full.subjects)
