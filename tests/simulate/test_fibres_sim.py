@@ -212,6 +212,8 @@ def test_score_of_the_truth_and_of_a_reference():
     assert got["precision"] == 1.0
     none = score_fibres(extra, centre, truth, reference=(ref, centre))
     assert none["length_ratio"] == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(InputError, match=r"The mask has shape \(12, 80, 79\) but the truth"):
+        score_fibres(extra[..., 1:], centre, truth)
 
 
 def test_planting_bad_input_is_one_sentence():

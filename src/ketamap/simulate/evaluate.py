@@ -211,8 +211,8 @@ def score_fibres(mask, skeleton, truth, *, region=None, reference=None) -> dict:
         The voxels scored (e.g. the interior and the tissue); all by default.
     reference : tuple of (mask, skeleton), optional
         The segmentation of the volume without the fibres (the tissue alone, for
-        :func:`plant_fibres`): its voxels and length are what the tissue holds and are
-        left out of the precision and the length.
+        :func:`~ketamap.simulate.fibres.plant_fibres`): its voxels and length are what
+        the tissue holds and are left out of the precision and the length.
 
     Returns
     -------
@@ -221,12 +221,26 @@ def score_fibres(mask, skeleton, truth, *, region=None, reference=None) -> dict:
         in the reference, in the footprint), ``length_ratio`` (skeleton length less the
         reference's over the true centreline length, µm along the curve as
         :func:`~ketamap.wholebrain.fibres.skeleton_lengths` measures it), ``true_length_um``.
+
+    Raises
+    ------
+    InputError
+        If a volume is not on the truth's grid.
     """
+    from ketamap.errors import InputError
     from ketamap.simulate.fibres import true_length_table
     from ketamap.wholebrain.fibres import skeleton_lengths
 
     vs = truth.voxel_size_um
     shape = truth.true_mask.shape
+    given = {"mask": mask, "skeleton": skeleton, "region": region}
+    if reference is not None:
+        given.update({"reference mask": reference[0], "reference skeleton": reference[1]})
+    for name, volume in given.items():
+        if volume is not None and np.shape(volume) != shape:
+            raise InputError(
+                f"The {name} has shape {np.shape(volume)} but the truth has shape {shape}."
+            )
     region = np.ones(shape, bool) if region is None else np.asarray(region, bool)
     planted = (truth.true_mask > 0) & region
     found = (np.asarray(mask) > 0) & region
