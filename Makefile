@@ -19,7 +19,7 @@ demo: install
 	$(BIN)/ketamap demo
 
 # The default suite (tests/ and the package's docstring examples) leaves out the tests
-# marked slow (about nine minutes on two cores); `make test PYTEST_ARGS=` runs every
+# marked slow (9 to 14 minutes on two cores); `make test PYTEST_ARGS=` runs every
 # test, as CI does (.ci/run). Test files run on PYTEST_WORKERS processes (pytest-xdist;
 # a file stays on one process, so its module fixtures are made once; 0 runs them all in
 # pytest's own process).
