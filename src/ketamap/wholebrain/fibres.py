@@ -346,8 +346,8 @@ def _fibre_width(img_vox, sigma_vox, radius, scale) -> float:
         n = [2 * r + 2 * int(math.ceil(4 * s)) + 7 for r, s in zip(radius, img_vox)]
         n[along] = 2 * radius[along] + 5
         centre = [k // 2 for k in n]
+        grid = np.meshgrid(*(np.arange(k, dtype=float) for k in n), indexing="ij")
         for off in itertools.product((0.0, 0.5), repeat=2):
-            grid = np.meshgrid(*(np.arange(k, dtype=float) for k in n), indexing="ij")
             r2 = sum(((grid[a] - centre[a] - o) / img_vox[a]) ** 2 for a, o in zip(across, off))
             g = ndi.gaussian_filter(np.exp(-0.5 * r2), sigma_vox, mode="reflect", radius=radius)
             hessian, _ = _derivatives(g, np.array([centre]), scale)
