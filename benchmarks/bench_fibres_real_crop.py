@@ -117,23 +117,37 @@ def undetected_somata(shape=(30, 300, 300)) -> list[dict]:
     """False fibre on simulated tissue without fibres, the somata passed or not.
 
     The crop alone shows fibre on packed somata the cell detection did not report; the
-    simulator's somata (``soma_density_per_mm3``, ``soma_snr``) reproduce it with truth.
+    simulator's somata (``soma_density_per_mm3``, ``soma_snr``, and
+    ``soma_spacing_diameters`` 1 for a packed layer) reproduce it with truth. The blob
+    tests are run all three, all but the hollow test, and none.
     """
     rows = []
     vol_mm3 = float(np.prod(shape) * np.prod(VS)) * 1e-9
-    for density, snr in ((20000.0, 60.0), (20000.0, 15.0), (30000.0, 8.0)):
-        params = FibreSimParams(voxel_size_um=VS, soma_density_per_mm3=density, soma_snr=snr)
+    tests = {
+        "all": {},
+        "no_hollow": {"hollow_test": False},
+        "none": {"blob_flank_ratio": 0.0, "max_width_ratio": 0.0, "hollow_test": False},
+    }
+    for density, snr, spacing in (
+        (20000.0, 60.0, 2.0),
+        (20000.0, 15.0, 2.0),
+        (30000.0, 8.0, 2.0),
+        (60000.0, 15.0, 1.0),
+    ):
+        params = FibreSimParams(voxel_size_um=VS, soma_density_per_mm3=density, soma_snr=snr,
+                                soma_spacing_diameters=spacing)  # fmt: skip
         sim = simulate_fibres(np.ones(shape, np.uint8), densities_mm_per_mm3={1: 0.0},
                               params=params, seed=1)  # fmt: skip
-        for passed, blob_tests in ((True, True), (False, True), (False, False)):
-            off = {} if blob_tests else {"blob_flank_ratio": 0.0, "max_width_ratio": 0.0}
+        for passed, blob_tests in ((True, "all"), (False, "all"), (False, "no_hollow"),
+                                   (False, "none")):  # fmt: skip
             mask, skeleton, _ = segment_fibres(
                 sim.signal, voxel_size_um=VS, background=sim.background,
-                somata=sim.somata if passed else None, params=FibreParams(**off),
+                somata=sim.somata if passed else None, params=FibreParams(**tests[blob_tests]),
             )  # fmt: skip
             row = {
                 "somata_per_mm3": len(sim.somata) / vol_mm3,
                 "soma_snr": snr,
+                "soma_spacing_diameters": spacing,
                 "somata_passed": passed,
                 "blob_tests": blob_tests,
                 "fibre_voxel_fraction": float((mask > 0).mean()),

@@ -112,6 +112,22 @@ def test_imaging_channels_and_somata(sim):
     assert np.all(s.signal[z, y, x] > bg + 20 * s.params.noise_sd_photons)
 
 
+@pytest.mark.parametrize("spacing", [2.0, 1.0, 0.8])
+def test_somata_keep_their_spacing(spacing):
+    """Centres at least ``soma_spacing_diameters`` largest diameters apart; 1 packs them."""
+    from scipy.spatial import cKDTree
+
+    params = FibreSimParams(soma_density_per_mm3=60000.0, soma_spacing_diameters=spacing)
+    s = simulate_fibres(np.ones((20, 120, 120), np.uint8), densities_mm_per_mm3={1: 0.0},
+                        params=params, seed=2)  # fmt: skip
+    xyz = s.somata[["z_um", "y_um", "x_um"]].to_numpy()
+    nearest = cKDTree(xyz).query(xyz, k=2)[0][:, 1]
+    gap = spacing * params.soma_diameter_um[1]
+    assert nearest.min() > gap
+    if spacing < 2.0:  # a packed layer: neighbours closer than two diameters
+        assert (nearest < 2 * params.soma_diameter_um[1]).mean() > 0.3
+
+
 def test_same_seed_same_volume():
     labels = np.ones((12, 40, 40), dtype=np.int32)
     a = simulate_fibres(labels, densities_mm_per_mm3={1: 2000.0}, seed=5)

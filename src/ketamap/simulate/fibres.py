@@ -37,7 +37,9 @@ Imaging
 The centrelines are sampled every ``sample_um`` (sub-voxel) and each sample is
 rendered as a Gaussian of SD ``sqrt(psf² + v²/12)`` per axis (the PSF and the
 voxel's own box), evaluated at the voxel centres. Somata (optional, bright,
-10-12 µm) are Gaussians of SD ``sqrt((d / 4)² + psf² + v²/12)``. The
+10-12 µm) are Gaussians of SD ``sqrt((d / 4)² + psf² + v²/12)``, placed at random
+in the tissue at least ``soma_spacing_diameters`` largest diameters apart (1: a packed
+layer whose neighbours touch). The
 autofluorescence (``autofluorescence_photons``, smooth relative variation
 ``background_variation`` over ``background_smoothness_um``) is the background channel
 and bleeds into the signal (``bleed_through``). Both channels get an illumination
@@ -70,6 +72,7 @@ Arrays are (z, y, x); voxel ``i`` is centred at ``i x voxel`` µm.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -159,6 +162,9 @@ class FibreSimParams:
         Range (min, max) of the somata's diameters.
     soma_snr : float
         Mean soma peak in noise SDs of the background (as ``fibre_snr``).
+    soma_spacing_diameters : float
+        Least distance between two somata's centres, in largest diameters: 2 keeps them
+        apart, 1 lets them touch (a packed cell layer), below 1 they overlap (clumps).
     tissue_fraction : float
         Share of the x axis that holds tissue; beyond it a dark void (no photons).
     hot_pixel_rate_per_voxel : float
@@ -213,6 +219,7 @@ class FibreSimParams:
         default=(10.0, 12.0), metadata=bounds(gt=0, le=100)
     )
     soma_snr: float = field(default=60.0, metadata=bounds(gt=0))
+    soma_spacing_diameters: float = field(default=2.0, metadata=bounds(ge=0, le=10))
     tissue_fraction: float = field(default=1.0, metadata=bounds(gt=0, le=1))
     hot_pixel_rate_per_voxel: float = field(default=0.0, metadata=bounds(ge=0, le=0.01))
     hot_pixel_counts: tuple[float, float] = field(
@@ -531,6 +538,30 @@ def _footprint(shape, points_um: np.ndarray, vs: np.ndarray, semi: np.ndarray) -
     return mask
 
 
+def _hard_core(points: np.ndarray, gap: float, n: int) -> np.ndarray:
+    """Keep the first ``n`` points, in order, each farther than ``gap`` from those kept.
+
+    A grid of cells ``gap`` wide holds the kept points, so each point is compared with
+    the kept points of its 27 cells only.
+    """
+    keep: list[np.ndarray] = []
+    cells: dict[tuple, list[np.ndarray]] = {}
+    for c in points:
+        if len(keep) == n:
+            break
+        key = tuple(np.floor(c / gap).astype(int)) if gap > 0 else (0, 0, 0)
+        near = (
+            k
+            for off in itertools.product((-1, 0, 1), repeat=3)
+            for k in cells.get(tuple(a + b for a, b in zip(key, off)), ())
+        )
+        if gap > 0 and any(np.linalg.norm(c - k) <= gap for k in near):
+            continue
+        keep.append(c)
+        cells.setdefault(key, []).append(c)
+    return np.asarray(keep).reshape(-1, 3)
+
+
 def _smooth_field(shape, vs: np.ndarray, smooth_um: float, rng) -> np.ndarray:
     """Return a smooth random field of SD 1 (filtered noise on a coarse grid, zoomed)."""
     step = max(float(np.min(vs)), smooth_um / 4.0)
@@ -749,16 +780,9 @@ def simulate_fibres(
     soma_pts = np.zeros((0, 3))
     if n_somata:
         cand = srng.uniform(0, 1, (4 * n_somata, 3)) * (np.asarray(shape) - 1) * vs
-        keep = []
-        for c in cand:
-            cv_ = np.floor(c / vs + 0.5).astype(int)
-            if not tissue[tuple(cv_)]:
-                continue
-            if all(np.linalg.norm(c - k) > 2 * params.soma_diameter_um[1] for k in keep):
-                keep.append(c)
-            if len(keep) == n_somata:
-                break
-        soma_pts = np.asarray(keep).reshape(-1, 3)
+        in_tissue = tissue[tuple(np.floor(cand / vs + 0.5).astype(int).T)]
+        gap = params.soma_spacing_diameters * params.soma_diameter_um[1]
+        soma_pts = _hard_core(cand[in_tissue], gap, n_somata)
     soma_d = srng.uniform(*params.soma_diameter_um, len(soma_pts))
     soma_peak = (
         params.soma_snr

@@ -42,7 +42,8 @@ The classical path, chunk by chunk (Dask), in float32:
    of a hot pixel or a noise speck), and so are pieces that lie on a blob over most of
    their voxels (a soma that was not given): on its flank, where the image changes
    along the ridge as fast as across it (``blob_flank_ratio``), or where the ridge is
-   wider than a fibre's (``max_width_ratio``);
+   wider than a fibre's (``max_width_ratio``), or pieces that are surfaces rather than
+   curves (``hollow_test``: a blob's detection is hollow and thins to a closed shell);
 8. **mask**: every skeleton voxel moves onto the ridge it stands for (Newton steps of
    the logarithm of the smoothed image across the fibre: the image of a line is a
    Gaussian across it, whose logarithm is a quadratic that central differences fit
@@ -172,6 +173,13 @@ class FibreParams:
         curvature, calibrated on rendered lines for the voxel size and PSF): a soma's
         body, a chain of touching somata, a process much thicker than an axon. Fibres
         of 0.5-2 µm stay within a few per cent of the calibration; 0 keeps every piece.
+    hollow_test : bool
+        Drop a piece of skeleton when more than half of its voxels have four or more
+        skeleton neighbours: it is a surface, not a curve. The detection of a blob is
+        hollow (at its centre the curvature is the same along every axis, so there is
+        no tubeness) and the thinning keeps the cavity, so a soma that was not given
+        thins to a small closed shell; a fibre thins to a curve (two neighbours, three
+        at a branch).
     spike_snr : float
         A voxel is lowered to at most the largest of its six face neighbours plus this
         many noise SDs before filtering (hot pixels, cosmic hits); 0 disables.
@@ -226,6 +234,9 @@ class FibreParams:
     max_width_ratio: float = field(
         default=1.4,
         metadata=bounds(ge=0, doc="Drop skeleton pieces wider than this x a fibre; 0: off."),
+    )
+    hollow_test: bool = field(
+        default=True, metadata=bounds(doc="Drop skeleton pieces that are surfaces (hollow blobs).")
     )
     spike_snr: float = field(
         default=5.0,
@@ -1180,17 +1191,24 @@ def _segment_block(
     if len(spts) == 0:
         return out
     edges, pos_um, adj = _graph(spts, region, vs, params.length_smoothing)
-    if params.min_length_um > 0 or params.blob_flank_ratio > 0 or params.max_width_ratio > 0:
+    if (
+        params.min_length_um > 0
+        or params.blob_flank_ratio > 0
+        or params.max_width_ratio > 0
+        or params.hollow_test
+    ):
         # whole pieces of skeleton go: those shorter than min_length_um, and those that
         # lie on a blob (a soma not given) over most of their voxels
         n_sk, sk_comp = sparse.csgraph.connected_components(adj, directed=False)
         keep = np.ones(n_sk, dtype=bool)
+        half = 0.5 * np.bincount(sk_comp, minlength=n_sk)
         if params.min_length_um > 0:
             w = _point_lengths(pos_um, edges)
             keep &= np.bincount(sk_comp, weights=w, minlength=n_sk) >= params.min_length_um
+        if params.hollow_test:  # a surface: most voxels have four neighbours or more
+            keep &= np.bincount(sk_comp, weights=np.diff(adj.indptr) >= 4, minlength=n_sk) <= half
         if params.blob_flank_ratio > 0 or params.max_width_ratio > 0:
             level = _levels(spts, plan, level_grid, start + lo)
-            half = 0.5 * np.bincount(sk_comp, minlength=n_sk)
             for votes in _on_blob(reg, reg.index(spts), level, plan, params):
                 keep &= np.bincount(sk_comp, weights=votes, minlength=n_sk) <= half
         ok = keep[sk_comp]
