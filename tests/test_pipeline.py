@@ -526,7 +526,8 @@ def test_fibre_demo_measures_each_mouse_once(tmp_path):
     found = run_fibre_demo(tmp_path, subjects, seed=1)
     assert {p["acronym"] for p in found["planted"]} == {"PL", "CP", "SSp"}
     assert all(p["right_direction"] for p in found["planted"] if p["acronym"] != "PL")
-    assert found["length_error"]["median"] < 0.12
+    # in the crops' interiors, as the accuracy benchmark (measured: median 0.035, max 0.076)
+    assert found["length_error"]["median"] < 0.06 and found["length_error"]["max"] <= 0.10
     stamp = (tmp_path / "subjects" / "s1" / "provenance.json").stat().st_mtime_ns
     run_fibre_demo(tmp_path, subjects, seed=1)
     assert (tmp_path / "subjects" / "s1" / "provenance.json").stat().st_mtime_ns == stamp

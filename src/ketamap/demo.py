@@ -39,6 +39,10 @@ FIBRE_EFFECTS = {
 }
 #: Between-mouse variation of a region's fibre density (coefficient of variation).
 FIBRE_MOUSE_CV = 0.15
+#: The length is scored this many voxels in from the crop's faces, as in the accuracy
+#: benchmark: a fibre cut by a face loses length there, and a whole brain's faces lie
+#: in the void (measured: 6.5-7.7 % median error over the whole crop, 2.8-3.8 % inside).
+FIBRE_SCORE_MARGIN_VOX = 3
 
 
 def _demo_params(artefacts: bool = False):
@@ -155,8 +159,13 @@ def _fibre_mouse(out: Path, subject: str, group: str, seed: int) -> dict:
     from ketamap.atlas import make_phantom
     from ketamap.engine.stage import run_stage
     from ketamap.io.atomic import write_table
-    from ketamap.simulate.fibres import region_slabs, simulate_fibres
-    from ketamap.wholebrain.fibres import FibreParams, fibre_length_table, segment_fibres
+    from ketamap.simulate.fibres import region_slabs, simulate_fibres, true_length_table
+    from ketamap.wholebrain.fibres import (
+        FibreParams,
+        fibre_length_table,
+        segment_fibres,
+        skeleton_lengths,
+    )
 
     def compute(tmp: Path) -> dict:
         onto = make_phantom(resolution_um=200).ontology
@@ -180,11 +189,24 @@ def _fibre_mouse(out: Path, subject: str, group: str, seed: int) -> dict:
         write_table(table.assign(subject=subject), tmp / "fibre_regions.parquet")
         truth = sim.lengths.groupby("region_id", as_index=False)[["length_um", "volume_mm3"]].sum()
         truth["density_mm_per_mm3"] = truth["length_um"] / 1000.0 / truth["volume_mm3"]
+        # the true and measured length in the crop's interior, for the evaluation
+        m = FIBRE_SCORE_MARGIN_VOX
+        inner = np.zeros(labels.shape, dtype=bool)
+        inner[m:-m, m:-m, m:-m] = True
+        lab = np.where(inner, labels, 0)
+        true_inner = true_length_table(sim.points, lab, None, sim.voxel_size_um)
+        lengths = skeleton_lengths(skeleton, sim.voxel_size_um, smoothing=params.length_smoothing)
+        measured = np.bincount(lab.ravel(), weights=lengths.ravel(), minlength=lab.max() + 1)
+        truth = truth.merge(
+            true_inner[["region_id", "length_um"]].rename(columns={"length_um": "inner_length_um"})
+        )
+        truth["inner_measured_um"] = measured[truth["region_id"].to_numpy()]
         write_table(truth.assign(subject=subject), tmp / "truth.parquet")
         return {"subject": subject, "group": group}
 
     material = {"subject": subject, "group": group, "seed": seed, "densities": FIBRE_DENSITIES,
-                "effects": FIBRE_EFFECTS, "cv": FIBRE_MOUSE_CV}  # fmt: skip
+                "effects": FIBRE_EFFECTS, "cv": FIBRE_MOUSE_CV,
+                "score_margin_vox": FIBRE_SCORE_MARGIN_VOX}  # fmt: skip
     return run_stage(out / "subjects" / subject, f"fibres {subject}", material, compute).result
 
 
@@ -211,7 +233,8 @@ def run_fibre_demo(
         ``planted`` (per planted region and contrast: true and estimated fold change,
         q, called), ``null_called`` / ``null_tests`` (region tests without an effect
         called at q < 0.05), ``length_error`` (median and largest relative error of
-        the measured length density against the truth, regions above 100 mm/mm³).
+        the measured length density against the truth, regions above 100 mm/mm³, in the
+        crop's interior: ``FIBRE_SCORE_MARGIN_VOX`` voxels from its faces).
     """
     import numpy as np
 
@@ -246,11 +269,8 @@ def run_fibre_demo(
                         "right_direction": bool(np.sign(r.log2_fold_change)
                                                 == np.sign(np.log(fold)))})  # fmt: skip
     truth = pd.concat(truths, ignore_index=True)
-    measured = table[["subject", "region_id", "length_density_mm_per_mm3"]].merge(
-        truth[["subject", "region_id", "density_mm_per_mm3"]]
-    )
-    measured = measured[measured["density_mm_per_mm3"] > 100]
-    error = (measured["length_density_mm_per_mm3"] / measured["density_mm_per_mm3"] - 1).abs()
+    scored = truth[truth["density_mm_per_mm3"] > 100]
+    error = (scored["inner_measured_um"] / scored["inner_length_um"] - 1).abs()
     evaluation = {
         "planted": planted,
         "null_called": int(sum(null)),
@@ -322,7 +342,8 @@ def print_summary(result: dict, console) -> None:
         e = fib["length_error"]
         console.print(
             f"fibres vs truth: length density within {100 * e['median']:.1f}% (median; worst "
-            f"{100 * e['max']:.1f}%); {fib['null_called']} of {fib['null_tests']} no-effect "
+            f"{100 * e['max']:.1f}%; the crops' interiors); {fib['null_called']} of "
+            f"{fib['null_tests']} no-effect "
             f"region tests called ({Path(result['study_dir']) / 'fibres'})"
         )
     console.print(f"report: {Path(result['study_dir']) / 'report.html'}")

@@ -170,6 +170,7 @@ def test_demo_recovers_the_planted_fibre_effects(demo):
         ("PL", "ket100_vs_saline"), ("CP", "ket100_vs_saline"), ("SSp", "ket100_vs_saline"),
     }  # fmt: skip
     assert found["null_called"] <= 1 and found["null_tests"] == 14
-    assert found["length_error"]["median"] < 0.10
+    # in the crops' interiors, as the accuracy benchmark; the target is +-10 % per region
+    assert found["length_error"]["median"] < 0.06 and found["length_error"]["max"] <= 0.10
     stats = pd.read_csv(demo / "fibres" / "fibres.csv")
     assert {"PL", "CP", "SSp"} <= set(stats.loc[stats["q"] < 0.05, "acronym"])
