@@ -343,7 +343,7 @@ def print_summary(result: dict, console) -> None:
         console.print(
             f"fibres vs truth: length density within {100 * e['median']:.1f}% (median; worst "
             f"{100 * e['max']:.1f}%; the crops' interiors); {fib['null_called']} of "
-            f"{fib['null_tests']} no-effect "
-            f"region tests called ({Path(result['study_dir']) / 'fibres'})"
+            f"{fib['null_tests']} no-effect region tests called "
+            f"({Path(result['study_dir']) / 'fibres'})"
         )
     console.print(f"report: {Path(result['study_dir']) / 'report.html'}")

@@ -213,8 +213,7 @@ def test_somata_not_given_leave_little_fibre(blob_tests):
     shape = (40, 200, 200)
     inner = _interior(shape)
     off = {"blob_flank_ratio": 0.0, "max_width_ratio": 0.0, "hollow_test": False}
-    off = {} if blob_tests else off
-    params = FibreParams(**off)
+    params = FibreParams() if blob_tests else FibreParams(**off)
     sim_params = FibreSimParams(soma_density_per_mm3=20000.0, soma_snr=15.0)
     found = {}
     for density in (0.0, 600.0):
@@ -243,18 +242,13 @@ def test_hollow_blobs_are_dropped():
     without fibres. Measured: 1306 µm of false skeleton with the hollow test, 1785 µm
     without (over twelve fields 2223 and 3303).
     """
-    totals = {}
-    for hollow in (True, False):
-        totals[hollow] = 0.0
-        for seed in range(1, 7):
-            sim = simulate_fibres(
-                np.ones((30, 120, 120), np.uint8),
-                densities_mm_per_mm3={1: 0.0},
-                params=FibreSimParams(
-                    soma_density_per_mm3=60000.0, soma_snr=15.0, soma_spacing_diameters=1.0
-                ),
-                seed=seed,
-            )
+    totals = {True: 0.0, False: 0.0}
+    packed = FibreSimParams(soma_density_per_mm3=60000.0, soma_snr=15.0,
+                            soma_spacing_diameters=1.0)  # fmt: skip
+    for seed in range(1, 7):
+        sim = simulate_fibres(np.ones((30, 120, 120), np.uint8), densities_mm_per_mm3={1: 0.0},
+                              params=packed, seed=seed)  # fmt: skip
+        for hollow in totals:
             _, skeleton, _ = segment_fibres(sim.signal, voxel_size_um=VS,
                                             background=sim.background,
                                             params=FibreParams(hollow_test=hollow))  # fmt: skip

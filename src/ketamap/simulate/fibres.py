@@ -544,18 +544,20 @@ def _hard_core(points: np.ndarray, gap: float, n: int) -> np.ndarray:
     A grid of cells ``gap`` wide holds the kept points, so each point is compared with
     the kept points of its 27 cells only.
     """
+    if gap <= 0:
+        return np.asarray(points[:n]).reshape(-1, 3)
     keep: list[np.ndarray] = []
     cells: dict[tuple, list[np.ndarray]] = {}
     for c in points:
         if len(keep) == n:
             break
-        key = tuple(np.floor(c / gap).astype(int)) if gap > 0 else (0, 0, 0)
+        key = tuple(np.floor(c / gap).astype(int))
         near = (
             k
             for off in itertools.product((-1, 0, 1), repeat=3)
             for k in cells.get(tuple(a + b for a, b in zip(key, off)), ())
         )
-        if gap > 0 and any(np.linalg.norm(c - k) <= gap for k in near):
+        if any(np.linalg.norm(c - k) <= gap for k in near):
             continue
         keep.append(c)
         cells.setdefault(key, []).append(c)
